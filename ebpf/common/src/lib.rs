@@ -1,0 +1,178 @@
+//! The contract between Sluice's eBPF programs (`ebpf/programs`) and the relay (`relay/src/ebpf.rs`).
+//!
+//! Everything a map holds is defined here once, `#[repr(C)]` with explicit fields: no `bool`, no
+//! implicit padding (spare bytes are named `reserved` and must be zero), and a `const` assert on
+//! every size so a layout change breaks the build instead of the verifier or, worse, the data.
+//! Names of maps and programs and the pin directory live here too, grouped per feature.
+//!
+//! With the `user` feature the types implement `aya::Pod`, which the relay needs to read and write
+//! them; the eBPF side builds this crate without it (`no_std`, no dependencies).
+#![no_std]
+
+use core::mem::size_of;
+
+/// Where `sluicectl load` pins programs and maps, so a restarted daemon and `sluicectl` share them.
+pub const PIN_DIR: &str = "/sys/fs/bpf/sluice";
+
+/// A socket cookie (`SO_COOKIE`, `bpf_get_socket_cookie`): unique per socket for the boot, never 0.
+pub type Cookie = u64;
+
+/// The sockmap fast path: both sockets of a relayed connection sit in [`fast_path::SOCKS`]; the
+/// stream verdict program redirects every skb that arrives on one of them to its [`Peer`].
+pub mod fast_path {
+    /// `SockHash<Cookie>`: every socket on the fast path, keyed by its own cookie.
+    pub const SOCKS: &str = "SLUICE_SOCKS";
+    /// `HashMap<Cookie, Peer>`: where bytes arriving on a socket go.
+    pub const PEERS: &str = "SLUICE_PEERS";
+    /// `HashMap<Cookie, ConnCounters>`: what the verdict program did with a socket's bytes.
+    pub const COUNTERS: &str = "SLUICE_COUNTERS";
+    /// The `sk_skb/stream_verdict` program, attached to [`SOCKS`].
+    pub const PROG_VERDICT: &str = "sluice_verdict";
+    /// Default capacity of each fast-path map (sockets, not connections: two per connection).
+    pub const MAX_SOCKETS: u32 = 262_144;
+}
+
+/// Client allow/deny lists (LPM tries, one per address family) and the destination allowlist.
+pub mod admission {
+    /// `LpmTrie<[u8; 4], RuleId>`: IPv4 clients that may connect (checked at accept).
+    pub const ALLOW_V4: &str = "SLUICE_ALLOW_V4";
+    /// `LpmTrie<[u8; 16], RuleId>`: IPv6 clients that may connect (checked at accept).
+    pub const ALLOW_V6: &str = "SLUICE_ALLOW_V6";
+    /// `LpmTrie<[u8; 4], RuleId>`: IPv4 clients refused; the XDP program drops their SYNs.
+    pub const DENY_V4: &str = "SLUICE_DENY_V4";
+    /// `LpmTrie<[u8; 16], RuleId>`: IPv6 clients refused; the XDP program drops their SYNs.
+    pub const DENY_V6: &str = "SLUICE_DENY_V6";
+    /// `HashMap<DestKey, RuleId>`: upstream addresses the relay may connect to.
+    pub const DESTS: &str = "SLUICE_DESTS";
+    /// `PerCpuArray<XdpStats>` with one slot ([`super::XDP_STATS_SLOT`]).
+    pub const XDP_STATS: &str = "SLUICE_XDPSTATS";
+    /// The XDP program that drops TCP SYNs from denied clients before they cost a socket.
+    pub const PROG_XDP_DENY: &str = "sluice_xdp_deny";
+    /// Capacity of each client trie.
+    pub const MAX_CLIENT_RULES: u32 = 65_536;
+    /// Capacity of the destination allowlist.
+    pub const MAX_DESTS: u32 = 4_096;
+}
+
+/// The only slot of [`admission::XDP_STATS`].
+pub const XDP_STATS_SLOT: u32 = 0;
+
+/// Value of [`fast_path::PEERS`]: the socket that receives what arrives on the key's socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// Cookie of the peer socket, a key of [`fast_path::SOCKS`].
+    pub cookie: Cookie,
+}
+
+/// Value of [`fast_path::COUNTERS`]: what the verdict program did with the skbs that arrived on
+/// the key's socket. The relay creates the entry (zeroed) when it inserts the socket and removes it
+/// with the socket; the program only adds, so a late skb cannot resurrect a removed entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnCounters {
+    /// Payload bytes redirected to the peer.
+    pub bytes: u64,
+    /// Skbs redirected to the peer.
+    pub skbs: u64,
+    /// Skbs left on the socket's own receive queue (no peer, or the peer left the sockmap): user
+    /// space must read and forward them.
+    pub passed_skbs: u64,
+    /// Zero-length skbs (a FIN) dropped; user space sees the FIN as POLLRDHUP.
+    pub empty_skbs: u64,
+}
+
+/// Identifies the rule that put an entry in an allow/deny/destination map (for listing and per-rule
+/// metrics); 0 when the caller has none.
+pub type RuleId = u32;
+
+/// Key of [`admission::ALLOW_V4`]/[`admission::DENY_V4`], byte for byte aya's LPM `Key<[u8; 4]>`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientKeyV4 {
+    /// Significant leading bits of `addr`, 0..=32.
+    pub prefix_len: u32,
+    /// Address in network byte order.
+    pub addr: [u8; 4],
+}
+
+/// Key of [`admission::ALLOW_V6`]/[`admission::DENY_V6`], byte for byte aya's LPM `Key<[u8; 16]>`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientKeyV6 {
+    /// Significant leading bits of `addr`, 0..=128.
+    pub prefix_len: u32,
+    /// Address in network byte order.
+    pub addr: [u8; 16],
+}
+
+/// Key of [`admission::DESTS`]: an upstream address and port. IPv4 addresses are stored
+/// IPv4-mapped (`::ffff:a.b.c.d`) so one map serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DestKey {
+    /// IPv6 address, or IPv4-mapped IPv6 address, in network byte order.
+    pub addr: [u8; 16],
+    /// Port in network byte order.
+    pub port: [u8; 2],
+    /// Always zero (the key is hashed byte for byte).
+    pub reserved: [u8; 2],
+}
+
+impl DestKey {
+    /// The key for `addr`; IPv4 addresses become IPv4-mapped IPv6, the byte order is the network's.
+    pub fn new(addr: core::net::SocketAddr) -> Self {
+        let ip = match addr.ip() {
+            core::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            core::net::IpAddr::V6(v6) => v6,
+        };
+        Self {
+            addr: ip.octets(),
+            port: addr.port().to_be_bytes(),
+            reserved: [0; 2],
+        }
+    }
+}
+
+/// Value of [`admission::XDP_STATS`] (per CPU): SYNs the XDP program saw and dropped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpStats {
+    /// TCP SYNs (without ACK) inspected.
+    pub syns: u64,
+    /// SYNs dropped because the IPv4 source matched [`admission::DENY_V4`].
+    pub dropped_v4: u64,
+    /// SYNs dropped because the IPv6 source matched [`admission::DENY_V6`].
+    pub dropped_v6: u64,
+}
+
+// Layouts are part of the contract with already-pinned maps: any change must be deliberate.
+const _: () = assert!(size_of::<Cookie>() == 8);
+const _: () = assert!(size_of::<Peer>() == 8);
+const _: () = assert!(size_of::<ConnCounters>() == 32);
+const _: () = assert!(size_of::<ClientKeyV4>() == 8);
+const _: () = assert!(size_of::<ClientKeyV6>() == 20);
+const _: () = assert!(size_of::<DestKey>() == 20);
+const _: () = assert!(size_of::<XdpStats>() == 24);
+const _: () = assert!(size_of::<RuleId>() == 4);
+
+#[cfg(feature = "user")]
+mod pod {
+    //! `aya::Pod` for every map key and value: they are `#[repr(C)]`, `Copy`, and every bit
+    //! pattern is valid (only integers and byte arrays, no padding), which is what `Pod` requires.
+    use super::{ClientKeyV4, ClientKeyV6, ConnCounters, DestKey, Peer, XdpStats};
+
+    // SAFETY: `#[repr(C)]` structs of integers and byte arrays without padding (the size asserts
+    // above pin the layout); any bit pattern is a valid value.
+    unsafe impl aya::Pod for Peer {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ConnCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ClientKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ClientKeyV6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DestKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for XdpStats {}
+}

@@ -1,0 +1,62 @@
+//! Every map of the object, as `#[map]` statics named after the constants in `sluice-common`.
+//!
+//! Nothing is pinned here: the relay decides at load time (aya's `map_pin_path`) whether a map is
+//! private to one process (tests) or shared under `sluice_common::PIN_DIR`.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, LpmTrie, PerCpuArray, SockHash, lpm_trie::Key},
+};
+use sluice_common::{
+    ClientKeyV4, ClientKeyV6, ConnCounters, Cookie, DestKey, Peer, RuleId, XdpStats,
+    admission::{MAX_CLIENT_RULES, MAX_DESTS},
+    fast_path::MAX_SOCKETS,
+};
+
+// The client tries are keyed by aya's `Key<[u8; N]>`; `sluice-common` documents the same layout.
+const _: () = assert!(size_of::<Key<[u8; 4]>>() == size_of::<ClientKeyV4>());
+const _: () = assert!(size_of::<Key<[u8; 16]>>() == size_of::<ClientKeyV6>());
+
+/// Every socket on the fast path, keyed by its cookie.
+#[map(name = "SLUICE_SOCKS")]
+pub(crate) static SOCKS: SockHash<Cookie> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+/// Socket cookie -> the peer its bytes go to. Not preallocated: most slots stay empty.
+#[map(name = "SLUICE_PEERS")]
+pub(crate) static PEERS: HashMap<Cookie, Peer> =
+    HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// Socket cookie -> what the verdict program did with its bytes; the relay creates the entries.
+#[map(name = "SLUICE_COUNTERS")]
+pub(crate) static COUNTERS: HashMap<Cookie, ConnCounters> =
+    HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// IPv4 clients that may connect (read by the relay at accept).
+#[map(name = "SLUICE_ALLOW_V4")]
+pub(crate) static ALLOW_V4: LpmTrie<[u8; 4], RuleId> =
+    LpmTrie::with_max_entries(MAX_CLIENT_RULES, 0);
+
+/// IPv6 clients that may connect (read by the relay at accept).
+#[map(name = "SLUICE_ALLOW_V6")]
+pub(crate) static ALLOW_V6: LpmTrie<[u8; 16], RuleId> =
+    LpmTrie::with_max_entries(MAX_CLIENT_RULES, 0);
+
+/// IPv4 clients whose SYNs [`crate::xdp_deny`] drops.
+#[map(name = "SLUICE_DENY_V4")]
+pub(crate) static DENY_V4: LpmTrie<[u8; 4], RuleId> =
+    LpmTrie::with_max_entries(MAX_CLIENT_RULES, 0);
+
+/// IPv6 clients whose SYNs [`crate::xdp_deny`] drops.
+#[map(name = "SLUICE_DENY_V6")]
+pub(crate) static DENY_V6: LpmTrie<[u8; 16], RuleId> =
+    LpmTrie::with_max_entries(MAX_CLIENT_RULES, 0);
+
+/// Upstream addresses the relay may connect to.
+#[map(name = "SLUICE_DESTS")]
+pub(crate) static DESTS: HashMap<DestKey, RuleId> =
+    HashMap::with_max_entries(MAX_DESTS, BPF_F_NO_PREALLOC);
+
+/// What [`crate::xdp_deny`] saw and dropped, per CPU, in slot `XDP_STATS_SLOT`.
+#[map(name = "SLUICE_XDPSTATS")]
+pub(crate) static XDP_STATS: PerCpuArray<XdpStats> = PerCpuArray::with_max_entries(1, 0);

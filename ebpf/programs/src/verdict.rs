@@ -1,0 +1,74 @@
+//! `sluice_verdict`, the `sk_skb/stream_verdict` program of the sockmap fast path.
+//!
+//! It runs for every skb that arrives on a socket in `SLUICE_SOCKS` and sends it out of the
+//! socket's peer (egress redirect), so relayed bytes never reach user space. What it does:
+//! - a zero-length skb (a FIN) gets `SK_DROP`: FIN is not forwarded; user space sees POLLRDHUP on
+//!   the socket and shuts the peer's write side once every byte is delivered;
+//! - no peer, or the peer already left the sockmap: `SK_PASS`, the bytes stay on the socket's own
+//!   receive queue for user space (never dropped);
+//! - every outcome is counted in `SLUICE_COUNTERS` if the relay created an entry for the socket.
+
+use core::mem::offset_of;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::sk_action::{SK_DROP, SK_PASS},
+    helpers::bpf_get_socket_cookie,
+    macros::stream_verdict,
+    programs::SkBuffContext,
+};
+use sluice_common::{ConnCounters, Cookie};
+
+use crate::maps::{COUNTERS, PEERS, SOCKS};
+
+#[stream_verdict]
+pub fn sluice_verdict(ctx: SkBuffContext) -> u32 {
+    match try_sluice_verdict(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+fn try_sluice_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
+    // SAFETY: `ctx.as_ptr()` is the `__sk_buff` the kernel passed this program; the helper only
+    // reads the socket it belongs to.
+    let cookie: Cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let counters = COUNTERS.get_ptr_mut(cookie);
+    let len = ctx.len();
+    if len == 0 {
+        count(counters, offset_of!(ConnCounters, empty_skbs), 1);
+        return Err(SK_DROP);
+    }
+    let Some(peer) = PEERS.get_ptr(cookie) else {
+        count(counters, offset_of!(ConnCounters, passed_skbs), 1);
+        return Ok(SK_PASS);
+    };
+    // SAFETY: the pointer came from a successful lookup and map values stay valid for the whole
+    // program run (RCU); `Peer` is a plain `u64`, and the map is not preallocated, so a concurrent
+    // delete cannot make the slot alias another entry.
+    let mut peer_cookie: Cookie = unsafe { (*peer).cookie };
+    // Egress redirect (flags 0): the skb is sent out of the peer socket.
+    let verdict = SOCKS.redirect_skb(ctx, &mut peer_cookie, 0);
+    if verdict == i64::from(SK_PASS) {
+        count(counters, offset_of!(ConnCounters, bytes), u64::from(len));
+        count(counters, offset_of!(ConnCounters, skbs), 1);
+    } else {
+        // The peer left the sockmap between the two lookups: keep the bytes here, user space
+        // forwards them.
+        count(counters, offset_of!(ConnCounters, passed_skbs), 1);
+    }
+    Ok(SK_PASS)
+}
+
+/// Adds `n` to one field of a counters entry, if the entry exists. A plain add is enough: an entry
+/// belongs to one socket, and the kernel runs the verdict for a socket's skbs one at a time (the
+/// TCP receive path holds the socket lock, or the bh lock with the socket not owned by a user).
+#[inline(always)]
+fn count(counters: Option<*mut ConnCounters>, field_offset: usize, n: u64) {
+    let Some(entry) = counters else { return };
+    // SAFETY: `entry` came from a successful map lookup and stays valid for this program run;
+    // `field_offset` is an `offset_of!` into `ConnCounters`, so the result stays inside the value.
+    let field = unsafe { entry.cast::<u8>().add(field_offset).cast::<u64>() };
+    // SAFETY: `field` is an 8-byte aligned `u64` inside a live map value (ConnCounters is all
+    // u64s, map values are 8-byte aligned), and only this socket's serialized runs write it.
+    unsafe { *field += n };
+}

@@ -1,0 +1,200 @@
+//! `sluice`: the relay daemon. Parses the command line and calls the library.
+//!
+//! Exit codes: 0 after SIGTERM/SIGINT, 1 when it cannot start (a port in use, io_uring refused
+//! with `--engine splice|copy`), 2 for a bad configuration or command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use sluice::config::{Config, EngineChoice, HostPort, ResolveOverride};
+use sluice::control;
+use sluice::supervisor::{self, Options};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "A relay for WhatsApp and Signal users in internet shutdowns: moves bytes, keeps no addresses"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the relay from a config file or a preset (default: the WhatsApp preset).
+    Run {
+        /// TOML configuration file (see ARCHITECTURE.md for every key).
+        #[arg(long, conflicts_with = "preset")]
+        config: Option<PathBuf>,
+        /// A built-in deployment: `whatsapp` (the WhatsApp proxy's ports and upstreams).
+        #[arg(long, value_enum)]
+        preset: Option<sluice::config::preset::Preset>,
+        /// Point an upstream host name at an address, like /etc/hosts (repeatable).
+        #[arg(long, value_name = "HOST=IP")]
+        resolve: Vec<ResolveOverride>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Relay one port to one upstream (ad-hoc use and benchmarks).
+    Forward {
+        /// Address to listen on, e.g. 127.0.0.1:8080.
+        listen: SocketAddr,
+        /// Upstream HOST:PORT.
+        upstream: HostPort,
+        /// Connect timeout per upstream address, in ms.
+        #[arg(long, default_value_t = 5000)]
+        connect_timeout_ms: u32,
+        /// Close a connection idle this long, in ms.
+        #[arg(long, default_value_t = 200_000)]
+        idle_timeout_ms: u32,
+        /// After one side half-closed, close when idle this long, in ms.
+        #[arg(long, default_value_t = 1000)]
+        fin_timeout_ms: u32,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Validate a configuration file and print the effective configuration as TOML.
+    CheckConfig {
+        /// TOML configuration file.
+        file: Option<PathBuf>,
+        /// Print a preset's effective configuration instead.
+        #[arg(long, value_enum, conflicts_with = "file")]
+        preset: Option<sluice::config::preset::Preset>,
+    },
+    /// Internal: a worker process (started by the supervisor only).
+    #[command(name = "__worker", hide = true)]
+    Worker,
+}
+
+/// Options shared by `run` and `forward`; they override the config file.
+#[derive(Args)]
+struct Common {
+    /// Relay engine: auto (io_uring if allowed, else epoll), splice, copy or epoll.
+    #[arg(long, value_enum)]
+    engine: Option<EngineChoice>,
+    /// Worker processes (default: cores, or more if max-connections needs more fds).
+    #[arg(long)]
+    workers: Option<u32>,
+    /// Relayed connections held at most; more clients are refused.
+    #[arg(long)]
+    max_connections: Option<u32>,
+    /// Control socket path for sluicectl.
+    #[arg(long, default_value = control::DEFAULT_PATH)]
+    control: PathBuf,
+}
+
+impl Common {
+    fn apply(&self, c: &mut Config) {
+        if let Some(e) = self.engine {
+            c.engine = e;
+        }
+        if let Some(w) = self.workers {
+            c.workers = w;
+        }
+        if let Some(m) = self.max_connections {
+            c.max_connections = m;
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Worker) {
+        init_logs();
+        return match sluice::worker::main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("worker: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    init_logs();
+    let (config, control) = match build(cli.cmd) {
+        Ok(Some(x)) => x,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match supervisor::run(
+        config,
+        Options {
+            control: Some(control),
+        },
+    ) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The configuration to run, or None when the command was only to print something.
+fn build(cmd: Cmd) -> Result<Option<(Config, PathBuf)>, String> {
+    let validate = |c: Config, origin: &str| -> Result<Config, String> {
+        c.validate()
+            .map_err(|(key, msg)| format!("{origin}: `{key}`: {msg}"))?;
+        Ok(c)
+    };
+    match cmd {
+        Cmd::Run {
+            config,
+            preset,
+            resolve,
+            common,
+        } => {
+            let mut c = match (config, preset) {
+                (Some(path), _) => Config::from_file(&path).map_err(|e| e.to_string())?,
+                (None, p) => p.unwrap_or_default().config(),
+            };
+            for r in &resolve {
+                c.apply_resolve(&r.host, r.ip);
+            }
+            common.apply(&mut c);
+            Ok(Some((validate(c, "command line")?, common.control)))
+        }
+        Cmd::Forward {
+            listen,
+            upstream,
+            connect_timeout_ms,
+            idle_timeout_ms,
+            fin_timeout_ms,
+            common,
+        } => {
+            let mut c = Config::forward(listen, upstream);
+            c.timeouts.connect_ms = connect_timeout_ms;
+            c.timeouts.idle_ms = idle_timeout_ms;
+            c.timeouts.fin_ms = fin_timeout_ms;
+            common.apply(&mut c);
+            Ok(Some((validate(c, "command line")?, common.control)))
+        }
+        Cmd::CheckConfig { file, preset } => {
+            let c = match (file, preset) {
+                (Some(path), _) => Config::from_file(&path).map_err(|e| e.to_string())?,
+                (None, Some(p)) => p.config(),
+                (None, None) => return Err("check-config needs a FILE or --preset".into()),
+            };
+            print!("{}", c.to_toml());
+            Ok(None)
+        }
+        Cmd::Worker => unreachable!("handled in main"),
+    }
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

@@ -1,0 +1,615 @@
+//! Typed configuration: TOML (or a preset) parsed once into structs, validated once.
+//!
+//! Every key is listed in the table in ARCHITECTURE.md. Unknown keys are rejected; every error
+//! names the key and, for a file, the line. Nothing here touches the network: host names in
+//! `upstream` are resolved later by [`crate::upstream`].
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub mod preset;
+
+/// The whole configuration of one `sluice` daemon.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Worker processes; 0 means "as many as cores, or more if `max_connections` needs them".
+    #[serde(default)]
+    pub workers: u32,
+    /// Relay engine for plain ports.
+    #[serde(default)]
+    pub engine: EngineChoice,
+    /// Relayed connections the whole daemon holds at once; past it new clients are refused.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: u32,
+    /// How often upstream host names are resolved again, in seconds.
+    #[serde(default = "defaults::resolve_interval_s")]
+    pub resolve_interval_s: u32,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// One table per listening port.
+    #[serde(rename = "listen")]
+    pub listeners: Vec<Listener>,
+}
+
+/// Timeouts, in milliseconds, like the WhatsApp proxy's HAProxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// Upstream TCP connect, per address tried.
+    #[serde(default = "defaults::connect_ms")]
+    pub connect_ms: u32,
+    /// No byte in either direction for this long closes the connection.
+    #[serde(default = "defaults::idle_ms")]
+    pub idle_ms: u32,
+    /// After one side has half-closed, the other has this long to finish.
+    #[serde(default = "defaults::fin_ms")]
+    pub fin_ms: u32,
+    /// A client on an `accept_proxy` port has this long to send its PROXY header.
+    #[serde(default = "defaults::header_ms")]
+    pub header_ms: u32,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect_ms: defaults::connect_ms(),
+            idle_ms: defaults::idle_ms(),
+            fin_ms: defaults::fin_ms(),
+            header_ms: defaults::header_ms(),
+        }
+    }
+}
+
+/// One listening port and where its connections go.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Label used in metrics and logs (never an address).
+    pub name: String,
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// Upstream servers `HOST:PORT`, tried in order (every resolved address of each).
+    pub upstream: Vec<HostPort>,
+    /// Expect a PROXY protocol header (v1 or v2) from the client before its bytes.
+    #[serde(default)]
+    pub accept_proxy: bool,
+    /// Send a PROXY protocol header to the upstream before the client's bytes.
+    #[serde(default)]
+    pub send_proxy: SendProxy,
+    /// Per-listener cap on relayed connections (HAProxy's frontend maxconn); 0 = the global cap.
+    #[serde(default)]
+    pub max_connections: u32,
+    /// Terminate TLS on this port (the client speaks TLS to the relay; the upstream gets the
+    /// plaintext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSettings>,
+}
+
+/// TLS termination on a listener.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain (e.g. Let's Encrypt's fullchain.pem). Without `cert` and `key`, a
+    /// private CA and a leaf are generated at every start, like the WhatsApp proxy does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<std::path::PathBuf>,
+    /// PEM private key of `cert` (e.g. privkey.pem).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<std::path::PathBuf>,
+    /// DNS names of a generated certificate (the WhatsApp proxy's SSL_DNS).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_names: Vec<String>,
+    /// IP addresses of a generated certificate (the WhatsApp proxy's SSL_IP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<IpAddr>,
+}
+
+/// Which engine relays plain connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineChoice {
+    /// io_uring if the kernel allows it (splice, copy when pipes run out), else epoll.
+    #[default]
+    Auto,
+    /// io_uring SPLICE through pipes; copy takes over when the pipe pool is empty.
+    Splice,
+    /// io_uring multishot recv into a provided-buffer ring, then send.
+    Copy,
+    /// epoll readiness and nonblocking read/write, for hosts that refuse io_uring.
+    Epoll,
+}
+
+impl fmt::Display for EngineChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EngineChoice::Auto => "auto",
+            EngineChoice::Splice => "splice",
+            EngineChoice::Copy => "copy",
+            EngineChoice::Epoll => "epoll",
+        })
+    }
+}
+
+/// The PROXY protocol header sent to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    #[default]
+    None,
+    V1,
+    V2,
+}
+
+/// `HOST:PORT` where HOST is a name or an IP literal (`[v6]:port` for IPv6).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl HostPort {
+    /// The address when the host is an IP literal, so no resolution is needed.
+    pub fn literal(&self) -> Option<SocketAddr> {
+        self.host
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, self.port))
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for HostPort {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            return Ok(HostPort {
+                host: sa.ip().to_string(),
+                port: sa.port(),
+            });
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{s}` is not HOST:PORT"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("`{port}` in `{s}` is not a port number"))?;
+        if port == 0 {
+            return Err(format!("port 0 in `{s}` cannot be connected to"));
+        }
+        let valid = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !valid {
+            return Err(format!("`{host}` in `{s}` is not a host name"));
+        }
+        Ok(HostPort {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for HostPort {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A configuration that could not be used; the message names the key (and line, for a file).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+mod defaults {
+    pub fn max_connections() -> u32 {
+        27_500
+    }
+    pub fn resolve_interval_s() -> u32 {
+        300
+    }
+    pub fn connect_ms() -> u32 {
+        5_000
+    }
+    pub fn idle_ms() -> u32 {
+        200_000
+    }
+    pub fn fin_ms() -> u32 {
+        1_000
+    }
+    pub fn header_ms() -> u32 {
+        5_000
+    }
+}
+
+/// Hard bounds; past them a value is a typo, not a tuning.
+const MAX_WORKERS: u32 = 1024;
+const MAX_CONNECTIONS: u32 = 10_000_000;
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors (a path or "preset whatsapp").
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            origin: origin.to_string(),
+            message: describe_toml_error(text, &e),
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                origin: origin.to_string(),
+                message: match find_key_line(text, &key) {
+                    Some(line) => format!("line {line}: `{key}`: {message}"),
+                    None => format!("`{key}`: {message}"),
+                },
+            })?;
+        Ok(config)
+    }
+
+    /// One port relayed to one upstream with the default timeouts (`sluice forward`).
+    pub fn forward(listen: SocketAddr, upstream: HostPort) -> Config {
+        Config {
+            workers: 0,
+            engine: EngineChoice::Auto,
+            max_connections: defaults::max_connections(),
+            resolve_interval_s: defaults::resolve_interval_s(),
+            timeouts: Timeouts::default(),
+            listeners: vec![Listener {
+                name: "forward".into(),
+                bind: listen,
+                upstream: vec![upstream],
+                accept_proxy: false,
+                send_proxy: SendProxy::None,
+                max_connections: 0,
+                tls: None,
+            }],
+        }
+    }
+
+    /// Checks what types alone cannot; on error returns (key path, message).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let err = |k: &str, m: String| Err((k.to_string(), m));
+        if self.workers > MAX_WORKERS {
+            return err(
+                "workers",
+                format!("{} is more than {MAX_WORKERS}", self.workers),
+            );
+        }
+        if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS {
+            return err(
+                "max_connections",
+                format!("must be between 1 and {MAX_CONNECTIONS}"),
+            );
+        }
+        if self.resolve_interval_s == 0 {
+            return err("resolve_interval_s", "must be at least 1".into());
+        }
+        let t = &self.timeouts;
+        for (key, v) in [
+            ("timeouts.connect_ms", t.connect_ms),
+            ("timeouts.idle_ms", t.idle_ms),
+            ("timeouts.fin_ms", t.fin_ms),
+            ("timeouts.header_ms", t.header_ms),
+        ] {
+            if v == 0 {
+                return err(key, "must be at least 1 ms".into());
+            }
+        }
+        if self.listeners.is_empty() {
+            return err("listen", "at least one [[listen]] table is needed".into());
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.name.is_empty()
+                || !l
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return err(
+                    &format!("listen[{i}].name"),
+                    format!("`{}` must be non-empty letters, digits, `-` or `_`", l.name),
+                );
+            }
+            if l.upstream.is_empty() {
+                return err(
+                    &format!("listen[{i}].upstream"),
+                    "needs at least one HOST:PORT".into(),
+                );
+            }
+            if let Some(t) = &l.tls
+                && t.cert.is_some() != t.key.is_some()
+            {
+                return err(
+                    &format!("listen[{i}].tls"),
+                    "`cert` and `key` go together (or neither, for a generated certificate)".into(),
+                );
+            }
+            if l.max_connections > self.max_connections {
+                return err(
+                    &format!("listen[{i}].max_connections"),
+                    format!(
+                        "{} is above the global max_connections {}",
+                        l.max_connections, self.max_connections
+                    ),
+                );
+            }
+            for (j, other) in self.listeners[..i].iter().enumerate() {
+                if other.bind == l.bind {
+                    return err(
+                        &format!("listen[{i}].bind"),
+                        format!("{} is already bound by listen[{j}]", l.bind),
+                    );
+                }
+                if other.name == l.name {
+                    return err(
+                        &format!("listen[{i}].name"),
+                        format!("`{}` is already the name of listen[{j}]", l.name),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML an operator can copy and edit.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a Config always serializes")
+    }
+
+    /// Replaces the host of every upstream named `host` by `ip` (like /etc/hosts).
+    pub fn apply_resolve(&mut self, host: &str, ip: IpAddr) {
+        let host = host.to_ascii_lowercase();
+        for l in &mut self.listeners {
+            for u in &mut l.upstream {
+                if u.host == host {
+                    u.host = ip.to_string();
+                }
+            }
+        }
+    }
+}
+
+/// `--resolve HOST=IP`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolveOverride {
+    pub host: String,
+    pub ip: IpAddr,
+}
+
+impl FromStr for ResolveOverride {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (host, ip) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}` is not HOST=IP"))?;
+        let ip = ip
+            .parse()
+            .map_err(|_| format!("`{ip}` in `{s}` is not an IP address"))?;
+        Ok(ResolveOverride {
+            host: host.to_string(),
+            ip,
+        })
+    }
+}
+
+/// The toml crate's message, reworded so it starts with the line number.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim_end_matches('\n');
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let key = text[span.clone()].trim();
+            if key.is_empty() || key.contains('\n') {
+                format!("line {line}: {msg}")
+            } else {
+                format!("line {line}: `{key}`: {msg}")
+            }
+        }
+        None => msg.to_string(),
+    }
+}
+
+/// Line of `key` (`a.b`, `listen[2].bind`) in `text`, found by walking the tables as written.
+fn find_key_line(text: &str, key: &str) -> Option<usize> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let (leaf, tables) = parts.split_last()?;
+    // The table header the key lives under, and for arrays of tables, which one.
+    let (want_table, want_index) = match tables.first() {
+        None => (None, 0),
+        Some(t) => match t.split_once('[') {
+            Some((name, idx)) => (Some(name), idx.trim_end_matches(']').parse().ok()?),
+            None => (Some(*t), 0),
+        },
+    };
+    let leaf_name = leaf.split('[').next()?;
+    let mut current: Option<&str> = None;
+    let mut seen_of_current = 0usize;
+    let mut header_line = None;
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(h) = line.strip_prefix("[[").and_then(|h| h.split("]]").next()) {
+            let h = h.trim();
+            if current == Some(h) {
+                seen_of_current += 1;
+            } else {
+                current = Some(h);
+                seen_of_current = 0;
+            }
+            if Some(h) == want_table && seen_of_current == want_index {
+                header_line = Some(n + 1);
+            }
+            continue;
+        }
+        if let Some(h) = line.strip_prefix('[').and_then(|h| h.split(']').next()) {
+            current = Some(h.trim());
+            seen_of_current = 0;
+            if Some(h.trim()) == want_table {
+                header_line = Some(n + 1);
+            }
+            continue;
+        }
+        let in_place = current == want_table
+            && (want_table.is_none() || header_line.is_some())
+            && (tables.first().is_none_or(|t| !t.contains('[')) || seen_of_current == want_index);
+        if in_place
+            && let Some((k, _)) = line.split_once('=')
+            && k.trim() == leaf_name
+        {
+            return Some(n + 1);
+        }
+    }
+    header_line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_err(text: &str, expect: &str) {
+        let e = Config::from_toml(text, "test.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(expect),
+            "error `{e}` does not contain `{expect}`"
+        );
+    }
+
+    const ONE: &str =
+        "[[listen]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nupstream = [\"127.0.0.1:2\"]\n";
+
+    #[test]
+    fn minimal_config_gets_the_whatsapp_defaults() {
+        let c = Config::from_toml(ONE, "t").unwrap();
+        assert_eq!(c.timeouts, Timeouts::default());
+        assert_eq!(c.timeouts.connect_ms, 5000);
+        assert_eq!(c.timeouts.idle_ms, 200_000);
+        assert_eq!(c.timeouts.fin_ms, 1000);
+        assert_eq!(c.max_connections, 27_500);
+        assert_eq!(c.engine, EngineChoice::Auto);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        check_err(
+            &format!("{ONE}colour = 3\n"),
+            "line 5: `colour`: unknown field `colour`",
+        );
+        check_err("workers = 1\nfoo = 2\n[[listen]]\n", "line 2: `foo`");
+    }
+
+    #[test]
+    fn bad_value_is_named_with_its_line() {
+        check_err(
+            "[[listen]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nupstream = [\"nohost\"]\n",
+            "line 4",
+        );
+        check_err(
+            "engine = \"turbo\"\n[[listen]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nupstream = [\"h:1\"]\n",
+            "line 1: `\"turbo\"`: unknown variant `turbo`",
+        );
+        check_err(
+            "[[listen]]\nname = \"a\"\nbind = \"localhost\"\nupstream = [\"h:1\"]\n",
+            "line 3",
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_key_and_line() {
+        check_err(
+            &format!("max_connections = 0\n{ONE}"),
+            "line 1: `max_connections`",
+        );
+        check_err(
+            &format!("{ONE}\n[timeouts]\nidle_ms = 0\n"),
+            "line 7: `timeouts.idle_ms`",
+        );
+        let two = format!(
+            "{ONE}[[listen]]\nname = \"b\"\nbind = \"127.0.0.1:1\"\nupstream = [\"h:3\"]\n"
+        );
+        check_err(
+            &two,
+            "line 7: `listen[1].bind`: 127.0.0.1:1 is already bound by listen[0]",
+        );
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(
+            "Example.NET:80".parse::<HostPort>().unwrap().to_string(),
+            "example.net:80"
+        );
+        assert_eq!(
+            "[::1]:5".parse::<HostPort>().unwrap().to_string(),
+            "[::1]:5"
+        );
+        assert_eq!(
+            "[::1]:5".parse::<HostPort>().unwrap().literal(),
+            Some("[::1]:5".parse().unwrap())
+        );
+        assert!("a b:1".parse::<HostPort>().is_err());
+        assert!("a:0".parse::<HostPort>().is_err());
+        assert!("a:99999".parse::<HostPort>().is_err());
+    }
+
+    #[test]
+    fn toml_round_trips() {
+        let c = Config::from_toml(ONE, "t").unwrap();
+        assert_eq!(Config::from_toml(&c.to_toml(), "t").unwrap(), c);
+    }
+
+    #[test]
+    fn resolve_override_rewrites_hosts() {
+        let mut c = Config::from_toml(
+            "[[listen]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nupstream = [\"g.example.net:5222\"]\n",
+            "t",
+        )
+        .unwrap();
+        let r: ResolveOverride = "G.example.net=127.0.0.9".parse().unwrap();
+        c.apply_resolve(&r.host, r.ip);
+        assert_eq!(
+            c.listeners[0].upstream[0].literal(),
+            Some("127.0.0.9:5222".parse().unwrap())
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! Built-in deployments that reproduce the real projects' own configuration files.
+//!
+//! `whatsapp` is WhatsApp/proxy's HAProxy configuration (proxy/src/proxy_config.cfg): the same
+//! ports, TLS on 443 and 8443 with a generated certificate, PROXY headers accepted on the
+//! `*-proxied` ports and sent upstream as v1, maxconn 27500 (27495 per frontend), timeouts
+//! connect 5 s, client/server 200 s, client-fin/server-fin 1 s. Binds are IPv4, like theirs.
+
+use super::{Config, EngineChoice, HostPort, Listener, SendProxy, Timeouts, TlsSettings};
+
+/// A named built-in configuration (`--preset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Preset {
+    /// The WhatsApp proxy: ports 80/8080, 443/8443 (TLS), 5222/8222, 587/7777.
+    #[default]
+    Whatsapp,
+}
+
+impl Preset {
+    pub fn config(self) -> Config {
+        match self {
+            Preset::Whatsapp => whatsapp(),
+        }
+    }
+}
+
+fn hp(s: &str) -> HostPort {
+    s.parse().expect("preset upstreams are valid")
+}
+
+fn whatsapp() -> Config {
+    // (name, port, tls, accept PROXY, upstream, send PROXY)
+    let table: [(&str, u16, bool, bool, &str, SendProxy); 8] = [
+        ("http", 80, false, false, "g.whatsapp.net:80", SendProxy::V1),
+        (
+            "http-proxied",
+            8080,
+            false,
+            true,
+            "g.whatsapp.net:80",
+            SendProxy::V1,
+        ),
+        (
+            "chat-tls",
+            443,
+            true,
+            false,
+            "g.whatsapp.net:5222",
+            SendProxy::V1,
+        ),
+        (
+            "chat-tls-proxied",
+            8443,
+            true,
+            true,
+            "g.whatsapp.net:5222",
+            SendProxy::V1,
+        ),
+        (
+            "chat",
+            5222,
+            false,
+            false,
+            "g.whatsapp.net:5222",
+            SendProxy::V1,
+        ),
+        (
+            "chat-proxied",
+            8222,
+            false,
+            true,
+            "g.whatsapp.net:5222",
+            SendProxy::V1,
+        ),
+        (
+            "media",
+            587,
+            false,
+            false,
+            "whatsapp.net:443",
+            SendProxy::None,
+        ),
+        (
+            "media-alt",
+            7777,
+            false,
+            false,
+            "whatsapp.net:443",
+            SendProxy::None,
+        ),
+    ];
+    Config {
+        workers: 0,
+        engine: EngineChoice::Auto,
+        max_connections: 27_500,
+        resolve_interval_s: 300,
+        timeouts: Timeouts {
+            connect_ms: 5_000,
+            idle_ms: 200_000,
+            fin_ms: 1_000,
+            header_ms: 5_000,
+        },
+        listeners: table
+            .iter()
+            .map(
+                |&(name, port, tls, accept_proxy, upstream, send_proxy)| Listener {
+                    name: name.into(),
+                    bind: std::net::SocketAddr::from(([0, 0, 0, 0], port)),
+                    upstream: vec![hp(upstream)],
+                    accept_proxy,
+                    send_proxy,
+                    max_connections: 27_495,
+                    tls: tls.then(TlsSettings::default),
+                },
+            )
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whatsapp_preset_matches_the_haproxy_config() {
+        let c = Preset::Whatsapp.config();
+        c.validate().unwrap();
+        let ports: Vec<u16> = c.listeners.iter().map(|l| l.bind.port()).collect();
+        assert_eq!(ports, [80, 8080, 443, 8443, 5222, 8222, 587, 7777]);
+        let tls: Vec<u16> = c
+            .listeners
+            .iter()
+            .filter(|l| l.tls.is_some())
+            .map(|l| l.bind.port())
+            .collect();
+        assert_eq!(tls, [443, 8443]);
+        let accept: Vec<u16> = c
+            .listeners
+            .iter()
+            .filter(|l| l.accept_proxy)
+            .map(|l| l.bind.port())
+            .collect();
+        assert_eq!(accept, [8080, 8443, 8222]);
+        for l in &c.listeners {
+            let media = matches!(l.bind.port(), 587 | 7777);
+            assert_eq!(
+                l.send_proxy,
+                if media {
+                    SendProxy::None
+                } else {
+                    SendProxy::V1
+                }
+            );
+            assert_eq!(l.max_connections, 27_495);
+        }
+        assert_eq!(c.max_connections, 27_500);
+        assert_eq!(
+            (c.timeouts.connect_ms, c.timeouts.idle_ms, c.timeouts.fin_ms),
+            (5_000, 200_000, 1_000)
+        );
+    }
+
+    #[test]
+    fn preset_prints_as_toml_that_parses_back() {
+        let c = Preset::Whatsapp.config();
+        assert_eq!(Config::from_toml(&c.to_toml(), "printed").unwrap(), c);
+    }
+}

@@ -1,0 +1,178 @@
+//! The control socket: a Unix stream socket the supervisor serves and `sluicectl` talks to.
+//!
+//! Protocol: the client writes one command line (`status`), the server answers with one JSON
+//! document and closes. The socket file is created mode 0600: the control plane is for the
+//! operator (root), not for every local user. Nothing it returns contains a client address.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::engine::EngineKind;
+use crate::metrics::{ALL_COUNTERS, Counter, Shared};
+
+/// Default path of the control socket.
+pub const DEFAULT_PATH: &str = "/run/sluice/control.sock";
+
+/// What `sluicectl status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub engine: String,
+    pub max_connections: u32,
+    pub listeners: Vec<ListenerStatus>,
+    pub workers: Vec<WorkerStatus>,
+    /// Per-counter totals over all workers (see `metrics::ALL_COUNTERS`).
+    #[serde(default)]
+    pub totals: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    pub active: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub bind: String,
+    pub active: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub index: usize,
+    pub pid: u32,
+    pub engine: String,
+    #[serde(default)]
+    pub active: u64,
+    #[serde(default)]
+    pub accepted: u64,
+}
+
+impl Status {
+    pub fn new(config: &Config, kind: EngineKind, workers: usize) -> Status {
+        Status {
+            engine: kind.name().to_string(),
+            max_connections: config.max_connections,
+            listeners: config
+                .listeners
+                .iter()
+                .map(|l| ListenerStatus {
+                    name: l.name.clone(),
+                    bind: l.bind.to_string(),
+                    active: 0,
+                })
+                .collect(),
+            workers: (0..workers)
+                .map(|index| WorkerStatus {
+                    index,
+                    pid: 0,
+                    engine: kind.name().to_string(),
+                    active: 0,
+                    accepted: 0,
+                })
+                .collect(),
+            totals: Default::default(),
+            active: 0,
+        }
+    }
+
+    /// Fills the live numbers from the shared counters.
+    fn refresh(&mut self, shared: &Shared) {
+        let n = self.workers.len();
+        for w in &mut self.workers {
+            w.active = shared.get(w.index, Counter::Active);
+            w.accepted = shared.get(w.index, Counter::Accepted);
+            if let Some(k) = EngineKind::from_id(shared.get(w.index, Counter::Engine)) {
+                w.engine = k.name().to_string();
+            }
+        }
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            l.active = shared.listener_active(n, i);
+        }
+        self.totals = ALL_COUNTERS
+            .iter()
+            .filter(|(c, _)| !matches!(c, Counter::Engine | Counter::Pid))
+            .map(|&(c, name)| (name.to_string(), shared.total(n, c)))
+            .collect();
+        self.active = shared.total(n, Counter::Active);
+        // The engine every worker reports (they agree unless one fell back).
+        if let Some(w) = self.workers.first() {
+            self.engine = w.engine.clone();
+        }
+    }
+}
+
+/// Serves the control socket on its own thread.
+pub fn serve(path: &Path, status: Arc<Mutex<Status>>, shared: Arc<Shared>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = answer(stream, &status, &shared);
+            }
+        })?;
+    Ok(())
+}
+
+fn answer(stream: UnixStream, status: &Mutex<Status>, shared: &Shared) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut line = String::new();
+    BufReader::new(&stream).take(1024).read_line(&mut line)?;
+    let reply = match line.trim() {
+        "status" => {
+            let mut st = status.lock().expect("status lock");
+            st.refresh(shared);
+            serde_json::to_string(&*st).map_err(std::io::Error::other)?
+        }
+        other => serde_json::json!({ "error": format!("unknown command `{other}`") }).to_string(),
+    };
+    (&stream).write_all(reply.as_bytes())?;
+    (&stream).write_all(b"\n")
+}
+
+/// Client side: sends `command`, returns the daemon's JSON answer.
+pub fn request(path: &Path, command: &str) -> Result<serde_json::Value, ControlError> {
+    let mut s = UnixStream::connect(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            ControlError::NotRunning {
+                path: path.display().to_string(),
+            }
+        }
+        std::io::ErrorKind::PermissionDenied => ControlError::PermissionDenied {
+            path: path.display().to_string(),
+        },
+        _ => ControlError::Io(e),
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("{command}\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(ControlError::Protocol(err.to_string()));
+    }
+    Ok(v)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the daemon is not running (no control socket at {path}); start it with `sluice run`")]
+    NotRunning { path: String },
+    #[error("permission denied on {path}: the control socket is for root")]
+    PermissionDenied { path: String },
+    #[error("control socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the daemon answered: {0}")]
+    Protocol(String),
+}

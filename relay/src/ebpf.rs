@@ -1,0 +1,599 @@
+//! The eBPF side of the relay, in user space: loads the object `cargo xtask build-ebpf` built
+//! (embedded at compile time, see `build.rs`), attaches its programs and owns its maps.
+//!
+//! - [`FastPath`]: the sockmap engine's kernel half. [`FastPath::insert_pair`] puts both sockets of
+//!   a relayed connection in `SLUICE_SOCKS` and records each one's peer; from then on the
+//!   `sluice_verdict` program moves their bytes inside the kernel. User space keeps the sockets
+//!   open, watches for POLLRDHUP/POLLERR, and calls [`FastPath::remove_pair`] before closing.
+//! - [`XdpDeny`]: the XDP program that drops SYNs of denied clients before they cost a socket.
+//!
+//! What the kernel does *not* do for the fast path (measured by `tests/src/tests/ebpf.rs`):
+//! - bytes already queued on a socket when it is inserted are not redirected; a later byte moves
+//!   them only if the receive window is still open, otherwise the pair stalls for good. After
+//!   [`FastPath::insert_pair`] the engine [`kick`]s both sockets (one non-blocking read each,
+//!   which makes the kernel run the verdict over the queue) and forwards whatever a read returns;
+//! - a FIN is dropped by the verdict (a zero-length skb), never forwarded: the engine sees
+//!   POLLRDHUP and shuts the peer's write side once every byte has been delivered.
+//!
+//! Maps are private to one [`FastPath`]/[`XdpDeny`] unless loaded with a pin directory (normally
+//! [`PIN_DIR`]), where a restarted daemon and `sluicectl` find the same maps. All errors here are
+//! local (this host's kernel or capabilities), never a client's or an upstream's.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io::{self, Read as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+use std::str::FromStr;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
+use aya::programs::{ProgramError, SkSkb, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
+use sluice_common::{Peer, XDP_STATS_SLOT, admission, fast_path};
+use socket2::SockRef;
+
+pub use sluice_common::{ConnCounters, Cookie, PIN_DIR, RuleId, XdpStats};
+
+/// Every map of the object: pinning one pins all, so every loader of a pin directory shares them.
+const ALL_MAPS: [&str; 9] = [
+    fast_path::SOCKS,
+    fast_path::PEERS,
+    fast_path::COUNTERS,
+    admission::ALLOW_V4,
+    admission::ALLOW_V6,
+    admission::DENY_V4,
+    admission::DENY_V6,
+    admission::DESTS,
+    admission::XDP_STATS,
+];
+
+/// Why the eBPF side could not do what was asked. Always local: the kernel refused, a capability
+/// is missing, or the object does not match this code.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("cannot load the eBPF object (needs root or CAP_BPF): {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("the eBPF object has no map {0} of the expected type: {1}")]
+    MissingMap(&'static str, #[source] Box<MapError>),
+    #[error("the eBPF object has no program {0} of the expected type")]
+    MissingProgram(&'static str),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("cannot read the socket cookie: {0}")]
+    Cookie(#[source] io::Error),
+    #[error("this fast path only observes pinned maps; the process that attached inserts")]
+    NotAttached,
+    #[error("a socket cannot be its own peer")]
+    SamePeer,
+    #[error("cannot create the pin directory (it must be on a bpffs): {0}")]
+    PinDir(#[source] io::Error),
+    #[error("invalid cidr: {0}")]
+    Cidr(&'static str),
+}
+
+type Result<T, E = EbpfError> = std::result::Result<T, E>;
+
+/// The object built by `cargo xtask build-ebpf`, 8-byte aligned as the ELF parser needs.
+fn object() -> &'static [u8] {
+    include_bytes_aligned!(env!("SLUICE_EBPF_OBJECT"))
+}
+
+/// Loads the object: maps are created (or, with `pin_dir`, opened from or pinned to it); programs
+/// are not yet loaded into the kernel.
+fn load_object(pin_dir: Option<&Path>) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    if let Some(dir) = pin_dir {
+        std::fs::create_dir_all(dir).map_err(EbpfError::PinDir)?;
+        for name in ALL_MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    loader
+        .load(object())
+        .map_err(|e| EbpfError::Load(Box::new(e)))
+}
+
+/// Takes map `name` out of `ebpf` as the typed map `M`.
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M>
+where
+    M: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(EbpfError::MissingMap(
+        name,
+        Box::new(MapError::InvalidName { name: name.into() }),
+    ))?;
+    M::try_from(map).map_err(|e| EbpfError::MissingMap(name, Box::new(e)))
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> EbpfError {
+    move |source| EbpfError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> EbpfError {
+    move |source| EbpfError::Program {
+        name,
+        source: Box::new(source),
+    }
+}
+
+/// Whether a map operation failed only because the key was not there.
+fn is_not_found(err: &MapError) -> bool {
+    match err {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// The socket's cookie (`SO_COOKIE`): the key the verdict program sees for its skbs.
+pub fn socket_cookie(socket: BorrowedFd<'_>) -> Result<Cookie> {
+    SockRef::from(&socket).cookie().map_err(EbpfError::Cookie)
+}
+
+/// What [`kick`] found on a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kick {
+    /// Nothing for user space: the queue was empty, or the kernel redirected it to the peer.
+    Empty,
+    /// `n` bytes the kernel left to this socket (they arrived before its peer was inserted): the
+    /// caller forwards `buf[..n]` to the peer itself, then kicks again.
+    Data(usize),
+    /// The socket's client or upstream closed its write side before the pair was inserted.
+    Eof,
+}
+
+/// The kick every socket needs right after [`FastPath::insert_pair`]: one non-blocking read.
+///
+/// Bytes that were queued on a socket before it entered the sockmap are not redirected by
+/// themselves, and when they fill the receive window no later byte arrives to move them, so the
+/// connection stalls. A read makes the kernel run the verdict over the queue (it then returns
+/// [`Kick::Empty`]); bytes the verdict passed to the socket itself come back as [`Kick::Data`].
+/// The socket's blocking mode is restored before returning.
+pub fn kick(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Kick> {
+    let sock = SockRef::from(&socket);
+    let was_nonblocking = sock.nonblocking()?;
+    if !was_nonblocking {
+        sock.set_nonblocking(true)?;
+    }
+    let read = (&*sock).read(buf);
+    if !was_nonblocking {
+        sock.set_nonblocking(false)?;
+    }
+    match read {
+        Ok(0) => Ok(Kick::Eof),
+        Ok(n) => Ok(Kick::Data(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Kick::Empty),
+        Err(e) => Err(e),
+    }
+}
+
+/// How many entries each fast-path map holds (a gauge for metrics; all zero when idle).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Sockets in `SLUICE_SOCKS` (the kernel removes a socket from it when the socket closes).
+    pub sockets: usize,
+    /// Entries in `SLUICE_PEERS`.
+    pub peers: usize,
+    /// Entries in `SLUICE_COUNTERS`.
+    pub counters: usize,
+}
+
+/// The sockmap fast path: `sluice_verdict` attached to `SLUICE_SOCKS`, plus the peer and counter
+/// maps. Dropping it detaches the program; sockets still in the map then fall back to their own
+/// receive queues.
+pub struct FastPath {
+    socks: SockHash<MapData, Cookie>,
+    peers: HashMap<MapData, Cookie, Peer>,
+    counters: HashMap<MapData, Cookie, ConnCounters>,
+    /// Whether this value attached the verdict (only then may it insert sockets).
+    attached: bool,
+    /// Owns the loaded program and its attachment to `socks`.
+    _ebpf: Ebpf,
+}
+
+impl fmt::Debug for FastPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FastPath").finish_non_exhaustive()
+    }
+}
+
+impl FastPath {
+    /// Loads the object with maps private to this value and attaches the stream verdict.
+    pub fn load() -> Result<Self> {
+        Self::load_from(None)
+    }
+
+    /// Like [`FastPath::load`], but with the maps pinned under `dir` (created and pinned the first
+    /// time, opened after that), so a restarted daemon and `sluicectl` see the same entries.
+    ///
+    /// One process per `dir` loads this way (the daemon): attaching replaces the verdict on the
+    /// shared sockmap for sockets inserted later, and dropping the value detaches it. Observers use
+    /// [`FastPath::open_pinned`].
+    pub fn load_pinned(dir: &Path) -> Result<Self> {
+        Self::load_from(Some(dir))
+    }
+
+    /// Opens the maps pinned under `dir` without loading or attaching anything: for observers
+    /// (`sluicectl stats`, tests) that read counters or remove pairs. [`FastPath::insert_pair`]
+    /// refuses on such a value, since only the attaching process should put sockets in the map.
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
+        let mut ebpf = load_object(Some(dir))?;
+        Ok(Self {
+            socks: take_map(&mut ebpf, fast_path::SOCKS)?,
+            peers: take_map(&mut ebpf, fast_path::PEERS)?,
+            counters: take_map(&mut ebpf, fast_path::COUNTERS)?,
+            attached: false,
+            _ebpf: ebpf,
+        })
+    }
+
+    fn load_from(pin_dir: Option<&Path>) -> Result<Self> {
+        let mut ebpf = load_object(pin_dir)?;
+        let socks: SockHash<MapData, Cookie> = take_map(&mut ebpf, fast_path::SOCKS)?;
+        let peers = take_map(&mut ebpf, fast_path::PEERS)?;
+        let counters = take_map(&mut ebpf, fast_path::COUNTERS)?;
+        let name = fast_path::PROG_VERDICT;
+        let prog: &mut SkSkb = ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::MissingProgram(name))?
+            .try_into()
+            .map_err(|_| EbpfError::MissingProgram(name))?;
+        prog.load().map_err(prog_err(name))?;
+        prog.attach(socks.fd()).map_err(prog_err(name))?;
+        Ok(Self {
+            socks,
+            peers,
+            counters,
+            attached: true,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Puts both sockets of a relayed connection on the fast path: bytes arriving on `client` leave
+    /// through `upstream` and the other way round. Returns their cookies (client, upstream), the
+    /// handle for [`FastPath::counters`] and [`FastPath::remove_pair`].
+    ///
+    /// Peers and counters are recorded before either socket enters the sockmap, so the verdict
+    /// never sees a socket without its peer. Bytes already queued on either socket are not moved:
+    /// the caller [`kick`]s both sockets afterwards. On error nothing stays inserted.
+    pub fn insert_pair(
+        &mut self,
+        client: BorrowedFd<'_>,
+        upstream: BorrowedFd<'_>,
+    ) -> Result<(Cookie, Cookie)> {
+        if !self.attached {
+            return Err(EbpfError::NotAttached);
+        }
+        let c = socket_cookie(client)?;
+        let u = socket_cookie(upstream)?;
+        if c == u {
+            return Err(EbpfError::SamePeer);
+        }
+        let inserted = self.try_insert(c, client, u, upstream);
+        if let Err(err) = inserted {
+            // Best effort: the first error is the one worth reporting.
+            let _ = self.remove_pair((c, u));
+            return Err(err);
+        }
+        Ok((c, u))
+    }
+
+    fn try_insert(
+        &mut self,
+        c: Cookie,
+        client: BorrowedFd<'_>,
+        u: Cookie,
+        upstream: BorrowedFd<'_>,
+    ) -> Result<()> {
+        let zero = ConnCounters::default();
+        for cookie in [c, u] {
+            self.counters
+                .insert(cookie, zero, 0)
+                .map_err(map_err(fast_path::COUNTERS))?;
+        }
+        self.peers
+            .insert(c, Peer { cookie: u }, 0)
+            .map_err(map_err(fast_path::PEERS))?;
+        self.peers
+            .insert(u, Peer { cookie: c }, 0)
+            .map_err(map_err(fast_path::PEERS))?;
+        self.socks
+            .insert(c, client.as_fd(), 0)
+            .map_err(map_err(fast_path::SOCKS))?;
+        self.socks
+            .insert(u, upstream.as_fd(), 0)
+            .map_err(map_err(fast_path::SOCKS))?;
+        Ok(())
+    }
+
+    /// Takes a pair off the fast path and returns its final counters (client, upstream); entries
+    /// already gone (a closed socket leaves the sockmap by itself) are not an error. Peers go
+    /// first, so an skb in flight is passed to its own socket rather than redirected into a
+    /// socket that is leaving.
+    pub fn remove_pair(
+        &mut self,
+        (c, u): (Cookie, Cookie),
+    ) -> Result<(ConnCounters, ConnCounters)> {
+        let mut first_err = None;
+        let mut keep = |r: std::result::Result<(), MapError>, name: &'static str| {
+            if let Err(e) = r
+                && !is_not_found(&e)
+                && first_err.is_none()
+            {
+                first_err = Some(map_err(name)(e));
+            }
+        };
+        keep(self.peers.remove(&c), fast_path::PEERS);
+        keep(self.peers.remove(&u), fast_path::PEERS);
+        keep(self.socks.remove(&c), fast_path::SOCKS);
+        keep(self.socks.remove(&u), fast_path::SOCKS);
+        let totals = (
+            self.counters(c)?.unwrap_or_default(),
+            self.counters(u)?.unwrap_or_default(),
+        );
+        keep(self.counters.remove(&c), fast_path::COUNTERS);
+        keep(self.counters.remove(&u), fast_path::COUNTERS);
+        match first_err {
+            Some(err) => Err(err),
+            None => Ok(totals),
+        }
+    }
+
+    /// What the verdict did with the bytes that arrived on socket `cookie` so far, or `None` if
+    /// the socket is not (or no longer) on the fast path.
+    pub fn counters(&self, cookie: Cookie) -> Result<Option<ConnCounters>> {
+        match self.counters.get(&cookie, 0) {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err(fast_path::COUNTERS)(e)),
+        }
+    }
+
+    /// Counts the entries of every fast-path map (walks them: for metrics and tests, not the
+    /// hot path). There is no per-socket lookup in `SLUICE_SOCKS`: the kernel only answers it for
+    /// 8-byte values, and aya-ebpf's `SockHash` has 4-byte ones (ENOSPC).
+    pub fn occupancy(&self) -> Result<Occupancy> {
+        fn count<K: aya::Pod>(
+            keys: impl Iterator<Item = std::result::Result<K, MapError>>,
+            name: &'static str,
+        ) -> Result<usize> {
+            let mut n = 0;
+            for key in keys {
+                key.map_err(map_err(name))?;
+                n += 1;
+            }
+            Ok(n)
+        }
+        Ok(Occupancy {
+            sockets: count(self.socks.keys(), fast_path::SOCKS)?,
+            peers: count(self.peers.keys(), fast_path::PEERS)?,
+            counters: count(self.counters.keys(), fast_path::COUNTERS)?,
+        })
+    }
+}
+
+/// A client address range: an address and how many leading bits of it count. Host bits are
+/// cleared on construction, so `10.1.2.3/8` and `10.0.0.0/8` are the same value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix_len: u8,
+}
+
+impl Cidr {
+    /// `addr/prefix_len`; fails if the prefix is longer than the address (32 or 128 bits).
+    pub fn new(addr: IpAddr, prefix_len: u8) -> Result<Self> {
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                if prefix_len > 32 {
+                    return Err(EbpfError::Cidr("an ipv4 prefix is at most 32 bits"));
+                }
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(prefix_len))
+                    .unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                if prefix_len > 128 {
+                    return Err(EbpfError::Cidr("an ipv6 prefix is at most 128 bits"));
+                }
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(prefix_len))
+                    .unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+            }
+        };
+        Ok(Self { addr, prefix_len })
+    }
+
+    /// The network address (host bits zero).
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// How many leading bits of [`Cidr::addr`] count.
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+}
+
+/// `ADDRESS/PREFIX`, or a bare address meaning exactly that address (/32 or /128).
+impl FromStr for Cidr {
+    type Err = EbpfError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| EbpfError::Cidr("expected ADDRESS or ADDRESS/PREFIX"))?;
+        let prefix_len = match prefix {
+            Some(p) => p
+                .parse()
+                .map_err(|_| EbpfError::Cidr("the prefix length is not a number"))?,
+            None if addr.is_ipv4() => 32,
+            None => 128,
+        };
+        Self::new(addr, prefix_len)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// `sluice_xdp_deny` attached to one interface, with the deny tries it reads (or, from
+/// [`XdpDeny::open_pinned`], only the pinned tries). Dropping it detaches the program.
+pub struct XdpDeny {
+    deny_v4: LpmTrie<MapData, [u8; 4], RuleId>,
+    deny_v6: LpmTrie<MapData, [u8; 16], RuleId>,
+    stats: PerCpuArray<MapData, XdpStats>,
+    /// Owns the loaded program and its link to the interface.
+    _ebpf: Ebpf,
+}
+
+impl fmt::Debug for XdpDeny {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("XdpDeny").finish_non_exhaustive()
+    }
+}
+
+impl XdpDeny {
+    /// Loads the object with private maps and attaches the XDP program to `ifname` (native mode
+    /// where the driver has it, generic otherwise).
+    pub fn attach(ifname: &str) -> Result<Self> {
+        Self::attach_from(ifname, None)
+    }
+
+    /// Like [`XdpDeny::attach`], with the maps pinned under `dir` (see [`FastPath::load_pinned`]).
+    pub fn attach_pinned(ifname: &str, dir: &Path) -> Result<Self> {
+        Self::attach_from(ifname, Some(dir))
+    }
+
+    /// Opens the deny tries pinned under `dir` without attaching anything, for `sluicectl deny`:
+    /// changes apply at once to the XDP program the daemon attached.
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
+        let mut ebpf = load_object(Some(dir))?;
+        Ok(Self {
+            deny_v4: take_map(&mut ebpf, admission::DENY_V4)?,
+            deny_v6: take_map(&mut ebpf, admission::DENY_V6)?,
+            stats: take_map(&mut ebpf, admission::XDP_STATS)?,
+            _ebpf: ebpf,
+        })
+    }
+
+    fn attach_from(ifname: &str, pin_dir: Option<&Path>) -> Result<Self> {
+        let mut ebpf = load_object(pin_dir)?;
+        let deny_v4 = take_map(&mut ebpf, admission::DENY_V4)?;
+        let deny_v6 = take_map(&mut ebpf, admission::DENY_V6)?;
+        let stats = take_map(&mut ebpf, admission::XDP_STATS)?;
+        let name = admission::PROG_XDP_DENY;
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::MissingProgram(name))?
+            .try_into()
+            .map_err(|_| EbpfError::MissingProgram(name))?;
+        prog.load().map_err(prog_err(name))?;
+        prog.attach(ifname, XdpMode::Default)
+            .map_err(prog_err(name))?;
+        Ok(Self {
+            deny_v4,
+            deny_v6,
+            stats,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Drops SYNs from `cidr` from now on; connections already established are not touched.
+    pub fn deny_add(&mut self, cidr: Cidr) -> Result<()> {
+        self.deny_add_rule(cidr, 0)
+    }
+
+    /// [`XdpDeny::deny_add`] with the id of the config rule it comes from (for listing).
+    pub fn deny_add_rule(&mut self, cidr: Cidr, rule: RuleId) -> Result<()> {
+        let prefix_len = u32::from(cidr.prefix_len());
+        match cidr.addr() {
+            IpAddr::V4(a) => self
+                .deny_v4
+                .insert(&Key::new(prefix_len, a.octets()), rule, 0)
+                .map_err(map_err(admission::DENY_V4)),
+            IpAddr::V6(a) => self
+                .deny_v6
+                .insert(&Key::new(prefix_len, a.octets()), rule, 0)
+                .map_err(map_err(admission::DENY_V6)),
+        }
+    }
+
+    /// Stops dropping SYNs from exactly `cidr`; returns whether it was there.
+    pub fn deny_remove(&mut self, cidr: Cidr) -> Result<bool> {
+        let prefix_len = u32::from(cidr.prefix_len());
+        let (removed, name) = match cidr.addr() {
+            IpAddr::V4(a) => (
+                self.deny_v4.remove(&Key::new(prefix_len, a.octets())),
+                admission::DENY_V4,
+            ),
+            IpAddr::V6(a) => (
+                self.deny_v6.remove(&Key::new(prefix_len, a.octets())),
+                admission::DENY_V6,
+            ),
+        };
+        match removed {
+            Ok(()) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(map_err(name)(e)),
+        }
+    }
+
+    /// Every denied range, IPv4 first (each listed once).
+    pub fn deny_list(&self) -> Result<Vec<Cidr>> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for key in self.deny_v4.keys() {
+            let key = key.map_err(map_err(admission::DENY_V4))?;
+            let cidr = Cidr::new(IpAddr::from(key.data()), key.prefix_len() as u8)?;
+            if seen.insert(cidr) {
+                out.push(cidr);
+            }
+        }
+        for key in self.deny_v6.keys() {
+            let key = key.map_err(map_err(admission::DENY_V6))?;
+            let cidr = Cidr::new(IpAddr::from(key.data()), key.prefix_len() as u8)?;
+            if seen.insert(cidr) {
+                out.push(cidr);
+            }
+        }
+        Ok(out)
+    }
+
+    /// SYNs seen and dropped so far, summed over CPUs.
+    pub fn stats(&self) -> Result<XdpStats> {
+        let per_cpu = self
+            .stats
+            .get(&XDP_STATS_SLOT, 0)
+            .map_err(map_err(admission::XDP_STATS))?;
+        Ok(per_cpu.iter().fold(XdpStats::default(), |sum, s| XdpStats {
+            syns: sum.syns + s.syns,
+            dropped_v4: sum.dropped_v4 + s.dropped_v4,
+            dropped_v6: sum.dropped_v6 + s.dropped_v6,
+        }))
+    }
+}

@@ -1,0 +1,495 @@
+//! The `epoll` engine: the whole worker loop on readiness and nonblocking read/write, for hosts
+//! where io_uring is refused (Docker's default seccomp profile returns EPERM for io_uring_setup).
+//!
+//! Same semantics as [`super::uring`]: admission, failover over upstream addresses, half-close
+//! forwarded once every byte is written, RST propagated, the same timeouts. Bytes go through one
+//! scratch buffer per worker; a direction keeps its own buffer only while its destination is
+//! full (the unsent rest), so an idle connection holds none.
+//!
+//! Sockets are registered edge-triggered; any event on either socket of a connection pumps both
+//! directions until they would block.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use super::{Refusal, WorkerCtx};
+use crate::metrics::Counter;
+use crate::sys::{self, Epoll};
+use crate::upstream::{ControlMsg, Upstreams};
+
+const TICK_MS: i32 = 250;
+const SCRATCH: usize = 64 * 1024;
+const TOKEN_LISTENER: u64 = 1 << 62;
+const TOKEN_CONTROL: u64 = 1 << 61;
+const EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    Relaying,
+}
+
+#[derive(Debug, Default)]
+struct Dir {
+    /// Bytes read but not yet written (the destination was full).
+    pending: Vec<u8>,
+    eof: bool,
+    done: bool,
+}
+
+struct Conn {
+    listener: usize,
+    phase: Phase,
+    client: TcpStream,
+    upstream: Option<TcpStream>,
+    last_active_ms: u64,
+    addr_start: usize,
+    attempt: usize,
+    dirs: [Dir; 2],
+}
+
+/// What ended a connection.
+enum End {
+    Graceful,
+    /// Reset or error; `from_client` tells which side caused it (for the counters).
+    Reset {
+        from_client: bool,
+        reset: bool,
+    },
+}
+
+pub struct Worker<'a> {
+    ctx: WorkerCtx<'a>,
+    epoll: Epoll,
+    listeners: Vec<Socket>,
+    control: std::fs::File,
+    control_line: Vec<u8>,
+    slots: Vec<(u32, Option<Conn>)>,
+    free: Vec<usize>,
+    upstreams: Upstreams,
+    scratch: Box<[u8]>,
+    active: u64,
+    paused: bool,
+    draining: bool,
+    now_ms: u64,
+}
+
+fn token(slot: usize, generation: u32, upstream: bool) -> u64 {
+    (slot as u64) | (u64::from(generation) & 0xff_ffff) << 32 | u64::from(upstream) << 60
+}
+
+impl<'a> Worker<'a> {
+    pub fn new(
+        ctx: WorkerCtx<'a>,
+        listeners: Vec<OwnedFd>,
+        control: OwnedFd,
+    ) -> io::Result<Worker<'a>> {
+        let epoll = Epoll::new()?;
+        for (i, l) in listeners.iter().enumerate() {
+            epoll.add(
+                l.as_fd(),
+                (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+                TOKEN_LISTENER | i as u64,
+            )?;
+        }
+        epoll.add(control.as_fd(), libc::EPOLLIN as u32, TOKEN_CONTROL)?;
+        let n = ctx.config.listeners.len();
+        Ok(Worker {
+            ctx,
+            epoll,
+            listeners: listeners.into_iter().map(Socket::from).collect(),
+            control: std::fs::File::from(control),
+            control_line: Vec::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            upstreams: Upstreams::new(n),
+            scratch: vec![0; SCRATCH].into_boxed_slice(),
+            active: 0,
+            paused: false,
+            draining: false,
+            now_ms: 0,
+        })
+    }
+
+    pub fn run(mut self) -> io::Result<()> {
+        self.ctx
+            .row
+            .set(Counter::Engine, super::EngineKind::Epoll.id());
+        let mut events = vec![sys::epoll_event_zeroed(); 1024];
+        let mut last_tick = 0;
+        loop {
+            let n = self.epoll.wait(&mut events, TICK_MS)?;
+            self.now_ms = self.ctx.now_ms();
+            for ev in &events[..n] {
+                let (tok, bits) = (ev.u64, ev.events);
+                if tok & TOKEN_LISTENER != 0 {
+                    self.accept((tok & 0xffff) as usize);
+                } else if tok & TOKEN_CONTROL != 0 {
+                    if !self.read_control() {
+                        return Ok(());
+                    }
+                } else {
+                    self.on_event(tok, bits);
+                }
+            }
+            if self.now_ms >= last_tick + TICK_MS as u64 {
+                last_tick = self.now_ms;
+                self.on_tick();
+                if self.draining && self.active == 0 {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn read_control(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.control.read(&mut buf) {
+                Ok(0) => return false,
+                Ok(n) => self.control_line.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+            if self.control_line.contains(&b'\n') {
+                break;
+            }
+        }
+        while let Some(pos) = self.control_line.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.control_line.drain(..=pos).collect();
+            match ControlMsg::decode(&String::from_utf8_lossy(&line)) {
+                Some(ControlMsg::Addrs { listener, addrs }) => self.upstreams.set(listener, addrs),
+                Some(ControlMsg::Drain) => {
+                    self.draining = true;
+                    self.set_accepting(false);
+                }
+                None => tracing::warn!("unknown control message from the supervisor"),
+            }
+        }
+        true
+    }
+
+    fn set_accepting(&mut self, on: bool) {
+        if on != self.paused {
+            return;
+        }
+        self.paused = !on;
+        for (i, l) in self.listeners.iter().enumerate() {
+            let r = if on {
+                self.epoll.add(
+                    l.as_fd(),
+                    (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+                    TOKEN_LISTENER | i as u64,
+                )
+            } else {
+                self.epoll.delete(l.as_fd())
+            };
+            if let Err(e) = r {
+                tracing::warn!("cannot change accepting on a listener: {e}");
+            }
+        }
+    }
+
+    fn accept(&mut self, listener: usize) {
+        // Bounded: at most this many accepts per readiness event, so one busy port cannot
+        // starve the connections already relayed.
+        for _ in 0..256 {
+            if self.active >= self.ctx.worker_cap {
+                self.set_accepting(false);
+                return;
+            }
+            let client = match self.listeners[listener].accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!("accept failed: {e}");
+                    return;
+                }
+            };
+            self.ctx.row.inc(Counter::Accepted);
+            let known = self.upstreams.count(listener) > 0;
+            if let Err(r) = self.ctx.admit(listener, known) {
+                self.ctx.count_refusal(r);
+                if matches!(r, Refusal::Full | Refusal::NoUpstream) {
+                    super::set_reset_on_close(&client);
+                }
+                continue;
+            }
+            if client.set_nonblocking(true).is_err() {
+                continue;
+            }
+            super::tune_socket(client.as_fd());
+            let conn = Conn {
+                listener,
+                phase: Phase::Connecting,
+                client: TcpStream::from(OwnedFd::from(client)),
+                upstream: None,
+                last_active_ms: self.now_ms,
+                addr_start: self.upstreams.start(listener),
+                attempt: 0,
+                dirs: Default::default(),
+            };
+            let slot = self.free.pop().unwrap_or_else(|| {
+                self.slots.push((0, None));
+                self.slots.len() - 1
+            });
+            let s = &mut self.slots[slot];
+            s.0 = s.0.wrapping_add(1);
+            let generation = s.0;
+            if self
+                .epoll
+                .add(conn.client.as_fd(), EVENTS, token(slot, generation, false))
+                .is_err()
+            {
+                self.free.push(slot);
+                continue;
+            }
+            s.1 = Some(conn);
+            self.active += 1;
+            self.ctx.row.listener_open(listener);
+            self.connect_next(slot);
+        }
+    }
+
+    fn connect_next(&mut self, slot: usize) {
+        let generation = self.slots[slot].0;
+        let conn = self.slots[slot].1.as_mut().expect("live slot");
+        let Some(addr) = self
+            .upstreams
+            .pick(conn.listener, conn.addr_start, conn.attempt)
+        else {
+            self.ctx.row.inc(Counter::UpstreamUnreachable);
+            self.end(
+                slot,
+                End::Reset {
+                    from_client: false,
+                    reset: false,
+                },
+            );
+            return;
+        };
+        conn.attempt += 1;
+        conn.last_active_ms = self.now_ms;
+        match start_connect(addr) {
+            Ok(s) => {
+                if self
+                    .epoll
+                    .add(s.as_fd(), EVENTS, token(slot, generation, true))
+                    .is_err()
+                {
+                    self.end(
+                        slot,
+                        End::Reset {
+                            from_client: false,
+                            reset: false,
+                        },
+                    );
+                    return;
+                }
+                conn.upstream = Some(s);
+            }
+            Err(_) => self.connect_next(slot),
+        }
+    }
+
+    fn on_event(&mut self, tok: u64, bits: u32) {
+        let slot = (tok & 0xffff_ffff) as usize;
+        let generation = ((tok >> 32) & 0xff_ffff) as u32;
+        let upstream_side = tok & (1 << 60) != 0;
+        let Some((g, Some(conn))) = self.slots.get_mut(slot) else {
+            return;
+        };
+        if *g & 0xff_ffff != generation {
+            return;
+        }
+        if conn.phase == Phase::Connecting {
+            if !upstream_side {
+                // Client bytes wait in its socket until the upstream is connected.
+                return;
+            }
+            let up = conn.upstream.as_ref().expect("connecting has a socket");
+            let failed = bits & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0
+                || super::take_socket_error(up).is_some();
+            if failed {
+                if let Some(up) = conn.upstream.take() {
+                    let _ = self.epoll.delete(up.as_fd());
+                }
+                self.connect_next(slot);
+                return;
+            }
+            if bits & libc::EPOLLOUT as u32 == 0 {
+                return;
+            }
+            conn.phase = Phase::Relaying;
+            conn.last_active_ms = self.now_ms;
+            super::tune_socket(up.as_fd());
+        }
+        match self.pump(slot) {
+            Ok(()) => {}
+            Err(end) => self.end(slot, end),
+        }
+    }
+
+    /// Moves bytes both ways until each direction would block; Err ends the connection.
+    fn pump(&mut self, slot: usize) -> Result<(), End> {
+        let conn = self.slots[slot].1.as_mut().expect("live slot");
+        let up = conn.upstream.as_ref().expect("relaying has an upstream");
+        for d in 0..2 {
+            let (mut src, mut dst) = if d == 0 {
+                (&conn.client, up)
+            } else {
+                (up, &conn.client)
+            };
+            let dir = &mut conn.dirs[d];
+            // Bounded per event, like accepts: fairness between connections.
+            for _ in 0..64 {
+                if !dir.pending.is_empty() {
+                    match dst.write(&dir.pending) {
+                        Ok(n) => {
+                            dir.pending.drain(..n);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(fail(d, false, &e)),
+                    }
+                    if !dir.pending.is_empty() {
+                        break;
+                    }
+                }
+                if dir.eof {
+                    if !dir.done {
+                        dir.done = true;
+                        super::shutdown_write(dst);
+                        conn.last_active_ms = self.now_ms;
+                    }
+                    break;
+                }
+                match src.read(&mut self.scratch) {
+                    Ok(0) => dir.eof = true,
+                    Ok(n) => {
+                        conn.last_active_ms = self.now_ms;
+                        self.ctx.row.add(
+                            if d == 0 {
+                                Counter::BytesClientToUpstream
+                            } else {
+                                Counter::BytesUpstreamToClient
+                            },
+                            n as u64,
+                        );
+                        let mut off = 0;
+                        while off < n {
+                            match dst.write(&self.scratch[off..n]) {
+                                Ok(m) => off += m,
+                                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                                Err(e) => return Err(fail(d, false, &e)),
+                            }
+                        }
+                        if off < n {
+                            dir.pending.extend_from_slice(&self.scratch[off..n]);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(fail(d, true, &e)),
+                }
+            }
+            if dir.pending.is_empty() && dir.pending.capacity() > 0 {
+                dir.pending = Vec::new(); // an idle direction holds no buffer
+            }
+        }
+        if conn.dirs.iter().all(|d| d.done) {
+            return Err(End::Graceful);
+        }
+        Ok(())
+    }
+
+    fn on_tick(&mut self) {
+        let t = self.ctx.config.timeouts;
+        for slot in 0..self.slots.len() {
+            let Some(conn) = self.slots[slot].1.as_ref() else {
+                continue;
+            };
+            let limit = match conn.phase {
+                Phase::Connecting => u64::from(t.connect_ms),
+                Phase::Relaying if conn.dirs.iter().any(|d| d.done) => u64::from(t.fin_ms),
+                Phase::Relaying => u64::from(t.idle_ms),
+            };
+            if self.now_ms.saturating_sub(conn.last_active_ms) < limit {
+                continue;
+            }
+            if conn.phase == Phase::Connecting {
+                // This address timed out: drop it and try the next one.
+                let conn = self.slots[slot].1.as_mut().expect("live");
+                if let Some(up) = conn.upstream.take() {
+                    let _ = self.epoll.delete(up.as_fd());
+                }
+                self.connect_next(slot);
+            } else {
+                self.ctx.row.inc(Counter::IdleTimeout);
+                self.end(
+                    slot,
+                    End::Reset {
+                        from_client: false,
+                        reset: false,
+                    },
+                );
+            }
+        }
+        if self.paused && !self.draining && self.active < self.ctx.worker_cap * 9 / 10 {
+            self.set_accepting(true);
+        }
+    }
+
+    fn end(&mut self, slot: usize, end: End) {
+        let Some(conn) = self.slots[slot].1.take() else {
+            return;
+        };
+        if let End::Reset { from_client, reset } = end {
+            if reset {
+                self.ctx.row.inc(if from_client {
+                    Counter::ClientReset
+                } else {
+                    Counter::UpstreamReset
+                });
+            }
+            super::set_reset_on_close(&conn.client);
+            if let Some(u) = &conn.upstream {
+                super::set_reset_on_close(u);
+            }
+        }
+        self.free.push(slot);
+        self.active -= 1;
+        self.ctx.row.listener_close(conn.listener);
+        self.ctx.row.inc(Counter::Closed);
+        // Dropping the streams closes them; epoll forgets closed fds by itself.
+    }
+}
+
+/// An error on direction `d` (0: client → upstream), at its source or destination.
+fn fail(d: usize, at_source: bool, e: &io::Error) -> End {
+    let from_client = (d == 0) == at_source;
+    End::Reset {
+        from_client,
+        reset: e.raw_os_error().is_some_and(super::is_reset),
+    }
+}
+
+fn start_connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    match sock.connect(&SockAddr::from(addr)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from(OwnedFd::from(sock)))
+}

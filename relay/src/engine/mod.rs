@@ -1,0 +1,197 @@
+//! The engines that move a relayed connection's bytes, and what every engine shares.
+//!
+//! - [`uring`]: the io_uring event loop of a worker (accept, connect, timers, teardown); it relays
+//!   with [`splice`] (SPLICE through a pipe from a bounded pool) or [`copy`] (multishot recv into
+//!   a provided-buffer ring, then send), copy taking over a direction when the pipe pool is empty.
+//! - [`epoll`]: the whole worker loop again on epoll and nonblocking read/write, for hosts that
+//!   refuse io_uring (Docker's default seccomp profile).
+//!
+//! An engine is a closed `enum` ([`EngineKind`]), not a trait object: a worker runs exactly one
+//! loop, chosen once at start, and the hot path should not pay for dynamic dispatch.
+
+pub mod copy;
+pub mod epoll;
+pub mod splice;
+pub mod uring;
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Instant;
+
+use socket2::SockRef;
+
+use crate::config::{Config, EngineChoice};
+use crate::metrics::{Counter, Row, Shared};
+
+/// The engine a worker really runs (after `auto` was decided).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Splice,
+    Copy,
+    Epoll,
+}
+
+impl EngineKind {
+    pub fn id(self) -> u64 {
+        match self {
+            EngineKind::Splice => 1,
+            EngineKind::Copy => 2,
+            EngineKind::Epoll => 3,
+        }
+    }
+
+    pub fn from_id(id: u64) -> Option<EngineKind> {
+        match id {
+            1 => Some(EngineKind::Splice),
+            2 => Some(EngineKind::Copy),
+            3 => Some(EngineKind::Epoll),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Splice => "splice",
+            EngineKind::Copy => "copy",
+            EngineKind::Epoll => "epoll",
+        }
+    }
+
+    /// The engine for a configured choice, given whether io_uring works here.
+    pub fn decide(choice: EngineChoice, uring_ok: bool) -> EngineKind {
+        match (choice, uring_ok) {
+            (EngineChoice::Epoll, _) | (_, false) => EngineKind::Epoll,
+            (EngineChoice::Copy, true) => EngineKind::Copy,
+            (EngineChoice::Splice | EngineChoice::Auto, true) => EngineKind::Splice,
+        }
+    }
+}
+
+/// Fds one relayed connection costs at most: client, upstream, and two pipes' ends per
+/// direction while splicing.
+pub const FDS_PER_CONN: u64 = 2;
+/// Fds a worker keeps for itself (listeners, ring, pipes pool, control pipe, logs).
+pub const FDS_RESERVED: u64 = 256;
+
+/// What a worker needs to know besides its engine's own state.
+pub struct WorkerCtx<'a> {
+    pub config: &'a Config,
+    pub index: usize,
+    pub workers: usize,
+    pub shared: &'a Shared,
+    pub row: Row<'a>,
+    /// Connections this worker may hold: what its fd limit allows.
+    pub worker_cap: u64,
+    pub started: Instant,
+}
+
+/// Why a new connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Full,
+    NoUpstream,
+}
+
+impl<'a> WorkerCtx<'a> {
+    pub fn new(
+        config: &'a Config,
+        index: usize,
+        workers: usize,
+        shared: &'a Shared,
+        nofile: u64,
+    ) -> Self {
+        let pipes = splice::PIPE_POOL_MAX as u64 * 2;
+        WorkerCtx {
+            config,
+            index,
+            workers,
+            shared,
+            row: shared.worker(index),
+            worker_cap: nofile.saturating_sub(FDS_RESERVED + pipes) / FDS_PER_CONN,
+            started: Instant::now(),
+        }
+    }
+
+    /// Milliseconds since the worker started: the coarse clock of every timeout.
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Admission of a client just accepted on `listener`: global and per-listener caps (summed
+    /// over every worker's row) and a known upstream address.
+    pub fn admit(&self, listener: usize, upstream_known: bool) -> Result<(), Refusal> {
+        let c = self.config;
+        let l = &c.listeners[listener];
+        if self.shared.total(self.workers, Counter::Active) >= u64::from(c.max_connections)
+            || (l.max_connections > 0
+                && self.shared.listener_active(self.workers, listener)
+                    >= u64::from(l.max_connections))
+        {
+            return Err(Refusal::Full);
+        }
+        if !upstream_known {
+            return Err(Refusal::NoUpstream);
+        }
+        Ok(())
+    }
+
+    pub fn count_refusal(&self, r: Refusal) {
+        self.row.inc(match r {
+            Refusal::Full => Counter::RefusedFull,
+            Refusal::NoUpstream => Counter::RefusedNoUpstream,
+        });
+    }
+}
+
+/// Sets up a socket of a relayed connection: no Nagle delay (messages are small and
+/// latency-bound; the relay never holds bytes back to coalesce them).
+pub fn tune_socket(fd: BorrowedFd<'_>) {
+    let _ = SockRef::from(&fd).set_nodelay(true);
+}
+
+/// Closes with RST instead of FIN when the fd is dropped (reset propagation, refusals).
+pub fn set_reset_on_close(fd: impl AsFd) {
+    let _ = SockRef::from(&fd.as_fd()).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Half-closes the write side (FIN after every queued byte).
+pub fn shutdown_write(fd: impl AsFd) {
+    let _ = SockRef::from(&fd.as_fd()).shutdown(std::net::Shutdown::Write);
+}
+
+/// The socket's pending error (SO_ERROR), e.g. after POLLERR.
+pub fn take_socket_error(fd: impl AsFd) -> Option<std::io::Error> {
+    SockRef::from(&fd.as_fd()).take_error().ok().flatten()
+}
+
+/// Does this error mean the peer reset the connection (as opposed to any other failure)?
+pub fn is_reset(errno: i32) -> bool {
+    errno == libc::ECONNRESET || errno == libc::EPIPE || errno == libc::ECONNABORTED
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_prefers_uring_and_falls_back_to_epoll() {
+        assert_eq!(
+            EngineKind::decide(EngineChoice::Auto, true),
+            EngineKind::Splice
+        );
+        assert_eq!(
+            EngineKind::decide(EngineChoice::Auto, false),
+            EngineKind::Epoll
+        );
+        assert_eq!(
+            EngineKind::decide(EngineChoice::Copy, false),
+            EngineKind::Epoll
+        );
+        assert_eq!(
+            EngineKind::decide(EngineChoice::Copy, true),
+            EngineKind::Copy
+        );
+        for k in [EngineKind::Splice, EngineKind::Copy, EngineKind::Epoll] {
+            assert_eq!(EngineKind::from_id(k.id()), Some(k));
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! Sluice: a relay that people in an internet shutdown reach their messenger through.
+//!
+//! The library does the work; `src/bin/{sluice,sluicectl}.rs` only parse arguments and call it.
+//! Start at [`supervisor`] (binds listeners, forks workers) and [`worker`] (one io_uring ring per
+//! process); ARCHITECTURE.md is the map.
+#![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod config;
+pub mod control;
+pub mod ebpf;
+pub mod engine;
+pub mod error;
+pub mod metrics;
+pub mod proto;
+pub mod supervisor;
+pub mod sys;
+pub mod upstream;
+pub mod worker;

@@ -1,0 +1,203 @@
+//! Counters every worker writes and the supervisor reads: one row of atomics per worker in a
+//! memfd shared by all processes of the daemon.
+//!
+//! Invariant: a worker only writes its own row, with relaxed atomics (no lock, no allocation);
+//! the supervisor zeroes the gauges of a row when that worker dies, so a crashed worker's
+//! connections stop counting against `max_connections`.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::sys::SharedMap;
+
+/// Rows, i.e. the most worker processes a daemon can have.
+pub const MAX_WORKERS: usize = 1024;
+/// Listeners whose active connections are counted per worker (for per-listener caps).
+pub const MAX_LISTENERS: usize = 64;
+const COUNTERS: usize = 32;
+const ROW: usize = COUNTERS + MAX_LISTENERS;
+
+/// What each counter slot of a row holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Counter {
+    /// Gauge: relayed connections open now (client accepted, not yet closed).
+    Active = 0,
+    Accepted,
+    Closed,
+    /// Refused because `max_connections` (global or the listener's) was reached.
+    RefusedFull,
+    /// Refused because no upstream address is known (unresolved).
+    RefusedNoUpstream,
+    /// Closed because the PROXY header was malformed, missing or late.
+    RefusedBadHeader,
+    /// Every upstream address refused or timed out.
+    UpstreamUnreachable,
+    ClientReset,
+    UpstreamReset,
+    IdleTimeout,
+    BytesClientToUpstream,
+    BytesUpstreamToClient,
+    /// Gauge: pipes held by connections with bytes in flight.
+    PipesInUse,
+    /// Times a direction used the copy path because the pipe pool was empty.
+    PipePoolEmpty,
+    /// Gauge: engine of the worker, see [`crate::engine::EngineKind::id`].
+    Engine,
+    /// Gauge: pid of the worker process in this row.
+    Pid,
+}
+
+pub const ALL_COUNTERS: &[(Counter, &str)] = &[
+    (Counter::Active, "active"),
+    (Counter::Accepted, "accepted"),
+    (Counter::Closed, "closed"),
+    (Counter::RefusedFull, "refused_full"),
+    (Counter::RefusedNoUpstream, "refused_no_upstream"),
+    (Counter::RefusedBadHeader, "refused_bad_header"),
+    (Counter::UpstreamUnreachable, "upstream_unreachable"),
+    (Counter::ClientReset, "client_reset"),
+    (Counter::UpstreamReset, "upstream_reset"),
+    (Counter::IdleTimeout, "idle_timeout"),
+    (Counter::BytesClientToUpstream, "bytes_client_to_upstream"),
+    (Counter::BytesUpstreamToClient, "bytes_upstream_to_client"),
+    (Counter::PipesInUse, "pipes_in_use"),
+    (Counter::PipePoolEmpty, "pipe_pool_empty"),
+    (Counter::Engine, "engine"),
+    (Counter::Pid, "pid"),
+];
+
+/// The shared counter table.
+pub struct Shared {
+    map: SharedMap,
+}
+
+impl Shared {
+    pub const BYTES: usize = MAX_WORKERS * ROW * 8;
+
+    /// A new zeroed table (the supervisor makes it once).
+    pub fn new() -> io::Result<Shared> {
+        Ok(Shared {
+            map: SharedMap::new("sluice-metrics", Self::BYTES)?,
+        })
+    }
+
+    /// Maps the table a supervisor passed down as an fd.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Shared> {
+        Ok(Shared {
+            map: SharedMap::from_fd(fd, Self::BYTES)?,
+        })
+    }
+
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.map.fd()
+    }
+
+    fn row(&self, worker: usize) -> &[AtomicU64] {
+        &self.map.atomics()[worker * ROW..(worker + 1) * ROW]
+    }
+
+    /// The handle a worker writes through.
+    pub fn worker(&self, worker: usize) -> Row<'_> {
+        assert!(worker < MAX_WORKERS);
+        Row {
+            row: self.row(worker),
+        }
+    }
+
+    pub fn get(&self, worker: usize, c: Counter) -> u64 {
+        self.row(worker)[c as usize].load(Relaxed)
+    }
+
+    /// Sum of a counter over the first `workers` rows.
+    pub fn total(&self, workers: usize, c: Counter) -> u64 {
+        (0..workers).map(|w| self.get(w, c)).sum()
+    }
+
+    /// Active connections of listener `l` over all workers.
+    pub fn listener_active(&self, workers: usize, l: usize) -> u64 {
+        (0..workers)
+            .map(|w| self.row(w)[COUNTERS + l].load(Relaxed))
+            .sum()
+    }
+
+    /// A worker died: its connections are gone, so its gauges go to zero.
+    pub fn clear_gauges(&self, worker: usize) {
+        let row = self.row(worker);
+        for g in [Counter::Active, Counter::PipesInUse, Counter::Pid] {
+            row[g as usize].store(0, Relaxed);
+        }
+        for l in &row[COUNTERS..] {
+            l.store(0, Relaxed);
+        }
+    }
+}
+
+/// One worker's row.
+#[derive(Clone, Copy)]
+pub struct Row<'a> {
+    row: &'a [AtomicU64],
+}
+
+impl Row<'_> {
+    #[inline]
+    pub fn add(&self, c: Counter, n: u64) {
+        self.row[c as usize].fetch_add(n, Relaxed);
+    }
+    #[inline]
+    pub fn inc(&self, c: Counter) {
+        self.add(c, 1);
+    }
+    #[inline]
+    pub fn dec(&self, c: Counter) {
+        self.row[c as usize].fetch_sub(1, Relaxed);
+    }
+    pub fn set(&self, c: Counter, v: u64) {
+        self.row[c as usize].store(v, Relaxed);
+    }
+    #[inline]
+    pub fn listener_open(&self, l: usize) {
+        self.inc(Counter::Active);
+        self.row[COUNTERS + l].fetch_add(1, Relaxed);
+    }
+    #[inline]
+    pub fn listener_close(&self, l: usize) {
+        self.dec(Counter::Active);
+        self.row[COUNTERS + l].fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_separate_and_gauges_clear() {
+        let s = Shared::new().unwrap();
+        let w0 = s.worker(0);
+        let w1 = s.worker(1);
+        w0.listener_open(3);
+        w1.listener_open(3);
+        w1.inc(Counter::Accepted);
+        assert_eq!(s.total(2, Counter::Active), 2);
+        assert_eq!(s.listener_active(2, 3), 2);
+        s.clear_gauges(1);
+        assert_eq!(s.total(2, Counter::Active), 1);
+        assert_eq!(s.listener_active(2, 3), 1);
+        assert_eq!(
+            s.get(1, Counter::Accepted),
+            1,
+            "counters survive, gauges do not"
+        );
+    }
+
+    #[test]
+    fn a_second_mapping_sees_the_same_counters() {
+        let s = Shared::new().unwrap();
+        let fd = s.fd().try_clone_to_owned().unwrap();
+        let other = Shared::from_fd(fd).unwrap();
+        s.worker(5).add(Counter::BytesClientToUpstream, 42);
+        assert_eq!(other.get(5, Counter::BytesClientToUpstream), 42);
+    }
+}

@@ -1,0 +1,336 @@
+//! The supervisor: the `sluice` process an operator starts.
+//!
+//! It decides the engine (probing io_uring once, so a refusal is logged once), sizes the worker
+//! count to the fd limit, binds every listener (a port in use is an error naming it), resolves
+//! upstreams, starts the worker processes and keeps them running: a worker that dies is replaced
+//! while the others keep their connections. It serves the control socket ([`crate::control`]).
+//!
+//! Signal contract: SIGTERM / SIGINT stop the workers (their connections close) and exit 0;
+//! SIGCHLD reaps and restarts dead workers. Workers die with the supervisor (PR_SET_PDEATHSIG
+//! and EOF on their control pipe).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Socket, Type};
+
+use crate::config::{Config, EngineChoice};
+use crate::control::{self, Status, WorkerStatus};
+use crate::engine::{self, EngineKind};
+use crate::error::StartError;
+use crate::metrics::{self, Shared};
+use crate::sys;
+use crate::upstream::{self, ControlMsg, Table};
+use crate::worker::{self, Identity};
+
+/// Listen backlog (the kernel caps it at net.core.somaxconn).
+const BACKLOG: i32 = 65_535;
+/// A worker that dies sooner than this after its start counts as crash-looping.
+const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(2);
+
+/// How the daemon was asked to run, beyond the config file.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Control socket path; None = no control socket.
+    pub control: Option<PathBuf>,
+}
+
+enum Event {
+    Signal(i32),
+    Resolved(Table),
+}
+
+struct WorkerProc {
+    child: Child,
+    stdin: ChildStdin,
+    started: Instant,
+}
+
+/// Worker processes needed so `max_connections` fit under the per-process fd limit.
+pub fn workers_needed(config: &Config, nofile: u64) -> usize {
+    if config.workers > 0 {
+        return config.workers as usize;
+    }
+    let per_worker = nofile
+        .saturating_sub(engine::FDS_RESERVED + engine::splice::PIPE_POOL_MAX as u64 * 2)
+        / engine::FDS_PER_CONN;
+    let for_conns = u64::from(config.max_connections).div_ceil(per_worker.max(1)) as usize;
+    sys::cpus().max(for_conns).min(metrics::MAX_WORKERS)
+}
+
+/// Binds one listener: SO_REUSEADDR, nonblocking, close-on-exec, at a high fd number.
+fn bind(addr: SocketAddr) -> Result<OwnedFd, StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )
+    .map_err(err)?;
+    sock.set_reuse_address(true).map_err(err)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true).map_err(err)?;
+    }
+    sock.bind(&addr.into()).map_err(err)?;
+    sock.listen(BACKLOG).map_err(err)?;
+    // High numbers, so handing them to a worker at fds 3.. never overwrites another source fd.
+    sys::dup_high(sock.as_fd(), 1000).map_err(err)
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
+    let uring_ok = if config.engine == EngineChoice::Epoll {
+        false
+    } else {
+        match engine::uring::probe() {
+            Ok(()) => true,
+            Err(e) => {
+                if config.engine != EngineChoice::Auto {
+                    return Err(StartError::UringRefused(e));
+                }
+                tracing::warn!("io_uring is refused here ({e}); using the epoll engine");
+                false
+            }
+        }
+    };
+    let kind = EngineKind::decide(config.engine, uring_ok);
+    let nofile = sys::raise_nofile_limit()?;
+    let nworkers = workers_needed(&config, nofile);
+    if config.listeners.len() > metrics::MAX_LISTENERS {
+        return Err(std::io::Error::other(format!(
+            "at most {} listeners are supported",
+            metrics::MAX_LISTENERS
+        ))
+        .into());
+    }
+    let listeners = config
+        .listeners
+        .iter()
+        .map(|l| bind(l.bind))
+        .collect::<Result<Vec<_>, _>>()?;
+    let shared = Arc::new(Shared::new()?);
+
+    let mut failing = HashMap::new();
+    let (table, ok) = upstream::resolve_all(&config, &mut failing);
+    let (tx, rx) = mpsc::channel::<Event>();
+    upstream::spawn_resolver(
+        config.clone(),
+        table.clone(),
+        ok,
+        failing,
+        tx.clone(),
+        Event::Resolved,
+    )?;
+    spawn_signal_thread(tx)?;
+
+    let status = Arc::new(Mutex::new(Status::new(&config, kind, nworkers)));
+    if let Some(path) = &opts.control
+        && let Err(e) = control::serve(path, status.clone(), shared.clone())
+    {
+        tracing::warn!("no control socket at {}: {e}", path.display());
+    }
+
+    let config_toml = config.to_toml();
+    let mut sup = Supervisor {
+        config_toml,
+        kind,
+        nworkers,
+        listeners,
+        metrics_fd: sys::dup_high(shared.fd(), 1000)?,
+        shared,
+        table,
+        procs: Vec::new(),
+        status,
+        crash_streak: vec![0; nworkers],
+    };
+    for i in 0..nworkers {
+        let p = sup.spawn(i)?;
+        sup.procs.push(Some(p));
+    }
+    sup.publish_status();
+    tracing::info!(
+        listeners = config.listeners.len(),
+        workers = nworkers,
+        engine = kind.name(),
+        "ready"
+    );
+    for ev in rx {
+        match ev {
+            Event::Resolved(table) => {
+                sup.table = table;
+                for i in 0..nworkers {
+                    sup.send_table(i);
+                }
+            }
+            Event::Signal(signal_hook::consts::SIGCHLD) => sup.reap(),
+            Event::Signal(signal_hook::consts::SIGHUP) => {
+                tracing::info!(
+                    "SIGHUP: resolving upstream names now (other changes need a restart)"
+                );
+                let (table, _) = upstream::resolve_all(&config, &mut HashMap::new());
+                sup.table = table;
+                for i in 0..nworkers {
+                    sup.send_table(i);
+                }
+            }
+            Event::Signal(sig) => {
+                tracing::info!("signal {sig}: stopping");
+                sup.stop();
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Supervisor {
+    config_toml: String,
+    kind: EngineKind,
+    nworkers: usize,
+    listeners: Vec<OwnedFd>,
+    shared: Arc<Shared>,
+    /// The counters' memfd at a high fd number (see `bind`).
+    metrics_fd: OwnedFd,
+    table: Table,
+    procs: Vec<Option<WorkerProc>>,
+    status: Arc<Mutex<Status>>,
+    crash_streak: Vec<u32>,
+}
+
+impl Supervisor {
+    fn spawn(&self, index: usize) -> Result<WorkerProc, StartError> {
+        let id = Identity {
+            index,
+            workers: self.nworkers,
+            engine: self.kind,
+        };
+        let mut fds: Vec<i32> = self.listeners.iter().map(|l| l.as_raw_fd()).collect();
+        fds.push(self.metrics_fd.as_raw_fd());
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("__worker")
+            .env(worker::ENV_WORKER, id.encode())
+            .env(worker::ENV_CONFIG, &self.config_toml)
+            .stdin(Stdio::piped());
+        sys::pass_fds(&mut cmd, fds, worker::FIRST_LISTENER_FD);
+        let mut child = cmd.spawn()?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut p = WorkerProc {
+            child,
+            stdin,
+            started: Instant::now(),
+        };
+        self.write_table(&mut p);
+        Ok(p)
+    }
+
+    fn write_table(&self, p: &mut WorkerProc) {
+        for (listener, addrs) in self.table.iter().enumerate() {
+            let msg = ControlMsg::Addrs {
+                listener,
+                addrs: addrs.clone(),
+            };
+            if let Err(e) = p.stdin.write_all(msg.encode().as_bytes()) {
+                tracing::debug!("cannot reach a worker's control pipe: {e}");
+            }
+        }
+    }
+
+    fn send_table(&mut self, i: usize) {
+        if let Some(mut p) = self.procs[i].take() {
+            self.write_table(&mut p);
+            self.procs[i] = Some(p);
+        }
+    }
+
+    /// Reaps dead workers and starts their replacements.
+    fn reap(&mut self) {
+        for i in 0..self.procs.len() {
+            let Some(p) = self.procs[i].as_mut() else {
+                continue;
+            };
+            let Ok(Some(exit)) = p.child.try_wait() else {
+                continue;
+            };
+            let lived = p.started.elapsed();
+            self.shared.clear_gauges(i);
+            tracing::warn!(worker = i, "worker exited ({exit}); starting a new one");
+            self.crash_streak[i] = if lived < CRASH_LOOP_WINDOW {
+                self.crash_streak[i] + 1
+            } else {
+                0
+            };
+            if self.crash_streak[i] > 3 {
+                // Crash-looping: back off, so a broken host does not spin the CPU.
+                std::thread::sleep(Duration::from_millis(
+                    500 * u64::from(self.crash_streak[i].min(10)),
+                ));
+            }
+            self.procs[i] = match self.spawn(i) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::error!(worker = i, "cannot start a worker: {e}");
+                    None
+                }
+            };
+        }
+        self.publish_status();
+    }
+
+    fn publish_status(&self) {
+        let mut st = self.status.lock().expect("status lock");
+        st.workers = self
+            .procs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| WorkerStatus {
+                index: i,
+                pid: p.as_ref().map_or(0, |p| p.child.id()),
+                engine: self.kind.name().to_string(),
+                active: 0,
+                accepted: 0,
+            })
+            .collect();
+    }
+
+    fn stop(&mut self) {
+        for p in self.procs.iter().flatten() {
+            let _ = sys::kill(p.child.id(), libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for p in self.procs.iter_mut().flatten() {
+            loop {
+                match p.child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = p.child.kill();
+                        let _ = p.child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }
+    }
+}
+
+fn spawn_signal_thread(tx: mpsc::Sender<Event>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGCHLD, SIGHUP])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if tx.send(Event::Signal(sig)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map(drop)
+}

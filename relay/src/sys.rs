@@ -1,0 +1,354 @@
+//! Thin, safe wrappers over the libc calls std and socket2 do not cover.
+//!
+//! One of the three places `unsafe` is allowed (with `engine::uring` and `engine::splice`).
+//! Every fd a syscall returns becomes an [`OwnedFd`] at once, so nothing here can leak one.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A pipe `(read end, write end)`, nonblocking and close-on-exec, resized to `size` bytes when
+/// the kernel allows it (the result is the size it really has).
+pub fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid array of two c_ints for pipe2 to fill.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: F_SETPIPE_SZ takes an int argument; `w` is an open pipe.
+    let got = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+    let got = if got > 0 {
+        got as usize
+    } else {
+        // SAFETY: F_GETPIPE_SZ takes no argument; `w` is an open pipe.
+        cvt(unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ) })? as usize
+    };
+    Ok((r, w, got))
+}
+
+/// Bytes queued in a pipe, not yet read (FIONREAD).
+pub fn pipe_pending(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which points at `n`.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) })?;
+    Ok(n as usize)
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the struct it is given.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Moves `fd` to the fixed number `target` and clears close-on-exec there, for a child about to
+/// exec. Only async-signal-safe calls: this runs between fork and exec.
+pub fn dup_to_for_exec(fd: RawFd, target: RawFd) -> io::Result<()> {
+    if fd == target {
+        // SAFETY: fcntl on an fd number; failure is reported, nothing is dereferenced.
+        let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+        // SAFETY: as above.
+        cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) })?;
+    } else {
+        // SAFETY: dup2 onto a number this child reserved for it; the new fd lacks CLOEXEC.
+        cvt(unsafe { libc::dup2(fd, target) })?;
+    }
+    Ok(())
+}
+
+/// Takes ownership of the `n` fds a parent process left open at `first..first + n`.
+///
+/// Callable once per process (later calls fail), so no two owners of one fd can exist; an fd
+/// number that is not open is an error.
+pub fn take_inherited_fds(first: RawFd, n: usize) -> io::Result<Vec<OwnedFd>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return Err(io::Error::other("inherited fds were already taken"));
+    }
+    let range = first..first + n as RawFd;
+    if !range.clone().all(fd_is_open) {
+        return Err(io::Error::other(
+            "inherited fds are missing: only the supervisor starts workers",
+        ));
+    }
+    // SAFETY: the fds are open (checked), were inherited from the parent, and this function
+    // runs once per process before anything else could have claimed them.
+    Ok(range
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect())
+}
+
+/// Is `fd` an open file descriptor here?
+pub fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only inspects the fd table.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+}
+
+/// Sets close-on-exec on an inherited fd, so workers do not pass it on.
+pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl flags on a borrowed, open fd.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    Ok(())
+}
+
+/// Sends `sig` to process `pid`.
+pub fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill takes plain integers.
+    cvt(unsafe { libc::kill(pid as libc::pid_t, sig) })?;
+    Ok(())
+}
+
+/// Asks the kernel to send SIGKILL to this process when its parent dies (a worker must not
+/// outlive its supervisor).
+pub fn die_with_parent() -> io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number.
+    cvt(unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    })?;
+    Ok(())
+}
+
+/// A shared, zero-filled memory region backed by a memfd, mapped read-write. The memfd can be
+/// passed to another process, which maps the same pages with [`SharedMap::from_fd`].
+pub struct SharedMap {
+    ptr: NonNull<u8>,
+    len: usize,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is plain shared memory that outlives every reference handed out; all
+// access to it goes through atomics (see `metrics::Shared`).
+unsafe impl Send for SharedMap {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMap {}
+
+impl SharedMap {
+    /// A new zeroed region of `len` bytes.
+    pub fn new(name: &str, len: usize) -> io::Result<SharedMap> {
+        let cname = std::ffi::CString::new(name).map_err(io::Error::other)?;
+        // SAFETY: memfd_create reads a NUL-terminated name.
+        let raw = cvt(unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) })?;
+        // SAFETY: memfd_create returned a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on our own memfd.
+        cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) })?;
+        SharedMap::from_fd(fd, len)
+    }
+
+    /// Maps `len` bytes of an existing memfd (one another process made).
+    pub fn from_fd(fd: OwnedFd, len: usize) -> io::Result<SharedMap> {
+        // SAFETY: a fresh shared mapping of an fd we own; the kernel chooses the address.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(SharedMap { ptr, len, fd })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    /// The region as a slice of atomics.
+    pub fn atomics(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: the mapping is page-aligned, `len` bytes long and lives as long as `self`;
+        // AtomicU64 has no invalid bit patterns and all access is atomic, so sharing the pages
+        // with other processes is sound.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast(), self.len / 8) }
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the region this value mapped; no reference outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Anonymous private memory, page-aligned, for io_uring's provided-buffer ring.
+pub struct AnonMap {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl AnonMap {
+    pub fn new(len: usize) -> io::Result<AnonMap> {
+        // SAFETY: a fresh anonymous mapping; the kernel chooses the address.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(AnonMap { ptr, len })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for AnonMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped; the owner (the buffer ring) unregisters it from
+        // the io_uring before dropping it.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Resident and proportional set size of this process, in KiB, from /proc/self/smaps_rollup.
+pub fn rss_pss_kib(pid: u32) -> io::Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("Rss:"), field("Pss:")))
+}
+
+/// An epoll instance (for the engine used where io_uring is refused).
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+pub use libc::epoll_event as EpollEvent;
+
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: epoll_create1 takes flags only and returns a new fd.
+        let raw = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Epoll { fd })
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
+        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) })?;
+        Ok(())
+    }
+
+    pub fn add(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), events, token)
+    }
+
+    pub fn modify(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd.as_raw_fd(), events, token)
+    }
+
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd.as_raw_fd(), 0, 0)
+    }
+
+    /// Waits up to `timeout_ms` and fills `events`; returns how many are valid.
+    pub fn wait(&self, events: &mut [EpollEvent], timeout_ms: i32) -> io::Result<usize> {
+        // SAFETY: the kernel writes at most `events.len()` entries into the slice.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as libc::c_int,
+                timeout_ms,
+            )
+        };
+        match cvt(n) {
+            Ok(n) => Ok(n as usize),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A zeroed epoll event array entry.
+pub fn epoll_event_zeroed() -> EpollEvent {
+    libc::epoll_event { events: 0, u64: 0 }
+}
+
+/// A close-on-exec duplicate of `fd` numbered at least `min` (so fds handed to a child at fixed
+/// low numbers never collide with their sources).
+pub fn dup_high(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC returns a new fd that nothing else owns.
+    let raw = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Number of online CPUs.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Makes `cmd`'s child receive `fds` at `first`, `first + 1`, … (without close-on-exec).
+///
+/// Every source fd must be numbered at or above `first + fds.len()` (see [`dup_high`]), so no
+/// dup2 overwrites a source not yet moved.
+pub fn pass_fds(cmd: &mut std::process::Command, fds: Vec<RawFd>, first: RawFd) {
+    use std::os::unix::process::CommandExt;
+    assert!(fds.iter().all(|&fd| fd >= first + fds.len() as RawFd));
+    // SAFETY: the closure runs between fork and exec; it only calls dup2/fcntl, which are
+    // async-signal-safe, and allocates nothing (`fds` was allocated before the fork).
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, &fd) in fds.iter().enumerate() {
+                dup_to_for_exec(fd, first + i as RawFd)?;
+            }
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,261 @@
+//! Where connections go: upstream names resolved by the supervisor, sent to workers.
+//!
+//! The supervisor resolves every `HOST:PORT` of every listener (all addresses, in order) at start
+//! and every `resolve_interval_s`, or every [`RETRY_S`] while a name fails, and writes each
+//! change down every worker's control pipe as one line ([`ControlMsg`]). A name that cannot be
+//! resolved is said once in the log; connections to a listener with no address are refused and
+//! counted (`refused_no_upstream`) until it resolves. Workers never block on DNS.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use crate::config::{Config, HostPort};
+
+/// Seconds between attempts while a name does not resolve.
+pub const RETRY_S: u64 = 5;
+
+/// Messages from the supervisor to a worker, one per line on the worker's stdin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlMsg {
+    /// The full, ordered address list of listener `listener` (may be empty).
+    Addrs {
+        listener: usize,
+        addrs: Vec<SocketAddr>,
+    },
+    /// Stop accepting; exit once the open connections have closed.
+    Drain,
+}
+
+impl ControlMsg {
+    pub fn encode(&self) -> String {
+        match self {
+            ControlMsg::Addrs { listener, addrs } => {
+                let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+                format!("addrs {listener} {}\n", list.join(","))
+            }
+            ControlMsg::Drain => "drain\n".to_string(),
+        }
+    }
+
+    pub fn decode(line: &str) -> Option<ControlMsg> {
+        let mut parts = line.trim_end().splitn(3, ' ');
+        match parts.next()? {
+            "addrs" => {
+                let listener = parts.next()?.parse().ok()?;
+                let addrs = match parts.next() {
+                    None | Some("") => Vec::new(),
+                    Some(list) => list
+                        .split(',')
+                        .map(|a| a.parse().ok())
+                        .collect::<Option<Vec<_>>>()?,
+                };
+                Some(ControlMsg::Addrs { listener, addrs })
+            }
+            "drain" => Some(ControlMsg::Drain),
+            _ => None,
+        }
+    }
+}
+
+/// What the resolver thread reports to the supervisor's main loop.
+pub type Table = Vec<Vec<SocketAddr>>;
+
+/// Resolves one name; IP literals need no lookup.
+fn resolve(hp: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
+    if let Some(sa) = hp.literal() {
+        return Ok(vec![sa]);
+    }
+    let addrs: Vec<SocketAddr> = (hp.host.as_str(), hp.port).to_socket_addrs()?.collect();
+    if addrs.is_empty() {
+        return Err(std::io::Error::other("no address"));
+    }
+    Ok(addrs)
+}
+
+/// Resolves every listener's upstreams once. Returns the table and whether every name resolved.
+/// `failing` remembers which names failed last time so each change of state is logged once.
+pub fn resolve_all(config: &Config, failing: &mut HashMap<HostPort, bool>) -> (Table, bool) {
+    let mut all_ok = true;
+    let mut cache: HashMap<&HostPort, Vec<SocketAddr>> = HashMap::new();
+    let table = config
+        .listeners
+        .iter()
+        .map(|l| {
+            let mut out = Vec::new();
+            for hp in &l.upstream {
+                let addrs = cache.entry(hp).or_insert_with(|| {
+                    let was_failing = failing.get(hp).copied().unwrap_or(false);
+                    match resolve(hp) {
+                        Ok(a) => {
+                            if was_failing {
+                                tracing::info!(upstream = %hp, "upstream name resolves again");
+                            }
+                            failing.insert(hp.clone(), false);
+                            a
+                        }
+                        Err(e) => {
+                            if !was_failing {
+                                tracing::warn!(
+                                    upstream = %hp,
+                                    "cannot resolve upstream ({e}); still listening, refusing its connections and retrying every {RETRY_S} s"
+                                );
+                            }
+                            failing.insert(hp.clone(), true);
+                            Vec::new()
+                        }
+                    }
+                });
+                all_ok &= !addrs.is_empty();
+                for a in addrs.iter() {
+                    if !out.contains(a) {
+                        out.push(*a);
+                    }
+                }
+            }
+            out
+        })
+        .collect();
+    (table, all_ok)
+}
+
+/// Runs forever on its own thread: resolves, sends the table when it changes, sleeps.
+pub fn spawn_resolver<E: Send + 'static>(
+    config: Config,
+    first: Table,
+    first_ok: bool,
+    mut failing: HashMap<HostPort, bool>,
+    tx: Sender<E>,
+    wrap: fn(Table) -> E,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("resolver".into())
+        .spawn(move || {
+            let mut last = first;
+            let mut ok = first_ok;
+            loop {
+                let wait = if ok {
+                    u64::from(config.resolve_interval_s)
+                } else {
+                    RETRY_S
+                };
+                std::thread::sleep(Duration::from_secs(wait));
+                let (table, now_ok) = resolve_all(&config, &mut failing);
+                ok = now_ok;
+                if table != last {
+                    last = table.clone();
+                    if tx.send(wrap(table)).is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+        .map(drop)
+}
+
+/// A worker's view of the upstream addresses, updated from its control pipe.
+#[derive(Debug, Default)]
+pub struct Upstreams {
+    addrs: Vec<Vec<SocketAddr>>,
+    next: Vec<usize>,
+}
+
+impl Upstreams {
+    pub fn new(listeners: usize) -> Upstreams {
+        Upstreams {
+            addrs: vec![Vec::new(); listeners],
+            next: vec![0; listeners],
+        }
+    }
+
+    pub fn set(&mut self, listener: usize, addrs: Vec<SocketAddr>) {
+        if let Some(slot) = self.addrs.get_mut(listener) {
+            *slot = addrs;
+            self.next[listener] = 0;
+        }
+    }
+
+    pub fn count(&self, listener: usize) -> usize {
+        self.addrs[listener].len()
+    }
+
+    /// Index of the first address to try for a new connection (round-robin over the list, so
+    /// equal servers share the load; failover walks on from there).
+    pub fn start(&mut self, listener: usize) -> usize {
+        let n = self.addrs[listener].len().max(1);
+        let i = self.next[listener] % n;
+        self.next[listener] = (i + 1) % n;
+        i
+    }
+
+    /// The `attempt`-th address to try, starting from `start`; None once all were tried.
+    pub fn pick(&self, listener: usize, start: usize, attempt: usize) -> Option<SocketAddr> {
+        let list = &self.addrs[listener];
+        if attempt >= list.len() {
+            return None;
+        }
+        Some(list[(start + attempt) % list.len()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(msg: ControlMsg) {
+        let line = msg.encode();
+        assert!(line.ends_with('\n'));
+        assert_eq!(ControlMsg::decode(&line), Some(msg));
+    }
+
+    #[test]
+    fn control_messages_round_trip() {
+        check(ControlMsg::Drain);
+        check(ControlMsg::Addrs {
+            listener: 3,
+            addrs: vec![],
+        });
+        check(ControlMsg::Addrs {
+            listener: 0,
+            addrs: vec![
+                "127.0.0.1:80".parse().unwrap(),
+                "[::1]:443".parse().unwrap(),
+            ],
+        });
+        assert_eq!(ControlMsg::decode("bogus 1\n"), None);
+        assert_eq!(ControlMsg::decode("addrs x 1.2.3.4:5\n"), None);
+    }
+
+    #[test]
+    fn failover_walks_every_address_once() {
+        let mut u = Upstreams::new(1);
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.2:1".parse().unwrap();
+        u.set(0, vec![a, b]);
+        let s = u.start(0);
+        assert_eq!(s, 0);
+        assert_eq!(u.pick(0, s, 0), Some(a));
+        assert_eq!(u.pick(0, s, 1), Some(b));
+        assert_eq!(u.pick(0, s, 2), None);
+        let s = u.start(0);
+        assert_eq!(
+            u.pick(0, s, 0),
+            Some(b),
+            "the next connection starts at the next address"
+        );
+    }
+
+    #[test]
+    fn unresolvable_name_gives_an_empty_list_not_an_error() {
+        let cfg = Config::from_toml(
+            "[[listen]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nupstream = [\"does-not-exist.invalid:80\", \"127.0.0.5:9\"]\n",
+            "t",
+        )
+        .unwrap();
+        let mut failing = HashMap::new();
+        let (table, ok) = resolve_all(&cfg, &mut failing);
+        assert!(!ok);
+        assert_eq!(table, vec![vec!["127.0.0.5:9".parse().unwrap()]]);
+    }
+}

@@ -1,0 +1,110 @@
+//! A worker process: the supervisor re-executes `sluice` with a hidden `__worker` argument and
+//! hands it, at fixed fd numbers, everything it needs. The worker runs one engine's loop on one
+//! thread until its control pipe closes or it has drained.
+//!
+//! The fd contract between [`crate::supervisor`] and a worker:
+//! - fd 0: the control pipe (lines of [`crate::upstream::ControlMsg`]); EOF means "exit now";
+//! - fd 3 .. 3+L: the L listening sockets, in config order (shared by all workers);
+//! - fd 3+L: the memfd of the shared counters ([`crate::metrics::Shared`]).
+//!
+//! The environment carries the rest: `SLUICE_WORKER=index/workers/engine` and the effective
+//! configuration as TOML in `SLUICE_CONFIG`.
+
+use std::os::fd::{AsFd, RawFd};
+
+use crate::config::Config;
+use crate::engine::{self, EngineKind, WorkerCtx};
+use crate::error::StartError;
+use crate::metrics::{Counter, Shared};
+use crate::sys;
+
+/// First fd number of the listeners in a worker.
+pub const FIRST_LISTENER_FD: RawFd = 3;
+pub const ENV_WORKER: &str = "SLUICE_WORKER";
+pub const ENV_CONFIG: &str = "SLUICE_CONFIG";
+
+/// Who this worker is, as the supervisor said in [`ENV_WORKER`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub index: usize,
+    pub workers: usize,
+    pub engine: EngineKind,
+}
+
+impl Identity {
+    pub fn encode(&self) -> String {
+        format!("{}/{}/{}", self.index, self.workers, self.engine.name())
+    }
+
+    pub fn decode(s: &str) -> Option<Identity> {
+        let mut it = s.split('/');
+        let index = it.next()?.parse().ok()?;
+        let workers = it.next()?.parse().ok()?;
+        let engine = match it.next()? {
+            "splice" => EngineKind::Splice,
+            "copy" => EngineKind::Copy,
+            "epoll" => EngineKind::Epoll,
+            _ => return None,
+        };
+        Some(Identity {
+            index,
+            workers,
+            engine,
+        })
+    }
+}
+
+/// Entry point of a worker process (`sluice __worker`).
+pub fn main() -> Result<(), StartError> {
+    sys::die_with_parent()?;
+    let id = std::env::var(ENV_WORKER)
+        .ok()
+        .and_then(|s| Identity::decode(&s))
+        .ok_or_else(|| {
+            std::io::Error::other(format!(
+                "{ENV_WORKER} is missing: only the supervisor starts workers"
+            ))
+        })?;
+    let text = std::env::var(ENV_CONFIG)
+        .map_err(|_| std::io::Error::other(format!("{ENV_CONFIG} is missing")))?;
+    let config = Config::from_toml(&text, "supervisor").map_err(std::io::Error::other)?;
+    let n = config.listeners.len();
+    let mut inherited = sys::take_inherited_fds(FIRST_LISTENER_FD, n + 1)?;
+    let metrics_fd = inherited.pop().expect("n + 1 fds");
+    let listeners = inherited;
+    let control = std::io::stdin().as_fd().try_clone_to_owned()?;
+    for fd in listeners
+        .iter()
+        .map(|l| l.as_fd())
+        .chain([metrics_fd.as_fd(), control.as_fd()])
+    {
+        sys::set_cloexec(fd)?;
+    }
+    let shared = Shared::from_fd(metrics_fd)?;
+    let nofile = sys::raise_nofile_limit()?;
+    let ctx = WorkerCtx::new(&config, id.index, id.workers, &shared, nofile);
+    ctx.row.set(Counter::Pid, u64::from(std::process::id()));
+    match id.engine {
+        EngineKind::Splice | EngineKind::Copy => {
+            engine::uring::Worker::new(ctx, id.engine, listeners, control)?.run()?
+        }
+        EngineKind::Epoll => engine::epoll::Worker::new(ctx, listeners, control)?.run()?,
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_round_trips() {
+        let id = Identity {
+            index: 3,
+            workers: 8,
+            engine: EngineKind::Copy,
+        };
+        assert_eq!(Identity::decode(&id.encode()), Some(id));
+        assert_eq!(Identity::decode("1/2/turbo"), None);
+    }
+}

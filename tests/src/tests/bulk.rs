@@ -1,0 +1,43 @@
+//! Bulk transfer: a gigabyte each way at once through one relayed connection, byte-exact, for
+//! every engine; each direction ends with a FIN that must arrive after its last byte.
+
+use sluice_tests::servers::{Mode, StreamServer, StreamSpec};
+use sluice_tests::{HUNG, Host, Sluice, client};
+
+use super::{assert_engine, engine_ok, seed};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+/// `len` bytes each way, both directions concurrently, through a relay running `engine`.
+pub fn each_way(engine: &str, len: u64) {
+    let host = Host::new();
+    let server = StreamServer::start(host.addr());
+    let relay = Sluice::forward(host.addr(), server.addr())
+        .engine(engine)
+        .workers(2)
+        .start();
+    if engine != "auto" {
+        assert_engine(&relay, engine);
+    }
+    let spec = StreamSpec::new(seed(), len, len, Mode::Concurrent);
+    let client = client::run_stream(relay.addr(), spec);
+    let server = server.result(spec.seed, HUNG);
+    assert!(
+        client.is_ok() && server.is_ok(),
+        "{engine}, {len} bytes each way: client {client:?}, server {server:?}"
+    );
+}
+
+fn one_gib_each_way(engine: &str) {
+    if engine_ok(engine) {
+        each_way(engine, GIB);
+    }
+}
+engines!(one_gib_each_way);
+
+#[test]
+fn auto_engine_256mib_each_way() {
+    sluice_tests::init();
+    each_way("auto", 256 * MIB);
+}

@@ -1,0 +1,137 @@
+//! Capacity past one process's fd limit: more than 20000 relayed connections held at once by one
+//! `sluice forward --workers 4`. Clients and upstreams live in `holder` processes (one process
+//! may open at most 20000 fds here): three clients of 7000 connections from 127.0.0.x sources of
+//! their own, three echo upstreams sharing one port with SO_REUSEPORT.
+
+use std::time::Duration;
+
+use sluice_tests::holder::Holder;
+use sluice_tests::{HUNG, Host, Sluice, init, require_nofile, wait_until};
+
+use super::holder_exe;
+
+const PROCS: usize = 3;
+const PER_PROC: usize = 7000;
+const TOTAL: usize = PROCS * PER_PROC;
+
+/// Sum of `count` over the echo holders: (active, errors).
+fn echo_counts(echoes: &mut [Holder]) -> (usize, usize) {
+    let mut active = 0;
+    let mut errors = 0;
+    for e in echoes.iter_mut() {
+        e.send("count");
+        let words: Vec<usize> = e
+            .expect("count", HUNG)
+            .split_whitespace()
+            .map(|w| w.parse().unwrap())
+            .collect();
+        active += words[0];
+        errors += words[2];
+    }
+    (active, errors)
+}
+
+#[test]
+fn twenty_one_thousand_connections_on_four_workers() {
+    init();
+    if !require_nofile(PER_PROC as u64 + 1000) {
+        return;
+    }
+    let relay_host = Host::new();
+    let upstream = Host::new().addr();
+    let sources: Vec<Host> = (0..PROCS).map(|_| Host::new()).collect();
+
+    let mut echoes: Vec<Holder> = (0..PROCS)
+        .map(|_| {
+            Holder::spawn(
+                holder_exe(),
+                &["echo".into(), upstream.to_string(), "--reuseport".into()],
+            )
+        })
+        .collect();
+    for e in &mut echoes {
+        e.expect("ready", HUNG);
+    }
+    let relay = Sluice::forward(relay_host.addr(), upstream)
+        .workers(4)
+        .start();
+    relay.wait_workers(4, HUNG);
+    let baseline = relay.fd_baseline();
+
+    let mut clients: Vec<Holder> = sources
+        .iter()
+        .map(|s| {
+            Holder::spawn(
+                holder_exe(),
+                &[
+                    "client".into(),
+                    relay.addr().to_string(),
+                    s.ip.to_string(),
+                    PER_PROC.to_string(),
+                ],
+            )
+        })
+        .collect();
+    for c in &mut clients {
+        let held = c.expect("held", Duration::from_secs(240));
+        assert_eq!(held, PER_PROC.to_string());
+    }
+
+    // All of them are relayed at the same time.
+    let mut counts = (0, 0);
+    let all = wait_until(HUNG, || {
+        counts = echo_counts(&mut echoes);
+        counts.0 == TOTAL
+    });
+    assert!(
+        all,
+        "upstreams hold {} connections (errors {}), expected {TOTAL}",
+        counts.0, counts.1
+    );
+    let status = relay.status();
+    assert_eq!(
+        status["active"].as_u64(),
+        Some(TOTAL as u64),
+        "status: {status}"
+    );
+    let workers = status["workers"].as_array().map(Vec::len);
+    assert_eq!(workers, Some(4), "status: {status}");
+
+    // A sample exchanges more bytes, byte-exact, while all are held.
+    for c in &mut clients {
+        c.send(&format!("sample 100 {}", 64 * 1024));
+    }
+    for c in &mut clients {
+        let n: usize = c
+            .expect("sampled", Duration::from_secs(120))
+            .parse()
+            .unwrap();
+        assert_eq!(n, PER_PROC.div_ceil(100));
+    }
+
+    // All close; the relay lets go of every fd.
+    for c in &mut clients {
+        c.send("close");
+    }
+    for c in &mut clients {
+        c.expect("closed", HUNG);
+    }
+    let limit = baseline + 64;
+    let after = relay.settle_fds(limit, Duration::from_secs(60));
+    assert!(
+        after <= limit,
+        "workers hold {after} fds after {TOTAL} connections closed, {baseline} before"
+    );
+    let drained = wait_until(HUNG, || echo_counts(&mut echoes).0 == 0);
+    assert!(
+        drained,
+        "upstream connections left open: {:?}",
+        echo_counts(&mut echoes)
+    );
+    for c in clients {
+        c.quit();
+    }
+    for e in echoes {
+        e.quit();
+    }
+}

@@ -1,0 +1,97 @@
+//! Many connections at once: 2000 relayed connections all open together, each echoing its own
+//! pattern byte-exact; and `--max-connections`: the connection past the cap is closed at once,
+//! and a freed slot takes a new client.
+
+use std::time::Duration;
+
+use sluice_tests::servers::{EchoServer, read_until_end};
+use sluice_tests::{HUNG, Host, Sluice, client, wait_until};
+
+use super::{engine_ok, seed};
+
+const CONNS: usize = 2000;
+
+fn two_thousand_connections(engine: &str) {
+    if !engine_ok(engine) {
+        return;
+    }
+    let host = Host::new();
+    let echo = EchoServer::start(host.addr());
+    let relay = Sluice::forward(host.addr(), echo.addr())
+        .engine(engine)
+        .workers(2)
+        .start();
+    let baseline = relay.fd_baseline();
+    let conns = client::open_many(relay.addr(), None, CONNS).unwrap();
+    let all_up = wait_until(HUNG, || echo.active() >= CONNS);
+    assert!(
+        all_up,
+        "{engine}: {} of {CONNS} connections reached the upstream",
+        echo.active()
+    );
+    client::echo_many(&conns, seed(), 64 * 1024, true, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{engine}: {e}"));
+    drop(conns);
+    let after = relay.settle_fds(baseline + 8, Duration::from_secs(20));
+    assert!(
+        after <= baseline + 8,
+        "{engine}: workers hold {after} fds after {CONNS} connections closed, {baseline} before"
+    );
+}
+engines!(two_thousand_connections);
+
+#[test]
+fn max_connections_refuses_the_extra_client() {
+    sluice_tests::init();
+    let host = Host::new();
+    let echo = EchoServer::start(host.addr());
+    let relay = Sluice::forward(host.addr(), echo.addr())
+        .workers(1)
+        .max_connections(5)
+        .start();
+    let mut held = client::open_many(relay.addr(), None, 5).unwrap();
+    client::echo_many(&held, seed(), 1000, false, HUNG).unwrap();
+    assert!(
+        wait_until(HUNG, || echo.active() == 5),
+        "{} upstream connections for 5 clients",
+        echo.active()
+    );
+
+    // The sixth is closed right away, with nothing relayed.
+    let extra = client::try_connect(relay.addr(), None);
+    if let Ok(extra) = extra {
+        let (n, end) = read_until_end(&extra, HUNG);
+        assert!(
+            end.is_some(),
+            "the client past max_connections is still open {HUNG:?} later"
+        );
+        assert_eq!(n, 0, "the refused client got bytes");
+    }
+    let status = relay.status();
+    assert!(
+        status["refused_full"].as_u64().is_some_and(|n| n >= 1),
+        "refused_full not counted: {status}"
+    );
+    assert_eq!(echo.active(), 5, "the refused client reached the upstream");
+
+    // The five still work; closing one frees a slot for a new client (bounded retries while the
+    // relay notices the close).
+    client::echo_many(&held, seed(), 1000, false, HUNG).unwrap();
+    held.pop();
+    let mut newcomer = None;
+    for _ in 0..100 {
+        let quick = Duration::from_secs(2);
+        if let Ok(c) = client::try_connect(relay.addr(), None)
+            && client::echo_many(std::slice::from_ref(&c), seed(), 100, false, quick).is_ok()
+        {
+            newcomer = Some(c);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        newcomer.is_some(),
+        "no new client was relayed after one of five closed"
+    );
+    client::echo_many(&held, seed(), 1000, false, HUNG).unwrap();
+}

@@ -1,0 +1,122 @@
+//! `cargo xtask`: every chore of the project in Rust, so a fresh Debian 12 machine needs nothing
+//! done by hand. Each subcommand installs what it needs first (idempotently) and says what it does.
+//!
+//! - `setup`      apt packages, nightly `rust-src`, `bpf-linker` (skips what is already there)
+//! - `build-ebpf` builds `ebpf/programs` for `bpfel-unknown-none`
+//! - `run`        builds everything and runs `sluice run` (WhatsApp preset unless told otherwise)
+//! - `test`       builds and runs every test: unit, integration, eBPF, house rules
+
+mod setup;
+#[cfg(test)]
+mod tidy;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Sluice's chores: setup, build-ebpf, run, test"
+)]
+struct Flags {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install apt packages, the nightly rust-src component and bpf-linker (idempotent).
+    Setup,
+    /// Build the eBPF programs (ebpf/programs) for bpfel-unknown-none.
+    BuildEbpf,
+    /// Build everything and run the relay; arguments after `--` go to `sluice run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build and run every test (unit, integration, eBPF, tidy); extra arguments go to `cargo test`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let flags = Flags::parse();
+    let root = project_root();
+    std::env::set_current_dir(&root)?;
+    match flags.cmd {
+        Cmd::Setup => setup::all(),
+        Cmd::BuildEbpf => {
+            setup::ebpf_toolchain()?;
+            build_ebpf(&root)
+        }
+        Cmd::Run { args } => {
+            setup::ebpf_toolchain()?;
+            build_ebpf(&root)?;
+            run(cargo().args(["build", "--release", "--package", "sluice", "--bins"]))?;
+            let sluice = root.join("target/release/sluice");
+            let mut cmd = Command::new(sluice);
+            cmd.arg("run").args(&args);
+            exec(cmd)
+        }
+        Cmd::Test { args } => {
+            setup::all()?;
+            build_ebpf(&root)?;
+            // Release: the suite moves gigabytes through the relay; debug builds would crawl.
+            run(cargo().args(["build", "--release", "--package", "sluice", "--bins"]))?;
+            run(cargo()
+                .args(["test", "--release", "--workspace", "--no-fail-fast"])
+                .args(&args)
+                .env("SLUICE_BIN_DIR", root.join("target/release")))
+        }
+    }
+}
+
+/// Builds the eBPF object; the relay embeds it from `target/bpfel-unknown-none/release/`.
+pub fn build_ebpf(root: &Path) -> Result<()> {
+    eprintln!("xtask: building eBPF programs (nightly, bpfel-unknown-none)");
+    let dir = root.join("ebpf/programs");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&dir)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .args(["+nightly", "build", "--release"])
+        .arg("--target-dir")
+        .arg(root.join("target/ebpf"));
+    run(&mut cmd)
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.env_remove("RUSTUP_TOOLCHAIN");
+    cmd
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn exec(mut cmd: Command) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let err = cmd.exec();
+    Err(err).context("cannot exec sluice")
+}
+
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}

@@ -1,0 +1,120 @@
+//! Idempotent installation of everything the build and the tests need on Debian 12.
+//!
+//! Each step checks first and does nothing when its tool is already there, so `cargo xtask run`
+//! and `cargo xtask test` can call it every time.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use crate::run;
+
+/// Debian packages: the eBPF linker's LLVM, and the real peers the tests run against.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "clang",
+    "iperf3",
+    "haproxy",
+    "nginx-light",
+    "libnginx-mod-stream",
+    "socat",
+    "iproute2",
+    "procps",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn all() -> Result<()> {
+    apt(APT_PACKAGES)?;
+    ebpf_toolchain()
+}
+
+/// The eBPF build chain: LLVM 22, nightly with rust-src, bpf-linker built against LLVM 22.
+pub fn ebpf_toolchain() -> Result<()> {
+    apt(&["llvm-22-dev", "clang"])?;
+    nightly_rust_src()?;
+    bpf_linker()
+}
+
+fn apt(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing))
+    .context("apt-get install failed (setup needs root)")
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let has_nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !has_nightly {
+        eprintln!("xtask: installing the nightly toolchain (minimal)");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .context("rustup is needed")?;
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: adding rust-src to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker() -> Result<()> {
+    if let Ok(out) = Command::new("bpf-linker").arg("--version").output()
+        && out.status.success()
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    let status = Command::new("cargo")
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("cargo install bpf-linker failed");
+    }
+    Ok(())
+}
