@@ -32,6 +32,8 @@ pub enum Counter {
     RefusedNoUpstream,
     /// Closed because the PROXY header was malformed, missing or late.
     RefusedBadHeader,
+    /// Closed because the TLS handshake or a TLS record failed.
+    RefusedBadTls,
     /// Every upstream address refused or timed out.
     UpstreamUnreachable,
     ClientReset,
@@ -56,6 +58,7 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::RefusedFull, "refused_full"),
     (Counter::RefusedNoUpstream, "refused_no_upstream"),
     (Counter::RefusedBadHeader, "refused_bad_header"),
+    (Counter::RefusedBadTls, "refused_bad_tls"),
     (Counter::UpstreamUnreachable, "upstream_unreachable"),
     (Counter::ClientReset, "client_reset"),
     (Counter::UpstreamReset, "upstream_reset"),

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
-use crate::config::{Config, EngineChoice};
+use crate::config::{Config, EngineChoice, TlsSettings};
+use crate::proto::tls::{KeyKind, PemIdentity};
 use crate::control::{self, Status, WorkerStatus};
 use crate::engine::{self, EngineKind};
 use crate::error::StartError;
@@ -116,6 +117,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         .map(|l| bind(l.bind))
         .collect::<Result<Vec<_>, _>>()?;
     let shared = Arc::new(Shared::new()?);
+    let tls = load_tls(&config)?;
 
     let mut failing = HashMap::new();
     let (table, ok) = upstream::resolve_all(&config, &mut failing);
@@ -144,6 +146,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         nworkers,
         listeners,
         metrics_fd: sys::dup_high(shared.fd(), 1000)?,
+        tls,
         shared,
         table,
         procs: Vec::new(),
@@ -190,6 +193,40 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     Ok(())
 }
 
+/// Loads or generates the certificate of every TLS listener, once: listeners with the same
+/// settings share one (the WhatsApp preset's 443 and 8443 serve the same certificate).
+fn load_tls(config: &Config) -> Result<Vec<Option<PemIdentity>>, StartError> {
+    let mut done: Vec<(&TlsSettings, PemIdentity)> = Vec::new();
+    let mut out = Vec::new();
+    for l in &config.listeners {
+        let Some(t) = &l.tls else {
+            out.push(None);
+            continue;
+        };
+        if let Some((_, id)) = done.iter().find(|(s, _)| *s == t) {
+            out.push(Some(id.clone()));
+            continue;
+        }
+        let id = match (&t.cert, &t.key) {
+            (Some(cert), Some(key)) => PemIdentity::from_files(cert, key),
+            _ => {
+                let started = Instant::now();
+                let id = PemIdentity::generate(&t.dns_names, &t.ips, KeyKind::WHATSAPP);
+                tracing::info!(
+                    listener = %l.name,
+                    "generated a private CA and certificate (RSA-4096) in {} ms",
+                    started.elapsed().as_millis()
+                );
+                id
+            }
+        }
+        .map_err(|e| std::io::Error::other(format!("listener {}: {e}", l.name)))?;
+        done.push((t, id.clone()));
+        out.push(Some(id));
+    }
+    Ok(out)
+}
+
 struct Supervisor {
     config_toml: String,
     kind: EngineKind,
@@ -198,6 +235,8 @@ struct Supervisor {
     shared: Arc<Shared>,
     /// The counters' memfd at a high fd number (see `bind`).
     metrics_fd: OwnedFd,
+    /// Certificate and key of each TLS listener, sent to every worker at its start.
+    tls: Vec<Option<PemIdentity>>,
     table: Table,
     procs: Vec<Option<WorkerProc>>,
     status: Arc<Mutex<Status>>,
@@ -227,6 +266,19 @@ impl Supervisor {
             started: Instant::now(),
         };
         self.write_table(&mut p);
+        let mut start = String::new();
+        for (listener, id) in self.tls.iter().enumerate() {
+            if let Some(id) = id {
+                let msg = ControlMsg::Tls {
+                    listener,
+                    chain_pem: id.chain_pem.clone(),
+                    key_pem: id.key_pem.clone(),
+                };
+                start.push_str(&msg.encode());
+            }
+        }
+        start.push_str(&ControlMsg::Ready.encode());
+        p.stdin.write_all(start.as_bytes())?;
         Ok(p)
     }
 

@@ -26,6 +26,29 @@ pub enum ControlMsg {
     },
     /// Stop accepting; exit once the open connections have closed.
     Drain,
+    /// The certificate chain and key of TLS listener `listener` (PEM, hex-encoded on the wire).
+    Tls {
+        listener: usize,
+        chain_pem: String,
+        key_pem: String,
+    },
+    /// End of the start-up messages: the worker may start accepting.
+    Ready,
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<String> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    let bytes = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
 }
 
 impl ControlMsg {
@@ -36,16 +59,23 @@ impl ControlMsg {
                 format!("addrs {listener} {}\n", list.join(","))
             }
             ControlMsg::Drain => "drain\n".to_string(),
+            ControlMsg::Tls {
+                listener,
+                chain_pem,
+                key_pem,
+            } => format!("tls {listener} {} {}\n", hex(chain_pem), hex(key_pem)),
+            ControlMsg::Ready => "ready\n".to_string(),
         }
     }
 
     pub fn decode(line: &str) -> Option<ControlMsg> {
-        let mut parts = line.trim_end().splitn(3, ' ');
+        let mut parts = line.trim_end().splitn(4, ' ');
         match parts.next()? {
             "addrs" => {
                 let listener = parts.next()?.parse().ok()?;
                 let addrs = match parts.next() {
                     None | Some("") => Vec::new(),
+                    Some(list) if list.contains(' ') => return None,
                     Some(list) => list
                         .split(',')
                         .map(|a| a.parse().ok())
@@ -54,6 +84,12 @@ impl ControlMsg {
                 Some(ControlMsg::Addrs { listener, addrs })
             }
             "drain" => Some(ControlMsg::Drain),
+            "ready" => Some(ControlMsg::Ready),
+            "tls" => Some(ControlMsg::Tls {
+                listener: parts.next()?.parse().ok()?,
+                chain_pem: unhex(parts.next()?)?,
+                key_pem: unhex(parts.next()?)?,
+            }),
             _ => None,
         }
     }
@@ -212,6 +248,12 @@ mod tests {
     #[test]
     fn control_messages_round_trip() {
         check(ControlMsg::Drain);
+        check(ControlMsg::Ready);
+        check(ControlMsg::Tls {
+            listener: 2,
+            chain_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            key_pem: "k\n".into(),
+        });
         check(ControlMsg::Addrs {
             listener: 3,
             addrs: vec![],

@@ -17,6 +17,7 @@ use crate::engine::{self, EngineKind, WorkerCtx};
 use crate::error::StartError;
 use crate::metrics::{Counter, Shared};
 use crate::sys;
+use crate::upstream::{ControlMsg, Upstreams};
 
 /// First fd number of the listeners in a worker.
 pub const FIRST_LISTENER_FD: RawFd = 3;
@@ -82,15 +83,42 @@ pub fn main() -> Result<(), StartError> {
     }
     let shared = Shared::from_fd(metrics_fd)?;
     let nofile = sys::raise_nofile_limit()?;
-    let ctx = WorkerCtx::new(&config, id.index, id.workers, &shared, nofile);
+    let mut ctx = WorkerCtx::new(&config, id.index, id.workers, &shared, nofile);
     ctx.row.set(Counter::Pid, u64::from(std::process::id()));
+    // Start-up messages (addresses, certificates) are applied before the first accept, so a
+    // TLS port never sees a connection before its certificate.
+    let mut upstreams = Upstreams::new(n);
+    let mut buf = read_until_ready(&control)?;
+    ctx.apply_control(&mut buf, &mut upstreams);
     match id.engine {
         EngineKind::Splice | EngineKind::Copy => {
-            engine::uring::Worker::new(ctx, id.engine, listeners, control)?.run()?
+            engine::uring::Worker::new(ctx, id.engine, listeners, control, upstreams)?.run()?
         }
-        EngineKind::Epoll => engine::epoll::Worker::new(ctx, listeners, control)?.run()?,
+        EngineKind::Epoll => engine::epoll::Worker::new(ctx, listeners, control, upstreams)?.run()?,
     }
     Ok(())
+}
+
+/// Reads the control pipe up to and including the `ready` line, byte by byte so nothing after
+/// it is consumed here (the engine's loop reads the rest).
+fn read_until_ready(control: &std::os::fd::OwnedFd) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    let ready = ControlMsg::Ready.encode();
+    let mut byte = [0u8; 1];
+    loop {
+        match sys::read(control.as_fd(), &mut byte) {
+            Ok(0) => return Err(std::io::Error::other("the supervisor closed the control pipe")),
+            Ok(_) => buf.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        if byte[0] == b'\n' && buf.ends_with(ready.as_bytes()) {
+            let line_start = buf.len() - ready.len();
+            if line_start == 0 || buf[line_start - 1] == b'\n' {
+                return Ok(buf);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

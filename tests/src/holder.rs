@@ -72,16 +72,25 @@ impl Holder {
     /// The next line, which must start with `prefix`; returns the rest of it. Panics on an
     /// `error` line, on exit, or after `timeout`.
     pub fn expect(&mut self, prefix: &str, timeout: Duration) -> String {
+        self.try_expect(prefix, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Holder::expect`] that returns the failure instead of panicking.
+    pub fn try_expect(&mut self, prefix: &str, timeout: Duration) -> Result<String, String> {
         match self.lines.recv_timeout(timeout) {
             Ok(line) => match line.strip_prefix(prefix) {
-                Some(rest) => rest.trim().to_owned(),
-                None => panic!("{}: expected `{prefix}...`, got `{line}`", self.name),
+                Some(rest) => Ok(rest.trim().to_owned()),
+                None => Err(format!(
+                    "{}: expected `{prefix}...`, got `{line}`",
+                    self.name
+                )),
             },
-            Err(_) => panic!(
+            Err(_) => Err(format!(
                 "{}: no `{prefix}` line within {timeout:?} (exited: {:?})",
                 self.name,
                 self.guard.try_wait()
-            ),
+            )),
         }
     }
 

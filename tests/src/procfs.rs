@@ -32,6 +32,52 @@ pub fn fd_count(pid: u32) -> Option<usize> {
         .map(|d| d.count())
 }
 
+/// Open fds of a process (or a sum over processes) by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FdKinds {
+    pub sockets: usize,
+    pub pipes: usize,
+    /// Everything else: io_uring and epoll instances, eventfds, timers, files.
+    pub other: usize,
+}
+
+impl FdKinds {
+    /// Sockets and other fds: what must come back to its baseline once connections are gone
+    /// (pipes may stay in a bounded pool).
+    pub fn non_pipe(&self) -> usize {
+        self.sockets + self.other
+    }
+
+    pub fn total(&self) -> usize {
+        self.sockets + self.pipes + self.other
+    }
+}
+
+impl std::ops::Add for FdKinds {
+    type Output = FdKinds;
+    fn add(self, o: FdKinds) -> FdKinds {
+        FdKinds {
+            sockets: self.sockets + o.sockets,
+            pipes: self.pipes + o.pipes,
+            other: self.other + o.other,
+        }
+    }
+}
+
+/// `pid`'s open fds by kind, or None when it is gone.
+pub fn fd_kinds(pid: u32) -> Option<FdKinds> {
+    let dir = fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    let mut k = FdKinds::default();
+    for entry in dir.flatten() {
+        match fs::read_link(entry.path()) {
+            Ok(t) if t.to_string_lossy().starts_with("socket:") => k.sockets += 1,
+            Ok(t) if t.to_string_lossy().starts_with("pipe:") => k.pipes += 1,
+            _ => k.other += 1,
+        }
+    }
+    Some(k)
+}
+
 /// Fields of /proc/PID/stat after the command name: [0] is the state, [19] the start time.
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

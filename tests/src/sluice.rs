@@ -11,7 +11,12 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::procfs::FdKinds;
 use crate::{Output, READY, TempDir, procfs, run_with_timeout, sys, tail, wait_until};
+
+/// Pipe fds a worker may keep while idle: the splice engine's bounded pool of free, empty pipes
+/// (the relay's `PIPE_POOL_MAX` = 32 pipes, 2 fds each). Not a leak.
+pub const PIPE_FDS_PER_WORKER: usize = 64;
 
 /// Where the binaries under test are: `$SLUICE_BIN_DIR` (set by `cargo xtask test`), else the
 /// workspace's `target/release`.
@@ -380,44 +385,63 @@ impl Sluice {
         pids
     }
 
-    /// Sum of open fds over all workers.
-    pub fn worker_fd_total(&self) -> usize {
+    /// `sluicectl status --json` counter `name`: top level, or under `totals`.
+    pub fn counter(&self, name: &str) -> Option<u64> {
+        let s = self.status();
+        s[name].as_u64().or_else(|| s["totals"][name].as_u64())
+    }
+
+    /// Open fds of all workers, by kind.
+    pub fn worker_fds(&self) -> FdKinds {
         self.worker_pids()
             .iter()
-            .filter_map(|p| procfs::fd_count(*p))
-            .sum()
+            .filter_map(|p| procfs::fd_kinds(*p))
+            .fold(FdKinds::default(), |a, b| a + b)
     }
 
-    /// Waits up to `timeout` until the workers' fd total is at most `limit`; returns the last
-    /// total seen (so the caller asserts with a useful message).
-    pub fn settle_fds(&self, limit: usize, timeout: Duration) -> usize {
-        let mut total = usize::MAX;
-        wait_until(timeout, || {
-            total = self.worker_fd_total();
-            total <= limit
-        });
-        total
-    }
-
-    /// Waits until the workers' fd total stops changing (same value over 300 ms, up to 10 s):
-    /// a baseline for leak checks.
-    pub fn fd_baseline(&self) -> usize {
-        let mut last = self.worker_fd_total();
+    /// The workers' fds once they stop changing (same non-pipe count over 300 ms, at most
+    /// 10 s): a baseline for leak checks.
+    pub fn fd_baseline(&self) -> FdKinds {
+        let mut last = self.worker_fds();
         let mut stable = 0;
         for _ in 0..100 {
             thread::sleep(Duration::from_millis(100));
-            let now = self.worker_fd_total();
-            if now == last {
+            let now = self.worker_fds();
+            if now.non_pipe() == last.non_pipe() {
                 stable += 1;
                 if stable >= 3 {
-                    break;
+                    return now;
                 }
             } else {
                 stable = 0;
-                last = now;
             }
+            last = now;
         }
         last
+    }
+
+    /// Waits (up to `timeout`) until the workers hold no more sockets and other fds than
+    /// `baseline` plus `slack`, and no more pipes than their pools may keep
+    /// ([`PIPE_FDS_PER_WORKER`] each). Err names what stayed.
+    pub fn settle_fds(
+        &self,
+        baseline: FdKinds,
+        slack: usize,
+        timeout: Duration,
+    ) -> Result<FdKinds, String> {
+        let mut now = FdKinds::default();
+        let ok = wait_until(timeout, || {
+            now = self.worker_fds();
+            let pipe_cap = PIPE_FDS_PER_WORKER * self.worker_pids().len();
+            now.non_pipe() <= baseline.non_pipe() + slack && now.pipes <= pipe_cap
+        });
+        if ok {
+            Ok(now)
+        } else {
+            Err(format!(
+                "workers hold {now:?} fds, {baseline:?} before (slack {slack}, pipes at most {PIPE_FDS_PER_WORKER} per worker)"
+            ))
+        }
     }
 
     /// Runs `sluicectl --control SOCKET ARGS...` to its end.

@@ -15,10 +15,12 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use super::{Refusal, WorkerCtx};
+use super::{HeaderStep, Refusal, WorkerCtx};
+use crate::proto::proxy::ProxyHeader;
+use crate::proto::tls::TlsConn;
 use crate::metrics::Counter;
 use crate::sys::{self, Epoll};
-use crate::upstream::{ControlMsg, Upstreams};
+use crate::upstream::Upstreams;
 
 const TICK_MS: i32 = 250;
 const SCRATCH: usize = 64 * 1024;
@@ -28,6 +30,10 @@ const EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::E
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// Reading the client's PROXY header.
+    Header,
+    /// TLS handshake with the client; the upstream is connected once it completes.
+    Handshake,
     Connecting,
     Relaying,
 }
@@ -49,6 +55,15 @@ struct Conn {
     addr_start: usize,
     attempt: usize,
     dirs: [Dir; 2],
+    inbound: Option<Box<Inbound>>,
+    tls: Option<Box<TlsConn>>,
+}
+
+/// A PROXY header being read, then its content.
+#[derive(Default)]
+struct Inbound {
+    acc: Vec<u8>,
+    header: Option<ProxyHeader>,
 }
 
 /// What ended a connection.
@@ -86,6 +101,7 @@ impl<'a> Worker<'a> {
         ctx: WorkerCtx<'a>,
         listeners: Vec<OwnedFd>,
         control: OwnedFd,
+        upstreams: Upstreams,
     ) -> io::Result<Worker<'a>> {
         let epoll = Epoll::new()?;
         for (i, l) in listeners.iter().enumerate() {
@@ -96,7 +112,6 @@ impl<'a> Worker<'a> {
             )?;
         }
         epoll.add(control.as_fd(), libc::EPOLLIN as u32, TOKEN_CONTROL)?;
-        let n = ctx.config.listeners.len();
         Ok(Worker {
             ctx,
             epoll,
@@ -105,7 +120,7 @@ impl<'a> Worker<'a> {
             control_line: Vec::new(),
             slots: Vec::new(),
             free: Vec::new(),
-            upstreams: Upstreams::new(n),
+            upstreams,
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             active: 0,
             paused: false,
@@ -159,16 +174,9 @@ impl<'a> Worker<'a> {
                 break;
             }
         }
-        while let Some(pos) = self.control_line.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.control_line.drain(..=pos).collect();
-            match ControlMsg::decode(&String::from_utf8_lossy(&line)) {
-                Some(ControlMsg::Addrs { listener, addrs }) => self.upstreams.set(listener, addrs),
-                Some(ControlMsg::Drain) => {
-                    self.draining = true;
-                    self.set_accepting(false);
-                }
-                None => tracing::warn!("unknown control message from the supervisor"),
-            }
+        if self.ctx.apply_control(&mut self.control_line, &mut self.upstreams) {
+            self.draining = true;
+            self.set_accepting(false);
         }
         true
     }
@@ -233,6 +241,8 @@ impl<'a> Worker<'a> {
                 addr_start: self.upstreams.start(listener),
                 attempt: 0,
                 dirs: Default::default(),
+                inbound: None,
+                tls: None,
             };
             let slot = self.free.pop().unwrap_or_else(|| {
                 self.slots.push((0, None));
@@ -252,7 +262,11 @@ impl<'a> Worker<'a> {
             s.1 = Some(conn);
             self.active += 1;
             self.ctx.row.listener_open(listener);
-            self.connect_next(slot);
+            if self.ctx.config.listeners[listener].accept_proxy {
+                self.slots[slot].1.as_mut().expect("just set").phase = Phase::Header;
+            } else {
+                self.after_header(slot);
+            }
         }
     }
 
@@ -307,27 +321,61 @@ impl<'a> Worker<'a> {
         if *g & 0xff_ffff != generation {
             return;
         }
-        if conn.phase == Phase::Connecting {
-            if !upstream_side {
-                // Client bytes wait in its socket until the upstream is connected.
-                return;
-            }
-            let up = conn.upstream.as_ref().expect("connecting has a socket");
-            let failed = bits & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0
-                || super::take_socket_error(up).is_some();
-            if failed {
-                if let Some(up) = conn.upstream.take() {
-                    let _ = self.epoll.delete(up.as_fd());
+        match conn.phase {
+            Phase::Header if !upstream_side => {
+                let inbound = conn.inbound.get_or_insert_with(Box::default);
+                match super::read_proxy_header(conn.client.as_fd(), &mut inbound.acc) {
+                    HeaderStep::More => {}
+                    HeaderStep::Done(h) => {
+                        inbound.acc = Vec::new();
+                        inbound.header = Some(h);
+                        self.after_header(slot);
+                    }
+                    HeaderStep::Bad => {
+                        self.ctx.row.inc(Counter::RefusedBadHeader);
+                        self.end(slot, End::Reset { from_client: true, reset: false });
+                    }
                 }
-                self.connect_next(slot);
                 return;
             }
-            if bits & libc::EPOLLOUT as u32 == 0 {
+            Phase::Handshake if !upstream_side => {
+                if let Err(end) = self.handshake(slot) {
+                    self.end(slot, end);
+                }
                 return;
             }
-            conn.phase = Phase::Relaying;
-            conn.last_active_ms = self.now_ms;
-            super::tune_socket(up.as_fd());
+            Phase::Header | Phase::Handshake => return,
+            Phase::Connecting => {
+                if !upstream_side {
+                    // Client bytes wait in its socket until the upstream is connected.
+                    return;
+                }
+                let up = conn.upstream.as_ref().expect("connecting has a socket");
+                let failed = bits & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0
+                    || super::take_socket_error(up).is_some();
+                if failed {
+                    if let Some(up) = conn.upstream.take() {
+                        let _ = self.epoll.delete(up.as_fd());
+                    }
+                    self.connect_next(slot);
+                    return;
+                }
+                if bits & libc::EPOLLOUT as u32 == 0 {
+                    return;
+                }
+                conn.phase = Phase::Relaying;
+                conn.last_active_ms = self.now_ms;
+                super::tune_socket(up.as_fd());
+                let send = self.ctx.config.listeners[conn.listener].send_proxy;
+                let inbound = conn.inbound.take().and_then(|i| i.header);
+                if super::send_proxy_header(send, conn.client.as_fd(), up.as_fd(), inbound.as_ref())
+                    .is_err()
+                {
+                    self.end(slot, End::Reset { from_client: false, reset: false });
+                    return;
+                }
+            }
+            Phase::Relaying => {}
         }
         match self.pump(slot) {
             Ok(()) => {}
@@ -335,70 +383,158 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// The PROXY header (if any) is read: TLS handshake first on a TLS port, else connect.
+    fn after_header(&mut self, slot: usize) {
+        let conn = self.slots[slot].1.as_mut().expect("live slot");
+        let listener = conn.listener;
+        if self.ctx.config.listeners[listener].tls.is_none() {
+            conn.phase = Phase::Connecting;
+            self.connect_next(slot);
+            return;
+        }
+        let session = self.ctx.tls[listener].as_ref().map(|s| s.accept());
+        match session {
+            Some(Ok(tls)) => {
+                conn.tls = Some(Box::new(tls));
+                conn.phase = Phase::Handshake;
+                conn.last_active_ms = self.now_ms;
+                if let Err(end) = self.handshake(slot) {
+                    self.end(slot, end);
+                }
+            }
+            _ => {
+                // Never relay a TLS port's bytes as plaintext: no certificate, no service.
+                self.ctx.row.inc(Counter::RefusedBadTls);
+                self.end(slot, End::Reset { from_client: false, reset: false });
+            }
+        }
+    }
+
+    /// Drives the TLS handshake with the client; connects upstream once it completes.
+    fn handshake(&mut self, slot: usize) -> Result<(), End> {
+        let conn = self.slots[slot].1.as_mut().expect("live slot");
+        for _ in 0..64 {
+            let n = match (&conn.client).read(&mut self.scratch) {
+                Ok(0) => return Err(End::Graceful),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(fail(0, true, &e)),
+            };
+            conn.last_active_ms = self.now_ms;
+            let tls = conn.tls.as_mut().expect("handshake has a session");
+            let fed = tls.feed_ciphertext(&self.scratch[..n]);
+            tls.take_plaintext(&mut conn.dirs[0].pending);
+            tls.take_ciphertext(&mut conn.dirs[1].pending);
+            flush(&conn.client, &mut conn.dirs[1].pending, 1)?;
+            if fed.is_err() {
+                self.ctx.row.inc(Counter::RefusedBadTls);
+                return Err(End::Graceful);
+            }
+            if !tls.is_handshaking() {
+                conn.phase = Phase::Connecting;
+                self.connect_next(slot);
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
     /// Moves bytes both ways until each direction would block; Err ends the connection.
     fn pump(&mut self, slot: usize) -> Result<(), End> {
         let conn = self.slots[slot].1.as_mut().expect("live slot");
         let up = conn.upstream.as_ref().expect("relaying has an upstream");
         for d in 0..2 {
-            let (mut src, mut dst) = if d == 0 {
+            let (mut src, dst) = if d == 0 {
                 (&conn.client, up)
             } else {
                 (up, &conn.client)
             };
-            let dir = &mut conn.dirs[d];
             // Bounded per event, like accepts: fairness between connections.
             for _ in 0..64 {
-                if !dir.pending.is_empty() {
-                    match dst.write(&dir.pending) {
-                        Ok(n) => {
-                            dir.pending.drain(..n);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(fail(d, false, &e)),
-                    }
-                    if !dir.pending.is_empty() {
-                        break;
-                    }
+                if !flush(dst, &mut conn.dirs[d].pending, d)? {
+                    break; // the destination is full; its EPOLLOUT brings us back
                 }
-                if dir.eof {
-                    if !dir.done {
-                        dir.done = true;
+                if conn.dirs[d].eof {
+                    if !conn.dirs[d].done {
+                        conn.dirs[d].done = true;
                         super::shutdown_write(dst);
                         conn.last_active_ms = self.now_ms;
                     }
                     break;
                 }
-                match src.read(&mut self.scratch) {
-                    Ok(0) => dir.eof = true,
-                    Ok(n) => {
-                        conn.last_active_ms = self.now_ms;
-                        self.ctx.row.add(
-                            if d == 0 {
-                                Counter::BytesClientToUpstream
-                            } else {
-                                Counter::BytesUpstreamToClient
-                            },
-                            n as u64,
-                        );
-                        let mut off = 0;
-                        while off < n {
-                            match dst.write(&self.scratch[off..n]) {
-                                Ok(m) => off += m,
-                                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                                Err(e) => return Err(fail(d, false, &e)),
-                            }
-                        }
-                        if off < n {
-                            dir.pending.extend_from_slice(&self.scratch[off..n]);
+                let n = match src.read(&mut self.scratch) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(fail(d, true, &e)),
+                };
+                conn.last_active_ms = self.now_ms;
+                self.ctx.row.add(
+                    if d == 0 {
+                        Counter::BytesClientToUpstream
+                    } else {
+                        Counter::BytesUpstreamToClient
+                    },
+                    n as u64,
+                );
+                let data = &self.scratch[..n];
+                let Some(tls) = conn.tls.as_mut() else {
+                    if n == 0 {
+                        conn.dirs[d].eof = true;
+                        continue;
+                    }
+                    // Straight from the scratch buffer; only what the destination refuses is
+                    // kept (the direction's only allocation, freed once written).
+                    let mut off = 0;
+                    while off < n {
+                        match (&*dst).write(&data[off..]) {
+                            Ok(m) => off += m,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => return Err(fail(d, false, &e)),
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(fail(d, true, &e)),
+                    conn.dirs[d].pending.extend_from_slice(&data[off..]);
+                    continue;
+                };
+                // TLS: client ciphertext becomes upstream plaintext; upstream plaintext becomes
+                // client ciphertext; the end of either stream is told to the session.
+                let [to_up, to_client] = &mut conn.dirs;
+                match (d, n) {
+                    (0, 0) => {
+                        tls.feed_eof();
+                        to_up.eof = true;
+                    }
+                    (0, _) => {
+                        if tls.feed_ciphertext(data).is_err() {
+                            tls.take_ciphertext(&mut to_client.pending);
+                            let _ = flush(&conn.client, &mut to_client.pending, 1);
+                            self.ctx.row.inc(Counter::RefusedBadTls);
+                            return Err(End::Graceful);
+                        }
+                        if tls.peer_closed() {
+                            to_up.eof = true;
+                        }
+                    }
+                    (_, 0) => {
+                        tls.send_close_notify();
+                        to_client.eof = true;
+                    }
+                    _ => {
+                        if tls.push_plaintext(data).is_err() {
+                            return Err(End::Reset { from_client: false, reset: false });
+                        }
+                    }
+                }
+                tls.take_plaintext(&mut to_up.pending);
+                tls.take_ciphertext(&mut to_client.pending);
+                if d == 0 && !to_client.pending.is_empty() {
+                    flush(&conn.client, &mut to_client.pending, 1)?;
                 }
             }
+        }
+        for dir in &mut conn.dirs {
             if dir.pending.is_empty() && dir.pending.capacity() > 0 {
                 dir.pending = Vec::new(); // an idle direction holds no buffer
             }
@@ -416,6 +552,7 @@ impl<'a> Worker<'a> {
                 continue;
             };
             let limit = match conn.phase {
+                Phase::Header | Phase::Handshake => u64::from(t.header_ms),
                 Phase::Connecting => u64::from(t.connect_ms),
                 Phase::Relaying if conn.dirs.iter().any(|d| d.done) => u64::from(t.fin_ms),
                 Phase::Relaying => u64::from(t.idle_ms),
@@ -469,6 +606,21 @@ impl<'a> Worker<'a> {
         self.ctx.row.inc(Counter::Closed);
         // Dropping the streams closes them; epoll forgets closed fds by itself.
     }
+}
+
+/// Writes as much of `pending` to `dst` as it takes; true when all of it went.
+fn flush(mut dst: &TcpStream, pending: &mut Vec<u8>, d: usize) -> Result<bool, End> {
+    while !pending.is_empty() {
+        match dst.write(pending) {
+            Ok(n) => {
+                pending.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(fail(d, false, &e)),
+        }
+    }
+    Ok(true)
 }
 
 /// An error on direction `d` (0: client → upstream), at its source or destination.

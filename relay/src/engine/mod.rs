@@ -19,8 +19,12 @@ use std::time::Instant;
 
 use socket2::SockRef;
 
-use crate::config::{Config, EngineChoice};
+use crate::config::{Config, EngineChoice, SendProxy};
 use crate::metrics::{Counter, Row, Shared};
+use crate::proto::proxy::{self, Parsed, ProxyHeader};
+use crate::proto::tls::{PemIdentity, TlsServer};
+use crate::upstream::{ControlMsg, Upstreams};
+use crate::sys;
 
 /// The engine a worker really runs (after `auto` was decided).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +86,8 @@ pub struct WorkerCtx<'a> {
     /// Connections this worker may hold: what its fd limit allows.
     pub worker_cap: u64,
     pub started: Instant,
+    /// The TLS server of each listener that terminates TLS (index = listener).
+    pub tls: Vec<Option<TlsServer>>,
 }
 
 /// Why a new connection was not admitted.
@@ -108,6 +114,7 @@ impl<'a> WorkerCtx<'a> {
             row: shared.worker(index),
             worker_cap: nofile.saturating_sub(FDS_RESERVED + pipes) / FDS_PER_CONN,
             started: Instant::now(),
+            tls: vec![None; config.listeners.len()],
         }
     }
 
@@ -132,6 +139,38 @@ impl<'a> WorkerCtx<'a> {
             return Err(Refusal::NoUpstream);
         }
         Ok(())
+    }
+
+    /// Applies every complete line of `buf` (control messages from the supervisor); returns
+    /// true when one of them asked the worker to drain.
+    pub fn apply_control(&mut self, buf: &mut Vec<u8>, upstreams: &mut Upstreams) -> bool {
+        let mut drain = false;
+        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            match ControlMsg::decode(&String::from_utf8_lossy(&line)) {
+                Some(ControlMsg::Addrs { listener, addrs }) => upstreams.set(listener, addrs),
+                Some(ControlMsg::Drain) => drain = true,
+                Some(ControlMsg::Tls {
+                    listener,
+                    chain_pem,
+                    key_pem,
+                }) => {
+                    let id = PemIdentity {
+                        chain_pem,
+                        key_pem,
+                        ca_pem: None,
+                    };
+                    match (TlsServer::from_pem(&id), self.tls.get_mut(listener)) {
+                        (Ok(server), Some(slot)) => *slot = Some(server),
+                        (Err(e), _) => tracing::error!("tls certificate from the supervisor: {e}"),
+                        (_, None) => tracing::warn!("tls certificate for an unknown listener"),
+                    }
+                }
+                Some(ControlMsg::Ready) => {}
+                None => tracing::warn!("unknown control message from the supervisor"),
+            }
+        }
+        drain
     }
 
     pub fn count_refusal(&self, r: Refusal) {
@@ -166,6 +205,75 @@ pub fn take_socket_error(fd: impl AsFd) -> Option<std::io::Error> {
 /// Does this error mean the peer reset the connection (as opposed to any other failure)?
 pub fn is_reset(errno: i32) -> bool {
     errno == libc::ECONNRESET || errno == libc::EPIPE || errno == libc::ECONNABORTED
+}
+
+/// One step of reading a client's PROXY header.
+#[derive(Debug)]
+pub enum HeaderStep {
+    /// The header is complete and consumed; the socket now holds only the client's own bytes.
+    Done(ProxyHeader),
+    /// Not complete yet: wait for the socket to be readable again.
+    More,
+    /// Malformed, too long, or the client closed first: refuse the connection.
+    Bad,
+}
+
+/// Reads what is there of a PROXY header from a nonblocking socket without taking a byte past
+/// it: peeks, parses `acc` + the peeked bytes, then consumes exactly the header's bytes (or all
+/// peeked bytes into `acc` when the header is still incomplete, so readiness does not spin).
+pub fn read_proxy_header(fd: BorrowedFd<'_>, acc: &mut Vec<u8>) -> HeaderStep {
+    let mut buf = [0u8; proxy::MAX_HEADER_LEN];
+    let room = proxy::MAX_HEADER_LEN.saturating_sub(acc.len());
+    if room == 0 {
+        return HeaderStep::Bad;
+    }
+    let n = match sys::recv(fd, &mut buf[..room], libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+        Ok(0) => return HeaderStep::Bad,
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return HeaderStep::More,
+        Err(_) => return HeaderStep::Bad,
+    };
+    let old = acc.len();
+    acc.extend_from_slice(&buf[..n]);
+    let (consume, step) = match proxy::parse(acc) {
+        Ok(Parsed::Complete { len, header }) => (len - old, HeaderStep::Done(header)),
+        Ok(Parsed::Incomplete) => (n, HeaderStep::More),
+        Err(_) => return HeaderStep::Bad,
+    };
+    // The bytes were just peeked, so this reads exactly `consume` of them.
+    match sys::recv(fd, &mut buf[..consume], libc::MSG_DONTWAIT) {
+        Ok(m) if m == consume => step,
+        _ => HeaderStep::Bad,
+    }
+}
+
+/// Writes the PROXY header `version` asks for to a just-connected upstream: the client's
+/// addresses from its own PROXY header when it sent one, else from its socket. A new socket's
+/// send buffer is empty, so the whole header goes at once; anything else is an error.
+pub fn send_proxy_header(
+    version: SendProxy,
+    client: BorrowedFd<'_>,
+    upstream: BorrowedFd<'_>,
+    inbound: Option<&ProxyHeader>,
+) -> std::io::Result<()> {
+    if version == SendProxy::None {
+        return Ok(());
+    }
+    let sock = SockRef::from(&client);
+    let (source, destination) = match inbound {
+        Some(h) => (h.source, h.destination),
+        None => (
+            sock.peer_addr().ok().and_then(|a| a.as_socket()),
+            sock.local_addr().ok().and_then(|a| a.as_socket()),
+        ),
+    };
+    let mut out = Vec::with_capacity(64);
+    proxy::encode(version, source, destination, &mut out);
+    let n = sys::send(upstream, &out, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)?;
+    if n != out.len() {
+        return Err(std::io::Error::other("short write of the PROXY header"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

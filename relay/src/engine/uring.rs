@@ -25,9 +25,11 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::copy::{self, Bid, BufRing};
 use super::splice::{self, Pipe, PipePool};
-use super::{EngineKind, Refusal, WorkerCtx};
+use super::{EngineKind, HeaderStep, Refusal, WorkerCtx};
+use crate::proto::proxy::ProxyHeader;
+use crate::proto::tls::TlsConn;
 use crate::metrics::Counter;
-use crate::upstream::{ControlMsg, Upstreams};
+use crate::upstream::Upstreams;
 
 /// Submission queue entries; completions are twice that (the kernel's default).
 const RING_ENTRIES: u32 = 4096;
@@ -54,6 +56,8 @@ enum Op {
     SpliceOut,
     RecvMulti,
     Send,
+    /// Waiting for a client's PROXY header bytes.
+    HeaderPoll,
 }
 
 impl Op {
@@ -72,6 +76,7 @@ impl Op {
             10 => SpliceOut,
             11 => RecvMulti,
             12 => Send,
+            13 => HeaderPoll,
             _ => return None,
         })
     }
@@ -120,6 +125,10 @@ impl UserData {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// Reading the client's PROXY header (`accept_proxy`).
+    Header,
+    /// TLS handshake with the client; the upstream is connected once it completes.
+    Handshake,
     Connecting,
     Relaying,
     Closing,
@@ -192,7 +201,45 @@ struct Conn {
     reset: bool,
     /// Counters already bumped for this connection's accounting.
     bytes: [u64; 2],
+    /// The client's PROXY header: bytes so far, then what it said (only on `accept_proxy`).
+    inbound: Option<Box<Inbound>>,
+    /// TLS termination state (only on `tls` listeners).
+    tls: Option<Box<TlsSide>>,
 }
+
+/// A PROXY header being read, then its content.
+#[derive(Default)]
+struct Inbound {
+    acc: Vec<u8>,
+    header: Option<ProxyHeader>,
+}
+
+/// TLS termination of one connection: the session and the bytes waiting to be sent each way.
+struct TlsSide {
+    conn: TlsConn,
+    /// `out[d]`: bytes for direction `d`'s destination (plaintext to the upstream, ciphertext
+    /// to the client).
+    out: [OutBuf; 2],
+}
+
+/// Bytes to send from an owned buffer. Invariant: `inflight` is not touched while a SEND of it
+/// is in flight (`sending`); new bytes go to `pending`, swapped in when `inflight` is done.
+#[derive(Default)]
+struct OutBuf {
+    inflight: Vec<u8>,
+    pending: Vec<u8>,
+    sent: usize,
+    sending: bool,
+}
+
+impl OutBuf {
+    fn queued(&self) -> usize {
+        self.inflight.len() - self.sent + self.pending.len()
+    }
+}
+
+/// Bytes a TLS direction may have queued before its source is paused.
+const TLS_OUT_MAX: usize = 256 * 1024;
 
 struct Slot {
     generation: u16,
@@ -237,6 +284,7 @@ impl<'a> Worker<'a> {
         kind: EngineKind,
         listeners: Vec<OwnedFd>,
         control: OwnedFd,
+        upstreams: Upstreams,
     ) -> io::Result<Worker<'a>> {
         let ring = IoUring::builder()
             .setup_cqsize(RING_ENTRIES * 4)
@@ -259,7 +307,7 @@ impl<'a> Worker<'a> {
             slots: Vec::new(),
             free: Vec::new(),
             pipes: PipePool::new(),
-            upstreams: Upstreams::new(nlisteners),
+            upstreams,
             starved: VecDeque::new(),
             tick: Box::new(types::Timespec::new().nsec((TICK_MS * 1_000_000) as u32)),
             connect_timeout: Box::new(
@@ -407,7 +455,11 @@ impl<'a> Worker<'a> {
             Op::SpliceIn => self.on_splice_in(u.slot, d, res),
             Op::SpliceOut => self.on_splice_out(u.slot, d, res),
             Op::RecvMulti => self.on_recv(u.slot, d, res, flags),
+            Op::Send if self.slots[u.slot as usize].conn.as_ref().is_some_and(|c| c.tls.is_some()) => {
+                self.on_tls_send(u.slot, d, res)
+            }
             Op::Send => self.on_send(u.slot, d, res),
+            Op::HeaderPoll => self.on_header_poll(u.slot, res),
             Op::AcceptMulti | Op::ControlRead | Op::Tick | Op::Cancel => {}
         }
         self.maybe_free(u.slot);
@@ -464,16 +516,9 @@ impl<'a> Worker<'a> {
 
     fn on_control(&mut self, bytes: &[u8]) {
         self.control_line.extend_from_slice(bytes);
-        while let Some(pos) = self.control_line.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.control_line.drain(..=pos).collect();
-            match ControlMsg::decode(&String::from_utf8_lossy(&line)) {
-                Some(ControlMsg::Addrs { listener, addrs }) => self.upstreams.set(listener, addrs),
-                Some(ControlMsg::Drain) => {
-                    self.pause_accepts();
-                    self.draining = true;
-                }
-                None => tracing::warn!("unknown control message from the supervisor"),
-            }
+        if self.ctx.apply_control(&mut self.control_line, &mut self.upstreams) {
+            self.pause_accepts();
+            self.draining = true;
         }
     }
 
@@ -486,6 +531,7 @@ impl<'a> Worker<'a> {
             };
             let limit = match conn.phase {
                 Phase::Closing => continue,
+                Phase::Header | Phase::Handshake => u64::from(t.header_ms),
                 // The linked timeout bounds each attempt; this catches a stuck connect.
                 Phase::Connecting => u64::from(t.connect_ms) * 2 + 1000,
                 Phase::Relaying if conn.dirs.iter().any(|d| d.done) => u64::from(t.fin_ms),
@@ -531,6 +577,8 @@ impl<'a> Worker<'a> {
             dirs: [Dir::new(mode), Dir::new(mode)],
             reset: false,
             bytes: [0, 0],
+            inbound: None,
+            tls: None,
         };
         let slot = match self.free.pop() {
             Some(s) => s,
@@ -547,8 +595,82 @@ impl<'a> Worker<'a> {
         s.conn = Some(conn);
         self.active += 1;
         self.ctx.row.listener_open(listener);
-        self.connect_next(slot);
+        if self.ctx.config.listeners[listener].accept_proxy {
+            let c = self.conn(slot);
+            c.phase = Phase::Header;
+            c.inbound = Some(Box::default());
+            self.poll_header(slot);
+        } else {
+            self.after_header(slot);
+        }
         self.maybe_free(slot);
+    }
+
+    fn poll_header(&mut self, slot: u32) {
+        let fd = self.conn(slot).client.as_raw_fd();
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(self.ud(slot, Op::HeaderPoll, 0));
+        self.conn(slot).inflight += 1;
+        self.push(e);
+    }
+
+    fn on_header_poll(&mut self, slot: u32, res: i32) {
+        if self.conn(slot).phase != Phase::Header {
+            return;
+        }
+        if res < 0 {
+            self.close(slot, true);
+            return;
+        }
+        let c = self.conn(slot);
+        let inbound = c.inbound.as_mut().expect("header phase has inbound state");
+        match super::read_proxy_header(c.client.as_fd(), &mut inbound.acc) {
+            HeaderStep::More => self.poll_header(slot),
+            HeaderStep::Done(h) => {
+                inbound.acc = Vec::new();
+                inbound.header = Some(h);
+                self.after_header(slot);
+            }
+            HeaderStep::Bad => {
+                self.ctx.row.inc(Counter::RefusedBadHeader);
+                self.close(slot, true);
+            }
+        }
+    }
+
+    /// The client's PROXY header (if any) is read: TLS handshake first, else connect.
+    fn after_header(&mut self, slot: u32) {
+        let listener = self.conn(slot).listener as usize;
+        if self.ctx.config.listeners[listener].tls.is_none() {
+            self.conn(slot).phase = Phase::Connecting;
+            self.connect_next(slot);
+            return;
+        }
+        let Some(server) = self.ctx.tls[listener].as_ref() else {
+            // Never relay a TLS port's bytes as plaintext: no certificate, no service.
+            self.ctx.row.inc(Counter::RefusedBadTls);
+            self.close(slot, true);
+            return;
+        };
+        match server.accept() {
+            Ok(conn) => {
+                let now = self.now_ms;
+                let c = self.conn(slot);
+                c.tls = Some(Box::new(TlsSide {
+                    conn,
+                    out: Default::default(),
+                }));
+                c.phase = Phase::Handshake;
+                c.last_active_ms = now;
+                c.dirs = [Dir::new(Mode::Copy), Dir::new(Mode::Copy)];
+                self.start_read(slot, TO_UPSTREAM);
+            }
+            Err(e) => {
+                tracing::warn!("tls session refused: {e}");
+                self.close(slot, true);
+            }
+        }
     }
 
     fn ud(&self, slot: u32, op: Op, dir: usize) -> u64 {
@@ -621,14 +743,26 @@ impl<'a> Worker<'a> {
             return;
         }
         let now = self.now_ms;
+        let send_proxy = self.ctx.config.listeners[self.conn(slot).listener as usize].send_proxy;
         let c = self.conn(slot);
         c.phase = Phase::Relaying;
         c.last_active_ms = now;
-        if let Some(up) = c.upstream.as_ref() {
-            super::tune_socket(up.as_fd());
+        c.connect_addr = None;
+        let up = c.upstream.as_ref().expect("connected upstream");
+        super::tune_socket(up.as_fd());
+        let inbound = c.inbound.take().and_then(|i| i.header);
+        if let Err(e) = super::send_proxy_header(send_proxy, c.client.as_fd(), up.as_fd(), inbound.as_ref()) {
+            tracing::debug!("cannot send the PROXY header: {e}");
+            self.close(slot, true);
+            return;
         }
-        for d in [TO_UPSTREAM, TO_CLIENT] {
-            self.start_read(slot, d);
+        if self.conn(slot).tls.is_some() {
+            self.start_read(slot, TO_CLIENT);
+            self.tls_flush(slot, TO_UPSTREAM);
+        } else {
+            for d in [TO_UPSTREAM, TO_CLIENT] {
+                self.start_read(slot, d);
+            }
         }
     }
 
@@ -790,6 +924,10 @@ impl<'a> Worker<'a> {
 
     fn on_recv(&mut self, slot: u32, d: usize, res: i32, flags: u32) {
         let more = cqueue::more(flags);
+        if self.conn(slot).tls.is_some() {
+            self.on_tls_recv(slot, d, res, flags);
+            return;
+        }
         if let Some(bid) = cqueue::buffer_select(flags) {
             self.bufs.lend(bid);
             if res > 0 && self.conn(slot).phase != Phase::Closing {
@@ -923,6 +1061,184 @@ impl<'a> Worker<'a> {
         }
     }
 
+    // ---- TLS-terminated connections ----
+
+    fn tls(&mut self, slot: u32) -> &mut TlsSide {
+        self.conn(slot).tls.as_mut().expect("a TLS connection")
+    }
+
+    fn on_tls_recv(&mut self, slot: u32, d: usize, res: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        if !more {
+            self.conn(slot).dirs[d].recv_armed = false;
+        }
+        let closing = self.conn(slot).phase == Phase::Closing;
+        if let Some(bid) = cqueue::buffer_select(flags) {
+            self.bufs.lend(bid);
+            if res > 0 && !closing {
+                self.moved(slot, d, res as u64);
+                let data = self.bufs.bytes(bid, res as u32);
+                let side = self.slots[slot as usize]
+                    .conn
+                    .as_mut()
+                    .and_then(|c| c.tls.as_mut())
+                    .expect("a TLS connection");
+                let r = tls_transform(side, d, data);
+                self.recycle(bid);
+                if let Err(e) = r {
+                    tracing::debug!("tls: {e}");
+                    self.ctx.row.inc(Counter::RefusedBadTls);
+                    self.tls_abort(slot);
+                    return;
+                }
+            } else {
+                self.recycle(bid);
+            }
+        }
+        if closing {
+            return;
+        }
+        match res {
+            0 => {
+                if self.conn(slot).phase != Phase::Relaying {
+                    // The client left before its session was relayed.
+                    self.close(slot, false);
+                    return;
+                }
+                let tls = self.tls(slot);
+                if d == TO_UPSTREAM {
+                    tls.conn.feed_eof();
+                    let mut out = std::mem::take(&mut tls.out[TO_UPSTREAM].pending);
+                    tls.conn.take_plaintext(&mut out);
+                    tls.out[TO_UPSTREAM].pending = out;
+                } else {
+                    tls.conn.send_close_notify();
+                    let mut out = std::mem::take(&mut tls.out[TO_CLIENT].pending);
+                    tls.conn.take_ciphertext(&mut out);
+                    tls.out[TO_CLIENT].pending = out;
+                }
+                self.conn(slot).dirs[d].eof = true;
+                self.tls_flush(slot, d);
+                return;
+            }
+            n if n > 0 => {}
+            e if -e == libc::ENOBUFS => {
+                let generation = self.slots[slot as usize].generation;
+                self.conn(slot).dirs[d].starved = true;
+                self.starved.push_back((slot, generation, d as u8));
+                return;
+            }
+            e if -e == libc::ECANCELED => {
+                self.tls_rearm(slot, d);
+                return;
+            }
+            e => {
+                self.fail(slot, d, -e, true);
+                return;
+            }
+        }
+        if self.conn(slot).phase == Phase::Handshake && !self.tls(slot).conn.is_handshaking() {
+            self.conn(slot).phase = Phase::Connecting;
+            self.connect_next(slot);
+            if self.conn(slot).phase == Phase::Closing {
+                return;
+            }
+        }
+        if d == TO_UPSTREAM && self.tls(slot).conn.peer_closed() {
+            // close_notify: the client is done sending, as if it sent FIN.
+            self.conn(slot).dirs[d].eof = true;
+        }
+        if self.tls(slot).out[d].queued() > TLS_OUT_MAX {
+            let dir = &self.conn(slot).dirs[d];
+            if dir.recv_armed && !dir.paused {
+                self.conn(slot).dirs[d].paused = true;
+                let target = self.ud(slot, Op::RecvMulti, d);
+                let e = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target))
+                    .build()
+                    .user_data(UserData::global(Op::Cancel, 0));
+                self.push(e);
+            }
+        } else if !more {
+            self.tls_rearm(slot, d);
+        }
+        self.tls_flush(slot, TO_CLIENT);
+        if self.conn(slot).phase == Phase::Relaying {
+            self.tls_flush(slot, TO_UPSTREAM);
+        }
+    }
+
+    /// Re-arms a TLS direction's RECV when its output has room again.
+    fn tls_rearm(&mut self, slot: u32, d: usize) {
+        if self.tls(slot).out[d].queued() <= TLS_OUT_MAX {
+            self.rearm_recv(slot, d);
+        }
+    }
+
+    /// Sends what is queued toward direction `d`'s destination, or forwards FIN when done.
+    fn tls_flush(&mut self, slot: u32, d: usize) {
+        if self.conn(slot).phase == Phase::Closing {
+            return;
+        }
+        let ob = &mut self.tls(slot).out[d];
+        if ob.sending {
+            return;
+        }
+        if ob.sent == ob.inflight.len() {
+            ob.inflight.clear();
+            ob.sent = 0;
+            std::mem::swap(&mut ob.inflight, &mut ob.pending);
+        }
+        if ob.inflight.is_empty() {
+            ob.inflight = Vec::new(); // an idle connection holds no buffer
+            ob.pending = Vec::new();
+            let dir = &self.conn(slot).dirs[d];
+            if dir.eof && !dir.done {
+                self.source_done(slot, d);
+            } else if !dir.recv_armed && !dir.eof {
+                // The upstream's side is read only once it is connected.
+                if d == TO_UPSTREAM || self.conn(slot).phase == Phase::Relaying {
+                    self.tls_rearm(slot, d);
+                }
+            }
+            return;
+        }
+        let (_, dst) = self.fds(slot, d);
+        let ud = self.ud(slot, Op::Send, d);
+        let ob = &mut self.tls(slot).out[d];
+        let rest = &ob.inflight[ob.sent..];
+        let e = opcode::Send::new(types::Fd(dst), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(ud);
+        ob.sending = true;
+        self.conn(slot).inflight += 1;
+        self.push(e);
+    }
+
+    fn on_tls_send(&mut self, slot: u32, d: usize, res: i32) {
+        self.tls(slot).out[d].sending = false;
+        if self.conn(slot).phase == Phase::Closing {
+            return;
+        }
+        if res < 0 {
+            self.fail(slot, d, -res, false);
+            return;
+        }
+        self.tls(slot).out[d].sent += res as usize;
+        self.tls_flush(slot, d);
+    }
+
+    /// A TLS error: send the alert rustls queued (best effort, nonblocking), then close.
+    fn tls_abort(&mut self, slot: u32) {
+        let c = self.conn(slot);
+        if let Some(tls) = c.tls.as_mut() {
+            let mut alert = Vec::new();
+            tls.conn.take_ciphertext(&mut alert);
+            let _ = crate::sys::send(c.client.as_fd(), &alert, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT);
+        }
+        self.close(slot, false);
+    }
+
     // ---- both ----
 
     fn moved(&mut self, slot: u32, d: usize, n: u64) {
@@ -1031,6 +1347,20 @@ impl<'a> Worker<'a> {
     }
 }
 
+/// Feeds bytes received on direction `d` through the TLS session: ciphertext from the client
+/// becomes plaintext for the upstream (and handshake records for the client); plaintext from
+/// the upstream becomes ciphertext for the client.
+fn tls_transform(side: &mut TlsSide, d: usize, data: &[u8]) -> Result<(), crate::proto::tls::TlsError> {
+    if d == TO_UPSTREAM {
+        side.conn.feed_ciphertext(data)?;
+        side.conn.take_plaintext(&mut side.out[TO_UPSTREAM].pending);
+    } else {
+        side.conn.push_plaintext(data)?;
+    }
+    side.conn.take_ciphertext(&mut side.out[TO_CLIENT].pending);
+    Ok(())
+}
+
 fn new_upstream_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
     let sock = Socket::new(
         Domain::for_address(addr),
@@ -1053,7 +1383,7 @@ mod tests {
             dir: 1,
         };
         assert_eq!(UserData::decode(u.encode()), Some(u));
-        for v in 1..=12u8 {
+        for v in 1..=13u8 {
             assert_eq!(Op::from_u8(v).map(|o| o as u8), Some(v));
         }
         assert_eq!(Op::from_u8(0), None);

@@ -197,6 +197,80 @@ impl TlsServer {
     }
 }
 
+/// A certificate chain and its private key as PEM text: what the supervisor loads or generates
+/// once and hands to every worker, so all workers serve the same certificate.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PemIdentity {
+    /// The chain, leaf first.
+    pub chain_pem: String,
+    pub key_pem: String,
+    /// The generated CA (for operators who want clients to trust it); None for files.
+    pub ca_pem: Option<String>,
+}
+
+impl std::fmt::Debug for PemIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PemIdentity")
+            .field("generated", &self.ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PemIdentity {
+    /// Generates a chain like [`TlsServer::self_signed_with`] does.
+    pub fn generate(dns_names: &[String], ips: &[IpAddr], kind: KeyKind) -> Result<PemIdentity, TlsError> {
+        let g = generate_chain(dns_names, ips, kind)?;
+        Ok(PemIdentity {
+            chain_pem: format!("{}{}", g.leaf.pem(), g.ca.pem()),
+            key_pem: g.leaf_key.serialize_pem(),
+            ca_pem: Some(g.ca.pem()),
+        })
+    }
+
+    /// Reads an operator's files; checks that they make a working server.
+    pub fn from_files(cert: &Path, key: &Path) -> Result<PemIdentity, TlsError> {
+        TlsServer::from_pem_files(cert, key)?;
+        let read = |what: &'static str, path: &Path| {
+            std::fs::read_to_string(path).map_err(|e| TlsError::Pem {
+                what,
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })
+        };
+        Ok(PemIdentity {
+            chain_pem: read("certificates", cert)?,
+            key_pem: read("a private key", key)?,
+            ca_pem: None,
+        })
+    }
+}
+
+impl TlsServer {
+    /// A server for a chain and key given as PEM text.
+    pub fn from_pem(id: &PemIdentity) -> Result<TlsServer, TlsError> {
+        let bad = |what: &'static str| {
+            move |e: rustls::pki_types::pem::Error| TlsError::Pem {
+                what,
+                path: PathBuf::from("<pem>"),
+                reason: e.to_string(),
+            }
+        };
+        let chain = CertificateDer::pem_slice_iter(id.chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad("certificates"))?;
+        if chain.is_empty() {
+            return Err(TlsError::NoCertificate {
+                path: PathBuf::from("<pem>"),
+            });
+        }
+        let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).map_err(bad("a private key"))?;
+        Ok(TlsServer {
+            config: Arc::new(server_config(chain, key)?),
+            ca_pem: id.ca_pem.as_deref().map(Arc::from),
+        })
+    }
+}
+
 /// One client's TLS session, driven by the worker's completions.
 ///
 /// After an error from [`TlsConn::feed_ciphertext`], call [`TlsConn::take_ciphertext`] once more:
@@ -906,5 +980,16 @@ mod tests {
             "{error}"
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn pem_identity_makes_the_same_server_in_every_worker() {
+        let id = PemIdentity::generate(&["relay.example".into()], &[], KeyKind::EcdsaP256).unwrap();
+        let a = TlsServer::from_pem(&id).unwrap();
+        let b = TlsServer::from_pem(&id).unwrap();
+        let ca = id.ca_pem.clone().unwrap();
+        check(&a, Some(&ca), "relay.example", "ok sni=relay.example alpn=-");
+        check(&b, Some(&ca), "relay.example", "ok sni=relay.example alpn=-");
+        assert!(TlsServer::from_pem(&PemIdentity { chain_pem: String::new(), ..id }).is_err());
     }
 }

@@ -1,0 +1,180 @@
+//! Idle capacity: open `count` connections through the relay, prove each is relayed end to end
+//! with one echoed byte, then hold them all, idle, until told to close.
+//!
+//! At most [`IN_FLIGHT`] connections are being set up at once (the relay's accept backlog is
+//! not the thing measured); one that has not echoed within [`CONN_TIMEOUT`] counts as failed and
+//! is closed. When every connection is settled, or the setup deadline passes, the result line
+//! goes out and the process waits for a line (or EOF) on stdin, at most `hold_max`, then closes
+//! everything by exiting. One process holds up to ~19k sockets (RLIMIT_NOFILE 20000): the
+//! orchestrator starts several for more.
+
+use std::io::{self, BufRead, Read, Write};
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::wire::{self, LoadResult};
+
+/// Connections being set up at once.
+pub const IN_FLIGHT: usize = 256;
+/// A connection that has not echoed its byte by then failed.
+pub const CONN_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub target: SocketAddr,
+    pub count: usize,
+    /// Index of the first client source address this process uses.
+    pub source_base: usize,
+    pub setup_max: Duration,
+    pub hold_max: Duration,
+}
+
+#[derive(PartialEq)]
+enum State {
+    Connecting,
+    Sent,
+    Held,
+}
+
+struct Conn {
+    stream: TcpStream,
+    state: State,
+    started: Instant,
+}
+
+pub fn run(p: &Params) -> io::Result<()> {
+    let nofile = crate::net::raise_nofile()?;
+    if p.count as u64 + 64 > nofile {
+        return Err(io::Error::other(format!(
+            "{} connections need more than the file limit {nofile}",
+            p.count
+        )));
+    }
+    let mut poll = Poll::new()?;
+    let mut events = Events::with_capacity(1024);
+    let mut conns: Vec<Option<Conn>> = Vec::with_capacity(p.count);
+    let (mut held, mut failed, mut in_flight) = (0usize, 0usize, 0usize);
+    let start = Instant::now();
+    let deadline = start + p.setup_max;
+    let mut buf = [0u8; 64];
+    while held + failed < p.count && Instant::now() < deadline {
+        while in_flight < IN_FLIGHT && conns.len() < p.count {
+            let i = conns.len();
+            let source = crate::net::client_source(p.source_base + i);
+            match crate::net::start_connect(source, p.target) {
+                Ok(s) => {
+                    let mut stream = TcpStream::from_std(s);
+                    poll.registry().register(
+                        &mut stream,
+                        Token(i),
+                        Interest::READABLE | Interest::WRITABLE,
+                    )?;
+                    conns.push(Some(Conn {
+                        stream,
+                        state: State::Connecting,
+                        started: Instant::now(),
+                    }));
+                    in_flight += 1;
+                }
+                Err(_) => {
+                    conns.push(None);
+                    failed += 1;
+                }
+            }
+        }
+        match poll.poll(&mut events, Some(Duration::from_millis(50))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        for ev in &events {
+            let i = ev.token().0;
+            let Some(conn) = conns[i].as_mut() else {
+                continue;
+            };
+            match advance(conn, &mut buf) {
+                Some(true) => {
+                    held += 1;
+                    in_flight -= 1;
+                }
+                Some(false) => {
+                    if conn.state == State::Held {
+                        // The relay closed a connection it had accepted.
+                        held -= 1;
+                    } else {
+                        in_flight -= 1;
+                    }
+                    failed += 1;
+                    conns[i] = None;
+                }
+                None => {}
+            }
+        }
+        let now = Instant::now();
+        for c in conns.iter_mut() {
+            if c.as_ref().is_some_and(|c| {
+                c.state != State::Held && now.duration_since(c.started) > CONN_TIMEOUT
+            }) {
+                *c = None;
+                failed += 1;
+                in_flight -= 1;
+            }
+        }
+    }
+    wire::result(&LoadResult::Idle {
+        attempted: p.count,
+        held,
+        failed: p.count - held,
+        setup_secs: start.elapsed().as_secs_f64(),
+    });
+    wait_for_stdin(p.hold_max);
+    drop(conns);
+    Ok(())
+}
+
+/// Moves a connection on; `Some(true)` when it just became held, `Some(false)` when it failed
+/// (or a held one was closed by the relay).
+fn advance(conn: &mut Conn, buf: &mut [u8]) -> Option<bool> {
+    if conn.state == State::Connecting {
+        match conn.stream.peer_addr() {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                return match conn.stream.take_error() {
+                    Ok(None) => None,
+                    _ => Some(false),
+                };
+            }
+            Err(_) => return Some(false),
+        }
+        match conn.stream.write(b"x") {
+            Ok(1) => conn.state = State::Sent,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            _ => return Some(false),
+        }
+    }
+    match conn.stream.read(buf) {
+        Ok(0) => Some(false),
+        Ok(_) if conn.state == State::Sent => {
+            conn.state = State::Held;
+            Some(true)
+        }
+        Ok(_) => None,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        Err(_) => Some(false),
+    }
+}
+
+/// Returns on a line or EOF on stdin, or after `max`.
+fn wait_for_stdin(max: Duration) {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = io::stdin().lock().read_line(&mut line);
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(max);
+}

@@ -1,0 +1,211 @@
+//! What the kernel says a process tree and the machine spent: CPU times from `/proc/PID/stat`
+//! and `/proc/stat`, memory from `/proc/PID/smaps_rollup`, children from
+//! `/proc/PID/task/TID/children`.
+//!
+//! A tree's CPU is the sum over its live processes of `utime + stime + cutime + cstime`: a child
+//! that exited and was reaped (socat's forks) moves its time into its parent's `c*time`, so the
+//! sum never loses it. Kernel threads a process owns (io_uring's io-wq workers) belong to its
+//! thread group and are included in its `utime`/`stime`.
+
+use std::fs;
+use std::sync::OnceLock;
+
+/// Clock ticks per second of the `/proc` CPU fields.
+pub fn ticks_per_s() -> f64 {
+    static TCK: OnceLock<f64> = OnceLock::new();
+    *TCK.get_or_init(|| {
+        // SAFETY: sysconf reads a constant of the C library and touches no memory of ours.
+        let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if t > 0 { t as f64 } else { 100.0 }
+    })
+}
+
+/// `pid` and all its descendants (bounded: at most 100 000 processes).
+pub fn tree(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() && out.len() < 100_000 {
+        let p = out[i];
+        if let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                let path = t.path().join("children");
+                if let Ok(text) = fs::read_to_string(path) {
+                    out.extend(text.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// CPU seconds of one process, split into user and system, its reaped children included.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Cpu {
+    pub user_s: f64,
+    pub sys_s: f64,
+}
+
+impl Cpu {
+    pub fn total(&self) -> f64 {
+        self.user_s + self.sys_s
+    }
+    pub fn add(self, o: Cpu) -> Cpu {
+        Cpu {
+            user_s: self.user_s + o.user_s,
+            sys_s: self.sys_s + o.sys_s,
+        }
+    }
+    pub fn minus(self, o: Cpu) -> Cpu {
+        Cpu {
+            user_s: self.user_s - o.user_s,
+            sys_s: self.sys_s - o.sys_s,
+        }
+    }
+}
+
+/// CPU of one process from `/proc/PID/stat`; zero when it is gone.
+pub fn process_cpu(pid: u32) -> Cpu {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| parse_stat(&s))
+        .unwrap_or_default()
+}
+
+/// Fields 14–17 of `/proc/PID/stat` (utime, stime, cutime, cstime), after the `comm` field,
+/// which may itself contain spaces and parentheses.
+fn parse_stat(text: &str) -> Option<Cpu> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    let tck = ticks_per_s();
+    Some(Cpu {
+        user_s: (n(11)? + n(13)?) as f64 / tck,
+        sys_s: (n(12)? + n(14)?) as f64 / tck,
+    })
+}
+
+/// CPU of a whole tree.
+pub fn tree_cpu(pid: u32) -> Cpu {
+    tree(pid)
+        .into_iter()
+        .map(process_cpu)
+        .fold(Cpu::default(), Cpu::add)
+}
+
+/// Threads over a whole tree (a splice engine's io-wq workers show up here).
+pub fn tree_threads(pid: u32) -> usize {
+    tree(pid)
+        .into_iter()
+        .filter_map(|p| fs::read_dir(format!("/proc/{p}/task")).ok())
+        .map(|d| d.count())
+        .sum()
+}
+
+/// Resident and proportional set size, in KiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Mem {
+    pub rss_kb: u64,
+    pub pss_kb: u64,
+}
+
+/// Memory of a whole tree, from `smaps_rollup`.
+pub fn tree_mem(pid: u32) -> Mem {
+    let mut m = Mem::default();
+    for p in tree(pid) {
+        let Ok(text) = fs::read_to_string(format!("/proc/{p}/smaps_rollup")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        m.rss_kb += field("Rss:");
+        m.pss_kb += field("Pss:");
+    }
+    m
+}
+
+/// The machine's CPU time from the first line of `/proc/stat`, in seconds over all cores.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Machine {
+    /// user + nice + system + irq + softirq + steal.
+    pub busy_s: f64,
+    /// irq + softirq alone (not charged to any process here).
+    pub irq_s: f64,
+    pub idle_s: f64,
+}
+
+pub fn machine() -> Machine {
+    let text = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = text.lines().next().unwrap_or("");
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .map(|v| v as f64 / ticks_per_s())
+        .collect();
+    let g = |i: usize| f.get(i).copied().unwrap_or(0.0);
+    // user nice system idle iowait irq softirq steal guest guest_nice
+    Machine {
+        busy_s: g(0) + g(1) + g(2) + g(5) + g(6) + g(7),
+        irq_s: g(5) + g(6),
+        idle_s: g(3) + g(4),
+    }
+}
+
+/// Cores online.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// CPU of this process's waited-for children (and theirs), user and system.
+pub fn children_cpu() -> Cpu {
+    rusage(libc::RUSAGE_CHILDREN)
+}
+
+/// CPU of this process.
+pub fn self_cpu() -> Cpu {
+    rusage(libc::RUSAGE_SELF)
+}
+
+fn rusage(who: libc::c_int) -> Cpu {
+    // SAFETY: rusage is plain old data; all zeroes is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage for the duration of the call.
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return Cpu::default();
+    }
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Cpu {
+        user_s: s(ru.ru_utime),
+        sys_s: s(ru.ru_stime),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_odd_comm() {
+        let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 7 3 20 0 1 0 5 0 0";
+        let cpu = parse_stat(line).unwrap();
+        let tck = ticks_per_s();
+        assert_eq!(cpu.user_s, 257.0 / tck);
+        assert_eq!(cpu.sys_s, 53.0 / tck);
+    }
+
+    #[test]
+    fn own_tree_is_found() {
+        let me = std::process::id();
+        assert_eq!(tree(me)[0], me);
+        assert!(tree_mem(me).rss_kb > 0);
+        assert!(machine().busy_s > 0.0);
+    }
+}
