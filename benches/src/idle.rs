@@ -61,7 +61,13 @@ pub fn run(p: &Params) -> io::Result<()> {
     let start = Instant::now();
     let deadline = start + p.setup_max;
     let mut buf = [0u8; 64];
+    let mut last_progress = Instant::now();
     while held + failed < p.count && Instant::now() < deadline {
+        // Nothing became held for a while although connections failed: the relay is full.
+        if failed > 0 && last_progress.elapsed() > CONN_TIMEOUT + Duration::from_secs(1) {
+            eprintln!("idle: no progress for 4 s: the relay holds no more");
+            break;
+        }
         while in_flight < IN_FLIGHT && conns.len() < p.count {
             let i = conns.len();
             let source = crate::net::client_source(p.source_base + i);
@@ -100,6 +106,7 @@ pub fn run(p: &Params) -> io::Result<()> {
                 Some(true) => {
                     held += 1;
                     in_flight -= 1;
+                    last_progress = Instant::now();
                 }
                 Some(false) => {
                     if conn.state == State::Held {

@@ -117,6 +117,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         .map(|l| bind(l.bind))
         .collect::<Result<Vec<_>, _>>()?;
     let shared = Arc::new(Shared::new()?);
+    // After binding, so a port in use is reported before seconds of key generation.
     let tls = load_tls(&config)?;
 
     let mut failing = HashMap::new();

@@ -115,6 +115,9 @@ fn resolve(hp: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
 pub fn resolve_all(config: &Config, failing: &mut HashMap<HostPort, bool>) -> (Table, bool) {
     let mut all_ok = true;
     let mut cache: HashMap<&HostPort, Vec<SocketAddr>> = HashMap::new();
+    let mut newly_failing: Vec<String> = Vec::new();
+    let mut last_error = String::new();
+    let mut recovered: Vec<String> = Vec::new();
     let table = config
         .listeners
         .iter()
@@ -123,22 +126,20 @@ pub fn resolve_all(config: &Config, failing: &mut HashMap<HostPort, bool>) -> (T
             for hp in &l.upstream {
                 let addrs = cache.entry(hp).or_insert_with(|| {
                     let was_failing = failing.get(hp).copied().unwrap_or(false);
-                    match resolve(hp) {
+                    let result = resolve(hp);
+                    failing.insert(hp.clone(), result.is_err());
+                    match result {
                         Ok(a) => {
                             if was_failing {
-                                tracing::info!(upstream = %hp, "upstream name resolves again");
+                                recovered.push(hp.to_string());
                             }
-                            failing.insert(hp.clone(), false);
                             a
                         }
                         Err(e) => {
                             if !was_failing {
-                                tracing::warn!(
-                                    upstream = %hp,
-                                    "cannot resolve upstream ({e}); still listening, refusing its connections and retrying every {RETRY_S} s"
-                                );
+                                newly_failing.push(hp.to_string());
+                                last_error = e.to_string();
                             }
-                            failing.insert(hp.clone(), true);
                             Vec::new()
                         }
                     }
@@ -153,6 +154,16 @@ pub fn resolve_all(config: &Config, failing: &mut HashMap<HostPort, bool>) -> (T
             out
         })
         .collect();
+    // One line per change of state, however many names changed.
+    if !newly_failing.is_empty() {
+        tracing::warn!(
+            "cannot resolve {} ({last_error}); still listening, refusing those connections, retrying every {RETRY_S} s",
+            newly_failing.join(", ")
+        );
+    }
+    if !recovered.is_empty() {
+        tracing::info!("upstream names resolve again: {}", recovered.join(", "));
+    }
     (table, all_ok)
 }
 

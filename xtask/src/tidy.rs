@@ -60,7 +60,7 @@ fn every_unsafe_block_has_a_safety_comment() {
         let lines: Vec<&str> = text.lines().collect();
         for (i, line) in lines.iter().enumerate() {
             let code = line.split("//").next().unwrap_or("");
-            if !code.contains("unsafe {") {
+            if !code.contains(concat!("unsafe", " {")) {
                 continue;
             }
             let window = &lines[i.saturating_sub(6)..=i];
