@@ -52,7 +52,14 @@ pub fn run(p: &Params) -> io::Result<()> {
     let mut measuring = false;
     let mut buf = [0u8; 256];
     for i in 0..slots.len() {
-        open(&poll, &mut slots, i, p.target, &mut next_source, &mut errors);
+        open(
+            &poll,
+            &mut slots,
+            i,
+            p.target,
+            &mut next_source,
+            &mut errors,
+        );
     }
     loop {
         let now = Instant::now();
@@ -86,12 +93,26 @@ pub fn run(p: &Params) -> io::Result<()> {
                         let _ = hist.record(us.max(1));
                     }
                     close(&poll, &mut slots, i);
-                    open(&poll, &mut slots, i, p.target, &mut next_source, &mut errors);
+                    open(
+                        &poll,
+                        &mut slots,
+                        i,
+                        p.target,
+                        &mut next_source,
+                        &mut errors,
+                    );
                 }
                 Step::Failed => {
                     errors += 1;
                     close(&poll, &mut slots, i);
-                    open(&poll, &mut slots, i, p.target, &mut next_source, &mut errors);
+                    open(
+                        &poll,
+                        &mut slots,
+                        i,
+                        p.target,
+                        &mut next_source,
+                        &mut errors,
+                    );
                 }
             }
         }
@@ -103,7 +124,14 @@ pub fn run(p: &Params) -> io::Result<()> {
             if late {
                 errors += 1;
                 close(&poll, &mut slots, i);
-                open(&poll, &mut slots, i, p.target, &mut next_source, &mut errors);
+                open(
+                    &poll,
+                    &mut slots,
+                    i,
+                    p.target,
+                    &mut next_source,
+                    &mut errors,
+                );
             }
         }
     }

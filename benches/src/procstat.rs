@@ -2,10 +2,17 @@
 //! and `/proc/stat`, memory from `/proc/PID/smaps_rollup`, children from
 //! `/proc/PID/task/TID/children`.
 //!
-//! A tree's CPU is the sum over its live processes of `utime + stime + cutime + cstime`: a child
-//! that exited and was reaped (socat's forks) moves its time into its parent's `c*time`, so the
-//! sum never loses it. Kernel threads a process owns (io_uring's io-wq workers) belong to its
-//! thread group and are included in its `utime`/`stime`.
+//! Two readings of a tree's CPU, because `/proc/PID/stat` counts in 10 ms ticks truncated per
+//! process: a socat child that spent 8 ms shows 0, and a thousand of them vanish.
+//! - [`tree_cpu`]: `utime + stime + cutime + cstime` from `stat` (user/system split; coarse);
+//! - [`tree_runtime_s`]: the scheduler's nanosecond `sum_exec_runtime` of every live thread
+//!   (`/proc/PID/task/TID/schedstat`) plus `cutime + cstime` (children that exited and were
+//!   reaped, like socat's forks, move their time there). Precise, but a thread that exits
+//!   mid-window (an idle io-wq worker) takes its time with it; [`crate::suite`] falls back to the
+//!   `stat` reading when that one is clearly larger.
+//!
+//! Kernel threads a process owns (io_uring's io-wq workers) belong to its thread group, so both
+//! readings include them.
 
 use std::fs;
 use std::sync::OnceLock;
@@ -30,7 +37,10 @@ pub fn tree(pid: u32) -> Vec<u32> {
             for t in tasks.flatten() {
                 let path = t.path().join("children");
                 if let Ok(text) = fs::read_to_string(path) {
-                    out.extend(text.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+                    out.extend(
+                        text.split_whitespace()
+                            .filter_map(|c| c.parse::<u32>().ok()),
+                    );
                 }
             }
         }
@@ -50,7 +60,7 @@ impl Cpu {
     pub fn total(&self) -> f64 {
         self.user_s + self.sys_s
     }
-    pub fn add(self, o: Cpu) -> Cpu {
+    pub fn plus(self, o: Cpu) -> Cpu {
         Cpu {
             user_s: self.user_s + o.user_s,
             sys_s: self.sys_s + o.sys_s,
@@ -90,7 +100,41 @@ pub fn tree_cpu(pid: u32) -> Cpu {
     tree(pid)
         .into_iter()
         .map(process_cpu)
-        .fold(Cpu::default(), Cpu::add)
+        .fold(Cpu::default(), Cpu::plus)
+}
+
+/// Scheduler runtime of a process's live threads plus its reaped children's CPU, in seconds.
+pub fn process_runtime_s(pid: u32) -> f64 {
+    let mut ns = 0u64;
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(text) = fs::read_to_string(t.path().join("schedstat")) {
+                ns += text
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    let children = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| parse_children(&s))
+        .unwrap_or(0.0);
+    ns as f64 / 1e9 + children
+}
+
+/// Fields 16–17 (cutime, cstime) in seconds.
+fn parse_children(text: &str) -> Option<f64> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some((n(13)? + n(14)?) as f64 / ticks_per_s())
+}
+
+/// [`process_runtime_s`] over a whole tree.
+pub fn tree_runtime_s(pid: u32) -> f64 {
+    tree(pid).into_iter().map(process_runtime_s).sum()
 }
 
 /// Threads over a whole tree (a splice engine's io-wq workers show up here).

@@ -266,8 +266,7 @@ fn receive(
     loop {
         if sender_done.load(Ordering::Acquire) {
             let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + drain);
-            if received_total >= sent_total.load(Ordering::Relaxed) || Instant::now() >= deadline
-            {
+            if received_total >= sent_total.load(Ordering::Relaxed) || Instant::now() >= deadline {
                 break;
             }
         }

@@ -173,6 +173,9 @@ pub struct Measurement {
     pub rr: Option<Rr>,
     pub connrate: Option<Connrate>,
     pub idle: Option<Idle>,
+    /// Sluice: connections accepted by each worker during the workload group (from
+    /// `sluicectl status`), to show how evenly the kernel spread them.
+    pub worker_accepted: Option<Vec<u64>>,
     pub error: Option<String>,
 }
 
@@ -212,12 +215,41 @@ pub struct Options {
     pub out_dir: PathBuf,
 }
 
+/// A tree's CPU both ways (see [`procstat`]): `stat` ticks with the user/system split, and the
+/// scheduler's runtime.
+#[derive(Clone, Copy, Default)]
+struct TreeCpu {
+    ticks: Cpu,
+    runtime_s: f64,
+}
+
+impl TreeCpu {
+    fn read(pids: &[u32]) -> TreeCpu {
+        pids.iter().fold(TreeCpu::default(), |acc, &p| TreeCpu {
+            ticks: acc.ticks.plus(procstat::tree_cpu(p)),
+            runtime_s: acc.runtime_s + procstat::tree_runtime_s(p),
+        })
+    }
+
+    /// Seconds spent between `self` and `later`: the runtime reading, unless the tick reading is
+    /// clearly larger (threads exited in between and took their runtime with them).
+    fn spent(&self, later: &TreeCpu) -> f64 {
+        let runtime = later.runtime_s - self.runtime_s;
+        let ticks = later.ticks.minus(self.ticks).total();
+        if ticks > runtime * 1.1 + 0.05 {
+            ticks
+        } else {
+            runtime.max(0.0)
+        }
+    }
+}
+
 /// CPU counters sampled at one instant.
 struct Snap {
     at: Instant,
-    relay: Option<Cpu>,
-    upstream: Cpu,
-    loadgen: Cpu,
+    relay: Option<TreeCpu>,
+    upstream: TreeCpu,
+    loadgen: TreeCpu,
     children: Cpu,
     me: Cpu,
     machine: Machine,
@@ -233,16 +265,11 @@ struct Meter {
 
 impl Meter {
     fn snap(&self) -> Snap {
-        let sum = |pids: &[u32]| {
-            pids.iter()
-                .map(|&p| procstat::tree_cpu(p))
-                .fold(Cpu::default(), Cpu::add)
-        };
         Snap {
             at: Instant::now(),
-            relay: self.relay.map(procstat::tree_cpu),
-            upstream: sum(&self.upstream),
-            loadgen: sum(&self.loadgen),
+            relay: self.relay.map(|p| TreeCpu::read(&[p])),
+            upstream: TreeCpu::read(&self.upstream),
+            loadgen: TreeCpu::read(&self.loadgen),
             children: procstat::children_cpu(),
             me: procstat::self_cpu(),
             machine: procstat::machine(),
@@ -251,12 +278,25 @@ impl Meter {
 
     fn window(&self, a: &Snap, b: &Snap) -> Window {
         let wall_s = b.at.duration_since(a.at).as_secs_f64();
+        // The relay's time, split into user and system in the proportion of the tick counts.
         let relay = match (a.relay, b.relay) {
-            (Some(x), Some(y)) => Some(y.minus(x)),
+            (Some(x), Some(y)) => {
+                let total = x.spent(&y);
+                let ticks = y.ticks.minus(x.ticks);
+                let user_frac = if ticks.total() > 0.0 {
+                    (ticks.user_s / ticks.total()).clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
+                Some(Cpu {
+                    user_s: total * user_frac,
+                    sys_s: total * (1.0 - user_frac),
+                })
+            }
             _ => None,
         };
-        let upstream_s = b.upstream.minus(a.upstream).total();
-        let loadgen_s = b.loadgen.minus(a.loadgen).total()
+        let upstream_s = a.upstream.spent(&b.upstream);
+        let loadgen_s = a.loadgen.spent(&b.loadgen)
             + b.children.minus(a.children).total()
             + b.me.minus(a.me).total();
         let machine_busy_s = b.machine.busy_s - a.machine.busy_s;
@@ -362,7 +402,9 @@ impl Suite {
     fn candidates(&self) -> Vec<Candidate> {
         peers::all()
             .into_iter()
-            .filter(|c| self.opts.candidates.is_empty() || self.opts.candidates.iter().any(|n| n == c.name))
+            .filter(|c| {
+                self.opts.candidates.is_empty() || self.opts.candidates.iter().any(|n| n == c.name)
+            })
             .collect()
     }
 
@@ -375,8 +417,9 @@ impl Suite {
     }
 
     fn run_all(&mut self) -> Result<()> {
-        let needs_echo =
-            self.wants(Workload::Rr) || self.wants(Workload::Connrate) || self.wants(Workload::Idle);
+        let needs_echo = self.wants(Workload::Rr)
+            || self.wants(Workload::Connrate)
+            || self.wants(Workload::Idle);
         let _iperf = if self.wants(Workload::Bulk) {
             Some(self.start_iperf_server()?)
         } else {
@@ -428,10 +471,16 @@ impl Suite {
 
     fn start_iperf_server(&mut self) -> Result<Guard> {
         let mut cmd = Command::new("iperf3");
-        cmd.args(["-s", "-B", &UPSTREAM_IP.to_string(), "-p", &IPERF_PORT.to_string()])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(self.log_path("iperf3-server"))?)
-            .stderr(Stdio::null());
+        cmd.args([
+            "-s",
+            "-B",
+            &UPSTREAM_IP.to_string(),
+            "-p",
+            &IPERF_PORT.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(self.log_path("iperf3-server"))?)
+        .stderr(Stdio::null());
         let g = Guard::spawn(cmd, "iperf3 -s")?;
         wait_listening(upstream(IPERF_PORT))?;
         self.meter.upstream.push(g.pid());
@@ -461,12 +510,20 @@ impl Suite {
         Ok(guards)
     }
 
-    fn start_relay(&mut self, cand: &Candidate, up: SocketAddr, what: &str) -> Result<Option<peers::Running>> {
+    fn start_relay(
+        &mut self,
+        cand: &Candidate,
+        up: SocketAddr,
+        what: &str,
+    ) -> Result<Option<peers::Running>> {
         let log = self.log_path(&format!("{}-{what}", cand.name));
         let running = cand.start(&self.env, up, &log)?;
         if let Some(r) = &running {
             self.meter.relay = Some(r.pid());
-            if let Some(engine) = r.status().and_then(|s| s["engine"].as_str().map(str::to_owned)) {
+            if let Some(engine) = r
+                .status()
+                .and_then(|s| s["engine"].as_str().map(str::to_owned))
+            {
                 self.engines.insert(cand.name.to_owned(), engine);
             }
         }
@@ -477,8 +534,25 @@ impl Suite {
         self.measurements.push(m);
     }
 
+    /// Records, on the measurements of `workload_prefix` for `cand` pushed since `first`, how
+    /// many connections each Sluice worker accepted.
+    fn note_workers(&mut self, relay: Option<&peers::Running>, first: usize) {
+        let Some(status) = relay.and_then(peers::Running::status) else {
+            return;
+        };
+        let accepted: Option<Vec<u64>> = status["workers"].as_array().map(|ws| {
+            ws.iter()
+                .map(|w| w["accepted"].as_u64().unwrap_or(0))
+                .collect()
+        });
+        for m in &mut self.measurements[first..] {
+            m.worker_accepted = accepted.clone();
+        }
+    }
+
     fn bulk(&mut self, cand: &Candidate) -> Result<()> {
-        let _relay = self.start_relay(cand, upstream(IPERF_PORT), "bulk")?;
+        let relay = self.start_relay(cand, upstream(IPERF_PORT), "bulk")?;
+        let first = self.measurements.len();
         let target = cand.target(upstream(IPERF_PORT));
         for streams in [1u32, 8] {
             let a = self.meter.snap();
@@ -497,7 +571,10 @@ impl Suite {
                 streams,
                 gbps: bps / 1e9,
                 bytes,
-                relay_cpu_s_per_gb: cpu.relay_s().filter(|_| bytes > 0.0).map(|s| s / (bytes / 1e9)),
+                relay_cpu_s_per_gb: cpu
+                    .relay_s()
+                    .filter(|_| bytes > 0.0)
+                    .map(|s| s / (bytes / 1e9)),
             };
             self.progress(&format!(
                 "{}: bulk {streams} stream(s): {:.2} Gbit/s, relay {}{}",
@@ -514,6 +591,7 @@ impl Suite {
                 ..Measurement::default()
             });
         }
+        self.note_workers(relay.as_ref(), first);
         Ok(())
     }
 
@@ -521,10 +599,15 @@ impl Suite {
     fn iperf3(&self, target: SocketAddr, streams: u32) -> Result<String> {
         let secs = self.params.bulk_secs;
         let mut cmd = Command::new("iperf3");
-        cmd.args(["-c", &target.ip().to_string(), "-p", &target.port().to_string()])
-            .args(["-B", &net::client_source(0).to_string()])
-            .args(["-J", "-t", &secs.to_string(), "-P", &streams.to_string()])
-            .args(["--connect-timeout", "3000"]);
+        cmd.args([
+            "-c",
+            &target.ip().to_string(),
+            "-p",
+            &target.port().to_string(),
+        ])
+        .args(["-B", &net::client_source(0).to_string()])
+        .args(["-J", "-t", &secs.to_string(), "-P", &streams.to_string()])
+        .args(["--connect-timeout", "3000"]);
         let lg = LineChild::spawn(cmd, "iperf3 -c", &self.log_path("iperf3-client"))?;
         let deadline = Instant::now() + Duration::from_secs(u64::from(secs) + 15);
         let mut out = String::new();
@@ -543,7 +626,8 @@ impl Suite {
     }
 
     fn rr(&mut self, cand: &Candidate) -> Result<()> {
-        let _relay = self.start_relay(cand, upstream(ECHO_PORT), "rr")?;
+        let relay = self.start_relay(cand, upstream(ECHO_PORT), "rr")?;
+        let first = self.measurements.len();
         let p = self.params.clone();
         let target = cand.target(upstream(ECHO_PORT));
         let rates: Vec<String> = p.rr_rates.iter().map(u32::to_string).collect();
@@ -569,18 +653,31 @@ impl Suite {
         let (windows, results) = self.collect(&lg, deadline, p.rr_rates.len());
         lg.finish(Instant::now() + Duration::from_secs(3));
         if results.is_empty() {
-            bail!("rr load generator gave no result (see {})", self.log_path("loadgen-rr").display());
+            bail!(
+                "rr load generator gave no result (see {})",
+                self.log_path("loadgen-rr").display()
+            );
         }
         for r in results {
-            let LoadResult::Rr { rate, sent, received, blocked_writes, latency, conns, .. } = r else {
+            let LoadResult::Rr {
+                rate,
+                sent,
+                received,
+                blocked_writes,
+                latency,
+                conns,
+                ..
+            } = r
+            else {
                 continue;
             };
             let cpu = windows.get(&rate.to_string()).cloned();
-            let relay_cpu_us_per_msg = cpu
-                .as_ref()
-                .and_then(Window::relay_s)
-                .filter(|_| sent > 0)
-                .map(|s| s * 1e6 / sent as f64);
+            // Per message offered during the sampled window (which may be a few ms off the
+            // load generator's own: the schedule is fixed, so rate × wall is what was sent).
+            let relay_cpu_us_per_msg = cpu.as_ref().and_then(|w| {
+                let msgs = f64::from(rate) * w.wall_s;
+                Some(w.relay_s()? * 1e6 / msgs).filter(|_| msgs > 0.0)
+            });
             self.progress(&format!(
                 "{}: rr {rate} msg/s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, {}/{} answered, relay {}{}",
                 cand.name,
@@ -608,6 +705,7 @@ impl Suite {
                 ..Measurement::default()
             });
         }
+        self.note_workers(relay.as_ref(), first);
         Ok(())
     }
 
@@ -629,7 +727,10 @@ impl Suite {
                 Line::Mark { start: true, label } => {
                     open.insert(label, self.meter.snap());
                 }
-                Line::Mark { start: false, label } => {
+                Line::Mark {
+                    start: false,
+                    label,
+                } => {
                     let b = self.meter.snap();
                     if let Some(a) = open.remove(&label) {
                         windows.insert(label, self.meter.window(&a, &b));
@@ -643,7 +744,8 @@ impl Suite {
     }
 
     fn connrate(&mut self, cand: &Candidate) -> Result<()> {
-        let _relay = self.start_relay(cand, upstream(ECHO_PORT), "connrate")?;
+        let relay = self.start_relay(cand, upstream(ECHO_PORT), "connrate")?;
+        let first = self.measurements.len();
         let p = self.params.clone();
         let target = cand.target(upstream(ECHO_PORT));
         let lg = self.loadgen(
@@ -664,18 +766,22 @@ impl Suite {
         let deadline = Instant::now() + Duration::from_millis(p.conn_measure_ms + 15_000);
         let (windows, results) = self.collect(&lg, deadline, 1);
         lg.finish(Instant::now() + Duration::from_secs(3));
-        let Some(LoadResult::Connrate { concurrency, secs, completed, errors, latency }) =
-            results.into_iter().next()
+        let Some(LoadResult::Connrate {
+            concurrency,
+            secs,
+            completed,
+            errors,
+            latency,
+        }) = results.into_iter().next()
         else {
             bail!("connrate load generator gave no result");
         };
         let cpu = windows.get("connrate").cloned();
         let conns_per_s = completed as f64 / secs;
-        let relay_cpu_us_per_conn = cpu
-            .as_ref()
-            .and_then(Window::relay_s)
-            .filter(|_| completed > 0)
-            .map(|s| s * 1e6 / completed as f64);
+        let relay_cpu_us_per_conn = cpu.as_ref().and_then(|w| {
+            let conns = conns_per_s * w.wall_s;
+            Some(w.relay_s()? * 1e6 / conns).filter(|_| conns > 0.0)
+        });
         self.progress(&format!(
             "{}: connrate: {conns_per_s:.0} conn/s ({errors} errors), relay {}{}",
             cand.name,
@@ -696,6 +802,7 @@ impl Suite {
             }),
             ..Measurement::default()
         });
+        self.note_workers(relay.as_ref(), first);
         Ok(())
     }
 
@@ -704,7 +811,11 @@ impl Suite {
             .start_relay(cand, upstream(ECHO_PORT), "idle")?
             .context("idle needs a relay")?;
         let p = self.params.clone();
-        let count = if cand.kind == Kind::Socat { p.idle_conns_socat } else { p.idle_conns };
+        let count = if cand.kind == Kind::Socat {
+            p.idle_conns_socat
+        } else {
+            p.idle_conns
+        };
         let target = cand.target(upstream(ECHO_PORT));
         std::thread::sleep(Duration::from_millis(300));
         let before = procstat::tree_mem(relay.pid());
@@ -738,7 +849,13 @@ impl Suite {
         for lg in &gens {
             let (_, results) = self.collect(lg, deadline, 1);
             for r in results {
-                if let LoadResult::Idle { attempted: a, held: h, setup_secs: s, .. } = r {
+                if let LoadResult::Idle {
+                    attempted: a,
+                    held: h,
+                    setup_secs: s,
+                    ..
+                } = r
+                {
                     attempted += a;
                     held += h;
                     setup_secs = setup_secs.max(s);
@@ -751,6 +868,7 @@ impl Suite {
         let b = self.meter.snap();
         let cpu = self.meter.window(&a, &b);
         let relay_active = relay.status().and_then(|s| s["active"].as_u64());
+        let first = self.measurements.len();
         let per = |x: u64, y: u64| (held > 0).then(|| (y as f64 - x as f64) / held as f64);
         let idle = Idle {
             attempted,
@@ -770,10 +888,6 @@ impl Suite {
             fmt_opt(idle.rss_kb_per_conn, "KB", 2),
             fmt_opt(idle.pss_kb_per_conn, "KB", 2),
         ));
-        for lg in gens {
-            lg.finish(Instant::now() + Duration::from_secs(5));
-        }
-        drop(relay);
         self.push(Measurement {
             candidate: cand.name.to_owned(),
             workload: "idle".into(),
@@ -781,6 +895,11 @@ impl Suite {
             idle: Some(idle),
             ..Measurement::default()
         });
+        self.note_workers(Some(&relay), first);
+        for lg in gens {
+            lg.finish(Instant::now() + Duration::from_secs(5));
+        }
+        drop(relay);
         Ok(())
     }
 }
@@ -852,8 +971,14 @@ fn versions() -> BTreeMap<String, String> {
             }
         }
     }
-    if let Ok(o) = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output() {
-        out.insert("sluice".into(), String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if let Ok(o) = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+    {
+        out.insert(
+            "sluice".into(),
+            String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        );
     }
     out
 }
@@ -874,7 +999,11 @@ fn utc_now() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", rem / 3600, rem % 3600 / 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60
+    )
 }
 
 /// Writes the JSON report.

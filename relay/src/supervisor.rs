@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Socket, Type};
 
 use crate::config::{Config, EngineChoice, TlsSettings};
-use crate::proto::tls::{KeyKind, PemIdentity};
 use crate::control::{self, Status, WorkerStatus};
 use crate::engine::{self, EngineKind};
 use crate::error::StartError;
 use crate::metrics::{self, Shared};
+use crate::proto::tls::{KeyKind, PemIdentity};
 use crate::sys;
 use crate::upstream::{self, ControlMsg, Table};
 use crate::worker::{self, Identity};
@@ -66,7 +66,49 @@ pub fn workers_needed(config: &Config, nofile: u64) -> usize {
     sys::cpus().max(for_conns).min(metrics::MAX_WORKERS)
 }
 
-/// Binds one listener: SO_REUSEADDR, nonblocking, close-on-exec, at a high fd number.
+/// Is some socket already listening on `addr`'s port at that address or a wildcard? Read from
+/// /proc/net/tcp{,6}: SO_REUSEPORT would otherwise let a second daemon (same user) share the
+/// port silently instead of failing with "address in use".
+fn already_listening(addr: SocketAddr) -> bool {
+    let files: &[&str] = if addr.is_ipv4() {
+        &["/proc/net/tcp"]
+    } else {
+        &["/proc/net/tcp6"]
+    };
+    let want_ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) => format!("{:08X}", u32::from_ne_bytes(v4.octets())),
+        std::net::IpAddr::V6(v6) => v6
+            .octets()
+            .chunks(4)
+            .map(|c| format!("{:08X}", u32::from_ne_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
+    };
+    let want_port = format!("{:04X}", addr.port());
+    files.iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|text| {
+            text.lines().skip(1).any(|line| {
+                let mut cols = line.split_whitespace();
+                let (Some(local), Some(_remote), Some(state)) =
+                    (cols.nth(1), cols.next(), cols.next())
+                else {
+                    return false;
+                };
+                let Some((ip, port)) = local.split_once(':') else {
+                    return false;
+                };
+                state == "0A"
+                    && port == want_port
+                    && (ip == want_ip
+                        || ip.bytes().all(|b| b == b'0')
+                        || want_ip.bytes().all(|b| b == b'0'))
+            })
+        })
+    })
+}
+
+/// Binds one listening socket of a worker: SO_REUSEADDR + SO_REUSEPORT (each worker has its own
+/// socket in the port's group, so the kernel spreads new connections evenly over the workers),
+/// nonblocking, close-on-exec, at a high fd number.
 fn bind(addr: SocketAddr) -> Result<OwnedFd, StartError> {
     let err = |source| StartError::Bind { addr, source };
     let sock = Socket::new(
@@ -76,6 +118,7 @@ fn bind(addr: SocketAddr) -> Result<OwnedFd, StartError> {
     )
     .map_err(err)?;
     sock.set_reuse_address(true).map_err(err)?;
+    sock.set_reuse_port(true).map_err(err)?;
     if addr.is_ipv6() {
         sock.set_only_v6(true).map_err(err)?;
     }
@@ -111,11 +154,19 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         ))
         .into());
     }
-    let listeners = config
-        .listeners
-        .iter()
-        .map(|l| bind(l.bind))
-        .collect::<Result<Vec<_>, _>>()?;
+    for l in &config.listeners {
+        if already_listening(l.bind) {
+            return Err(StartError::Bind {
+                addr: l.bind,
+                source: std::io::Error::from_raw_os_error(libc::EADDRINUSE),
+            });
+        }
+    }
+    // One socket per worker and listener; a restarted worker gets its slot's sockets back, with
+    // the connections that queued there meanwhile.
+    let listeners = (0..nworkers)
+        .map(|_| config.listeners.iter().map(|l| bind(l.bind)).collect())
+        .collect::<Result<Vec<Vec<_>>, _>>()?;
     let shared = Arc::new(Shared::new()?);
     // After binding, so a port in use is reported before seconds of key generation.
     let tls = load_tls(&config)?;
@@ -232,7 +283,8 @@ struct Supervisor {
     config_toml: String,
     kind: EngineKind,
     nworkers: usize,
-    listeners: Vec<OwnedFd>,
+    /// `listeners[worker][listener]`.
+    listeners: Vec<Vec<OwnedFd>>,
     shared: Arc<Shared>,
     /// The counters' memfd at a high fd number (see `bind`).
     metrics_fd: OwnedFd,
@@ -251,7 +303,10 @@ impl Supervisor {
             workers: self.nworkers,
             engine: self.kind,
         };
-        let mut fds: Vec<i32> = self.listeners.iter().map(|l| l.as_raw_fd()).collect();
+        let mut fds: Vec<i32> = self.listeners[index]
+            .iter()
+            .map(|l| l.as_raw_fd())
+            .collect();
         fds.push(self.metrics_fd.as_raw_fd());
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.arg("__worker")
@@ -386,4 +441,23 @@ fn spawn_signal_thread(tx: mpsc::Sender<Event>) -> std::io::Result<()> {
             }
         })
         .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listening_port_is_seen_as_in_use() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        assert!(already_listening(addr));
+        let other: SocketAddr = "127.0.0.3:1".parse().unwrap();
+        assert!(!already_listening(SocketAddr::new(
+            other.ip(),
+            addr.port() ^ 1
+        )));
+        let l6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        assert!(already_listening(l6.local_addr().unwrap()));
+    }
 }

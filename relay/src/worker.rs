@@ -94,7 +94,9 @@ pub fn main() -> Result<(), StartError> {
         EngineKind::Splice | EngineKind::Copy => {
             engine::uring::Worker::new(ctx, id.engine, listeners, control, upstreams)?.run()?
         }
-        EngineKind::Epoll => engine::epoll::Worker::new(ctx, listeners, control, upstreams)?.run()?,
+        EngineKind::Epoll => {
+            engine::epoll::Worker::new(ctx, listeners, control, upstreams)?.run()?
+        }
     }
     Ok(())
 }
@@ -107,7 +109,11 @@ fn read_until_ready(control: &std::os::fd::OwnedFd) -> std::io::Result<Vec<u8>> 
     let mut byte = [0u8; 1];
     loop {
         match sys::read(control.as_fd(), &mut byte) {
-            Ok(0) => return Err(std::io::Error::other("the supervisor closed the control pipe")),
+            Ok(0) => {
+                return Err(std::io::Error::other(
+                    "the supervisor closed the control pipe",
+                ));
+            }
             Ok(_) => buf.push(byte[0]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),

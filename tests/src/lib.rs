@@ -24,7 +24,6 @@ pub mod servers;
 pub mod sluice;
 pub mod sys;
 
-use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -349,14 +348,4 @@ pub fn tail(text: &str, n: usize) -> String {
 pub fn mentions_number(text: &str, n: u64) -> bool {
     text.split(|c: char| !c.is_ascii_digit())
         .any(|w| w == n.to_string())
-}
-
-/// Writes `len` bytes of `pattern` to `path`.
-pub fn write_pattern_file(path: &Path, pattern: Pattern, len: usize) {
-    fs::write(path, pattern.bytes(0, len)).expect("write a pattern file");
-}
-
-/// `OsStr` helper for building argument lists.
-pub fn os(s: &str) -> &OsStr {
-    OsStr::new(s)
 }

@@ -6,6 +6,7 @@
 //! - `run`        builds everything and runs `sluice run` (WhatsApp preset unless told otherwise)
 //! - `test`       builds and runs every test: unit, integration, eBPF, house rules
 
+mod bench;
 mod setup;
 #[cfg(test)]
 mod tidy;
@@ -42,6 +43,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Install the peers, build in release and benchmark Sluice against HAProxy, nginx, socat.
+    Bench(bench::BenchFlags),
 }
 
 fn main() -> Result<()> {
@@ -73,6 +76,7 @@ fn main() -> Result<()> {
                 .args(&args)
                 .env("SLUICE_BIN_DIR", root.join("target/release")))
         }
+        Cmd::Bench(flags) => bench::bench(flags),
     }
 }
 

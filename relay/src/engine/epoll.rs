@@ -16,9 +16,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::{HeaderStep, Refusal, WorkerCtx};
+use crate::metrics::Counter;
 use crate::proto::proxy::ProxyHeader;
 use crate::proto::tls::TlsConn;
-use crate::metrics::Counter;
 use crate::sys::{self, Epoll};
 use crate::upstream::Upstreams;
 
@@ -174,7 +174,10 @@ impl<'a> Worker<'a> {
                 break;
             }
         }
-        if self.ctx.apply_control(&mut self.control_line, &mut self.upstreams) {
+        if self
+            .ctx
+            .apply_control(&mut self.control_line, &mut self.upstreams)
+        {
             self.draining = true;
             self.set_accepting(false);
         }
@@ -333,7 +336,13 @@ impl<'a> Worker<'a> {
                     }
                     HeaderStep::Bad => {
                         self.ctx.row.inc(Counter::RefusedBadHeader);
-                        self.end(slot, End::Reset { from_client: true, reset: false });
+                        self.end(
+                            slot,
+                            End::Reset {
+                                from_client: true,
+                                reset: false,
+                            },
+                        );
                     }
                 }
                 return;
@@ -371,7 +380,13 @@ impl<'a> Worker<'a> {
                 if super::send_proxy_header(send, conn.client.as_fd(), up.as_fd(), inbound.as_ref())
                     .is_err()
                 {
-                    self.end(slot, End::Reset { from_client: false, reset: false });
+                    self.end(
+                        slot,
+                        End::Reset {
+                            from_client: false,
+                            reset: false,
+                        },
+                    );
                     return;
                 }
             }
@@ -405,7 +420,13 @@ impl<'a> Worker<'a> {
             _ => {
                 // Never relay a TLS port's bytes as plaintext: no certificate, no service.
                 self.ctx.row.inc(Counter::RefusedBadTls);
-                self.end(slot, End::Reset { from_client: false, reset: false });
+                self.end(
+                    slot,
+                    End::Reset {
+                        from_client: false,
+                        reset: false,
+                    },
+                );
             }
         }
     }
@@ -523,7 +544,10 @@ impl<'a> Worker<'a> {
                     }
                     _ => {
                         if tls.push_plaintext(data).is_err() {
-                            return Err(End::Reset { from_client: false, reset: false });
+                            return Err(End::Reset {
+                                from_client: false,
+                                reset: false,
+                            });
                         }
                     }
                 }
@@ -568,7 +592,11 @@ impl<'a> Worker<'a> {
                 }
                 self.connect_next(slot);
             } else {
-                self.ctx.row.inc(Counter::IdleTimeout);
+                self.ctx.row.inc(match conn.phase {
+                    Phase::Header => Counter::RefusedBadHeader,
+                    Phase::Handshake => Counter::RefusedBadTls,
+                    _ => Counter::IdleTimeout,
+                });
                 self.end(
                     slot,
                     End::Reset {

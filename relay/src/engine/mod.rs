@@ -23,8 +23,8 @@ use crate::config::{Config, EngineChoice, SendProxy};
 use crate::metrics::{Counter, Row, Shared};
 use crate::proto::proxy::{self, Parsed, ProxyHeader};
 use crate::proto::tls::{PemIdentity, TlsServer};
-use crate::upstream::{ControlMsg, Upstreams};
 use crate::sys;
+use crate::upstream::{ControlMsg, Upstreams};
 
 /// The engine a worker really runs (after `auto` was decided).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +128,10 @@ impl<'a> WorkerCtx<'a> {
     pub fn admit(&self, listener: usize, upstream_known: bool) -> Result<(), Refusal> {
         let c = self.config;
         let l = &c.listeners[listener];
-        if self.shared.total(self.workers, Counter::Active) >= u64::from(c.max_connections)
+        // This worker's own fd capacity first: accepts already queued when accepting paused
+        // must not take it past its fd limit.
+        if self.shared.get(self.index, Counter::Active) >= self.worker_cap
+            || self.shared.total(self.workers, Counter::Active) >= u64::from(c.max_connections)
             || (l.max_connections > 0
                 && self.shared.listener_active(self.workers, listener)
                     >= u64::from(l.max_connections))

@@ -26,9 +26,9 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use super::copy::{self, Bid, BufRing};
 use super::splice::{self, Pipe, PipePool};
 use super::{EngineKind, HeaderStep, Refusal, WorkerCtx};
+use crate::metrics::Counter;
 use crate::proto::proxy::ProxyHeader;
 use crate::proto::tls::TlsConn;
-use crate::metrics::Counter;
 use crate::upstream::Upstreams;
 
 /// Submission queue entries; completions are twice that (the kernel's default).
@@ -455,7 +455,12 @@ impl<'a> Worker<'a> {
             Op::SpliceIn => self.on_splice_in(u.slot, d, res),
             Op::SpliceOut => self.on_splice_out(u.slot, d, res),
             Op::RecvMulti => self.on_recv(u.slot, d, res, flags),
-            Op::Send if self.slots[u.slot as usize].conn.as_ref().is_some_and(|c| c.tls.is_some()) => {
+            Op::Send
+                if self.slots[u.slot as usize]
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.tls.is_some()) =>
+            {
                 self.on_tls_send(u.slot, d, res)
             }
             Op::Send => self.on_send(u.slot, d, res),
@@ -516,7 +521,10 @@ impl<'a> Worker<'a> {
 
     fn on_control(&mut self, bytes: &[u8]) {
         self.control_line.extend_from_slice(bytes);
-        if self.ctx.apply_control(&mut self.control_line, &mut self.upstreams) {
+        if self
+            .ctx
+            .apply_control(&mut self.control_line, &mut self.upstreams)
+        {
             self.pause_accepts();
             self.draining = true;
         }
@@ -538,7 +546,7 @@ impl<'a> Worker<'a> {
                 Phase::Relaying => u64::from(t.idle_ms),
             };
             if now.saturating_sub(conn.last_active_ms) >= limit {
-                self.ctx.row.inc(Counter::IdleTimeout);
+                self.ctx.row.inc(timeout_counter(conn.phase));
                 self.close(i as u32, true);
                 self.maybe_free(i as u32);
             }
@@ -751,7 +759,9 @@ impl<'a> Worker<'a> {
         let up = c.upstream.as_ref().expect("connected upstream");
         super::tune_socket(up.as_fd());
         let inbound = c.inbound.take().and_then(|i| i.header);
-        if let Err(e) = super::send_proxy_header(send_proxy, c.client.as_fd(), up.as_fd(), inbound.as_ref()) {
+        if let Err(e) =
+            super::send_proxy_header(send_proxy, c.client.as_fd(), up.as_fd(), inbound.as_ref())
+        {
             tracing::debug!("cannot send the PROXY header: {e}");
             self.close(slot, true);
             return;
@@ -1234,7 +1244,11 @@ impl<'a> Worker<'a> {
         if let Some(tls) = c.tls.as_mut() {
             let mut alert = Vec::new();
             tls.conn.take_ciphertext(&mut alert);
-            let _ = crate::sys::send(c.client.as_fd(), &alert, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT);
+            let _ = crate::sys::send(
+                c.client.as_fd(),
+                &alert,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            );
         }
         self.close(slot, false);
     }
@@ -1350,7 +1364,11 @@ impl<'a> Worker<'a> {
 /// Feeds bytes received on direction `d` through the TLS session: ciphertext from the client
 /// becomes plaintext for the upstream (and handshake records for the client); plaintext from
 /// the upstream becomes ciphertext for the client.
-fn tls_transform(side: &mut TlsSide, d: usize, data: &[u8]) -> Result<(), crate::proto::tls::TlsError> {
+fn tls_transform(
+    side: &mut TlsSide,
+    d: usize,
+    data: &[u8],
+) -> Result<(), crate::proto::tls::TlsError> {
     if d == TO_UPSTREAM {
         side.conn.feed_ciphertext(data)?;
         side.conn.take_plaintext(&mut side.out[TO_UPSTREAM].pending);
@@ -1359,6 +1377,16 @@ fn tls_transform(side: &mut TlsSide, d: usize, data: &[u8]) -> Result<(), crate:
     }
     side.conn.take_ciphertext(&mut side.out[TO_CLIENT].pending);
     Ok(())
+}
+
+/// What a timeout in `phase` counts as.
+fn timeout_counter(phase: Phase) -> Counter {
+    match phase {
+        Phase::Header => Counter::RefusedBadHeader,
+        Phase::Handshake => Counter::RefusedBadTls,
+        Phase::Connecting => Counter::UpstreamUnreachable,
+        Phase::Relaying | Phase::Closing => Counter::IdleTimeout,
+    }
 }
 
 fn new_upstream_socket(addr: SocketAddr) -> io::Result<OwnedFd> {

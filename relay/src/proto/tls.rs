@@ -218,7 +218,11 @@ impl std::fmt::Debug for PemIdentity {
 
 impl PemIdentity {
     /// Generates a chain like [`TlsServer::self_signed_with`] does.
-    pub fn generate(dns_names: &[String], ips: &[IpAddr], kind: KeyKind) -> Result<PemIdentity, TlsError> {
+    pub fn generate(
+        dns_names: &[String],
+        ips: &[IpAddr],
+        kind: KeyKind,
+    ) -> Result<PemIdentity, TlsError> {
         let g = generate_chain(dns_names, ips, kind)?;
         Ok(PemIdentity {
             chain_pem: format!("{}{}", g.leaf.pem(), g.ca.pem()),
@@ -263,7 +267,8 @@ impl TlsServer {
                 path: PathBuf::from("<pem>"),
             });
         }
-        let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).map_err(bad("a private key"))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).map_err(bad("a private key"))?;
         Ok(TlsServer {
             config: Arc::new(server_config(chain, key)?),
             ca_pem: id.ca_pem.as_deref().map(Arc::from),
@@ -988,8 +993,24 @@ mod tests {
         let a = TlsServer::from_pem(&id).unwrap();
         let b = TlsServer::from_pem(&id).unwrap();
         let ca = id.ca_pem.clone().unwrap();
-        check(&a, Some(&ca), "relay.example", "ok sni=relay.example alpn=-");
-        check(&b, Some(&ca), "relay.example", "ok sni=relay.example alpn=-");
-        assert!(TlsServer::from_pem(&PemIdentity { chain_pem: String::new(), ..id }).is_err());
+        check(
+            &a,
+            Some(&ca),
+            "relay.example",
+            "ok sni=relay.example alpn=-",
+        );
+        check(
+            &b,
+            Some(&ca),
+            "relay.example",
+            "ok sni=relay.example alpn=-",
+        );
+        assert!(
+            TlsServer::from_pem(&PemIdentity {
+                chain_pem: String::new(),
+                ..id
+            })
+            .is_err()
+        );
     }
 }

@@ -101,12 +101,12 @@ fn twenty_one_thousand_connections_on_four_workers() {
         "upstreams hold {} connections (errors {}), expected {TOTAL}",
         counts.0, counts.1
     );
-    let status = relay.status();
-    assert_eq!(
-        status["active"].as_u64(),
-        Some(TOTAL as u64),
-        "status: {status}"
-    );
+    let mut status = relay.status();
+    let counted = wait_until(HUNG, || {
+        status = relay.status();
+        status["active"].as_u64() == Some(TOTAL as u64)
+    });
+    assert!(counted, "status does not count {TOTAL} active: {status}");
     let workers = status["workers"].as_array().map(Vec::len);
     assert_eq!(workers, Some(4), "status: {status}");
 

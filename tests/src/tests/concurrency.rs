@@ -94,3 +94,39 @@ fn max_connections_refuses_the_extra_client() {
     );
     client::echo_many(&held, seed(), 1000, false, HUNG).unwrap();
 }
+
+/// The cap is the whole daemon's, whatever the number of workers: 30 clients at once against
+/// `--max-connections 10 --workers 4` get at most 10 relayed connections.
+#[test]
+fn max_connections_holds_across_workers() {
+    sluice_tests::init();
+    let host = Host::new();
+    let echo = EchoServer::start(host.addr());
+    let relay = Sluice::forward(host.addr(), echo.addr())
+        .workers(4)
+        .max_connections(10)
+        .start();
+    relay.wait_workers(4, HUNG);
+    let conns: Vec<_> = (0..30)
+        .filter_map(|_| client::try_connect(relay.addr(), None).ok())
+        .collect();
+    // Each client is either relayed (echo works) or closed; none hangs.
+    let mut relayed = Vec::new();
+    for c in conns {
+        let quick = Duration::from_secs(5);
+        if client::echo_many(std::slice::from_ref(&c), seed(), 100, false, quick).is_ok() {
+            relayed.push(c);
+        }
+    }
+    assert!(
+        (1..=10).contains(&relayed.len()),
+        "{} of 30 clients relayed under --max-connections 10 (upstream holds {})",
+        relayed.len(),
+        echo.active()
+    );
+    assert!(
+        echo.active() <= 10,
+        "upstream holds {} connections",
+        echo.active()
+    );
+}

@@ -33,6 +33,7 @@ mod bulk;
 mod capacity;
 mod concurrency;
 mod config;
+mod ebpf;
 mod failures;
 mod fallback;
 mod half_close;

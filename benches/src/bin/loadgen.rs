@@ -1,0 +1,136 @@
+//! `loadgen`: the benchmark's load generators and echo upstream, one per process. Driven by
+//! `sluice-bench`; prints `MARK`/`RESULT` lines on stdout (see `sluice_benches::wire`), progress
+//! on stderr.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use sluice_benches::{connrate, echo, idle, rr};
+
+#[derive(Parser)]
+#[command(
+    name = "loadgen",
+    about = "Load generators and echo upstream for Sluice's benchmark"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Echo server: SO_REUSEPORT listener and epoll per thread.
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Exit after this long at the latest.
+        #[arg(long, default_value_t = 3600)]
+        max_secs: u64,
+    },
+    /// Open-loop request/response over persistent connections.
+    Rr {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// Offered rates, messages per second, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "5000,20000")]
+        rates: Vec<u32>,
+        #[arg(long, default_value_t = 500)]
+        warmup_ms: u64,
+        #[arg(long, default_value_t = 2500)]
+        measure_ms: u64,
+        #[arg(long, default_value_t = 2000)]
+        drain_ms: u64,
+    },
+    /// Connect, exchange 64 bytes, close; `concurrency` at a time.
+    Connrate {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 300)]
+        warmup_ms: u64,
+        #[arg(long, default_value_t = 2000)]
+        measure_ms: u64,
+    },
+    /// Open idle connections, check each with one echoed byte, hold them until stdin closes.
+    Idle {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        /// First client source address index (127.77.1.1 + index).
+        #[arg(long, default_value_t = 0)]
+        source_base: usize,
+        #[arg(long, default_value_t = 25_000)]
+        setup_max_ms: u64,
+        #[arg(long, default_value_t = 90_000)]
+        hold_max_ms: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let ms = Duration::from_millis;
+    let result = match Cli::parse().cmd {
+        Cmd::Echo {
+            listen,
+            threads,
+            max_secs,
+        } => {
+            sluice_benches::net::raise_nofile().and_then(|_| echo::serve(listen, threads, max_secs))
+        }
+        Cmd::Rr {
+            target,
+            conns,
+            rates,
+            warmup_ms,
+            measure_ms,
+            drain_ms,
+        } => sluice_benches::net::raise_nofile().and_then(|_| {
+            rr::run(&rr::Params {
+                target,
+                conns,
+                rates,
+                warmup: ms(warmup_ms),
+                measure: ms(measure_ms),
+                drain: ms(drain_ms),
+            })
+        }),
+        Cmd::Connrate {
+            target,
+            concurrency,
+            warmup_ms,
+            measure_ms,
+        } => connrate::run(&connrate::Params {
+            target,
+            concurrency,
+            warmup: ms(warmup_ms),
+            measure: ms(measure_ms),
+        }),
+        Cmd::Idle {
+            target,
+            count,
+            source_base,
+            setup_max_ms,
+            hold_max_ms,
+        } => idle::run(&idle::Params {
+            target,
+            count,
+            source_base,
+            setup_max: ms(setup_max_ms),
+            hold_max: ms(hold_max_ms),
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! `cargo xtask bench`: installs the peers it compares against (HAProxy, nginx with the stream
+//! module, socat, iperf3; idempotent, checked with `dpkg-query`), builds the relay and the
+//! benchmark binaries in release, then runs `sluice-bench` (benches/src/bin/sluice-bench.rs),
+//! which starts every candidate on loopback, drives the load generators and writes the report.
+//!
+//! The orchestration lives in the `sluice-benches` crate rather than here because it needs
+//! serde, hdrhistogram and plotters, which this crate does not depend on.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::{cargo, project_root, run};
+
+/// The programs the benchmark runs next to Sluice.
+const PEER_PACKAGES: &[&str] = &[
+    "haproxy",
+    "nginx-light",
+    "libnginx-mod-stream",
+    "socat",
+    "iperf3",
+];
+
+#[derive(Args)]
+pub struct BenchFlags {
+    /// Short run: under 3 minutes, 10 000 idle connections.
+    #[arg(long)]
+    quick: bool,
+    /// Write docs/BENCHMARKS.md and docs/bench/*.svg too.
+    #[arg(long)]
+    save: bool,
+    /// Only these workloads: bulk, rr, connrate, idle (comma-separated).
+    #[arg(long)]
+    only: Option<String>,
+    /// Only these candidates: direct, sluice-splice, sluice-copy, sluice-epoll, haproxy, nginx,
+    /// socat (comma-separated).
+    #[arg(long)]
+    candidates: Option<String>,
+}
+
+pub fn bench(flags: BenchFlags) -> Result<()> {
+    let root = project_root();
+    install_peers()?;
+    crate::setup::ebpf_toolchain()?;
+    crate::build_ebpf(&root)?;
+    eprintln!("xtask: building sluice and the benchmark binaries (release)");
+    run(cargo().args(["build", "--release", "--package", "sluice", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "sluice-benches",
+        "--bins",
+    ]))?;
+    let bin_dir = root.join("target/release");
+    let mut cmd = Command::new(bin_dir.join("sluice-bench"));
+    cmd.arg("--root").arg(&root).arg("--bin-dir").arg(&bin_dir);
+    if flags.quick {
+        cmd.arg("--quick");
+    }
+    if flags.save {
+        cmd.arg("--save");
+    }
+    if let Some(only) = &flags.only {
+        cmd.args(["--only", only]);
+    }
+    if let Some(c) = &flags.candidates {
+        cmd.args(["--candidates", c]);
+    }
+    run(&mut cmd).context("the benchmark run failed")
+}
+
+/// apt-get installs whichever peer package is missing; nothing when all are there.
+fn install_peers() -> Result<()> {
+    let missing: Vec<&str> = PEER_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing benchmark peers: {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing))
+    .context("apt-get install failed (the benchmark needs root to install its peers)")
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
