@@ -421,7 +421,8 @@ impl Sluice {
     }
 
     /// Waits (up to `timeout`) until the workers hold no more sockets and other fds than
-    /// `baseline` plus `slack`, and no more pipes than their pools may keep
+    /// `baseline` plus `slack`, and no more pipes than the baseline (control and log pipes) plus
+    /// what their pools may keep
     /// ([`PIPE_FDS_PER_WORKER`] each). Err names what stayed.
     pub fn settle_fds(
         &self,
@@ -433,7 +434,7 @@ impl Sluice {
         let ok = wait_until(timeout, || {
             now = self.worker_fds();
             let pipe_cap = PIPE_FDS_PER_WORKER * self.worker_pids().len();
-            now.non_pipe() <= baseline.non_pipe() + slack && now.pipes <= pipe_cap
+            now.non_pipe() <= baseline.non_pipe() + slack && now.pipes <= baseline.pipes + pipe_cap
         });
         if ok {
             Ok(now)

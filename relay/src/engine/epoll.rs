@@ -473,7 +473,13 @@ impl<'a> Worker<'a> {
             };
             // Bounded per event, like accepts: fairness between connections.
             for _ in 0..64 {
-                if !flush(dst, &mut conn.dirs[d].pending, d)? {
+                let had = conn.dirs[d].pending.len();
+                let all = flush(dst, &mut conn.dirs[d].pending, d)?;
+                if conn.dirs[d].pending.len() < had {
+                    // Bytes went out: not idle (timeouts count inactivity either way).
+                    conn.last_active_ms = self.now_ms;
+                }
+                if !all {
                     break; // the destination is full; its EPOLLOUT brings us back
                 }
                 if conn.dirs[d].eof {

@@ -895,6 +895,7 @@ impl<'a> Worker<'a> {
         }
         match res {
             n if n > 0 => {
+                self.touch(slot);
                 let dir = &mut self.conn(slot).dirs[d];
                 dir.in_pipe -= n as u32;
                 if dir.in_pipe > 0 {
@@ -1019,6 +1020,7 @@ impl<'a> Worker<'a> {
             self.fail(slot, d, -res, false);
             return;
         }
+        self.touch(slot);
         let dir = &mut self.conn(slot).dirs[d];
         let (bid, len) = *dir
             .queue
@@ -1234,6 +1236,7 @@ impl<'a> Worker<'a> {
             self.fail(slot, d, -res, false);
             return;
         }
+        self.touch(slot);
         self.tls(slot).out[d].sent += res as usize;
         self.tls_flush(slot, d);
     }
@@ -1254,6 +1257,12 @@ impl<'a> Worker<'a> {
     }
 
     // ---- both ----
+
+    /// Bytes went out: the connection is not idle (timeouts count inactivity either way).
+    fn touch(&mut self, slot: u32) {
+        let now = self.now_ms;
+        self.conn(slot).last_active_ms = now;
+    }
 
     fn moved(&mut self, slot: u32, d: usize, n: u64) {
         let now = self.now_ms;

@@ -39,7 +39,11 @@ fn per_worker(relay: &Sluice) -> String {
         .iter()
         .map(|w| format!("{}: {}/{}", w["index"], w["accepted"], w["active"]))
         .collect();
-    format!("[{}] (accepted/active)", list.join(", "))
+    format!(
+        "[{}] (accepted/active); totals {}",
+        list.join(", "),
+        status["totals"]
+    )
 }
 
 #[test]
