@@ -21,7 +21,11 @@ fn bench(c: &mut Criterion) {
     .iter()
     .map(|a| a.parse().unwrap())
     .collect();
-    let msg = ControlMsg::Addrs { listener: 3, addrs };
+    let msg = ControlMsg::Addrs {
+        listener: 3,
+        entry: 0,
+        addrs,
+    };
     let line = msg.encode();
     assert_eq!(ControlMsg::decode(&line), Some(msg.clone()));
     let mut g = c.benchmark_group("control");

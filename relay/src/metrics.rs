@@ -34,6 +34,8 @@ pub enum Counter {
     RefusedBadHeader,
     /// Closed because the TLS handshake or a TLS record failed.
     RefusedBadTls,
+    /// Closed because the ClientHello named no allowed host (SNI routing), or was not TLS.
+    RefusedBadSni,
     /// Every upstream address refused or timed out.
     UpstreamUnreachable,
     ClientReset,
@@ -59,6 +61,7 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::RefusedNoUpstream, "refused_no_upstream"),
     (Counter::RefusedBadHeader, "refused_bad_header"),
     (Counter::RefusedBadTls, "refused_bad_tls"),
+    (Counter::RefusedBadSni, "refused_bad_sni"),
     (Counter::UpstreamUnreachable, "upstream_unreachable"),
     (Counter::ClientReset, "client_reset"),
     (Counter::UpstreamReset, "upstream_reset"),

@@ -339,14 +339,19 @@ impl Supervisor {
     }
 
     fn write_table(&self, p: &mut WorkerProc) {
-        for (listener, addrs) in self.table.iter().enumerate() {
-            let msg = ControlMsg::Addrs {
-                listener,
-                addrs: addrs.clone(),
-            };
-            if let Err(e) = p.stdin.write_all(msg.encode().as_bytes()) {
-                tracing::debug!("cannot reach a worker's control pipe: {e}");
+        let mut msgs = String::new();
+        for (listener, entries) in self.table.iter().enumerate() {
+            for (entry, addrs) in entries.iter().enumerate() {
+                let msg = ControlMsg::Addrs {
+                    listener,
+                    entry,
+                    addrs: addrs.clone(),
+                };
+                msgs.push_str(&msg.encode());
             }
+        }
+        if let Err(e) = p.stdin.write_all(msgs.as_bytes()) {
+            tracing::debug!("cannot reach a worker's control pipe: {e}");
         }
     }
 

@@ -19,9 +19,11 @@ pub const RETRY_S: u64 = 5;
 /// Messages from the supervisor to a worker, one per line on the worker's stdin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlMsg {
-    /// The full, ordered address list of listener `listener` (may be empty).
+    /// The full, ordered address list of upstream entry `entry` of listener `listener` (may be
+    /// empty).
     Addrs {
         listener: usize,
+        entry: usize,
         addrs: Vec<SocketAddr>,
     },
     /// Stop accepting; exit once the open connections have closed.
@@ -54,9 +56,13 @@ fn unhex(s: &str) -> Option<String> {
 impl ControlMsg {
     pub fn encode(&self) -> String {
         match self {
-            ControlMsg::Addrs { listener, addrs } => {
+            ControlMsg::Addrs {
+                listener,
+                entry,
+                addrs,
+            } => {
                 let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-                format!("addrs {listener} {}\n", list.join(","))
+                format!("addrs {listener} {entry} {}\n", list.join(","))
             }
             ControlMsg::Drain => "drain\n".to_string(),
             ControlMsg::Tls {
@@ -70,9 +76,11 @@ impl ControlMsg {
 
     pub fn decode(line: &str) -> Option<ControlMsg> {
         let mut parts = line.trim_end().splitn(4, ' ');
+        let number = |parts: &mut std::str::SplitN<'_, char>| parts.next()?.parse::<usize>().ok();
         match parts.next()? {
             "addrs" => {
-                let listener = parts.next()?.parse().ok()?;
+                let listener = number(&mut parts)?;
+                let entry = number(&mut parts)?;
                 let addrs = match parts.next() {
                     None | Some("") => Vec::new(),
                     Some(list) if list.contains(' ') => return None,
@@ -81,12 +89,16 @@ impl ControlMsg {
                         .map(|a| a.parse().ok())
                         .collect::<Option<Vec<_>>>()?,
                 };
-                Some(ControlMsg::Addrs { listener, addrs })
+                Some(ControlMsg::Addrs {
+                    listener,
+                    entry,
+                    addrs,
+                })
             }
             "drain" => Some(ControlMsg::Drain),
             "ready" => Some(ControlMsg::Ready),
             "tls" => Some(ControlMsg::Tls {
-                listener: parts.next()?.parse().ok()?,
+                listener: number(&mut parts)?,
                 chain_pem: unhex(parts.next()?)?,
                 key_pem: unhex(parts.next()?)?,
             }),
@@ -95,13 +107,17 @@ impl ControlMsg {
     }
 }
 
-/// What the resolver thread reports to the supervisor's main loop.
-pub type Table = Vec<Vec<SocketAddr>>;
+/// What the resolver thread reports to the supervisor's main loop: for each listener, for each
+/// of its upstream entries, the addresses in order.
+pub type Table = Vec<Vec<Vec<SocketAddr>>>;
 
 /// Resolves one name; IP literals need no lookup.
-fn resolve(hp: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
+fn resolve(config: &Config, hp: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
     if let Some(sa) = hp.literal() {
         return Ok(vec![sa]);
+    }
+    if let Some(&ip) = config.resolve.get(&hp.host) {
+        return Ok(vec![SocketAddr::new(ip, hp.port)]);
     }
     let addrs: Vec<SocketAddr> = (hp.host.as_str(), hp.port).to_socket_addrs()?.collect();
     if addrs.is_empty() {
@@ -126,7 +142,7 @@ pub fn resolve_all(config: &Config, failing: &mut HashMap<HostPort, bool>) -> (T
             for hp in &l.upstream {
                 let addrs = cache.entry(hp).or_insert_with(|| {
                     let was_failing = failing.get(hp).copied().unwrap_or(false);
-                    let result = resolve(hp);
+                    let result = resolve(config, hp);
                     failing.insert(hp.clone(), result.is_err());
                     match result {
                         Ok(a) => {
@@ -145,11 +161,7 @@ pub fn resolve_all(config: &Config, failing: &mut HashMap<HostPort, bool>) -> (T
                     }
                 });
                 all_ok &= !addrs.is_empty();
-                for a in addrs.iter() {
-                    if !out.contains(a) {
-                        out.push(*a);
-                    }
-                }
+                out.push(addrs.clone());
             }
             out
         })
@@ -204,41 +216,72 @@ pub fn spawn_resolver<E: Send + 'static>(
 /// A worker's view of the upstream addresses, updated from its control pipe.
 #[derive(Debug, Default)]
 pub struct Upstreams {
-    addrs: Vec<Vec<SocketAddr>>,
+    /// `entries[listener][entry]`: the addresses of one configured `HOST:PORT`.
+    entries: Vec<Vec<Vec<SocketAddr>>>,
+    /// `flat[listener]`: every entry's addresses in order, without repeats (static routing).
+    flat: Vec<Vec<SocketAddr>>,
     next: Vec<usize>,
 }
 
 impl Upstreams {
-    pub fn new(listeners: usize) -> Upstreams {
+    /// `entries[l]` is the number of upstream entries of listener `l`.
+    pub fn new(entries: &[usize]) -> Upstreams {
         Upstreams {
-            addrs: vec![Vec::new(); listeners],
-            next: vec![0; listeners],
+            entries: entries.iter().map(|&n| vec![Vec::new(); n]).collect(),
+            flat: vec![Vec::new(); entries.len()],
+            next: vec![0; entries.len()],
         }
     }
 
-    pub fn set(&mut self, listener: usize, addrs: Vec<SocketAddr>) {
-        if let Some(slot) = self.addrs.get_mut(listener) {
-            *slot = addrs;
-            self.next[listener] = 0;
+    pub fn set(&mut self, listener: usize, entry: usize, addrs: Vec<SocketAddr>) {
+        let Some(slot) = self
+            .entries
+            .get_mut(listener)
+            .and_then(|l| l.get_mut(entry))
+        else {
+            return;
+        };
+        *slot = addrs;
+        let flat = &mut self.flat[listener];
+        flat.clear();
+        for a in self.entries[listener].iter().flatten() {
+            if !flat.contains(a) {
+                flat.push(*a);
+            }
         }
+        self.next[listener] = 0;
     }
 
+    /// Addresses known for a listener (any entry).
     pub fn count(&self, listener: usize) -> usize {
-        self.addrs[listener].len()
+        self.flat[listener].len()
     }
 
-    /// Index of the first address to try for a new connection (round-robin over the list, so
-    /// equal servers share the load; failover walks on from there).
+    fn list(&self, listener: usize, entry: Option<usize>) -> &[SocketAddr] {
+        match entry {
+            Some(e) => &self.entries[listener][e],
+            None => &self.flat[listener],
+        }
+    }
+
+    /// Where a new connection starts in the address list (round-robin, so equal servers share
+    /// the load; failover walks on from there).
     pub fn start(&mut self, listener: usize) -> usize {
-        let n = self.addrs[listener].len().max(1);
-        let i = self.next[listener] % n;
-        self.next[listener] = (i + 1) % n;
+        let i = self.next[listener];
+        self.next[listener] = i.wrapping_add(1);
         i
     }
 
-    /// The `attempt`-th address to try, starting from `start`; None once all were tried.
-    pub fn pick(&self, listener: usize, start: usize, attempt: usize) -> Option<SocketAddr> {
-        let list = &self.addrs[listener];
+    /// The `attempt`-th address to try from `start`, among all of the listener's addresses
+    /// (`entry` None) or one entry's (SNI routing); None once all were tried.
+    pub fn pick(
+        &self,
+        listener: usize,
+        entry: Option<usize>,
+        start: usize,
+        attempt: usize,
+    ) -> Option<SocketAddr> {
+        let list = self.list(listener, entry);
         if attempt >= list.len() {
             return None;
         }
@@ -267,10 +310,12 @@ mod tests {
         });
         check(ControlMsg::Addrs {
             listener: 3,
+            entry: 1,
             addrs: vec![],
         });
         check(ControlMsg::Addrs {
             listener: 0,
+            entry: 0,
             addrs: vec![
                 "127.0.0.1:80".parse().unwrap(),
                 "[::1]:443".parse().unwrap(),
@@ -282,21 +327,28 @@ mod tests {
 
     #[test]
     fn failover_walks_every_address_once() {
-        let mut u = Upstreams::new(1);
+        let mut u = Upstreams::new(&[2]);
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let b: SocketAddr = "127.0.0.2:1".parse().unwrap();
-        u.set(0, vec![a, b]);
+        u.set(0, 0, vec![a]);
+        u.set(0, 1, vec![b, a]);
         let s = u.start(0);
         assert_eq!(s, 0);
-        assert_eq!(u.pick(0, s, 0), Some(a));
-        assert_eq!(u.pick(0, s, 1), Some(b));
-        assert_eq!(u.pick(0, s, 2), None);
+        assert_eq!(u.pick(0, None, s, 0), Some(a));
+        assert_eq!(u.pick(0, None, s, 1), Some(b));
+        assert_eq!(u.pick(0, None, s, 2), None, "repeats are tried once");
         let s = u.start(0);
         assert_eq!(
-            u.pick(0, s, 0),
+            u.pick(0, None, s, 0),
             Some(b),
             "the next connection starts at the next address"
         );
+        assert_eq!(
+            u.pick(0, Some(0), s, 0),
+            Some(a),
+            "an entry's own list (SNI routing)"
+        );
+        assert_eq!(u.pick(0, Some(0), s, 1), None);
     }
 
     #[test]
@@ -309,6 +361,9 @@ mod tests {
         let mut failing = HashMap::new();
         let (table, ok) = resolve_all(&cfg, &mut failing);
         assert!(!ok);
-        assert_eq!(table, vec![vec!["127.0.0.5:9".parse().unwrap()]]);
+        assert_eq!(
+            table,
+            vec![vec![vec![], vec!["127.0.0.5:9".parse().unwrap()]]]
+        );
     }
 }

@@ -226,3 +226,112 @@ pub fn echo_many(
     }
     result
 }
+
+/// A PROXY protocol v1 header for a TCP connection from `src` to `dst` (`TCP4` or `TCP6` by
+/// the addresses' family).
+pub fn proxy_v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let fam = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+    format!(
+        "PROXY {fam} {} {} {} {}\r\n",
+        src.ip(),
+        dst.ip(),
+        src.port(),
+        dst.port()
+    )
+    .into_bytes()
+}
+
+/// The 12-byte signature every PROXY protocol v2 header starts with.
+pub const PROXY_V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+
+/// A PROXY protocol v2 header: version/command byte `ver_cmd` (0x21 = v2 PROXY, 0x20 = v2
+/// LOCAL), family/protocol byte `fam` (0x11 = TCP over IPv4, 0x21 = TCP over IPv6), then
+/// `block` (addresses, TLVs) with its length.
+pub fn proxy_v2_raw(ver_cmd: u8, fam: u8, block: &[u8]) -> Vec<u8> {
+    let mut h = PROXY_V2_SIGNATURE.to_vec();
+    h.push(ver_cmd);
+    h.push(fam);
+    h.extend_from_slice(&u16::try_from(block.len()).unwrap().to_be_bytes());
+    h.extend_from_slice(block);
+    h
+}
+
+/// The address block of a v2 header for `src` -> `dst` (both IPv4 or both IPv6) and its
+/// family byte.
+pub fn proxy_v2_block(src: SocketAddr, dst: SocketAddr) -> (u8, Vec<u8>) {
+    let mut b = Vec::new();
+    let fam = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            b.extend_from_slice(&s.octets());
+            b.extend_from_slice(&d.octets());
+            0x11
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            b.extend_from_slice(&s.octets());
+            b.extend_from_slice(&d.octets());
+            0x21
+        }
+        _ => panic!("proxy_v2_block: {src} and {dst} differ in family"),
+    };
+    b.extend_from_slice(&src.port().to_be_bytes());
+    b.extend_from_slice(&dst.port().to_be_bytes());
+    (fam, b)
+}
+
+/// A PROXY protocol v2 `PROXY` header for a TCP connection from `src` to `dst`.
+pub fn proxy_v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let (fam, block) = proxy_v2_block(src, dst);
+    proxy_v2_raw(0x21, fam, &block)
+}
+
+/// Splits a PROXY v2 header off the start of `buf`: (version/command, family, block, rest).
+pub fn split_proxy_v2(buf: &[u8]) -> Option<(u8, u8, &[u8], &[u8])> {
+    if buf.len() < 16 || buf[..12] != PROXY_V2_SIGNATURE {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+    let end = 16 + len;
+    (buf.len() >= end).then(|| (buf[12], buf[13], &buf[16..end], &buf[end..]))
+}
+
+/// Connects (from `source` if given), sends `bytes`, shuts the write side and reads until the
+/// connection ends (up to [`HUNG`]): what came back, and how it ended (None: still open).
+pub fn send_and_read_to_end(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    bytes: &[u8],
+) -> (SocketAddr, Vec<u8>, Option<crate::servers::Ended>) {
+    let mut s = try_connect(addr, source).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let local = s.local_addr().unwrap();
+    // The relay may refuse while this is still being written: only what comes back counts.
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(Shutdown::Write);
+    let (got, ended) = read_all(&mut s, HUNG);
+    (local, got, ended)
+}
+
+/// Reads until the connection ends or `timeout` passes: the bytes, and how it ended (None:
+/// still open at the deadline).
+pub fn read_all(s: &mut TcpStream, timeout: Duration) -> (Vec<u8>, Option<crate::servers::Ended>) {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return (got, None);
+        }
+        s.set_read_timeout(Some(left.min(Duration::from_millis(500))))
+            .unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return (got, Some(crate::servers::Ended::Eof)),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return (got, Some(crate::servers::Ended::Reset)),
+        }
+    }
+}

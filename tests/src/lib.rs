@@ -35,7 +35,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub use pattern::{Pattern, Verifier};
-pub use sluice::{Config, ListenerConfig, Sluice, SluiceCmd};
+pub use sluice::{Config, ListenerConfig, Sluice, SluiceCmd, TlsConfig};
 
 /// How long anything that should be quick may take before the test calls it hung.
 pub const HUNG: Duration = Duration::from_secs(30);
@@ -282,11 +282,32 @@ impl Output {
 /// Runs `cmd` to completion with stdin closed; a command still running after `timeout` is
 /// killed and the test fails.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
-    cmd.stdin(Stdio::null())
+    run_child(cmd, None, timeout)
+}
+
+/// Like [`run_with_timeout`], with `input` written to the command's stdin, which is then
+/// closed (a command that exits before reading it all is not an error).
+pub fn run_with_input(cmd: &mut Command, input: &[u8], timeout: Duration) -> Output {
+    run_child(cmd, Some(input.to_vec()), timeout)
+}
+
+fn run_child(cmd: &mut Command, input: Option<Vec<u8>>, timeout: Duration) -> Output {
+    let stdin = if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
+    cmd.stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let name = cmd.get_program().to_string_lossy().into_owned();
     let mut guard = ChildGuard::spawn(&name, cmd);
+    if let Some(input) = input {
+        let mut w = guard.child().stdin.take().unwrap();
+        thread::spawn(move || {
+            let _ = w.write_all(&input);
+        });
+    }
     let mut out = guard.child().stdout.take().unwrap();
     let mut err = guard.child().stderr.take().unwrap();
     let t_out = thread::spawn(move || {

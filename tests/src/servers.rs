@@ -676,3 +676,86 @@ impl BlackHole {
         s.connect_timeout(&self.addr.into(), wait).is_err()
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Capture
+
+/// Records everything each connection sends up to its FIN (the PROXY header a relay wrote
+/// first included), then answers `reply`, shuts its write side and closes. One thread per
+/// connection; counts accepted connections, so a test can prove nothing reached it.
+pub struct CaptureServer {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    captured: Mutex<Receiver<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CaptureServer {
+    pub fn start(addr: SocketAddr, reply: &'static [u8]) -> CaptureServer {
+        let listener = listen(addr, false, 1024);
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = channel();
+        let (acc, st) = (accepted.clone(), stop.clone());
+        let thread = thread::Builder::new()
+            .name("capture-accept".into())
+            .spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    if !readable(&listener, 50) {
+                        continue;
+                    }
+                    let Ok((mut s, _)) = listener.accept() else {
+                        continue;
+                    };
+                    acc.fetch_add(1, Ordering::Relaxed);
+                    let tx: Sender<Vec<u8>> = tx.clone();
+                    let _ = thread::Builder::new()
+                        .name("capture-conn".into())
+                        .spawn(move || {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(HUNG));
+                            let _ = s.set_write_timeout(Some(HUNG));
+                            let mut got = Vec::new();
+                            let _ = s.read_to_end(&mut got);
+                            let _ = tx.send(got);
+                            let _ = s.write_all(reply);
+                            let _ = s.shutdown(Shutdown::Write);
+                        });
+                }
+            })
+            .unwrap();
+        CaptureServer {
+            addr,
+            accepted,
+            captured: Mutex::new(rx),
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// What the next finished connection sent (in the order they finished), waiting up to
+    /// `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<Vec<u8>> {
+        self.captured.lock().unwrap().recv_timeout(timeout).ok()
+    }
+}
+
+impl Drop for CaptureServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -31,6 +31,9 @@ pub struct Config {
     pub resolve_interval_s: u32,
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Host names resolved to a fixed address instead of DNS (`--resolve HOST=IP`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub resolve: std::collections::BTreeMap<String, IpAddr>,
     /// One table per listening port.
     #[serde(rename = "listen")]
     pub listeners: Vec<Listener>,
@@ -78,6 +81,10 @@ pub struct Listener {
     /// Expect a PROXY protocol header (v1 or v2) from the client before its bytes.
     #[serde(default)]
     pub accept_proxy: bool,
+    /// How a connection picks its upstream: `static` (the `upstream` list in turn) or `sni` (the
+    /// entry whose host is the TLS ClientHello's server name; other names are refused).
+    #[serde(default)]
+    pub route: Route,
     /// Send a PROXY protocol header to the upstream before the client's bytes.
     #[serde(default)]
     pub send_proxy: SendProxy,
@@ -107,6 +114,18 @@ pub struct TlsSettings {
     /// IP addresses of a generated certificate (the WhatsApp proxy's SSL_IP).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ips: Vec<IpAddr>,
+}
+
+/// How a listener picks the upstream of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    /// Every connection goes to the `upstream` list, tried in turn.
+    #[default]
+    Static,
+    /// The ClientHello's server name (of the inner TLS, on a `tls` port) picks the `upstream`
+    /// entry with that host, exactly, ignoring case; any other name, none, or non-TLS is refused.
+    Sni,
 }
 
 /// Which engine relays plain connections.
@@ -294,11 +313,13 @@ impl Config {
             max_connections: defaults::max_connections(),
             resolve_interval_s: defaults::resolve_interval_s(),
             timeouts: Timeouts::default(),
+            resolve: Default::default(),
             listeners: vec![Listener {
                 name: "forward".into(),
                 bind: listen,
                 upstream: vec![upstream],
                 accept_proxy: false,
+                route: Route::Static,
                 send_proxy: SendProxy::None,
                 max_connections: 0,
                 tls: None,
@@ -396,16 +417,10 @@ impl Config {
         toml::to_string_pretty(self).expect("a Config always serializes")
     }
 
-    /// Replaces the host of every upstream named `host` by `ip` (like /etc/hosts).
+    /// Resolves upstream host `host` to `ip` instead of asking DNS (like /etc/hosts); the name
+    /// itself stays, so SNI routing still matches it.
     pub fn apply_resolve(&mut self, host: &str, ip: IpAddr) {
-        let host = host.to_ascii_lowercase();
-        for l in &mut self.listeners {
-            for u in &mut l.upstream {
-                if u.host == host {
-                    u.host = ip.to_string();
-                }
-            }
-        }
+        self.resolve.insert(host.to_ascii_lowercase(), ip);
     }
 }
 
@@ -608,8 +623,15 @@ mod tests {
         let r: ResolveOverride = "G.example.net=127.0.0.9".parse().unwrap();
         c.apply_resolve(&r.host, r.ip);
         assert_eq!(
-            c.listeners[0].upstream[0].literal(),
-            Some("127.0.0.9:5222".parse().unwrap())
+            c.resolve["g.example.net"],
+            "127.0.0.9".parse::<IpAddr>().unwrap()
         );
+        assert_eq!(
+            c.listeners[0].upstream[0].host, "g.example.net",
+            "the name stays for SNI"
+        );
+        let printed = c.to_toml();
+        assert!(printed.contains("[resolve]"), "{printed}");
+        assert_eq!(Config::from_toml(&printed, "t").unwrap(), c);
     }
 }

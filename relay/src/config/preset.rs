@@ -5,7 +5,8 @@
 //! `*-proxied` ports and sent upstream as v1, maxconn 27500 (27495 per frontend), timeouts
 //! connect 5 s, client/server 200 s, client-fin/server-fin 1 s. Binds are IPv4, like theirs.
 
-use super::{Config, EngineChoice, HostPort, Listener, SendProxy, Timeouts, TlsSettings};
+use super::{Config, EngineChoice, HostPort, Listener, Route, SendProxy, Timeouts, TlsSettings};
+use crate::proto::sni::SIGNAL_HOSTS;
 
 /// A named built-in configuration (`--preset`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -13,12 +14,16 @@ pub enum Preset {
     /// The WhatsApp proxy: ports 80/8080, 443/8443 (TLS), 5222/8222, 587/7777.
     #[default]
     Whatsapp,
+    /// Signal-TLS-Proxy: TLS on 443, then the inner ClientHello's name picks one of Signal's
+    /// hosts on 443.
+    Signal,
 }
 
 impl Preset {
     pub fn config(self) -> Config {
         match self {
             Preset::Whatsapp => whatsapp(),
+            Preset::Signal => signal(),
         }
     }
 }
@@ -93,6 +98,7 @@ fn whatsapp() -> Config {
         engine: EngineChoice::Auto,
         max_connections: 27_500,
         resolve_interval_s: 300,
+        resolve: Default::default(),
         timeouts: Timeouts {
             connect_ms: 5_000,
             idle_ms: 200_000,
@@ -107,12 +113,49 @@ fn whatsapp() -> Config {
                     bind: std::net::SocketAddr::from(([0, 0, 0, 0], port)),
                     upstream: vec![hp(upstream)],
                     accept_proxy,
+                    route: Route::Static,
                     send_proxy,
                     max_connections: 27_495,
                     tls: tls.then(TlsSettings::default),
                 },
             )
             .collect(),
+    }
+}
+
+/// Signal-TLS-Proxy's two nginx tiers in one listener: port 443 terminates TLS (a generated
+/// certificate unless `cert`/`key` point at Let's Encrypt's files; the outer SNI is not
+/// checked), then the inner ClientHello's server name must be one of [`SIGNAL_HOSTS`] and picks
+/// that host on 443. Timeouts are nginx's defaults: 30 s to read the ClientHello (preread), 60 s
+/// to connect, 10 min idle (nginx has no separate half-close timeout, so after-FIN is 10 min
+/// too). Port 80 (ACME challenges, 404 otherwise) is certbot's business and not part of this
+/// preset.
+fn signal() -> Config {
+    Config {
+        workers: 0,
+        engine: EngineChoice::Auto,
+        max_connections: 27_500,
+        resolve_interval_s: 6 * 3600,
+        resolve: Default::default(),
+        timeouts: Timeouts {
+            connect_ms: 60_000,
+            idle_ms: 600_000,
+            fin_ms: 600_000,
+            header_ms: 30_000,
+        },
+        listeners: vec![Listener {
+            name: "signal-tls".into(),
+            bind: std::net::SocketAddr::from(([0, 0, 0, 0], 443)),
+            upstream: SIGNAL_HOSTS
+                .iter()
+                .map(|h| hp(&format!("{h}:443")))
+                .collect(),
+            accept_proxy: false,
+            route: Route::Sni,
+            send_proxy: SendProxy::None,
+            max_connections: 0,
+            tls: Some(TlsSettings::default()),
+        }],
     }
 }
 
@@ -161,7 +204,34 @@ mod tests {
 
     #[test]
     fn preset_prints_as_toml_that_parses_back() {
-        let c = Preset::Whatsapp.config();
-        assert_eq!(Config::from_toml(&c.to_toml(), "printed").unwrap(), c);
+        for p in [Preset::Whatsapp, Preset::Signal] {
+            let c = p.config();
+            assert_eq!(Config::from_toml(&c.to_toml(), "printed").unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn signal_preset_routes_by_inner_sni_to_the_thirteen_hosts() {
+        let c = Preset::Signal.config();
+        c.validate().unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(
+            (l.bind.port(), l.route, l.tls.is_some()),
+            (443, Route::Sni, true)
+        );
+        assert_eq!(l.upstream.len(), 13);
+        assert!(
+            l.upstream
+                .iter()
+                .all(|u| u.port == 443 && u.host.ends_with(".signal.org"))
+        );
+        assert_eq!(
+            (
+                c.timeouts.header_ms,
+                c.timeouts.connect_ms,
+                c.timeouts.idle_ms
+            ),
+            (30_000, 60_000, 600_000)
+        );
     }
 }

@@ -15,7 +15,8 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use super::{HeaderStep, Refusal, WorkerCtx};
+use super::{HeaderStep, Refusal, SniStep, WorkerCtx};
+use crate::config::Route;
 use crate::metrics::Counter;
 use crate::proto::proxy::ProxyHeader;
 use crate::proto::tls::TlsConn;
@@ -34,6 +35,8 @@ enum Phase {
     Header,
     /// TLS handshake with the client; the upstream is connected once it completes.
     Handshake,
+    /// Reading the (inner, on a TLS port) ClientHello whose server name picks the upstream.
+    Sni,
     Connecting,
     Relaying,
 }
@@ -57,6 +60,8 @@ struct Conn {
     dirs: [Dir; 2],
     inbound: Option<Box<Inbound>>,
     tls: Option<Box<TlsConn>>,
+    /// The upstream entry SNI routing chose; None = every address of the listener.
+    entry: Option<usize>,
 }
 
 /// A PROXY header being read, then its content.
@@ -246,6 +251,7 @@ impl<'a> Worker<'a> {
                 dirs: Default::default(),
                 inbound: None,
                 tls: None,
+                entry: None,
             };
             let slot = self.free.pop().unwrap_or_else(|| {
                 self.slots.push((0, None));
@@ -276,9 +282,9 @@ impl<'a> Worker<'a> {
     fn connect_next(&mut self, slot: usize) {
         let generation = self.slots[slot].0;
         let conn = self.slots[slot].1.as_mut().expect("live slot");
-        let Some(addr) = self
-            .upstreams
-            .pick(conn.listener, conn.addr_start, conn.attempt)
+        let Some(addr) =
+            self.upstreams
+                .pick(conn.listener, conn.entry, conn.addr_start, conn.attempt)
         else {
             self.ctx.row.inc(Counter::UpstreamUnreachable);
             self.end(
@@ -347,13 +353,17 @@ impl<'a> Worker<'a> {
                 }
                 return;
             }
-            Phase::Handshake if !upstream_side => {
+            Phase::Handshake | Phase::Sni if !upstream_side && conn.tls.is_some() => {
                 if let Err(end) = self.handshake(slot) {
                     self.end(slot, end);
                 }
                 return;
             }
-            Phase::Header | Phase::Handshake => return,
+            Phase::Sni if !upstream_side => {
+                self.plain_sni(slot);
+                return;
+            }
+            Phase::Header | Phase::Handshake | Phase::Sni => return,
             Phase::Connecting => {
                 if !upstream_side {
                     // Client bytes wait in its socket until the upstream is connected.
@@ -376,9 +386,20 @@ impl<'a> Worker<'a> {
                 conn.last_active_ms = self.now_ms;
                 super::tune_socket(up.as_fd());
                 let send = self.ctx.config.listeners[conn.listener].send_proxy;
-                let inbound = conn.inbound.take().and_then(|i| i.header);
-                if super::send_proxy_header(send, conn.client.as_fd(), up.as_fd(), inbound.as_ref())
-                    .is_err()
+                let inbound = conn.inbound.take().map(|i| *i).unwrap_or_default();
+                // The ClientHello read for SNI routing (plain port) goes out first.
+                if !inbound.acc.is_empty() {
+                    let mut first = inbound.acc;
+                    first.append(&mut conn.dirs[0].pending);
+                    conn.dirs[0].pending = first;
+                }
+                if super::send_proxy_header(
+                    send,
+                    conn.client.as_fd(),
+                    up.as_fd(),
+                    inbound.header.as_ref(),
+                )
+                .is_err()
                 {
                     self.end(
                         slot,
@@ -398,13 +419,46 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// A plain port routed by SNI: reads the ClientHello (kept, to go upstream first) until its
+    /// server name picks the upstream.
+    fn plain_sni(&mut self, slot: usize) {
+        let conn = self.slots[slot].1.as_mut().expect("live slot");
+        let acc = &mut conn.inbound.get_or_insert_with(Box::default).acc;
+        let closed = super::read_available(conn.client.as_fd(), acc, super::SNI_PEEK_MAX);
+        let listener = &self.ctx.config.listeners[conn.listener];
+        match (super::route_by_sni(listener, acc), closed) {
+            (SniStep::Entry(e), _) => {
+                conn.entry = Some(e);
+                conn.phase = Phase::Connecting;
+                self.connect_next(slot);
+            }
+            (SniStep::More, Ok(false)) => {}
+            _ => {
+                self.ctx.row.inc(Counter::RefusedBadSni);
+                self.end(
+                    slot,
+                    End::Reset {
+                        from_client: true,
+                        reset: false,
+                    },
+                );
+            }
+        }
+    }
+
     /// The PROXY header (if any) is read: TLS handshake first on a TLS port, else connect.
     fn after_header(&mut self, slot: usize) {
         let conn = self.slots[slot].1.as_mut().expect("live slot");
         let listener = conn.listener;
-        if self.ctx.config.listeners[listener].tls.is_none() {
-            conn.phase = Phase::Connecting;
-            self.connect_next(slot);
+        let l = &self.ctx.config.listeners[listener];
+        if l.tls.is_none() {
+            if l.route == Route::Sni {
+                conn.phase = Phase::Sni;
+                self.plain_sni(slot);
+            } else {
+                conn.phase = Phase::Connecting;
+                self.connect_next(slot);
+            }
             return;
         }
         let session = self.ctx.tls[listener].as_ref().map(|s| s.accept());
@@ -453,9 +507,27 @@ impl<'a> Worker<'a> {
                 return Err(End::Graceful);
             }
             if !tls.is_handshaking() {
-                conn.phase = Phase::Connecting;
-                self.connect_next(slot);
-                return Ok(());
+                let listener = &self.ctx.config.listeners[conn.listener];
+                if listener.route == Route::Static {
+                    conn.phase = Phase::Connecting;
+                    self.connect_next(slot);
+                    return Ok(());
+                }
+                // The inner ClientHello is the start of the plaintext.
+                conn.phase = Phase::Sni;
+                match super::route_by_sni(listener, &conn.dirs[0].pending) {
+                    SniStep::Entry(e) => {
+                        conn.entry = Some(e);
+                        conn.phase = Phase::Connecting;
+                        self.connect_next(slot);
+                        return Ok(());
+                    }
+                    SniStep::More if conn.dirs[0].pending.len() < super::SNI_PEEK_MAX => {}
+                    _ => {
+                        self.ctx.row.inc(Counter::RefusedBadSni);
+                        return Err(End::Graceful);
+                    }
+                }
             }
         }
         Ok(())
@@ -582,7 +654,7 @@ impl<'a> Worker<'a> {
                 continue;
             };
             let limit = match conn.phase {
-                Phase::Header | Phase::Handshake => u64::from(t.header_ms),
+                Phase::Header | Phase::Handshake | Phase::Sni => u64::from(t.header_ms),
                 Phase::Connecting => u64::from(t.connect_ms),
                 Phase::Relaying if conn.dirs.iter().any(|d| d.done) => u64::from(t.fin_ms),
                 Phase::Relaying => u64::from(t.idle_ms),
@@ -601,6 +673,7 @@ impl<'a> Worker<'a> {
                 self.ctx.row.inc(match conn.phase {
                     Phase::Header => Counter::RefusedBadHeader,
                     Phase::Handshake => Counter::RefusedBadTls,
+                    Phase::Sni => Counter::RefusedBadSni,
                     _ => Counter::IdleTimeout,
                 });
                 self.end(

@@ -19,9 +19,10 @@ use std::time::Instant;
 
 use socket2::SockRef;
 
-use crate::config::{Config, EngineChoice, SendProxy};
+use crate::config::{Config, EngineChoice, Listener, SendProxy};
 use crate::metrics::{Counter, Row, Shared};
 use crate::proto::proxy::{self, Parsed, ProxyHeader};
+use crate::proto::sni::{self, SniResult};
 use crate::proto::tls::{PemIdentity, TlsServer};
 use crate::sys;
 use crate::upstream::{ControlMsg, Upstreams};
@@ -151,7 +152,11 @@ impl<'a> WorkerCtx<'a> {
         while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
             match ControlMsg::decode(&String::from_utf8_lossy(&line)) {
-                Some(ControlMsg::Addrs { listener, addrs }) => upstreams.set(listener, addrs),
+                Some(ControlMsg::Addrs {
+                    listener,
+                    entry,
+                    addrs,
+                }) => upstreams.set(listener, entry, addrs),
                 Some(ControlMsg::Drain) => drain = true,
                 Some(ControlMsg::Tls {
                     listener,
@@ -249,6 +254,64 @@ pub fn read_proxy_header(fd: BorrowedFd<'_>, acc: &mut Vec<u8>) -> HeaderStep {
         _ => HeaderStep::Bad,
     }
 }
+
+/// One step of routing a connection by its ClientHello's server name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SniStep {
+    /// The `upstream` entry the name picks.
+    Entry(usize),
+    /// The ClientHello is not complete yet.
+    More,
+    /// Not TLS, no name, or a name not in the listener's `upstream` list: refuse.
+    Bad,
+}
+
+/// Routes by the server name of the ClientHello at the start of `hello`.
+pub fn route_by_sni(listener: &Listener, hello: &[u8]) -> SniStep {
+    match sni::peek_sni(hello) {
+        Ok(SniResult::Found(name)) => listener
+            .upstream
+            .iter()
+            .position(|u| u.host.eq_ignore_ascii_case(&name))
+            .map_or(SniStep::Bad, SniStep::Entry),
+        Ok(SniResult::Incomplete) => SniStep::More,
+        Ok(SniResult::NoSni) | Err(_) => SniStep::Bad,
+    }
+}
+
+/// Reads (consumes) what a nonblocking socket holds into `acc`, up to `max` bytes in all.
+/// Returns true when the peer closed.
+pub fn read_available(fd: BorrowedFd<'_>, acc: &mut Vec<u8>, max: usize) -> std::io::Result<bool> {
+    let mut buf = [0u8; 4096];
+    while acc.len() < max {
+        let room = (max - acc.len()).min(buf.len());
+        match sys::recv(fd, &mut buf[..room], libc::MSG_DONTWAIT) {
+            Ok(0) => return Ok(true),
+            Ok(n) => acc.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
+
+/// Sends the bytes read from the client before the upstream was chosen (its ClientHello, on an
+/// SNI-routed plain port) to the just-connected upstream, whole, at once: a new socket's send
+/// buffer holds a ClientHello (at most [`SNI_PEEK_MAX`]), anything else is an error.
+pub fn send_prefix(upstream: BorrowedFd<'_>, prefix: &[u8]) -> std::io::Result<()> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    let n = sys::send(upstream, prefix, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)?;
+    if n != prefix.len() {
+        return Err(std::io::Error::other("short write of the first bytes"));
+    }
+    Ok(())
+}
+
+/// Most bytes read from a client while waiting for its ClientHello (SNI routing).
+pub const SNI_PEEK_MAX: usize = sni::MAX_CLIENT_HELLO_LEN + 1024;
 
 /// Writes the PROXY header `version` asks for to a just-connected upstream: the client's
 /// addresses from its own PROXY header when it sent one, else from its socket. A new socket's

@@ -25,7 +25,8 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::copy::{self, Bid, BufRing};
 use super::splice::{self, Pipe, PipePool};
-use super::{EngineKind, HeaderStep, Refusal, WorkerCtx};
+use super::{EngineKind, HeaderStep, Refusal, SniStep, WorkerCtx};
+use crate::config::Route;
 use crate::metrics::Counter;
 use crate::proto::proxy::ProxyHeader;
 use crate::proto::tls::TlsConn;
@@ -129,6 +130,8 @@ enum Phase {
     Header,
     /// TLS handshake with the client; the upstream is connected once it completes.
     Handshake,
+    /// Reading the (inner, on a TLS port) ClientHello whose server name picks the upstream.
+    Sni,
     Connecting,
     Relaying,
     Closing,
@@ -205,6 +208,8 @@ struct Conn {
     inbound: Option<Box<Inbound>>,
     /// TLS termination state (only on `tls` listeners).
     tls: Option<Box<TlsSide>>,
+    /// The upstream entry SNI routing chose; None = every address of the listener.
+    entry: Option<u16>,
 }
 
 /// A PROXY header being read, then its content.
@@ -539,7 +544,7 @@ impl<'a> Worker<'a> {
             };
             let limit = match conn.phase {
                 Phase::Closing => continue,
-                Phase::Header | Phase::Handshake => u64::from(t.header_ms),
+                Phase::Header | Phase::Handshake | Phase::Sni => u64::from(t.header_ms),
                 // The linked timeout bounds each attempt; this catches a stuck connect.
                 Phase::Connecting => u64::from(t.connect_ms) * 2 + 1000,
                 Phase::Relaying if conn.dirs.iter().any(|d| d.done) => u64::from(t.fin_ms),
@@ -587,6 +592,7 @@ impl<'a> Worker<'a> {
             bytes: [0, 0],
             inbound: None,
             tls: None,
+            entry: None,
         };
         let slot = match self.free.pop() {
             Some(s) => s,
@@ -624,11 +630,16 @@ impl<'a> Worker<'a> {
     }
 
     fn on_header_poll(&mut self, slot: u32, res: i32) {
-        if self.conn(slot).phase != Phase::Header {
+        let phase = self.conn(slot).phase;
+        if phase != Phase::Header && phase != Phase::Sni {
             return;
         }
         if res < 0 {
             self.close(slot, true);
+            return;
+        }
+        if phase == Phase::Sni {
+            self.on_sni_readable(slot);
             return;
         }
         let c = self.conn(slot);
@@ -647,12 +658,60 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// A plain port routed by SNI: the ClientHello's bytes are read (kept to be sent upstream
+    /// first) until its server name is known.
+    fn on_sni_readable(&mut self, slot: u32) {
+        let config = self.ctx.config;
+        let c = self.conn(slot);
+        let acc = &mut c.inbound.get_or_insert_with(Box::default).acc;
+        let closed = super::read_available(c.client.as_fd(), acc, super::SNI_PEEK_MAX);
+        let step = super::route_by_sni(&config.listeners[c.listener as usize], acc);
+        match (step, closed) {
+            (SniStep::Entry(e), _) => self.connect_entry(slot, e),
+            (SniStep::More, Ok(false)) => self.poll_header(slot),
+            _ => {
+                self.ctx.row.inc(Counter::RefusedBadSni);
+                self.close(slot, true);
+            }
+        }
+    }
+
+    /// SNI routing chose entry `e`: connect to its addresses.
+    fn connect_entry(&mut self, slot: u32, e: usize) {
+        let c = self.conn(slot);
+        c.entry = Some(e as u16);
+        c.phase = Phase::Connecting;
+        self.connect_next(slot);
+    }
+
+    /// A TLS port routed by SNI: the inner ClientHello is the start of the plaintext.
+    fn tls_route(&mut self, slot: u32) {
+        let config = self.ctx.config;
+        let c = self.conn(slot);
+        let listener = &config.listeners[c.listener as usize];
+        let hello = &c.tls.as_ref().expect("a TLS connection").out[TO_UPSTREAM].pending;
+        match super::route_by_sni(listener, hello) {
+            SniStep::Entry(e) => self.connect_entry(slot, e),
+            SniStep::More if hello.len() < super::SNI_PEEK_MAX => {}
+            _ => {
+                self.ctx.row.inc(Counter::RefusedBadSni);
+                self.close(slot, false);
+            }
+        }
+    }
+
     /// The client's PROXY header (if any) is read: TLS handshake first, else connect.
     fn after_header(&mut self, slot: u32) {
         let listener = self.conn(slot).listener as usize;
-        if self.ctx.config.listeners[listener].tls.is_none() {
-            self.conn(slot).phase = Phase::Connecting;
-            self.connect_next(slot);
+        let l = &self.ctx.config.listeners[listener];
+        if l.tls.is_none() {
+            if l.route == Route::Sni {
+                self.conn(slot).phase = Phase::Sni;
+                self.poll_header(slot);
+            } else {
+                self.conn(slot).phase = Phase::Connecting;
+                self.connect_next(slot);
+            }
             return;
         }
         let Some(server) = self.ctx.tls[listener].as_ref() else {
@@ -704,7 +763,8 @@ impl<'a> Worker<'a> {
             let c = self.conn(slot);
             (c.listener as usize, c.addr_start, c.attempt)
         };
-        let Some(addr) = self.upstreams.pick(listener, start, attempt) else {
+        let entry = self.conn(slot).entry.map(usize::from);
+        let Some(addr) = self.upstreams.pick(listener, entry, start, attempt) else {
             self.ctx.row.inc(Counter::UpstreamUnreachable);
             self.close(slot, true);
             return;
@@ -758,11 +818,16 @@ impl<'a> Worker<'a> {
         c.connect_addr = None;
         let up = c.upstream.as_ref().expect("connected upstream");
         super::tune_socket(up.as_fd());
-        let inbound = c.inbound.take().and_then(|i| i.header);
-        if let Err(e) =
-            super::send_proxy_header(send_proxy, c.client.as_fd(), up.as_fd(), inbound.as_ref())
+        let inbound = c.inbound.take().map(|i| *i).unwrap_or_default();
+        if let Err(e) = super::send_proxy_header(
+            send_proxy,
+            c.client.as_fd(),
+            up.as_fd(),
+            inbound.header.as_ref(),
+        )
+        .and_then(|()| super::send_prefix(up.as_fd(), &inbound.acc))
         {
-            tracing::debug!("cannot send the PROXY header: {e}");
+            tracing::debug!("cannot send the connection's first bytes: {e}");
             self.close(slot, true);
             return;
         }
@@ -1150,11 +1215,19 @@ impl<'a> Worker<'a> {
             }
         }
         if self.conn(slot).phase == Phase::Handshake && !self.tls(slot).conn.is_handshaking() {
-            self.conn(slot).phase = Phase::Connecting;
-            self.connect_next(slot);
-            if self.conn(slot).phase == Phase::Closing {
-                return;
+            let listener = self.conn(slot).listener as usize;
+            if self.ctx.config.listeners[listener].route == Route::Sni {
+                self.conn(slot).phase = Phase::Sni;
+            } else {
+                self.conn(slot).phase = Phase::Connecting;
+                self.connect_next(slot);
             }
+        }
+        if self.conn(slot).phase == Phase::Sni {
+            self.tls_route(slot);
+        }
+        if self.conn(slot).phase == Phase::Closing {
+            return;
         }
         if d == TO_UPSTREAM && self.tls(slot).conn.peer_closed() {
             // close_notify: the client is done sending, as if it sent FIN.
@@ -1393,6 +1466,7 @@ fn timeout_counter(phase: Phase) -> Counter {
     match phase {
         Phase::Header => Counter::RefusedBadHeader,
         Phase::Handshake => Counter::RefusedBadTls,
+        Phase::Sni => Counter::RefusedBadSni,
         Phase::Connecting => Counter::UpstreamUnreachable,
         Phase::Relaying | Phase::Closing => Counter::IdleTimeout,
     }

@@ -38,7 +38,11 @@ mod failures;
 mod fallback;
 mod half_close;
 mod peers;
+mod presets;
+mod proxy_protocol;
+mod sni;
 mod supervisor;
+mod tls;
 
 /// The `holder` helper binary built with this test.
 pub fn holder_exe() -> &'static Path {
