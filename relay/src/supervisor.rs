@@ -46,7 +46,12 @@ pub struct Options {
 enum Event {
     Signal(i32),
     Resolved(Table),
+    /// Time to look whether certificate files changed.
+    CheckFiles,
 }
+
+/// How often certificate files are checked for changes (certbot renews every 12 h).
+const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
 struct WorkerProc {
     child: Child,
@@ -182,6 +187,16 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         tx.clone(),
         Event::Resolved,
     )?;
+    if config.listeners.iter().any(|l| l.tls.as_ref().is_some_and(|t| t.cert.is_some())) {
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name("cert-watch".into())
+            .spawn(move || {
+                while tx.send(Event::CheckFiles).is_ok() {
+                    std::thread::sleep(CERT_CHECK_INTERVAL);
+                }
+            })?;
+    }
     spawn_signal_thread(tx)?;
 
     let status = Arc::new(Mutex::new(Status::new(&config, kind, nworkers)));
@@ -227,14 +242,16 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
             Event::Signal(signal_hook::consts::SIGCHLD) => sup.reap(),
             Event::Signal(signal_hook::consts::SIGHUP) => {
                 tracing::info!(
-                    "SIGHUP: resolving upstream names now (other changes need a restart)"
+                    "SIGHUP: resolving upstream names and reloading certificate files now (other changes need a restart)"
                 );
                 let (table, _) = upstream::resolve_all(&config, &mut HashMap::new());
                 sup.table = table;
                 for i in 0..nworkers {
                     sup.send_table(i);
                 }
+                sup.reload_tls(&config, true);
             }
+            Event::CheckFiles => sup.reload_tls(&config, false),
             Event::Signal(sig) => {
                 tracing::info!("signal {sig}: stopping");
                 sup.stop();
@@ -323,15 +340,8 @@ impl Supervisor {
         };
         self.write_table(&mut p);
         let mut start = String::new();
-        for (listener, id) in self.tls.iter().enumerate() {
-            if let Some(id) = id {
-                let msg = ControlMsg::Tls {
-                    listener,
-                    chain_pem: id.chain_pem.clone(),
-                    key_pem: id.key_pem.clone(),
-                };
-                start.push_str(&msg.encode());
-            }
+        for listener in 0..self.tls.len() {
+            start.push_str(&self.tls_message(listener));
         }
         start.push_str(&ControlMsg::Ready.encode());
         p.stdin.write_all(start.as_bytes())?;
@@ -352,6 +362,46 @@ impl Supervisor {
         }
         if let Err(e) = p.stdin.write_all(msgs.as_bytes()) {
             tracing::debug!("cannot reach a worker's control pipe: {e}");
+        }
+    }
+
+    /// The control line that hands listener `listener`'s certificate to a worker ("" if none).
+    fn tls_message(&self, listener: usize) -> String {
+        match &self.tls[listener] {
+            Some(id) => ControlMsg::Tls {
+                listener,
+                chain_pem: id.chain_pem.clone(),
+                key_pem: id.key_pem.clone(),
+            }
+            .encode(),
+            None => String::new(),
+        }
+    }
+
+    /// Reads certificate files again; a changed pair goes to every worker, which uses it for new
+    /// connections (established ones keep their session). A pair that does not load is logged
+    /// and the old one kept. `always` logs even when nothing changed (SIGHUP).
+    fn reload_tls(&mut self, config: &Config, always: bool) {
+        for (i, l) in config.listeners.iter().enumerate() {
+            let Some((cert, key)) = l.tls.as_ref().and_then(|t| t.cert.as_ref().zip(t.key.as_ref())) else {
+                continue;
+            };
+            match PemIdentity::from_files(cert, key) {
+                Ok(id) if self.tls[i].as_ref() == Some(&id) => {
+                    if always {
+                        tracing::info!(listener = %l.name, "certificate files unchanged");
+                    }
+                }
+                Ok(id) => {
+                    self.tls[i] = Some(id);
+                    let msg = self.tls_message(i);
+                    for p in self.procs.iter_mut().flatten() {
+                        let _ = p.stdin.write_all(msg.as_bytes());
+                    }
+                    tracing::info!(listener = %l.name, "new certificate loaded; new connections use it");
+                }
+                Err(e) => tracing::error!(listener = %l.name, "certificate reload failed, keeping the old one: {e}"),
+            }
         }
     }
 

@@ -7,6 +7,7 @@
 //!
 //! Invariant: a pipe in the pool is empty. A pipe that still holds bytes when its connection dies
 //! is closed, not pooled.
+#![allow(unsafe_code)]
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
@@ -106,6 +107,42 @@ pub fn splice_out(pipe: &Pipe, dst: RawFd, len: u32) -> squeue::Entry {
     opcode::Splice::new(types::Fd(pipe.r.as_raw_fd()), -1, types::Fd(dst), -1, len)
         .flags(FLAGS)
         .build()
+}
+
+/// splice(2) from `from` to `to`, nonblocking, without io_uring: the calling thread moves up to
+/// `len` bytes at once. Ok(0) is end of stream (from a socket).
+pub fn splice_now(from: RawFd, to: RawFd, len: u32) -> std::io::Result<usize> {
+    loop {
+        // SAFETY: splice(2) with null offsets only reads and writes the kernel objects behind the
+        // two fds; no user memory is involved.
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len as usize,
+                FLAGS,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+impl Pipe {
+    pub fn read_end(&self) -> RawFd {
+        self.r.as_raw_fd()
+    }
+
+    pub fn write_end(&self) -> RawFd {
+        self.w.as_raw_fd()
+    }
 }
 
 #[cfg(test)]

@@ -38,6 +38,11 @@ const RING_ENTRIES: u32 = 4096;
 const TICK_MS: u64 = 250;
 /// io-wq threads (bounded, unbounded) this ring may start: SPLICE always runs in io-wq.
 const IOWQ_MAX_WORKERS: [u32; 2] = [2, 4];
+/// Splice with splice(2) on readiness in this thread, instead of io_uring SPLICE operations
+/// (which always run in io-wq threads: a thread handoff per operation).
+const SPLICE_INLINE: bool = true;
+/// Socket → pipe → socket rounds per readiness event before yielding to other connections.
+const SPLICE_ROUNDS: usize = 16;
 /// Slot value meaning "no connection" (listener, control, timer, cancel operations).
 const NO_SLOT: u32 = u32::MAX;
 
@@ -900,7 +905,58 @@ impl<'a> Worker<'a> {
                 }
             }
         }
-        self.splice_in(slot, d);
+        if SPLICE_INLINE {
+            self.splice_now(slot, d);
+        } else {
+            self.splice_in(slot, d);
+        }
+    }
+
+    /// Moves a direction's bytes with splice(2) called right here, on readiness (no io-wq hop):
+    /// socket → pipe → socket until the source is empty (EAGAIN: the pipe goes back to the pool
+    /// and POLLIN is armed), the destination is full (POLLOUT is armed, the pipe is kept), or a
+    /// round limit is reached (fairness: re-armed, it fires again at once).
+    fn splice_now(&mut self, slot: u32, d: usize) {
+        let (src, dst) = self.fds(slot, d);
+        for _ in 0..SPLICE_ROUNDS {
+            let dir = &mut self.conn(slot).dirs[d];
+            let pipe = dir.pipe.as_ref().expect("splicing holds a pipe");
+            if dir.in_pipe > 0 {
+                match splice::splice_now(pipe.read_end(), dst, dir.in_pipe) {
+                    Ok(n) => {
+                        dir.in_pipe -= n as u32;
+                        self.touch(slot);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return self.fail(slot, d, e.raw_os_error().unwrap_or(libc::EIO), false),
+                }
+                if self.conn(slot).dirs[d].in_pipe > 0 {
+                    return self.wait_writable(slot, d);
+                }
+                continue;
+            }
+            let size = pipe.size();
+            match splice::splice_now(src, pipe.write_end(), size) {
+                Ok(0) => {
+                    self.return_pipe(slot, d);
+                    return self.source_done(slot, d);
+                }
+                Ok(n) => {
+                    self.moved(slot, d, n as u64);
+                    self.conn(slot).dirs[d].in_pipe = n as u32;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.return_pipe(slot, d);
+                    return self.start_read(slot, d);
+                }
+                Err(e) => return self.fail(slot, d, e.raw_os_error().unwrap_or(libc::EIO), true),
+            }
+        }
+        if self.conn(slot).dirs[d].in_pipe > 0 {
+            self.wait_writable(slot, d);
+        } else {
+            self.start_read(slot, d);
+        }
     }
 
     fn splice_in(&mut self, slot: u32, d: usize) {
@@ -993,7 +1049,11 @@ impl<'a> Worker<'a> {
             self.fail(slot, d, errno, false);
             return;
         }
-        self.splice_out(slot, d);
+        if SPLICE_INLINE {
+            self.splice_now(slot, d);
+        } else {
+            self.splice_out(slot, d);
+        }
     }
 
     // ---- copy directions ----
