@@ -99,6 +99,13 @@ impl Status {
             .map(|&(c, name)| (name.to_string(), shared.total(n, c)))
             .collect();
         self.active = shared.total(n, Counter::Active);
+        for (c, name) in [
+            (Counter::UpstreamStateChanges, "upstream_state_changes"),
+            (Counter::UpstreamsDown, "upstreams_down"),
+        ] {
+            self.totals
+                .insert(name.to_string(), shared.supervisor_get(c));
+        }
         // The engine every worker reports (they agree unless one fell back).
         if let Some(w) = self.workers.first() {
             self.engine = w.engine.clone();

@@ -12,6 +12,7 @@ pub mod control;
 pub mod ebpf;
 pub mod engine;
 pub mod error;
+pub mod health;
 pub mod metrics;
 pub mod proto;
 pub mod supervisor;

@@ -51,6 +51,10 @@ pub enum Counter {
     Engine,
     /// Gauge: pid of the worker process in this row.
     Pid,
+    /// Supervisor row: upstream addresses that went down or up (health checks).
+    UpstreamStateChanges,
+    /// Supervisor row, gauge: upstream addresses down now.
+    UpstreamsDown,
 }
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
@@ -104,9 +108,20 @@ impl Shared {
         &self.map.atomics()[worker * ROW..(worker + 1) * ROW]
     }
 
+    /// The supervisor's own row (health-check counters), after every worker row.
+    pub fn supervisor(&self) -> Row<'_> {
+        Row {
+            row: self.row(MAX_WORKERS - 1),
+        }
+    }
+
+    pub fn supervisor_get(&self, c: Counter) -> u64 {
+        self.row(MAX_WORKERS - 1)[c as usize].load(Relaxed)
+    }
+
     /// The handle a worker writes through.
     pub fn worker(&self, worker: usize) -> Row<'_> {
-        assert!(worker < MAX_WORKERS);
+        assert!(worker < MAX_WORKERS - 1, "the last row is the supervisor's");
         Row {
             row: self.row(worker),
         }

@@ -25,7 +25,7 @@ use crate::config::{Config, EngineChoice, TlsSettings};
 use crate::control::{self, Status, WorkerStatus};
 use crate::engine::{self, EngineKind};
 use crate::error::StartError;
-use crate::metrics::{self, Shared};
+use crate::metrics::{self, Counter, Shared};
 use crate::proto::tls::{KeyKind, PemIdentity};
 use crate::sys;
 use crate::upstream::{self, ControlMsg, Table};
@@ -68,7 +68,7 @@ pub fn workers_needed(config: &Config, nofile: u64) -> usize {
         .saturating_sub(engine::FDS_RESERVED + engine::splice::PIPE_POOL_MAX as u64 * 2)
         / engine::FDS_PER_CONN;
     let for_conns = u64::from(config.max_connections).div_ceil(per_worker.max(1)) as usize;
-    sys::cpus().max(for_conns).min(metrics::MAX_WORKERS)
+    sys::cpus().max(for_conns).min(metrics::MAX_WORKERS - 1)
 }
 
 /// Is some socket already listening on `addr`'s port at that address or a wildcard? Read from
@@ -179,6 +179,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     let mut failing = HashMap::new();
     let (table, ok) = upstream::resolve_all(&config, &mut failing);
     let (tx, rx) = mpsc::channel::<Event>();
+    let health_row = shared.clone();
     upstream::spawn_resolver(
         config.clone(),
         table.clone(),
@@ -186,8 +187,22 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         failing,
         tx.clone(),
         Event::Resolved,
+        Box::new(move |changes, down| {
+            let row = health_row.supervisor();
+            row.add(
+                Counter::UpstreamStateChanges,
+                u64::from(changes.went_down + changes.went_up),
+            );
+            row.set(Counter::UpstreamsDown, down as u64);
+        }),
     )?;
-    if config.listeners.iter().any(|l| l.tls.as_ref().is_some_and(|t| t.cert.is_some())) {
+    // What workers start with: every address counts as up until checked.
+    let table = crate::health::Checker::new().filter(&config, &table);
+    if config
+        .listeners
+        .iter()
+        .any(|l| l.tls.as_ref().is_some_and(|t| t.cert.is_some()))
+    {
         let tx = tx.clone();
         std::thread::Builder::new()
             .name("cert-watch".into())
@@ -383,7 +398,11 @@ impl Supervisor {
     /// and the old one kept. `always` logs even when nothing changed (SIGHUP).
     fn reload_tls(&mut self, config: &Config, always: bool) {
         for (i, l) in config.listeners.iter().enumerate() {
-            let Some((cert, key)) = l.tls.as_ref().and_then(|t| t.cert.as_ref().zip(t.key.as_ref())) else {
+            let Some((cert, key)) = l
+                .tls
+                .as_ref()
+                .and_then(|t| t.cert.as_ref().zip(t.key.as_ref()))
+            else {
                 continue;
             };
             match PemIdentity::from_files(cert, key) {
@@ -400,7 +419,9 @@ impl Supervisor {
                     }
                     tracing::info!(listener = %l.name, "new certificate loaded; new connections use it");
                 }
-                Err(e) => tracing::error!(listener = %l.name, "certificate reload failed, keeping the old one: {e}"),
+                Err(e) => {
+                    tracing::error!(listener = %l.name, "certificate reload failed, keeping the old one: {e}")
+                }
             }
         }
     }

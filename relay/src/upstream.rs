@@ -9,9 +9,10 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::mpsc::Sender;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::{Config, HostPort};
+use crate::health::{Changes, Checker};
 
 /// Seconds between attempts while a name does not resolve.
 pub const RETRY_S: u64 = 5;
@@ -139,7 +140,7 @@ pub fn resolve_all(config: &Config, failing: &mut HashMap<HostPort, bool>) -> (T
         .iter()
         .map(|l| {
             let mut out = Vec::new();
-            for hp in &l.upstream {
+            for hp in l.upstream.iter().chain(&l.fallback) {
                 let addrs = cache.entry(hp).or_insert_with(|| {
                     let was_failing = failing.get(hp).copied().unwrap_or(false);
                     let result = resolve(config, hp);
@@ -179,7 +180,9 @@ pub fn resolve_all(config: &Config, failing: &mut HashMap<HostPort, bool>) -> (T
     (table, all_ok)
 }
 
-/// Runs forever on its own thread: resolves, sends the table when it changes, sleeps.
+/// Runs forever on its own thread: resolves names when due, runs health checks when due
+/// ([`crate::health`]), and sends the table workers should use whenever it changes.
+/// `on_health` is told each round's state changes and how many addresses are down.
 pub fn spawn_resolver<E: Send + 'static>(
     config: Config,
     first: Table,
@@ -187,30 +190,58 @@ pub fn spawn_resolver<E: Send + 'static>(
     mut failing: HashMap<HostPort, bool>,
     tx: Sender<E>,
     wrap: fn(Table) -> E,
+    on_health: Box<dyn Fn(Changes, usize) + Send>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("resolver".into())
         .spawn(move || {
-            let mut last = first;
+            let mut resolved = first;
             let mut ok = first_ok;
+            let mut checker = Checker::new();
+            let start = Instant::now();
+            checker.track(&config, &resolved, start);
+            let mut sent = checker.filter(&config, &resolved);
+            let mut next_resolve = start + resolve_wait(&config, ok);
             loop {
-                let wait = if ok {
-                    u64::from(config.resolve_interval_s)
-                } else {
-                    RETRY_S
-                };
-                std::thread::sleep(Duration::from_secs(wait));
-                let (table, now_ok) = resolve_all(&config, &mut failing);
-                ok = now_ok;
-                if table != last {
-                    last = table.clone();
+                let now = Instant::now();
+                if now >= next_resolve {
+                    let (table, now_ok) = resolve_all(&config, &mut failing);
+                    ok = now_ok;
+                    if table != resolved {
+                        checker.track(&config, &table, now);
+                        resolved = table;
+                    }
+                    next_resolve = now + resolve_wait(&config, ok);
+                }
+                let changes = checker.run_due(&config, &resolved, Instant::now());
+                if changes != Changes::default() {
+                    on_health(changes, checker.down_count());
+                }
+                let table = checker.filter(&config, &resolved);
+                if table != sent {
+                    sent = table.clone();
                     if tx.send(wrap(table)).is_err() {
                         return;
                     }
                 }
+                let wake = checker
+                    .next_due()
+                    .map_or(next_resolve, |d| d.min(next_resolve));
+                std::thread::sleep(
+                    wake.saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(10)),
+                );
             }
         })
         .map(drop)
+}
+
+fn resolve_wait(config: &Config, ok: bool) -> Duration {
+    Duration::from_secs(if ok {
+        u64::from(config.resolve_interval_s)
+    } else {
+        RETRY_S
+    })
 }
 
 /// A worker's view of the upstream addresses, updated from its control pipe.

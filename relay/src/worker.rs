@@ -87,7 +87,11 @@ pub fn main() -> Result<(), StartError> {
     ctx.row.set(Counter::Pid, u64::from(std::process::id()));
     // Start-up messages (addresses, certificates) are applied before the first accept, so a
     // TLS port never sees a connection before its certificate.
-    let entries: Vec<usize> = config.listeners.iter().map(|l| l.upstream.len()).collect();
+    let entries: Vec<usize> = config
+        .listeners
+        .iter()
+        .map(|l| l.upstream.len() + l.fallback.len())
+        .collect();
     let mut upstreams = Upstreams::new(&entries);
     let mut buf = read_until_ready(&control)?;
     ctx.apply_control(&mut buf, &mut upstreams);

@@ -91,10 +91,50 @@ pub struct Listener {
     /// Per-listener cap on relayed connections (HAProxy's frontend maxconn); 0 = the global cap.
     #[serde(default)]
     pub max_connections: u32,
+    /// Servers used only while every `upstream` address is down (needs `[listen.health]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<HostPort>,
+    /// Layer-4 health checks of the upstream addresses; absent = none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSettings>,
     /// Terminate TLS on this port (the client speaks TLS to the relay; the upstream gets the
     /// plaintext).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSettings>,
+}
+
+/// Health checks of a listener's upstream addresses (HAProxy's `check inter fastinter
+/// downinter rise fall`); the defaults are the WhatsApp proxy's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    /// Between checks of an address that is up and steady.
+    #[serde(default = "defaults::health_interval_ms")]
+    pub interval_ms: u32,
+    /// Between checks while an address is changing state.
+    #[serde(default = "defaults::health_fast_interval_ms")]
+    pub fast_interval_ms: u32,
+    /// Between checks of an address that is down.
+    #[serde(default = "defaults::health_down_interval_ms")]
+    pub down_interval_ms: u32,
+    /// Successes in a row that bring an address up.
+    #[serde(default = "defaults::health_rise")]
+    pub rise: u32,
+    /// Failures in a row that take an address down.
+    #[serde(default = "defaults::health_fall")]
+    pub fall: u32,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            interval_ms: defaults::health_interval_ms(),
+            fast_interval_ms: defaults::health_fast_interval_ms(),
+            down_interval_ms: defaults::health_down_interval_ms(),
+            rise: defaults::health_rise(),
+            fall: defaults::health_fall(),
+        }
+    }
 }
 
 /// TLS termination on a listener.
@@ -271,6 +311,21 @@ mod defaults {
     pub fn header_ms() -> u32 {
         5_000
     }
+    pub fn health_interval_ms() -> u32 {
+        60_000
+    }
+    pub fn health_fast_interval_ms() -> u32 {
+        1_000
+    }
+    pub fn health_down_interval_ms() -> u32 {
+        3_000
+    }
+    pub fn health_rise() -> u32 {
+        2
+    }
+    pub fn health_fall() -> u32 {
+        3
+    }
 }
 
 /// Hard bounds; past them a value is a typo, not a tuning.
@@ -322,6 +377,8 @@ impl Config {
                 route: Route::Static,
                 send_proxy: SendProxy::None,
                 max_connections: 0,
+                fallback: Vec::new(),
+                health: None,
                 tls: None,
             }],
         }
@@ -376,6 +433,38 @@ impl Config {
                     &format!("listen[{i}].upstream"),
                     "needs at least one HOST:PORT".into(),
                 );
+            }
+            if !l.fallback.is_empty() && l.health.is_none() {
+                return err(
+                    &format!("listen[{i}].fallback"),
+                    "is used when health checks find the upstream down: add [listen.health]".into(),
+                );
+            }
+            if !l.fallback.is_empty() && l.route == Route::Sni {
+                return err(
+                    &format!("listen[{i}].fallback"),
+                    "has no meaning with route = \"sni\" (the name picks the upstream)".into(),
+                );
+            }
+            if let Some(h) = &l.health {
+                for (key, v) in [
+                    ("interval_ms", h.interval_ms),
+                    ("fast_interval_ms", h.fast_interval_ms),
+                    ("down_interval_ms", h.down_interval_ms),
+                ] {
+                    if v < 100 {
+                        return err(
+                            &format!("listen[{i}].health.{key}"),
+                            "must be at least 100 ms".into(),
+                        );
+                    }
+                }
+                if h.rise == 0 || h.fall == 0 {
+                    return err(
+                        &format!("listen[{i}].health"),
+                        "`rise` and `fall` must be at least 1".into(),
+                    );
+                }
             }
             if let Some(t) = &l.tls
                 && t.cert.is_some() != t.key.is_some()

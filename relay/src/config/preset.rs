@@ -5,7 +5,10 @@
 //! `*-proxied` ports and sent upstream as v1, maxconn 27500 (27495 per frontend), timeouts
 //! connect 5 s, client/server 200 s, client-fin/server-fin 1 s. Binds are IPv4, like theirs.
 
-use super::{Config, EngineChoice, HostPort, Listener, Route, SendProxy, Timeouts, TlsSettings};
+use super::{
+    Config, EngineChoice, HealthSettings, HostPort, Listener, Route, SendProxy, Timeouts,
+    TlsSettings,
+};
 use crate::proto::sni::SIGNAL_HOSTS;
 
 /// A named built-in configuration (`--preset`).
@@ -116,6 +119,9 @@ fn whatsapp() -> Config {
                     route: Route::Static,
                     send_proxy,
                     max_connections: 27_495,
+                    fallback: Vec::new(),
+                    // check inter 60s fastinter 1s downinter 3s rise 2 fall 3
+                    health: Some(HealthSettings::default()),
                     tls: tls.then(TlsSettings::default),
                 },
             )
@@ -154,6 +160,8 @@ fn signal() -> Config {
             route: Route::Sni,
             send_proxy: SendProxy::None,
             max_connections: 0,
+            fallback: Vec::new(),
+            health: None,
             tls: Some(TlsSettings::default()),
         }],
     }

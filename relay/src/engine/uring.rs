@@ -928,7 +928,9 @@ impl<'a> Worker<'a> {
                         self.touch(slot);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return self.fail(slot, d, e.raw_os_error().unwrap_or(libc::EIO), false),
+                    Err(e) => {
+                        return self.fail(slot, d, e.raw_os_error().unwrap_or(libc::EIO), false);
+                    }
                 }
                 if self.conn(slot).dirs[d].in_pipe > 0 {
                     return self.wait_writable(slot, d);
