@@ -40,6 +40,8 @@ pub enum Counter {
     UpstreamUnreachable,
     ClientReset,
     UpstreamReset,
+    /// Closed (with RST both ways) on another socket error than a reset.
+    RelayErrors,
     IdleTimeout,
     BytesClientToUpstream,
     BytesUpstreamToClient,
@@ -69,6 +71,7 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::UpstreamUnreachable, "upstream_unreachable"),
     (Counter::ClientReset, "client_reset"),
     (Counter::UpstreamReset, "upstream_reset"),
+    (Counter::RelayErrors, "relay_errors"),
     (Counter::IdleTimeout, "idle_timeout"),
     (Counter::BytesClientToUpstream, "bytes_client_to_upstream"),
     (Counter::BytesUpstreamToClient, "bytes_upstream_to_client"),

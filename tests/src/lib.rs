@@ -40,7 +40,7 @@ pub use sluice::{Config, ListenerConfig, Sluice, SluiceCmd, TlsConfig};
 /// How long anything that should be quick may take before the test calls it hung.
 pub const HUNG: Duration = Duration::from_secs(30);
 /// How long the relay may take to become ready (its port bound, its workers forked).
-pub const READY: Duration = Duration::from_secs(10);
+pub const READY: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // Capability gates
@@ -116,6 +116,47 @@ pub fn init() {
     ONCE.call_once(|| {
         sys::raise_nofile_limit();
     });
+}
+
+/// Tests that load the whole machine (tens of thousands of sockets) run alone: they take this
+/// lock for writing, every relay another test starts holds it for reading. Without it, on two
+/// cores, a heavy test starves its neighbours' upstreams and readiness checks and they fail
+/// for reasons that are not theirs.
+static HEAVY: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+std::thread_local! {
+    static EXCLUSIVE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A relay's share of the machine (see [`exclusive`]).
+pub type SharedGuard = std::sync::RwLockReadGuard<'static, ()>;
+
+/// Holds the machine for one heavy test until dropped.
+pub struct ExclusiveGuard {
+    _guard: std::sync::RwLockWriteGuard<'static, ()>,
+}
+
+impl Drop for ExclusiveGuard {
+    fn drop(&mut self) {
+        EXCLUSIVE.with(|e| e.set(false));
+    }
+}
+
+/// Waits until no other test's relay runs, then keeps new ones from starting until the guard
+/// is dropped. Relays this thread starts meanwhile are not held back.
+pub fn exclusive() -> ExclusiveGuard {
+    let guard = HEAVY.write().unwrap_or_else(|p| p.into_inner());
+    EXCLUSIVE.with(|e| e.set(true));
+    ExclusiveGuard { _guard: guard }
+}
+
+/// The shared hold a starting relay takes (none inside an [`exclusive`] test).
+pub(crate) fn shared() -> Option<SharedGuard> {
+    if EXCLUSIVE.with(|e| e.get()) {
+        None
+    } else {
+        Some(HEAVY.read().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -374,6 +374,12 @@ impl SClient {
             stdin
         });
         let got = self.read(expect_len, timeout);
+        // A writer still blocked (the relay stopped reading) is freed by stopping s_client.
+        if !crate::wait_until(Duration::from_secs(5), || writer.is_finished()) {
+            self.guard.stop(Duration::from_millis(100));
+            let _ = writer.join();
+            return got;
+        }
         self.stdin = writer.join().ok();
         got
     }

@@ -1,7 +1,9 @@
 //! Upstream servers for the tests, written with std: an epoll echo server for thousands of
 //! connections, a stream server that checks and sends pattern streams (byte-exact, with
 //! half-close and reset variants chosen by the client's header), a silent server, a refusing
-//! port and a black hole (SYNs dropped, so connects time out).
+//! port, a black hole (SYNs dropped, so connects time out), a capture server (records what a
+//! relay sends, PROXY header included) and a tagged echo (tells a client which upstream it
+//! reached).
 //!
 //! Every server stops when dropped. Stray connections (a readiness probe, a connection the relay
 //! opened and closed) never count as a test's result: stream connections announce themselves
@@ -752,6 +754,81 @@ impl CaptureServer {
 }
 
 impl Drop for CaptureServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tagged echo
+
+/// Greets every connection with its `tag` at once, then echoes until the client's FIN, then
+/// shuts its write side: the client learns which server it reached even when a relay passes
+/// through more connections (health checks) than the test makes. One thread per connection.
+pub struct TagEchoServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TagEchoServer {
+    pub fn start(addr: SocketAddr, tag: &'static [u8]) -> TagEchoServer {
+        let listener = listen(addr, false, 1024);
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let thread = thread::Builder::new()
+            .name("tag-echo-accept".into())
+            .spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    if !readable(&listener, 50) {
+                        continue;
+                    }
+                    let Ok((mut s, _)) = listener.accept() else {
+                        continue;
+                    };
+                    let _ = thread::Builder::new()
+                        .name("tag-echo-conn".into())
+                        .spawn(move || {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(HUNG));
+                            let _ = s.set_write_timeout(Some(HUNG));
+                            if s.write_all(tag).is_err() {
+                                return;
+                            }
+                            let mut buf = vec![0u8; 64 << 10];
+                            loop {
+                                match s.read(&mut buf) {
+                                    Ok(0) => break,
+                                    Ok(n) => {
+                                        if s.write_all(&buf[..n]).is_err() {
+                                            return;
+                                        }
+                                    }
+                                    Err(_) => return,
+                                }
+                            }
+                            let _ = s.shutdown(Shutdown::Write);
+                        });
+                }
+            })
+            .unwrap();
+        TagEchoServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for TagEchoServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {

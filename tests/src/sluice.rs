@@ -349,6 +349,7 @@ impl SluiceCmd {
     /// is bound and the workers are forked (up to [`READY`]). Panics with the relay's stderr
     /// when it exits or is not ready in time.
     pub fn start(self) -> Sluice {
+        let share = crate::shared();
         let control = self.dir.join("control.sock");
         let stderr_path = self.dir.join("stderr.log");
         let mut cmd = self.command();
@@ -372,6 +373,7 @@ impl SluiceCmd {
             seen: Mutex::new(HashMap::new()),
             args: self.args.clone(),
             dir: self.dir,
+            _share: share,
         };
         s.wait_ready();
         s
@@ -392,6 +394,8 @@ pub struct Sluice {
     seen: Mutex<HashMap<u32, u64>>,
     args: Vec<String>,
     dir: TempDir,
+    /// Shared while the relay runs, so an [`crate::exclusive`] test waits for it to stop.
+    _share: Option<crate::SharedGuard>,
 }
 
 impl Sluice {

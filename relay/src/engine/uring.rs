@@ -1444,6 +1444,13 @@ impl<'a> Worker<'a> {
             } else {
                 Counter::UpstreamReset
             });
+        } else {
+            self.ctx.row.inc(Counter::RelayErrors);
+            tracing::debug!(
+                from_client,
+                "relay error: {}",
+                io::Error::from_raw_os_error(errno)
+            );
         }
         self.close(slot, true);
     }

@@ -49,6 +49,7 @@ fn per_worker(relay: &Sluice) -> String {
 #[test]
 fn twenty_one_thousand_connections_on_four_workers() {
     init();
+    let _alone = sluice_tests::exclusive();
     if !require_nofile(PER_PROC as u64 + 1000) {
         return;
     }
@@ -69,6 +70,8 @@ fn twenty_one_thousand_connections_on_four_workers() {
     }
     let relay = Sluice::forward(relay_host.addr(), upstream)
         .workers(4)
+        // Tens of thousands of SYNs at once: some wait for a retransmission (1 s, 3 s, ...).
+        .connect_timeout_ms(30_000)
         .start();
     relay.wait_workers(4, HUNG);
     let baseline = relay.fd_baseline();
@@ -90,7 +93,11 @@ fn twenty_one_thousand_connections_on_four_workers() {
     for c in &mut clients {
         match c.try_expect("held", Duration::from_secs(240)) {
             Ok(held) => assert_eq!(held, PER_PROC.to_string()),
-            Err(e) => panic!("{e}\nper worker: {}", per_worker(&relay)),
+            Err(e) => panic!(
+                "{e}\nper worker: {}\nrelay log:\n{}",
+                per_worker(&relay),
+                sluice_tests::tail(&relay.stderr_log(), 30)
+            ),
         }
     }
 

@@ -5,6 +5,7 @@
 //! socket). End to end with real peers: curl -> HAProxy (`send-proxy` and `send-proxy-v2`) ->
 //! Sluice -> nginx (`listen ... proxy_protocol`) sees curl's own source address.
 
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::time::Duration;
@@ -231,6 +232,46 @@ fn headers_relayed(engine: &str) {
             rest == payload.as_slice(),
             "{engine} {what} -> v2: the client's bytes upstream differ"
         );
+    }
+
+    // v2 with TLVs (a unique ID, as HAProxy's `proxy-v2-options unique-id` sends), v2 with
+    // v4-mapped IPv6 addresses, v1 UNKNOWN, and a v2 header that arrives in two pieces.
+    let (fam, mut block) = sluice_tests::client::proxy_v2_block(v4_src, v4_dst);
+    block.extend_from_slice(&[0x05, 0x00, 0x04, b'u', b'i', b'd', b'1']);
+    let with_tlv = proxy_v2_raw(0x21, fam, &block);
+    let mapped = proxy_v2(
+        "[::ffff:198.51.100.7]:40000".parse().unwrap(),
+        "[::ffff:203.0.113.9]:8443".parse().unwrap(),
+    );
+    let v4_line = "PROXY TCP4 198.51.100.7 203.0.113.9 40000 8443";
+    for (what, inbound, line, split) in [
+        ("v2 with a TLV", with_tlv, v4_line, false),
+        ("v2 v4-mapped", mapped, v4_line, false),
+        (
+            "v1 UNKNOWN",
+            b"PROXY UNKNOWN\r\n".to_vec(),
+            "PROXY UNKNOWN",
+            false,
+        ),
+        ("v2 in two pieces", proxy_v2(v4_src, v4_dst), v4_line, true),
+    ] {
+        let got = if split {
+            let mut s = sluice_tests::client::connect(l1);
+            s.write_all(&inbound[..10]).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            s.write_all(&inbound[10..]).unwrap();
+            s.write_all(&payload).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            sluice_tests::client::read_all(&mut s, HUNG).0
+        } else {
+            send_and_read_to_end(l1, None, &with(inbound)).1
+        };
+        assert_eq!(got, REPLY, "{engine} {what}: the client's answer");
+        let seen = up1.next(HUNG).expect("the upstream got the connection");
+        let (seen_line, rest) = split_v1(&seen)
+            .unwrap_or_else(|| panic!("{engine} {what}: no v1 line upstream: {seen:?}"));
+        assert_eq!(seen_line, line, "{engine} {what}: the header sent upstream");
+        assert!(rest == payload.as_slice(), "{engine} {what}: bytes");
     }
 
     // A v2 LOCAL command (a load balancer's health check): no client address to pass on.

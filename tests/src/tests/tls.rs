@@ -1,1 +1,315 @@
-//! placeholder
+//! TLS termination (`[listen.tls]`): `openssl s_client` with TLS 1.2 and TLS 1.3 exchanges
+//! data byte-exact with a plaintext echo upstream through a certificate from files (Let's
+//! Encrypt's fullchain/privkey layout, made by `openssl` per test: ECDSA and RSA 2048); TLS 1.1,
+//! TLS 1.2 without forward secrecy, a garbage ClientHello and a client silent past `header_ms`
+//! are refused (`refused_bad_tls`) before any upstream connection;
+//! curl `--cacert` fetches a 5 MB file from nginx behind a TLS port byte-exact; and a
+//! certificate the relay generates itself (the WhatsApp proxy's layout: private CA, RSA-4096
+//! leaf with a random CN ending in `.net`) carries the configured SANs.
+
+use std::fs;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
+
+use sluice_tests::client::{connect, read_all, send_and_read_to_end};
+use sluice_tests::peers::{KeyKind, Nginx, Pki, SClient, openssl};
+use sluice_tests::servers::EchoServer;
+use sluice_tests::{
+    Config, HUNG, Host, Pattern, Sluice, TlsConfig, init, require_program, run_with_input,
+    run_with_timeout,
+};
+
+use super::{engine_ok, seed};
+
+/// `header_ms` here: how long a client may take to finish its TLS handshake.
+const HANDSHAKE_MS: u32 = 2_000;
+
+/// The name the relay's certificate is made for.
+const RELAY_NAME: &str = "relay.test";
+
+/// `openssl s_client` arguments that verify the relay's certificate against `ca`.
+fn verify_args(addr: SocketAddr, ca: &std::path::Path) -> Vec<String> {
+    [
+        "-connect",
+        &addr.to_string(),
+        "-servername",
+        RELAY_NAME,
+        "-verify_hostname",
+        RELAY_NAME,
+        "-verify_return_error",
+        "-CAfile",
+        &ca.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// s_client with `version` (`-tls1_2`, `-tls1_3`) through `addr` to an echo upstream: `len`
+/// bytes of a pattern come back byte-exact.
+fn echo_through_tls(addr: SocketAddr, ca: &std::path::Path, version: &str, len: usize) {
+    let mut args = verify_args(addr, ca);
+    args.push(version.into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut c = SClient::start(&args);
+    let data = Pattern::new(seed()).bytes(0, len);
+    let got = c.exchange(data.clone(), len, HUNG);
+    assert!(
+        got == data,
+        "{version}: {} of {len} bytes came back{}; s_client stderr:\n{}",
+        got.len(),
+        if got.len() == len {
+            " but they differ"
+        } else {
+            ""
+        },
+        c.stderr()
+    );
+}
+
+/// TLS 1.2 and 1.3 byte-exact, TLS 1.1 and garbage refused, curl with a 5 MB file, for
+/// `engine`.
+fn terminates_tls(engine: &str) {
+    if !engine_ok(engine)
+        || !require_program("openssl")
+        || !require_program("nginx")
+        || !require_program("curl")
+    {
+        return;
+    }
+    let host = Host::new();
+    let pki = Pki::new();
+    let relay_ip = host.ip.to_string();
+    let sans = [format!("DNS:{RELAY_NAME}"), format!("IP:{relay_ip}")];
+    let sans = sans.each_ref().map(String::as_str);
+    let ec = pki.leaf(RELAY_NAME, &sans, KeyKind::Ec);
+    let rsa = pki.leaf(RELAY_NAME, &sans, KeyKind::Rsa2048);
+    let echo = EchoServer::start(host.addr());
+    let nginx = Nginx::start(host.addr());
+    let len = 5_000_000;
+    let body = Pattern::new(seed()).bytes(0, len);
+    fs::write(nginx.root().join("file.bin"), &body).unwrap();
+    let mut config = Config::new()
+        .listen("tls-echo", host.addr(), &[&echo.addr().to_string()])
+        .tls(TlsConfig::files(&ec.fullchain, &ec.key))
+        .listen("tls-web", host.addr(), &[&nginx.addr().to_string()])
+        .tls(TlsConfig::files(&rsa.fullchain, &rsa.key));
+    config.workers = Some(1);
+    config.engine = Some(engine.into());
+    config.header_ms = Some(HANDSHAKE_MS);
+    let (echo_port, web_port) = (config.listeners[0].bind, config.listeners[1].bind);
+    let relay = Sluice::run_config(&config).start();
+    super::assert_engine(&relay, engine);
+
+    echo_through_tls(echo_port, &pki.ca(), "-tls1_2", 256 << 10);
+    echo_through_tls(echo_port, &pki.ca(), "-tls1_3", 256 << 10);
+    assert_eq!(echo.accepted(), 2, "{engine}: upstream connections");
+
+    // TLS 1.1 (OpenSSL 3 needs security level 0 to offer it at all), and TLS 1.2 offering
+    // only suites without forward secrecy (RSA key exchange, CBC): refused by the relay.
+    for (i, (what, port, extra)) in [
+        (
+            "TLS 1.1",
+            echo_port,
+            ["-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"],
+        ),
+        (
+            "TLS 1.2 with RSA key exchange",
+            web_port,
+            ["-tls1_2", "-cipher", "AES128-GCM-SHA256:AES256-SHA"],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut args = verify_args(port, &pki.ca());
+        args.extend(extra.map(String::from));
+        let mut cmd = openssl();
+        cmd.arg("s_client").args(&args);
+        let out = run_with_input(&mut cmd, b"hello\n", HUNG);
+        assert!(
+            !out.status.success(),
+            "{engine}: a {what} handshake succeeded: {}",
+            out.text()
+        );
+        let want = 1 + i as u64;
+        assert_eq!(
+            relay.wait_counter("refused_bad_tls", want, HUNG),
+            want,
+            "{engine}: refused_bad_tls after {what} ({})",
+            out.text()
+        );
+    }
+
+    // Garbage where a ClientHello should be: closed, counted, nothing upstream.
+    let mut not_tls = Pattern::new(seed()).bytes(0, 600);
+    not_tls[0] = 0x42;
+    let mut bad_record = vec![0x16, 0x03, 0x01, 0x00, 0x20];
+    bad_record.extend(Pattern::new(seed()).bytes(0, 32));
+    for (i, (what, bytes)) in [
+        ("random bytes", not_tls),
+        (
+            "HTTP",
+            b"GET / HTTP/1.1\r\nHost: relay.test\r\n\r\n".to_vec(),
+        ),
+        ("handshake record of garbage", bad_record),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (_, got, ended) = send_and_read_to_end(echo_port, None, &bytes);
+        assert!(
+            ended.is_some(),
+            "{engine} {what}: still open after {HUNG:?}"
+        );
+        // At most a TLS alert comes back, never plaintext from the upstream.
+        assert!(
+            got.is_empty() || got[0] == 0x15,
+            "{engine} {what}: got {got:?}"
+        );
+        let want = 3 + i as u64;
+        assert_eq!(
+            relay.wait_counter("refused_bad_tls", want, HUNG),
+            want,
+            "{engine} {what}: refused_bad_tls"
+        );
+    }
+    assert_eq!(
+        echo.accepted(),
+        2,
+        "{engine}: a refused client reached the upstream"
+    );
+
+    // curl over TLS (RSA certificate), nginx behind in plaintext: 5 MB byte-exact.
+    let out_path = nginx.dir().join("got.bin");
+    let mut curl = Command::new("curl");
+    curl.args(["-sS", "--fail", "--max-time", "30", "--cacert"])
+        .arg(pki.ca())
+        .arg("--resolve")
+        .arg(format!("{RELAY_NAME}:{}:{relay_ip}", web_port.port()))
+        .arg("-o")
+        .arg(&out_path)
+        .arg(format!("https://{RELAY_NAME}:{}/file.bin", web_port.port()));
+    let out = run_with_timeout(&mut curl, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{engine}: curl over TLS: {}\nnginx: {}",
+        out.text(),
+        nginx.error_log()
+    );
+    let got = fs::read(&out_path).unwrap();
+    assert!(
+        got == body,
+        "{engine}: curl got {} bytes of {len}, or different ones",
+        got.len()
+    );
+    // A client that connects and says nothing is closed once `header_ms` has passed.
+    let mut s = connect(echo_port);
+    let (got, ended) = read_all(&mut s, HUNG);
+    assert!(
+        ended.is_some() && got.is_empty(),
+        "{engine}: a silent client is still connected after {HUNG:?} (header_ms {HANDSHAKE_MS})"
+    );
+    assert_eq!(relay.wait_counter("refused_bad_tls", 6, HUNG), 6);
+    assert_eq!(
+        echo.accepted(),
+        2,
+        "{engine}: the silent client reached the upstream"
+    );
+}
+engines!(terminates_tls);
+
+/// The certificate the relay makes when `[listen.tls]` names no files: a leaf with a CN ending
+/// in `.net`, RSA-4096, the configured DNS and IP SANs, issued by a private CA (not
+/// self-signed), and it serves TLS 1.3 with it.
+#[test]
+fn generated_certificate() {
+    init();
+    if !require_program("openssl") {
+        return;
+    }
+    let host = Host::new();
+    let echo = EchoServer::start(host.addr());
+    let ip = IpAddr::V4(host.ip);
+    let mut config = Config::new()
+        .listen("tls", host.addr(), &[&echo.addr().to_string()])
+        .tls(TlsConfig::generated(&["proxy.example.org"], &[ip]));
+    config.workers = Some(1);
+    let relay = Sluice::run_config(&config).start();
+
+    let mut cmd = openssl();
+    cmd.args(["s_client", "-showcerts", "-connect"])
+        .arg(relay.addr().to_string())
+        .args(["-servername", "proxy.example.org"]);
+    let out = run_with_input(&mut cmd, b"", HUNG);
+    let pems: Vec<&str> = out
+        .stdout
+        .split("-----BEGIN CERTIFICATE-----")
+        .skip(1)
+        .filter_map(|s| s.split("-----END CERTIFICATE-----").next())
+        .collect();
+    assert!(
+        !pems.is_empty(),
+        "no certificate from the relay: {}",
+        out.text()
+    );
+    let leaf = format!(
+        "-----BEGIN CERTIFICATE-----{}-----END CERTIFICATE-----\n",
+        pems[0]
+    );
+    let mut x509 = openssl();
+    x509.args([
+        "x509", "-noout", "-subject", "-issuer", "-text", "-nameopt", "RFC2253",
+    ]);
+    let text = run_with_input(&mut x509, leaf.as_bytes(), HUNG);
+    assert!(text.status.success(), "openssl x509: {}", text.text());
+    let info = text.stdout;
+    let field = |name: &str| -> String {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no `{name}` in:\n{info}"))
+            .trim()
+            .to_owned()
+    };
+    let subject = field("subject=");
+    let issuer = field("issuer=");
+    let cn = subject
+        .split(',')
+        .find_map(|p| p.trim().strip_prefix("CN="))
+        .unwrap_or_else(|| panic!("no CN in subject `{subject}`"));
+    assert!(
+        cn.ends_with(".net") && cn.len() > ".net".len(),
+        "leaf CN `{cn}` does not end in .net"
+    );
+    assert_ne!(
+        subject, issuer,
+        "the leaf is self-signed, not issued by a CA"
+    );
+    assert!(
+        info.contains("DNS:proxy.example.org"),
+        "SAN DNS:proxy.example.org missing:\n{info}"
+    );
+    assert!(
+        info.contains(&format!("IP Address:{ip}")),
+        "SAN IP Address:{ip} missing:\n{info}"
+    );
+    assert!(
+        info.contains("Public-Key: (4096 bit)"),
+        "the leaf is not RSA-4096:\n{info}"
+    );
+
+    // And it serves: TLS 1.3 to the echo upstream (not verified: the CA is the relay's own).
+    let mut c = SClient::start(&["-connect", &relay.addr().to_string(), "-tls1_3"]);
+    let got = c.exchange(b"ping through a generated certificate\n".to_vec(), 37, HUNG);
+    assert_eq!(got, b"ping through a generated certificate\n");
+
+    // A garbage ClientHello is refused here too, and never reaches the upstream.
+    let before = echo.accepted();
+    let mut s = connect(relay.addr());
+    let _ = s.write_all(b"\x16\x03\x01\x00\x02\x00\x00garbage");
+    let (_, ended) = read_all(&mut s, HUNG);
+    assert!(ended.is_some(), "garbage ClientHello: still open");
+    assert_eq!(relay.wait_counter("refused_bad_tls", 1, HUNG), 1);
+    assert_eq!(echo.accepted(), before);
+}
