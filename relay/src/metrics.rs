@@ -38,6 +38,8 @@ pub enum Counter {
     RefusedBadSni,
     /// Every upstream address refused or timed out.
     UpstreamUnreachable,
+    /// An upstream connect found no free source port (EADDRNOTAVAIL).
+    SourcePortsExhausted,
     ClientReset,
     UpstreamReset,
     /// Closed (with RST both ways) on another socket error than a reset.
@@ -69,6 +71,7 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::RefusedBadTls, "refused_bad_tls"),
     (Counter::RefusedBadSni, "refused_bad_sni"),
     (Counter::UpstreamUnreachable, "upstream_unreachable"),
+    (Counter::SourcePortsExhausted, "source_ports_exhausted"),
     (Counter::ClientReset, "client_reset"),
     (Counter::UpstreamReset, "upstream_reset"),
     (Counter::RelayErrors, "relay_errors"),

@@ -54,6 +54,9 @@ enum Cmd {
         /// After one side half-closed, close when idle this long, in ms.
         #[arg(long, default_value_t = 1000)]
         fin_timeout_ms: u32,
+        /// Local address upstream connections leave from (repeatable; used in turn).
+        #[arg(long = "source-address", value_name = "IP")]
+        source_addresses: Vec<std::net::IpAddr>,
         #[command(flatten)]
         common: Common,
     },
@@ -166,9 +169,11 @@ fn build(cmd: Cmd) -> Result<Option<(Config, PathBuf)>, String> {
             connect_timeout_ms,
             idle_timeout_ms,
             fin_timeout_ms,
+            source_addresses,
             common,
         } => {
             let mut c = Config::forward(listen, upstream);
+            c.listeners[0].source_addresses = source_addresses;
             c.timeouts.connect_ms = connect_timeout_ms;
             c.timeouts.idle_ms = idle_timeout_ms;
             c.timeouts.fin_ms = fin_timeout_ms;

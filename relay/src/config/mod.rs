@@ -91,6 +91,10 @@ pub struct Listener {
     /// Per-listener cap on relayed connections (HAProxy's frontend maxconn); 0 = the global cap.
     #[serde(default)]
     pub max_connections: u32,
+    /// Local addresses the upstream connections leave from, in turn (each gives another ~28k
+    /// source ports toward one upstream address); empty = the kernel's choice.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_addresses: Vec<IpAddr>,
     /// Servers used only while every `upstream` address is down (needs `[listen.health]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallback: Vec<HostPort>,
@@ -377,6 +381,7 @@ impl Config {
                 route: Route::Static,
                 send_proxy: SendProxy::None,
                 max_connections: 0,
+                source_addresses: Vec::new(),
                 fallback: Vec::new(),
                 health: None,
                 tls: None,

@@ -119,6 +119,7 @@ fn whatsapp() -> Config {
                     route: Route::Static,
                     send_proxy,
                     max_connections: 27_495,
+                    source_addresses: Vec::new(),
                     fallback: Vec::new(),
                     // check inter 60s fastinter 1s downinter 3s rise 2 fall 3
                     health: Some(HealthSettings::default()),
@@ -160,6 +161,7 @@ fn signal() -> Config {
             route: Route::Sni,
             send_proxy: SendProxy::None,
             max_connections: 0,
+            source_addresses: Vec::new(),
             fallback: Vec::new(),
             health: None,
             tls: Some(TlsSettings::default()),

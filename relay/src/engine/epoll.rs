@@ -13,7 +13,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 
-use socket2::{Domain, SockAddr, Socket, Type};
+use socket2::{SockAddr, Socket};
 
 use super::{HeaderStep, Refusal, SniStep, WorkerCtx};
 use crate::config::Route;
@@ -298,7 +298,8 @@ impl<'a> Worker<'a> {
         };
         conn.attempt += 1;
         conn.last_active_ms = self.now_ms;
-        match start_connect(addr) {
+        let source = self.ctx.next_source(conn.listener, addr);
+        match start_connect(addr, source) {
             Ok(s) => {
                 if self
                     .epoll
@@ -316,7 +317,12 @@ impl<'a> Worker<'a> {
                 }
                 conn.upstream = Some(s);
             }
-            Err(_) => self.connect_next(slot),
+            Err(e) => {
+                let now = self.now_ms;
+                self.ctx
+                    .connect_failed(e.raw_os_error().unwrap_or(libc::EIO), now);
+                self.connect_next(slot)
+            }
         }
     }
 
@@ -739,12 +745,8 @@ fn fail(d: usize, at_source: bool, e: &io::Error) -> End {
     }
 }
 
-fn start_connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    let sock = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        None,
-    )?;
+fn start_connect(addr: SocketAddr, source: Option<std::net::IpAddr>) -> io::Result<TcpStream> {
+    let sock = super::upstream_socket(addr, source)?;
     match sock.connect(&SockAddr::from(addr)) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}

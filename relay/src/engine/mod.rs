@@ -89,6 +89,10 @@ pub struct WorkerCtx<'a> {
     pub started: Instant,
     /// The TLS server of each listener that terminates TLS (index = listener).
     pub tls: Vec<Option<TlsServer>>,
+    /// Round-robin position in each listener's `source_addresses`.
+    next_source: Vec<usize>,
+    /// Coarse clock of the last "source ports exhausted" warning (one per 10 s at most).
+    last_ports_warning_ms: Option<u64>,
 }
 
 /// Why a new connection was not admitted.
@@ -116,6 +120,8 @@ impl<'a> WorkerCtx<'a> {
             worker_cap: nofile.saturating_sub(FDS_RESERVED + pipes) / FDS_PER_CONN,
             started: Instant::now(),
             tls: vec![None; config.listeners.len()],
+            next_source: vec![0; config.listeners.len()],
+            last_ports_warning_ms: None,
         }
     }
 
@@ -181,12 +187,68 @@ impl<'a> WorkerCtx<'a> {
         drain
     }
 
+    /// The next source address for a connection of `listener` to `addr` (same family), in turn.
+    pub fn next_source(
+        &mut self,
+        listener: usize,
+        addr: std::net::SocketAddr,
+    ) -> Option<std::net::IpAddr> {
+        let list = &self.config.listeners[listener].source_addresses;
+        let same: Vec<std::net::IpAddr> = list
+            .iter()
+            .copied()
+            .filter(|ip| ip.is_ipv4() == addr.is_ipv4())
+            .collect();
+        if same.is_empty() {
+            return None;
+        }
+        let i = self.next_source[listener];
+        self.next_source[listener] = i.wrapping_add(1);
+        Some(same[i % same.len()])
+    }
+
+    /// An upstream connect failed with `errno`: EADDRNOTAVAIL means the source ports toward
+    /// that address ran out; it is counted and said (at most once per 10 s).
+    pub fn connect_failed(&mut self, errno: i32, now_ms: u64) {
+        if errno != libc::EADDRNOTAVAIL {
+            return;
+        }
+        self.row.inc(Counter::SourcePortsExhausted);
+        if self
+            .last_ports_warning_ms
+            .is_none_or(|t| now_ms >= t + 10_000)
+        {
+            self.last_ports_warning_ms = Some(now_ms);
+            tracing::warn!(
+                "out of source ports toward an upstream address; add `source_addresses` to the listener"
+            );
+        }
+    }
+
     pub fn count_refusal(&self, r: Refusal) {
         self.row.inc(match r {
             Refusal::Full => Counter::RefusedFull,
             Refusal::NoUpstream => Counter::RefusedNoUpstream,
         });
     }
+}
+
+/// A nonblocking, close-on-exec socket for a connection to `addr`, leaving from `source` when
+/// given (IP_BIND_ADDRESS_NO_PORT: the port is picked at connect time, per destination).
+pub fn upstream_socket(
+    addr: std::net::SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<socket2::Socket> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    if let Some(ip) = source {
+        sys::set_bind_address_no_port(sock.as_fd())?;
+        sock.bind(&std::net::SocketAddr::new(ip, 0).into())?;
+    }
+    Ok(sock)
 }
 
 /// Sets up a socket of a relayed connection: no Nagle delay (messages are small and

@@ -17,11 +17,10 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
-use socket2::{Domain, SockAddr, Socket, Type};
+use socket2::SockAddr;
 
 use super::copy::{self, Bid, BufRing};
 use super::splice::{self, Pipe, PipePool};
@@ -775,8 +774,9 @@ impl<'a> Worker<'a> {
             return;
         };
         self.conn(slot).attempt += 1;
-        let sock = match new_upstream_socket(addr) {
-            Ok(s) => s,
+        let source = self.ctx.next_source(listener, addr);
+        let sock = match super::upstream_socket(addr, source) {
+            Ok(s) => OwnedFd::from(s),
             Err(e) => {
                 tracing::warn!("cannot create an upstream socket: {e}");
                 self.close(slot, true);
@@ -808,6 +808,8 @@ impl<'a> Worker<'a> {
             return;
         }
         if res < 0 {
+            let now = self.now_ms;
+            self.ctx.connect_failed(-res, now);
             // Refused, unreachable, or cancelled by the linked timeout: next address.
             let c = self.conn(slot);
             c.upstream = None;
@@ -1539,15 +1541,6 @@ fn timeout_counter(phase: Phase) -> Counter {
         Phase::Connecting => Counter::UpstreamUnreachable,
         Phase::Relaying | Phase::Closing => Counter::IdleTimeout,
     }
-}
-
-fn new_upstream_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
-    let sock = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        None,
-    )?;
-    Ok(sock.into())
 }
 
 #[cfg(test)]

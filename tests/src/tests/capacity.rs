@@ -56,6 +56,7 @@ fn twenty_one_thousand_connections_on_four_workers() {
     let relay_host = Host::new();
     let upstream = Host::new().addr();
     let sources: Vec<Host> = (0..PROCS).map(|_| Host::new()).collect();
+    let (out_a, out_b) = (Host::new(), Host::new());
 
     let mut echoes: Vec<Holder> = (0..PROCS)
         .map(|_| {
@@ -72,6 +73,12 @@ fn twenty_one_thousand_connections_on_four_workers() {
         .workers(4)
         // Tens of thousands of SYNs at once: some wait for a retransmission (1 s, 3 s, ...).
         .connect_timeout_ms(30_000)
+        // 21000 connections to one upstream address from one source address would use most of
+        // the ~28k ephemeral ports; two sources double that (the feature under test too).
+        .arg("--source-address")
+        .arg(out_a.ip.to_string())
+        .arg("--source-address")
+        .arg(out_b.ip.to_string())
         .start();
     relay.wait_workers(4, HUNG);
     let baseline = relay.fd_baseline();
