@@ -15,10 +15,9 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use socket2::{SockAddr, Socket};
 
-use super::{HeaderStep, Refusal, SniStep, WorkerCtx};
+use super::{HeaderStep, Inbound, Refusal, SniStep, WorkerCtx};
 use crate::config::Route;
 use crate::metrics::Counter;
-use crate::proto::proxy::ProxyHeader;
 use crate::proto::tls::TlsConn;
 use crate::sys::{self, Epoll};
 use crate::upstream::Upstreams;
@@ -62,13 +61,6 @@ struct Conn {
     tls: Option<Box<TlsConn>>,
     /// The upstream entry SNI routing chose; None = every address of the listener.
     entry: Option<usize>,
-}
-
-/// A PROXY header being read, then its content.
-#[derive(Default)]
-struct Inbound {
-    acc: Vec<u8>,
-    header: Option<ProxyHeader>,
 }
 
 /// What ended a connection.

@@ -277,6 +277,15 @@ pub fn is_reset(errno: i32) -> bool {
     errno == libc::ECONNRESET || errno == libc::EPIPE || errno == libc::ECONNABORTED
 }
 
+/// The first bytes of a connection, read before its upstream is chosen: the client's PROXY
+/// header (then what it said), or, on an SNI-routed plain port, its ClientHello (sent upstream
+/// first).
+#[derive(Debug, Default)]
+pub struct Inbound {
+    pub acc: Vec<u8>,
+    pub header: Option<ProxyHeader>,
+}
+
 /// One step of reading a client's PROXY header.
 #[derive(Debug)]
 pub enum HeaderStep {

@@ -24,10 +24,9 @@ use socket2::SockAddr;
 
 use super::copy::{self, Bid, BufRing};
 use super::splice::{self, Pipe, PipePool};
-use super::{EngineKind, HeaderStep, Refusal, SniStep, WorkerCtx};
+use super::{EngineKind, HeaderStep, Inbound, Refusal, SniStep, WorkerCtx};
 use crate::config::Route;
 use crate::metrics::Counter;
-use crate::proto::proxy::ProxyHeader;
 use crate::proto::tls::TlsConn;
 use crate::upstream::Upstreams;
 
@@ -214,13 +213,6 @@ struct Conn {
     tls: Option<Box<TlsSide>>,
     /// The upstream entry SNI routing chose; None = every address of the listener.
     entry: Option<u16>,
-}
-
-/// A PROXY header being read, then its content.
-#[derive(Default)]
-struct Inbound {
-    acc: Vec<u8>,
-    header: Option<ProxyHeader>,
 }
 
 /// TLS termination of one connection: the session and the bytes waiting to be sent each way.
