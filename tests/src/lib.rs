@@ -164,8 +164,15 @@ pub(crate) fn shared() -> Option<SharedGuard> {
 
 static NEXT_HOST: AtomicU32 = AtomicU32::new(0);
 
-/// One loopback address of its own for a test: 127.0.0.10 .. 127.0.0.250, then 127.0.1.10 ...
-/// No other test in this process gets it, so its ports are the test's alone.
+/// Second octet of this process's test addresses: 100..=199 (127.77.x.x is the benchmark's).
+pub fn process_octet() -> u8 {
+    100 + (std::process::id() % 100) as u8
+}
+
+/// One loopback address of its own for a test: 127.P.0.10 .. 127.P.0.250, then 127.P.1.10 ...,
+/// where P is derived from this process's pid ([`process_octet`]), so two test processes
+/// running at once (two checkouts, a helper's run) rarely share an address either. No other test
+/// in this process gets it, so its ports are the test's alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Host {
     pub ip: Ipv4Addr,
@@ -178,7 +185,7 @@ impl Host {
         let third = u8::try_from(n / 241).expect("more than 60000 test addresses");
         let fourth = 10 + (n % 241) as u8;
         Host {
-            ip: Ipv4Addr::new(127, 0, third, fourth),
+            ip: Ipv4Addr::new(127, process_octet(), third, fourth),
         }
     }
 

@@ -104,11 +104,11 @@ fn logs_carry_no_ip_address() {
     let refusing = RefusingPort::new(host.addr());
     let ok = Sluice::forward(host.addr(), echo.addr())
         .workers(1)
-        .env("RUST_LOG", "debug")
+        .env("SLUICE_LOG", "trace")
         .start();
     let bad = Sluice::forward(host.addr(), refusing.addr())
         .workers(1)
-        .env("RUST_LOG", "debug")
+        .env("SLUICE_LOG", "trace")
         .start();
     let conns = client::open_many(ok.addr(), None, 5).unwrap();
     client::echo_many(&conns, seed(), 1000, true, Duration::from_secs(30)).unwrap();
