@@ -6,7 +6,7 @@
 //! The orchestration lives in the `sluice-benches` crate rather than here because it needs
 //! serde, hdrhistogram and plotters, which this crate does not depend on.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -73,28 +73,5 @@ pub fn bench(flags: BenchFlags) -> Result<()> {
 
 /// apt-get installs whichever peer package is missing; nothing when all are there.
 fn install_peers() -> Result<()> {
-    let missing: Vec<&str> = PEER_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed(p))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("xtask: installing benchmark peers: {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing))
-    .context("apt-get install failed (the benchmark needs root to install its peers)")
-}
-
-fn installed(package: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", package])
-        .stderr(Stdio::null())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        .unwrap_or(false)
+    crate::setup::apt(PEER_PACKAGES)
 }

@@ -36,7 +36,8 @@ pub fn ebpf_toolchain() -> Result<()> {
     bpf_linker()
 }
 
-fn apt(packages: &[&str]) -> Result<()> {
+/// Installs whichever of `packages` is missing (apt-get); nothing when all are there.
+pub fn apt(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
