@@ -5,6 +5,7 @@
 //! - `build-ebpf` builds `ebpf/programs` for `bpfel-unknown-none`
 //! - `run`        builds everything and runs `sluice run` (WhatsApp preset unless told otherwise)
 //! - `test`       builds and runs every test: unit, integration, eBPF, house rules
+//! - `bench`      Sluice beside HAProxy, nginx, socat and a direct connection (docs/BENCHMARKS.md)
 
 mod bench;
 mod setup;
