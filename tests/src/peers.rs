@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::{ChildGuard, TempDir, find_program, run_with_timeout, tail, wait_listening};
+use crate::{
+    ChildGuard, TempDir, find_program, run_with_timeout, tail, wait_listening, wait_until,
+};
 
 /// nginx in the foreground serving `root()` on one address; stopped when dropped.
 pub struct Nginx {
@@ -79,7 +81,7 @@ impl Nginx {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let mut guard = ChildGuard::spawn("nginx", &mut cmd);
-        let up = wait_listening(addr, Duration::from_secs(10));
+        let up = listening(addr, Duration::from_secs(10));
         if !up {
             let status = guard.try_wait();
             let log = fs::read_to_string(p.join("err.log")).unwrap_or_default();
@@ -112,6 +114,44 @@ impl Nginx {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// Waits up to `timeout` until something listens on `addr`, IPv4 ([`wait_listening`]) or
+/// IPv6 (read from /proc/net/tcp6; no connection made).
+fn listening(addr: SocketAddr, timeout: Duration) -> bool {
+    match addr {
+        SocketAddr::V4(_) => wait_listening(addr, timeout),
+        SocketAddr::V6(a) => wait_until(timeout, || listening_v6(a)),
+    }
+}
+
+/// Is there a listening socket on `addr` in /proc/net/tcp6?
+fn listening_v6(addr: std::net::SocketAddrV6) -> bool {
+    const TCP_LISTEN: &str = "0A";
+    let table = fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
+    table.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(state)) = (f.get(1), f.get(3)) else {
+            return false;
+        };
+        let Some((ip_hex, port_hex)) = local.split_once(':') else {
+            return false;
+        };
+        // Four 32-bit words, each printed in host byte order.
+        let mut ip = [0u8; 16];
+        for (i, chunk) in ip.chunks_mut(4).enumerate() {
+            let Some(Ok(word)) = ip_hex
+                .get(i * 8..i * 8 + 8)
+                .map(|h| u32::from_str_radix(h, 16))
+            else {
+                return false;
+            };
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        *state == TCP_LISTEN
+            && u16::from_str_radix(port_hex, 16) == Ok(addr.port())
+            && std::net::Ipv6Addr::from(ip) == *addr.ip()
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -149,7 +189,7 @@ impl Haproxy {
             .stderr(fs::File::create(dir.join("haproxy.err")).unwrap());
         let mut guard = ChildGuard::spawn("haproxy", &mut cmd);
         for &a in binds {
-            if !wait_listening(a, Duration::from_secs(10)) {
+            if !listening(a, Duration::from_secs(10)) {
                 let status = guard.try_wait();
                 let err = fs::read_to_string(dir.join("haproxy.err")).unwrap_or_default();
                 panic!(
@@ -452,7 +492,7 @@ impl SServer {
             .stdout(fs::File::create(dir.join("s_server.out")).unwrap())
             .stderr(fs::File::create(dir.join("s_server.err")).unwrap());
         let mut guard = ChildGuard::spawn("openssl s_server", &mut cmd);
-        if !wait_listening(addr, Duration::from_secs(10)) {
+        if !listening(addr, Duration::from_secs(10)) {
             let status = guard.try_wait();
             panic!(
                 "openssl s_server not listening on {addr} (exit: {status:?}); stderr:\n{}",

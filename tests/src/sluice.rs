@@ -62,6 +62,39 @@ pub struct ListenerConfig {
     pub route: Option<String>,
     /// A `[listen.tls]` table: TLS termination on this port.
     pub tls: Option<TlsConfig>,
+    /// `fallback = [...]`: used while every `upstream` address is down (needs `health`).
+    pub fallback: Vec<String>,
+    /// A `[listen.health]` table: layer-4 health checks of the upstream addresses.
+    pub health: Option<HealthConfig>,
+}
+
+/// A `[listen.health]` table (HAProxy's `check inter fastinter downinter rise fall`); None
+/// leaves a key to the relay's default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HealthConfig {
+    pub interval_ms: Option<u32>,
+    pub fast_interval_ms: Option<u32>,
+    pub down_interval_ms: Option<u32>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+}
+
+impl HealthConfig {
+    fn to_toml(self) -> String {
+        let mut s = String::from("[listen.health]\n");
+        for (k, v) in [
+            ("interval_ms", self.interval_ms),
+            ("fast_interval_ms", self.fast_interval_ms),
+            ("down_interval_ms", self.down_interval_ms),
+            ("rise", self.rise),
+            ("fall", self.fall),
+        ] {
+            if let Some(v) = v {
+                s.push_str(&format!("{k} = {v}\n"));
+            }
+        }
+        s
+    }
 }
 
 /// A `[listen.tls]` table: `cert`/`key` PEM files, or neither for a certificate the relay
@@ -146,6 +179,8 @@ impl Config {
             send_proxy: None,
             route: None,
             tls: None,
+            fallback: Vec::new(),
+            health: None,
         });
         self
     }
@@ -177,6 +212,18 @@ impl Config {
     /// A `[listen.tls]` table on the last `[[listen]]` table.
     pub fn tls(mut self, tls: TlsConfig) -> Config {
         self.last().tls = Some(tls);
+        self
+    }
+
+    /// `fallback = [...]` on the last `[[listen]]` table.
+    pub fn fallback(mut self, fallback: &[&str]) -> Config {
+        self.last().fallback = fallback.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// A `[listen.health]` table on the last `[[listen]]` table.
+    pub fn health(mut self, health: HealthConfig) -> Config {
+        self.last().health = Some(health);
         self
     }
 
@@ -229,6 +276,10 @@ impl Config {
             s.push_str(&format!("bind = \"{}\"\n", l.bind));
             let ups: Vec<String> = l.upstream.iter().map(|u| format!("{u:?}")).collect();
             s.push_str(&format!("upstream = [{}]\n", ups.join(", ")));
+            if !l.fallback.is_empty() {
+                let fb: Vec<String> = l.fallback.iter().map(|u| format!("{u:?}")).collect();
+                s.push_str(&format!("fallback = [{}]\n", fb.join(", ")));
+            }
             if let Some(m) = l.max_connections {
                 s.push_str(&format!("max_connections = {m}\n"));
             }
@@ -243,6 +294,9 @@ impl Config {
             }
             if let Some(t) = &l.tls {
                 s.push_str(&t.to_toml());
+            }
+            if let Some(h) = l.health {
+                s.push_str(&h.to_toml());
             }
         }
         s

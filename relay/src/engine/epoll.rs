@@ -494,7 +494,7 @@ impl<'a> Worker<'a> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(fail(0, true, &e)),
             };
-            conn.last_active_ms = self.now_ms;
+            // No refresh of `last_active_ms`: the handshake's limit counts from its start.
             let tls = conn.tls.as_mut().expect("handshake has a session");
             let fed = tls.feed_ciphertext(&self.scratch[..n]);
             tls.take_plaintext(&mut conn.dirs[0].pending);

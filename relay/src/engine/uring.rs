@@ -1388,15 +1388,19 @@ impl<'a> Worker<'a> {
     // ---- both ----
 
     /// Bytes went out: the connection is not idle (timeouts count inactivity either way).
+    /// Before the relay starts (header, handshake, ClientHello) the phase's time limit counts
+    /// from its start, so a client trickling bytes cannot hold a connection open.
     fn touch(&mut self, slot: u32) {
         let now = self.now_ms;
-        self.conn(slot).last_active_ms = now;
+        let c = self.conn(slot);
+        if c.phase == Phase::Relaying {
+            c.last_active_ms = now;
+        }
     }
 
     fn moved(&mut self, slot: u32, d: usize, n: u64) {
-        let now = self.now_ms;
+        self.touch(slot);
         let c = self.conn(slot);
-        c.last_active_ms = now;
         c.bytes[d] += n;
         self.ctx.row.add(
             if d == TO_UPSTREAM {

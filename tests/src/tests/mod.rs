@@ -37,6 +37,7 @@ mod ebpf;
 mod failures;
 mod fallback;
 mod half_close;
+mod health;
 mod peers;
 mod presets;
 mod proxy_protocol;

@@ -3,10 +3,11 @@
 //! connection, count `refused_bad_header` and never reach the upstream), and `send_proxy`
 //! writes v1 or v2 to the upstream with the client's address (from its header, else its
 //! socket). End to end with real peers: curl -> HAProxy (`send-proxy` and `send-proxy-v2`) ->
-//! Sluice -> nginx (`listen ... proxy_protocol`) sees curl's own source address.
+//! Sluice -> nginx (`listen ... proxy_protocol`) sees curl's own source address, also over
+//! IPv6 (HAProxy on `[::1]`: nginx sees `::1`).
 
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener};
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use sluice_tests::client::{
 use sluice_tests::peers::{Haproxy, Nginx};
 use sluice_tests::servers::CaptureServer;
 use sluice_tests::{
-    Config, HUNG, Host, Pattern, Sluice, init, require_program, run_with_timeout, tail,
+    Config, HUNG, Host, Pattern, Sluice, init, require_program, run_with_timeout, skip, tail,
 };
 
 use super::{engine_ok, seed};
@@ -90,6 +91,8 @@ fn malformed_headers_refused(engine: &str) {
         // Cut short, then silence (the write side stays open): refused after header_ms.
         ("v1 cut short", b"PROXY TCP4 198.51.100.7 ".to_vec()),
         ("v2 cut short", v2[..20].to_vec()),
+        // The signature and version, not the length: the header is not even whole.
+        ("v2 fixed header cut short", v2[..14].to_vec()),
     ];
     for (i, (what, bytes)) in cases.iter().enumerate() {
         if what.ends_with("cut short") {
@@ -357,5 +360,68 @@ fn haproxy_sluice_nginx_keep_client_address() {
             "haproxy {what}: nginx's $proxy_protocol_addr is not curl's address"
         );
     }
+    assert_eq!(relay.counter("refused_bad_header"), Some(0));
+}
+
+/// Gate for tests that use the IPv6 loopback: a socket must bind `[::1]`.
+fn require_ipv6_loopback() -> bool {
+    match TcpListener::bind((Ipv6Addr::LOCALHOST, 0)) {
+        Ok(_) => true,
+        Err(e) => skip(&format!("no IPv6 loopback: cannot bind [::1]: {e}")),
+    }
+}
+
+/// The PROXY chain over IPv6: curl -> HAProxy on `[::1]` (`send-proxy-v2`, a TCP6 header) ->
+/// Sluice (`accept_proxy`, `send_proxy = "v1"`, so `PROXY TCP6 ...`) -> nginx `listen ...
+/// proxy_protocol` answering `$proxy_protocol_addr`: nginx sees `::1`, curl's address.
+#[test]
+fn haproxy_ipv6_sluice_nginx_keep_client_address() {
+    init();
+    if !require_program("haproxy")
+        || !require_program("nginx")
+        || !require_program("curl")
+        || !require_ipv6_loopback()
+    {
+        return;
+    }
+    let host = Host::new();
+    let nginx = Nginx::start_with(
+        host.addr(),
+        "proxy_protocol",
+        "default_type text/plain; location / { return 200 \"$proxy_protocol_addr\\n\"; }",
+    );
+    let mut config = Config::new()
+        .listen("from-lb", host.addr(), &[&nginx.addr().to_string()])
+        .accept_proxy()
+        .send_proxy("v1");
+    config.workers = Some(1);
+    let relay = Sluice::run_config(&config).start();
+    // A free port on [::1] (nothing else in the tests binds [::1]).
+    let fe = TcpListener::bind((Ipv6Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port on [::1]");
+    let haproxy = Haproxy::start(
+        &format!(
+            "frontend fe6\n    bind {fe}\n    default_backend be\n\
+             backend be\n    server relay {relay} send-proxy-v2\n",
+            relay = relay.addr()
+        ),
+        &[fe],
+    );
+    let mut curl = Command::new("curl");
+    curl.args(["-g", "-sS", "--fail", "--max-time", "20"])
+        .arg(format!("http://{fe}/"));
+    let out = run_with_timeout(&mut curl, Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "curl over [::1]: {}\nhaproxy: {}\nnginx: {}",
+        out.text(),
+        tail(&haproxy.stderr(), 20),
+        tail(&nginx.error_log(), 20)
+    );
+    assert_eq!(
+        out.stdout, "::1\n",
+        "nginx's $proxy_protocol_addr is not curl's address over IPv6"
+    );
     assert_eq!(relay.counter("refused_bad_header"), Some(0));
 }

@@ -2,7 +2,8 @@
 //! `upstream` entry (exact, ignoring case), whose host `[resolve]` maps to a local
 //! `openssl s_server`; the ClientHello is relayed untouched, so the client completes its
 //! handshake with that server's own certificate (verified) and gets that server's answer. Other
-//! names, no SNI, and plain HTTP are refused and counted (`refused_bad_sni`).
+//! names, no SNI, and plain HTTP are refused and counted (`refused_bad_sni`). A ClientHello in
+//! two pieces, or written one byte per write, is still routed.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -228,3 +229,56 @@ fn connect_and_close(addr: SocketAddr) -> std::net::TcpStream {
     s.shutdown(std::net::Shutdown::Write).unwrap();
     s
 }
+
+/// A ClientHello that reaches a `route = "sni"` port one byte per write (a few ms apart): the
+/// relay waits for the whole of it, routes it by its name and relays it untouched, so the
+/// client completes its handshake with that server (its certificate verified) and gets its
+/// answer.
+fn slow_client_hello_routed(engine: &str) {
+    if !engine_ok(engine) || !require_program("openssl") {
+        return;
+    }
+    let (relay_host, host_a, host_b) = (Host::new(), Host::new(), Host::new());
+    let pki = Pki::new();
+    let leaf_a = pki.leaf("a.test", &["DNS:a.test"], KeyKind::Ec);
+    let leaf_b = pki.leaf("b.test", &["DNS:b.test"], KeyKind::Ec);
+    let a = SServer::start_www(host_a.addr(), &leaf_a, &[("who.txt", b"server-A\n")]);
+    let b = SServer::start_www(host_b.addr(), &leaf_b, &[("who.txt", b"server-B\n")]);
+    let mut config = Config::new()
+        .listen(
+            "sni",
+            relay_host.addr(),
+            &[
+                &format!("a.test:{}", a.addr().port()),
+                &format!("b.test:{}", b.addr().port()),
+            ],
+        )
+        .route_sni()
+        .resolve("a.test", IpAddr::V4(host_a.ip))
+        .resolve("b.test", IpAddr::V4(host_b.ip));
+    config.workers = Some(1);
+    config.engine = Some(engine.into());
+    config.header_ms = Some(super::tls::SLOW_HELLO_MS);
+    let relay = Sluice::run_config(&config).start();
+    super::assert_engine(&relay, engine);
+    let got = super::tls::slow_hello_exchange(
+        relay.addr(),
+        &pki.ca(),
+        "b.test",
+        b"GET /who.txt HTTP/1.0\r\n\r\n",
+        |g| g.windows(9).any(|w| w == b"server-B\n"),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{engine}: SNI b.test with a ClientHello 1 byte per write: {e}\ns_server B: {}",
+            b.log()
+        )
+    });
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.contains("server-B\n") && !got.contains("server-A"),
+        "{engine}: want server-B's answer, got {got:?}"
+    );
+    assert_eq!(relay.counter("refused_bad_sni"), Some(0));
+}
+engines!(slow_client_hello_routed);

@@ -5,13 +5,20 @@
 //! are refused (`refused_bad_tls`) before any upstream connection;
 //! curl `--cacert` fetches a 5 MB file from nginx behind a TLS port byte-exact; and a
 //! certificate the relay generates itself (the WhatsApp proxy's layout: private CA, RSA-4096
-//! leaf with a random CN ending in `.net`) carries the configured SANs.
+//! leaf with a random CN ending in `.net`) carries the configured SANs. A ClientHello written
+//! one byte per write (a rustls client driven by hand) still completes the handshake.
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 use sluice_tests::client::{connect, read_all, send_and_read_to_end};
 use sluice_tests::peers::{KeyKind, Nginx, Pki, SClient, openssl};
@@ -28,6 +35,79 @@ const HANDSHAKE_MS: u32 = 2_000;
 
 /// The name the relay's certificate is made for.
 const RELAY_NAME: &str = "relay.test";
+
+/// The pause after each byte of a ClientHello written one byte per write.
+const BYTE_GAP: Duration = Duration::from_millis(2);
+
+/// `header_ms` for relays a ClientHello reaches one byte at a time (a few hundred bytes, a few
+/// ms each): generous, only a hung handshake runs into it.
+pub(super) const SLOW_HELLO_MS: u32 = 10_000;
+
+/// A TLS client (rustls, verifying `name` against the CA in `ca`) that writes its whole
+/// ClientHello to `addr` one byte per write, [`BYTE_GAP`] apart, then completes the handshake
+/// normally, sends `request` and reads until `done(what came back)`, the end of the stream or
+/// [`HUNG`]. Returns the plaintext that came back, or what failed.
+pub(super) fn slow_hello_exchange(
+    addr: SocketAddr,
+    ca: &Path,
+    name: &str,
+    request: &[u8],
+    done: impl Fn(&[u8]) -> bool,
+) -> Result<Vec<u8>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| format!("read {ca:?}: {e}"))? {
+        let cert = cert.map_err(|e| format!("parse {ca:?}: {e}"))?;
+        roots.add(cert).map_err(|e| format!("CA {ca:?}: {e}"))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("rustls config: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let server_name = ServerName::try_from(name.to_owned()).map_err(|e| format!("{name}: {e}"))?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), server_name)
+        .map_err(|e| format!("rustls client: {e}"))?;
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello)
+            .map_err(|e| format!("ClientHello: {e}"))?;
+    }
+    if hello.first() != Some(&0x16) || hello.len() > 4096 {
+        return Err(format!("not one ClientHello: {} bytes", hello.len()));
+    }
+    let mut s = connect(addr);
+    for (i, b) in hello.iter().enumerate() {
+        s.write_all(std::slice::from_ref(b)).map_err(|e| {
+            format!(
+                "writing byte {} of the {}-byte ClientHello: {e}",
+                i + 1,
+                hello.len()
+            )
+        })?;
+        thread::sleep(BYTE_GAP);
+    }
+    let mut tls = rustls::Stream::new(&mut conn, &mut s);
+    tls.write_all(request).map_err(|e| {
+        format!(
+            "handshake (after a {}-byte ClientHello sent 1 byte per write) or request: {e}",
+            hello.len()
+        )
+    })?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 << 10];
+    let deadline = Instant::now() + HUNG;
+    while !done(&got) && Instant::now() < deadline {
+        match tls.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            // The server closed without close_notify (s_server -WWW does).
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(format!("read after {} bytes: {e}", got.len())),
+        }
+    }
+    Ok(got)
+}
 
 /// `openssl s_client` arguments that verify the relay's certificate against `ca`.
 fn verify_args(addr: SocketAddr, ca: &std::path::Path) -> Vec<String> {
@@ -313,3 +393,83 @@ fn generated_certificate() {
     assert_eq!(relay.wait_counter("refused_bad_tls", 1, HUNG), 1);
     assert_eq!(echo.accepted(), before);
 }
+
+/// A ClientHello that reaches a TLS-terminating port one byte per write (a few ms apart): the
+/// relay waits for the whole of it, the handshake completes (the client verifies the relay's
+/// certificate) and data goes through to the plaintext upstream byte-exact.
+fn slow_client_hello_terminated(engine: &str) {
+    if !engine_ok(engine) || !require_program("openssl") {
+        return;
+    }
+    let host = Host::new();
+    let pki = Pki::new();
+    let leaf = pki.leaf(RELAY_NAME, &[&format!("DNS:{RELAY_NAME}")], KeyKind::Ec);
+    let echo = EchoServer::start(host.addr());
+    let mut config = Config::new()
+        .listen("tls", host.addr(), &[&echo.addr().to_string()])
+        .tls(TlsConfig::files(&leaf.fullchain, &leaf.key));
+    config.workers = Some(1);
+    config.engine = Some(engine.into());
+    config.header_ms = Some(SLOW_HELLO_MS);
+    let relay = Sluice::run_config(&config).start();
+    super::assert_engine(&relay, engine);
+    let data = Pattern::new(seed()).bytes(0, 16 << 10);
+    let got = slow_hello_exchange(relay.addr(), &pki.ca(), RELAY_NAME, &data, |g| {
+        g.len() >= data.len()
+    })
+    .unwrap_or_else(|e| panic!("{engine}: TLS with a ClientHello 1 byte per write: {e}"));
+    assert!(
+        got == data,
+        "{engine}: {} of {} bytes came back through TLS, or different ones",
+        got.len(),
+        data.len()
+    );
+    assert_eq!(echo.accepted(), 1, "{engine}: upstream connections");
+    assert_eq!(relay.counter("refused_bad_tls"), Some(0));
+}
+engines!(slow_client_hello_terminated);
+
+/// A client that trickles bytes into its TLS handshake (one every 150 ms, each well inside
+/// `header_ms` = 600) is still cut off once the handshake as a whole has taken `header_ms`:
+/// activity does not extend the handshake's limit (slowloris), and the refusal is counted.
+fn trickled_handshake_times_out(engine: &str) {
+    if !engine_ok(engine) || !require_program("openssl") {
+        return;
+    }
+    let host = Host::new();
+    let pki = Pki::new();
+    let leaf = pki.leaf(RELAY_NAME, &[&format!("DNS:{RELAY_NAME}")], KeyKind::Ec);
+    let echo = EchoServer::start(host.addr());
+    let mut config = Config::new()
+        .listen("tls", host.addr(), &[&echo.addr().to_string()])
+        .tls(TlsConfig::files(&leaf.fullchain, &leaf.key));
+    config.workers = Some(1);
+    config.engine = Some(engine.into());
+    config.header_ms = Some(600);
+    let relay = Sluice::run_config(&config).start();
+    let mut c = std::net::TcpStream::connect(relay.addr()).unwrap();
+    // A TLS record header announcing a large handshake message, then one byte at a time.
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    hello.resize(200, 0x42);
+    let mut closed_after = None;
+    // Bounded: 200 bytes at 150 ms is 30 s, far past the 0.6 s limit plus a tick.
+    for (i, b) in hello.iter().enumerate() {
+        if std::io::Write::write_all(&mut c, &[*b]).is_err() {
+            closed_after = Some(i);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    assert!(
+        closed_after.is_some(),
+        "{engine}: a handshake trickled over 30 s was never cut off"
+    );
+    assert!(
+        relay.wait_counter("refused_bad_tls", 1, Duration::from_secs(10)) >= 1,
+        "{engine}: the timed-out handshake is counted as refused_bad_tls"
+    );
+    assert_eq!(echo.accepted(), 0, "{engine}: nothing reached the upstream");
+}
+engines!(trickled_handshake_times_out);
