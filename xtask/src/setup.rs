@@ -18,6 +18,8 @@ const APT_PACKAGES: &[&str] = &[
     "nginx-light",
     "libnginx-mod-stream",
     "socat",
+    "curl",
+    "openssl",
     "iproute2",
     "procps",
 ];
