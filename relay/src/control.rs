@@ -32,6 +32,13 @@ pub struct Status {
     pub totals: std::collections::BTreeMap<String, u64>,
     #[serde(default)]
     pub active: u64,
+    /// Connections this daemon can hold: `max_connections`, or less when the workers' fd limits
+    /// allow less.
+    #[serde(default)]
+    pub capacity: u64,
+    /// Connections one worker can hold (its fd limit, two fds a connection).
+    #[serde(default)]
+    pub per_worker_capacity: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,6 +84,8 @@ impl Status {
                 .collect(),
             totals: Default::default(),
             active: 0,
+            capacity: 0,
+            per_worker_capacity: 0,
         }
     }
 

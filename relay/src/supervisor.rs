@@ -64,10 +64,11 @@ pub fn workers_needed(config: &Config, nofile: u64) -> usize {
     if config.workers > 0 {
         return config.workers as usize;
     }
-    let per_worker = nofile
-        .saturating_sub(engine::FDS_RESERVED + engine::splice::PIPE_POOL_MAX as u64 * 2)
-        / engine::FDS_PER_CONN;
-    let for_conns = u64::from(config.max_connections).div_ceil(per_worker.max(1)) as usize;
+    let per_worker = engine::worker_capacity(nofile);
+    // 10 % headroom: SO_REUSEPORT spreads by hash, so workers fill unevenly; a full worker
+    // refuses while its neighbours still have room.
+    let wanted = u64::from(config.max_connections) + u64::from(config.max_connections) / 10;
+    let for_conns = wanted.div_ceil(per_worker.max(1)) as usize;
     sys::cpus().max(for_conns).min(metrics::MAX_WORKERS - 1)
 }
 
@@ -214,7 +215,10 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     }
     spawn_signal_thread(tx)?;
 
-    let status = Arc::new(Mutex::new(Status::new(&config, kind, nworkers)));
+    let mut st = Status::new(&config, kind, nworkers);
+    st.per_worker_capacity = engine::worker_capacity(nofile);
+    st.capacity = (st.per_worker_capacity * nworkers as u64).min(u64::from(config.max_connections));
+    let status = Arc::new(Mutex::new(st));
     if let Some(path) = &opts.control
         && let Err(e) = control::serve(path, status.clone(), shared.clone())
     {

@@ -53,8 +53,13 @@ fn print_status(v: &serde_json::Value) {
         return;
     };
     println!(
-        "engine {}   active {} / max {}",
-        st.engine, st.active, st.max_connections
+        "engine {}   active {} / max {}   capacity {} ({} workers x {})",
+        st.engine,
+        st.active,
+        st.max_connections,
+        st.capacity,
+        st.workers.len(),
+        st.per_worker_capacity
     );
     println!(
         "\n{:<8} {:>8} {:<8} {:>10} {:>12}",

@@ -77,6 +77,12 @@ pub const FDS_PER_CONN: u64 = 2;
 /// Fds a worker keeps for itself (listeners, ring, pipes pool, control pipe, logs).
 pub const FDS_RESERVED: u64 = 256;
 
+/// Relayed connections one worker process can hold with `nofile` file descriptors.
+pub fn worker_capacity(nofile: u64) -> u64 {
+    let pipes = splice::PIPE_POOL_MAX as u64 * 2;
+    nofile.saturating_sub(FDS_RESERVED + pipes) / FDS_PER_CONN
+}
+
 /// What a worker needs to know besides its engine's own state.
 pub struct WorkerCtx<'a> {
     pub config: &'a Config,
@@ -110,14 +116,13 @@ impl<'a> WorkerCtx<'a> {
         shared: &'a Shared,
         nofile: u64,
     ) -> Self {
-        let pipes = splice::PIPE_POOL_MAX as u64 * 2;
         WorkerCtx {
             config,
             index,
             workers,
             shared,
             row: shared.worker(index),
-            worker_cap: nofile.saturating_sub(FDS_RESERVED + pipes) / FDS_PER_CONN,
+            worker_cap: worker_capacity(nofile),
             started: Instant::now(),
             tls: vec![None; config.listeners.len()],
             next_source: vec![0; config.listeners.len()],
