@@ -1132,22 +1132,31 @@ impl<'a> Worker<'a> {
         self.push(e);
     }
 
-    fn on_send(&mut self, slot: u32, d: usize, res: i32) {
-        self.conn(slot).dirs[d].sending = false;
+    /// What every SEND completion does first: nothing more once closing, fail on an error,
+    /// count the activity. Some(bytes sent) when the caller should go on.
+    fn send_done(&mut self, slot: u32, d: usize, res: i32) -> Option<u32> {
         if self.conn(slot).phase == Phase::Closing {
-            return;
+            return None;
         }
         if res < 0 {
             self.fail(slot, d, -res, false);
-            return;
+            return None;
         }
         self.touch(slot);
+        Some(res as u32)
+    }
+
+    fn on_send(&mut self, slot: u32, d: usize, res: i32) {
+        self.conn(slot).dirs[d].sending = false;
+        let Some(n) = self.send_done(slot, d, res) else {
+            return;
+        };
         let dir = &mut self.conn(slot).dirs[d];
         let (bid, len) = *dir
             .queue
             .front()
             .expect("a SEND completes the front buffer");
-        dir.sent += res as u32;
+        dir.sent += n;
         if dir.sent < len {
             self.send_front(slot, d);
             return;
@@ -1358,15 +1367,10 @@ impl<'a> Worker<'a> {
 
     fn on_tls_send(&mut self, slot: u32, d: usize, res: i32) {
         self.tls(slot).out[d].sending = false;
-        if self.conn(slot).phase == Phase::Closing {
+        let Some(n) = self.send_done(slot, d, res) else {
             return;
-        }
-        if res < 0 {
-            self.fail(slot, d, -res, false);
-            return;
-        }
-        self.touch(slot);
-        self.tls(slot).out[d].sent += res as usize;
+        };
+        self.tls(slot).out[d].sent += n as usize;
         self.tls_flush(slot, d);
     }
 
