@@ -87,6 +87,8 @@ pub struct Worker<'a> {
     paused: bool,
     draining: bool,
     now_ms: u64,
+    /// Connections that spent their per-event budget before the kernel said WouldBlock.
+    again: Vec<u64>,
 }
 
 fn token(slot: usize, generation: u32, upstream: bool) -> u64 {
@@ -123,6 +125,7 @@ impl<'a> Worker<'a> {
             paused: false,
             draining: false,
             now_ms: 0,
+            again: Vec::new(),
         })
     }
 
@@ -133,7 +136,9 @@ impl<'a> Worker<'a> {
         let mut events = vec![sys::epoll_event_zeroed(); 1024];
         let mut last_tick = 0;
         loop {
-            let n = self.epoll.wait(&mut events, TICK_MS)?;
+            // Connections that spent their budget with bytes still waiting run again at once.
+            let wait = if self.again.is_empty() { TICK_MS } else { 0 };
+            let n = self.epoll.wait(&mut events, wait)?;
             self.now_ms = self.ctx.now_ms();
             for ev in &events[..n] {
                 let (tok, bits) = (ev.u64, ev.events);
@@ -146,6 +151,11 @@ impl<'a> Worker<'a> {
                 } else {
                     self.on_event(tok, bits);
                 }
+            }
+            // Taken whole: a connection that spends its budget again is queued for the next
+            // round, after the events that arrived meanwhile.
+            for tok in std::mem::take(&mut self.again) {
+                self.on_event(tok, (libc::EPOLLIN | libc::EPOLLOUT) as u32);
             }
             if self.now_ms >= last_tick + TICK_MS as u64 {
                 last_tick = self.now_ms;
@@ -535,14 +545,21 @@ impl<'a> Worker<'a> {
     fn pump(&mut self, slot: usize) -> Result<(), End> {
         let conn = self.slots[slot].1.as_mut().expect("live slot");
         let up = conn.upstream.as_ref().expect("relaying has an upstream");
+        let mut again = false;
         for d in 0..2 {
             let (mut src, dst) = if d == 0 {
                 (&conn.client, up)
             } else {
                 (up, &conn.client)
             };
-            // Bounded per event, like accepts: fairness between connections.
-            for _ in 0..64 {
+            // Bounded per event, like accepts: fairness between connections. Readiness is
+            // edge-triggered, so a direction that spends its budget before the kernel says
+            // WouldBlock gets no new edge: it is queued to run again after this batch.
+            for round in 0..=64 {
+                if round == 64 {
+                    again = true;
+                    break;
+                }
                 let had = conn.dirs[d].pending.len();
                 let all = flush(dst, &mut conn.dirs[d].pending, d)?;
                 if conn.dirs[d].pending.len() < had {
@@ -641,6 +658,9 @@ impl<'a> Worker<'a> {
         }
         if conn.dirs.iter().all(|d| d.done) {
             return Err(End::Graceful);
+        }
+        if again {
+            self.again.push(token(slot, self.slots[slot].0, false));
         }
         Ok(())
     }
