@@ -59,6 +59,15 @@ pub enum Counter {
     UpstreamStateChanges,
     /// Supervisor row, gauge: upstream addresses down now.
     UpstreamsDown,
+    /// Refused because the client is denied (deny list, or not on a non-empty allow list).
+    RefusedDenied,
+    /// Refused because no upstream address of the connection is on the destination allowlist.
+    RefusedDest,
+    /// Closed by `sluicectl deny add --kill-existing`.
+    KilledDenied,
+    /// Gauge: the generation of the admission lists this worker applied last (the supervisor
+    /// waits for it before answering `sluicectl`). Not a total.
+    AdmissionGeneration,
 }
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
@@ -82,6 +91,9 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::PipePoolEmpty, "pipe_pool_empty"),
     (Counter::Engine, "engine"),
     (Counter::Pid, "pid"),
+    (Counter::RefusedDenied, "refused_denied"),
+    (Counter::RefusedDest, "refused_dest"),
+    (Counter::KilledDenied, "killed_denied"),
 ];
 
 /// The shared counter table.

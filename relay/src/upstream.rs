@@ -11,7 +11,9 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
+use crate::admission::{decode_list, encode_list};
 use crate::config::{Config, HostPort};
+use crate::ebpf::Cidr;
 use crate::health::{Changes, Checker};
 
 /// Seconds between attempts while a name does not resolve.
@@ -37,6 +39,17 @@ pub enum ControlMsg {
     },
     /// End of the start-up messages: the worker may start accepting.
     Ready,
+    /// The admission lists, whole ([`crate::admission`]); `generation` grows with each change
+    /// and the worker reports it back in its counter row once applied.
+    Admission {
+        generation: u64,
+        allow: Vec<Cidr>,
+        deny: Vec<Cidr>,
+        dests: Vec<SocketAddr>,
+    },
+    /// Close every live connection whose client (its peer address now) is in one of `cidrs`
+    /// (`sluicectl deny add --kill-existing`), then report `generation`.
+    Kill { generation: u64, cidrs: Vec<Cidr> },
 }
 
 fn hex(s: &str) -> String {
@@ -72,10 +85,43 @@ impl ControlMsg {
                 key_pem,
             } => format!("tls {listener} {} {}\n", hex(chain_pem), hex(key_pem)),
             ControlMsg::Ready => "ready\n".to_string(),
+            ControlMsg::Admission {
+                generation,
+                allow,
+                deny,
+                dests,
+            } => format!(
+                "admission {generation} {} {} {}\n",
+                encode_list(allow),
+                encode_list(deny),
+                encode_list(dests)
+            ),
+            ControlMsg::Kill { generation, cidrs } => {
+                format!("kill {generation} {}\n", encode_list(cidrs))
+            }
         }
     }
 
     pub fn decode(line: &str) -> Option<ControlMsg> {
+        let words: Vec<&str> = line.trim_end().split(' ').collect();
+        match words.as_slice() {
+            ["admission", generation, allow, deny, dests] => {
+                return Some(ControlMsg::Admission {
+                    generation: generation.parse().ok()?,
+                    allow: decode_list(allow)?,
+                    deny: decode_list(deny)?,
+                    dests: decode_list(dests)?,
+                });
+            }
+            ["kill", generation, cidrs] => {
+                return Some(ControlMsg::Kill {
+                    generation: generation.parse().ok()?,
+                    cidrs: decode_list(cidrs)?,
+                });
+            }
+            ["admission" | "kill", ..] => return None,
+            _ => {}
+        }
         let mut parts = line.trim_end().splitn(4, ' ');
         let number = |parts: &mut std::str::SplitN<'_, char>| parts.next()?.parse::<usize>().ok();
         match parts.next()? {
@@ -244,10 +290,16 @@ fn resolve_wait(config: &Config, ok: bool) -> Duration {
     })
 }
 
-/// A worker's view of the upstream addresses, updated from its control pipe.
+/// A worker's view of the upstream addresses, updated from its control pipe. Addresses outside
+/// a non-empty destination allowlist ([`Upstreams::set_dests`]) are left out of every list, so
+/// they are never connected to.
 #[derive(Debug, Default)]
 pub struct Upstreams {
-    /// `entries[listener][entry]`: the addresses of one configured `HOST:PORT`.
+    /// `raw[listener][entry]`: the addresses of one configured `HOST:PORT`, as resolved.
+    raw: Vec<Vec<Vec<SocketAddr>>>,
+    /// The destination allowlist; empty = every address.
+    dests: std::collections::BTreeSet<SocketAddr>,
+    /// `entries[listener][entry]`: `raw` without the addresses the allowlist leaves out.
     entries: Vec<Vec<Vec<SocketAddr>>>,
     /// `flat[listener]`: every entry's addresses in order, without repeats (static routing).
     flat: Vec<Vec<SocketAddr>>,
@@ -258,6 +310,8 @@ impl Upstreams {
     /// `entries[l]` is the number of upstream entries of listener `l`.
     pub fn new(entries: &[usize]) -> Upstreams {
         Upstreams {
+            raw: entries.iter().map(|&n| vec![Vec::new(); n]).collect(),
+            dests: Default::default(),
             entries: entries.iter().map(|&n| vec![Vec::new(); n]).collect(),
             flat: vec![Vec::new(); entries.len()],
             next: vec![0; entries.len()],
@@ -265,14 +319,37 @@ impl Upstreams {
     }
 
     pub fn set(&mut self, listener: usize, entry: usize, addrs: Vec<SocketAddr>) {
-        let Some(slot) = self
-            .entries
-            .get_mut(listener)
-            .and_then(|l| l.get_mut(entry))
-        else {
+        let Some(slot) = self.raw.get_mut(listener).and_then(|l| l.get_mut(entry)) else {
             return;
         };
         *slot = addrs;
+        self.refilter(listener);
+    }
+
+    /// Replaces the destination allowlist (empty = every address) and filters every list again.
+    pub fn set_dests(&mut self, dests: std::collections::BTreeSet<SocketAddr>) {
+        if dests == self.dests {
+            return;
+        }
+        self.dests = dests;
+        for l in 0..self.raw.len() {
+            self.refilter(l);
+        }
+    }
+
+    fn allowed(&self, a: &SocketAddr) -> bool {
+        self.dests.is_empty()
+            || self
+                .dests
+                .contains(&SocketAddr::new(a.ip().to_canonical(), a.port()))
+    }
+
+    fn refilter(&mut self, listener: usize) {
+        let filtered: Vec<Vec<SocketAddr>> = self.raw[listener]
+            .iter()
+            .map(|addrs| addrs.iter().copied().filter(|a| self.allowed(a)).collect())
+            .collect();
+        self.entries[listener] = filtered;
         let flat = &mut self.flat[listener];
         flat.clear();
         for a in self.entries[listener].iter().flatten() {
@@ -283,9 +360,25 @@ impl Upstreams {
         self.next[listener] = 0;
     }
 
-    /// Addresses known for a listener (any entry).
+    /// Addresses known for a listener (any entry) that may be connected to.
     pub fn count(&self, listener: usize) -> usize {
         self.flat[listener].len()
+    }
+
+    /// True when addresses are known for the listener (or its SNI `entry`) but the destination
+    /// allowlist leaves none: the connection is refused as `refused_dest`.
+    pub fn dest_refused(&self, listener: usize, entry: Option<usize>) -> bool {
+        let (raw, allowed) = match entry {
+            Some(e) => (
+                self.raw[listener][e].is_empty(),
+                self.entries[listener][e].is_empty(),
+            ),
+            None => (
+                self.raw[listener].iter().all(|a| a.is_empty()),
+                self.flat[listener].is_empty(),
+            ),
+        };
+        !raw && allowed
     }
 
     fn list(&self, listener: usize, entry: Option<usize>) -> &[SocketAddr] {
@@ -352,6 +445,27 @@ mod tests {
                 "[::1]:443".parse().unwrap(),
             ],
         });
+        check(ControlMsg::Admission {
+            generation: 7,
+            allow: vec!["10.0.0.0/8".parse().unwrap()],
+            deny: vec![
+                "127.0.0.3/32".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ],
+            dests: vec![],
+        });
+        check(ControlMsg::Admission {
+            generation: 0,
+            allow: vec![],
+            deny: vec![],
+            dests: vec!["[::1]:443".parse().unwrap()],
+        });
+        check(ControlMsg::Kill {
+            generation: 9,
+            cidrs: vec!["127.0.0.3/32".parse().unwrap()],
+        });
+        assert_eq!(ControlMsg::decode("admission 1 - -\n"), None);
+        assert_eq!(ControlMsg::decode("kill 1 nonsense\n"), None);
         assert_eq!(ControlMsg::decode("bogus 1\n"), None);
         assert_eq!(ControlMsg::decode("addrs x 1.2.3.4:5\n"), None);
     }
@@ -380,6 +494,34 @@ mod tests {
             "an entry's own list (SNI routing)"
         );
         assert_eq!(u.pick(0, Some(0), s, 1), None);
+    }
+
+    #[test]
+    fn destination_allowlist_filters_addresses() {
+        let mut u = Upstreams::new(&[2]);
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.2:1".parse().unwrap();
+        u.set(0, 0, vec![a]);
+        u.set(0, 1, vec![b]);
+        assert_eq!(u.count(0), 2);
+        u.set_dests([b].into_iter().collect());
+        assert_eq!(u.count(0), 1);
+        let s = u.start(0);
+        assert_eq!(u.pick(0, None, s, 0), Some(b));
+        assert_eq!(u.pick(0, None, s, 1), None, "a is never tried");
+        assert!(!u.dest_refused(0, None));
+        assert!(u.dest_refused(0, Some(0)), "entry 0 has only `a`");
+        u.set_dests(["127.0.0.9:1".parse().unwrap()].into_iter().collect());
+        assert_eq!(u.count(0), 0);
+        assert!(u.dest_refused(0, None));
+        u.set_dests(Default::default());
+        assert_eq!(u.count(0), 2);
+        let mut empty = Upstreams::new(&[1]);
+        empty.set_dests([a].into_iter().collect());
+        assert!(
+            !empty.dest_refused(0, None),
+            "nothing known is `no upstream`"
+        );
     }
 
     #[test]

@@ -34,9 +34,39 @@ pub struct Config {
     /// Host names resolved to a fixed address instead of DNS (`--resolve HOST=IP`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub resolve: std::collections::BTreeMap<String, IpAddr>,
+    /// Client allow/deny lists and the destination allowlist at start (changed live with
+    /// `sluicectl allow|deny|dest`).
+    #[serde(default, skip_serializing_if = "AdmissionSettings::is_empty")]
+    pub admission: AdmissionSettings,
     /// One table per listening port.
     #[serde(rename = "listen")]
     pub listeners: Vec<Listener>,
+}
+
+/// The `[admission]` table: the lists the daemon starts with.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionSettings {
+    /// Clients that may connect (CIDRs); empty = every client not denied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<crate::ebpf::Cidr>,
+    /// Clients refused (CIDRs); deny wins over allow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<crate::ebpf::Cidr>,
+    /// Upstream `HOST:PORT`s the relay may connect to (names resolved once, at start); empty =
+    /// any upstream of the listeners.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<HostPort>,
+    /// Network interfaces to attach the XDP program to, which drops SYNs of denied clients
+    /// before they cost a socket (needs CAP_BPF and CAP_NET_ADMIN).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub xdp_interfaces: Vec<String>,
+}
+
+impl AdmissionSettings {
+    pub fn is_empty(&self) -> bool {
+        *self == AdmissionSettings::default()
+    }
 }
 
 /// Timeouts, in milliseconds, like the WhatsApp proxy's HAProxy.
@@ -373,6 +403,7 @@ impl Config {
             resolve_interval_s: defaults::resolve_interval_s(),
             timeouts: Timeouts::default(),
             resolve: Default::default(),
+            admission: AdmissionSettings::default(),
             listeners: vec![Listener {
                 name: "forward".into(),
                 bind: listen,
@@ -416,6 +447,19 @@ impl Config {
         ] {
             if v == 0 {
                 return err(key, "must be at least 1 ms".into());
+            }
+        }
+        for (i, name) in self.admission.xdp_interfaces.iter().enumerate() {
+            // IFNAMSIZ is 16 with the terminating NUL.
+            if name.is_empty()
+                || name.len() > 15
+                || name.contains('/')
+                || name.chars().any(|c| c.is_whitespace())
+            {
+                return err(
+                    &format!("admission.xdp_interfaces[{i}]"),
+                    format!("`{name}` is not a network interface name (1-15 characters)"),
+                );
             }
         }
         if self.listeners.is_empty() {
@@ -679,6 +723,41 @@ mod tests {
         check_err(
             &two,
             "line 7: `listen[1].bind`: 127.0.0.1:1 is already bound by listen[0]",
+        );
+    }
+
+    #[test]
+    fn admission_table_is_typed_and_checked() {
+        let c = Config::from_toml(
+            &format!(
+                "[admission]\nallow = [\"10.0.0.0/8\", \"2001:db8::/32\"]\ndeny = [\"10.1.2.3\"]\ndestinations = [\"127.0.0.1:5222\", \"g.example.net:443\"]\nxdp_interfaces = [\"eth0\"]\n{ONE}"
+            ),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.admission.allow.len(), 2);
+        assert_eq!(c.admission.deny[0].to_string(), "10.1.2.3/32");
+        assert_eq!(c.admission.destinations[1].to_string(), "g.example.net:443");
+        assert_eq!(Config::from_toml(&c.to_toml(), "t").unwrap(), c);
+        check_err(
+            &format!("[admission]\ndeny = [\"10.0.0.0/33\"]\n{ONE}"),
+            "line 2: `[\"10.0.0.0/33\"]`: `10.0.0.0/33` is not a CIDR",
+        );
+        check_err(
+            &format!("[admission]\nallow = [\"example.org\"]\n{ONE}"),
+            "line 2",
+        );
+        check_err(
+            &format!("[admission]\ndestinations = [\"127.0.0.1\"]\n{ONE}"),
+            "line 2",
+        );
+        check_err(
+            &format!("[admission]\nblock = []\n{ONE}"),
+            "line 2: `block`: unknown field `block`",
+        );
+        check_err(
+            &format!("[admission]\n\nxdp_interfaces = [\"\"]\n{ONE}"),
+            "line 3: `admission.xdp_interfaces[0]`",
         );
     }
 

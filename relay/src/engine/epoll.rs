@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use socket2::{SockAddr, Socket};
 
-use super::{HeaderStep, Inbound, Refusal, SniStep, WorkerCtx};
+use super::{HeaderStep, Inbound, SniStep, WorkerCtx};
 use crate::config::Route;
 use crate::metrics::Counter;
 use crate::proto::tls::TlsConn;
@@ -188,7 +188,33 @@ impl<'a> Worker<'a> {
             self.draining = true;
             self.set_accepting(false);
         }
+        if let Some((generation, cidrs)) = self.ctx.take_kill() {
+            self.kill_clients(generation, &cidrs);
+        }
         true
+    }
+
+    /// `sluicectl deny add --kill-existing`: closes (RST) every connection whose client is in
+    /// `cidrs` now; no other connection is touched.
+    fn kill_clients(&mut self, generation: u64, cidrs: &[crate::ebpf::Cidr]) {
+        let mut n = 0;
+        for slot in 0..self.slots.len() {
+            let Some(conn) = self.slots[slot].1.as_ref() else {
+                continue;
+            };
+            if !WorkerCtx::kills(cidrs, conn.client.as_fd()) {
+                continue;
+            }
+            n += 1;
+            self.end(
+                slot,
+                End::Reset {
+                    from_client: false,
+                    reset: false,
+                },
+            );
+        }
+        self.ctx.killed(generation, n);
     }
 
     fn set_accepting(&mut self, on: bool) {
@@ -230,12 +256,9 @@ impl<'a> Worker<'a> {
                 }
             };
             self.ctx.row.inc(Counter::Accepted);
-            let known = self.upstreams.count(listener) > 0;
-            if let Err(r) = self.ctx.admit(listener, known) {
+            if let Err(r) = self.ctx.admit(listener, &self.upstreams, client.as_fd()) {
                 self.ctx.count_refusal(r);
-                if matches!(r, Refusal::Full | Refusal::NoUpstream) {
-                    super::set_reset_on_close(&client);
-                }
+                super::set_reset_on_close(&client);
                 continue;
             }
             if client.set_nonblocking(true).is_err() {
@@ -288,7 +311,13 @@ impl<'a> Worker<'a> {
             self.upstreams
                 .pick(conn.listener, conn.entry, conn.addr_start, conn.attempt)
         else {
-            self.ctx.row.inc(Counter::UpstreamUnreachable);
+            self.ctx.row.inc(
+                if conn.attempt == 0 && self.upstreams.dest_refused(conn.listener, conn.entry) {
+                    Counter::RefusedDest
+                } else {
+                    Counter::UpstreamUnreachable
+                },
+            );
             self.end(
                 slot,
                 End::Reset {
@@ -345,8 +374,19 @@ impl<'a> Worker<'a> {
                     HeaderStep::More => {}
                     HeaderStep::Done(h) => {
                         inbound.acc = Vec::new();
+                        let admitted = self.ctx.admit_proxied(&h);
                         inbound.header = Some(h);
-                        self.after_header(slot);
+                        if admitted {
+                            self.after_header(slot);
+                        } else {
+                            self.end(
+                                slot,
+                                End::Reset {
+                                    from_client: true,
+                                    reset: false,
+                                },
+                            );
+                        }
                     }
                     HeaderStep::Bad => {
                         self.ctx.row.inc(Counter::RefusedBadHeader);

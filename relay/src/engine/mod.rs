@@ -19,7 +19,9 @@ use std::time::Instant;
 
 use socket2::SockRef;
 
+use crate::admission::{Rules, Verdict};
 use crate::config::{Config, EngineChoice, Listener, SendProxy};
+use crate::ebpf::Cidr;
 use crate::metrics::{Counter, Row, Shared};
 use crate::proto::proxy::{self, Parsed, ProxyHeader};
 use crate::proto::sni::{self, SniResult};
@@ -99,6 +101,11 @@ pub struct WorkerCtx<'a> {
     next_source: Vec<usize>,
     /// Coarse clock of the last "source ports exhausted" warning (one per 10 s at most).
     last_ports_warning_ms: Option<u64>,
+    /// The client allow/deny lists from the supervisor (the destination allowlist lives in
+    /// [`Upstreams`], which leaves disallowed addresses out).
+    rules: Rules,
+    /// A `kill` from the supervisor the engine has yet to carry out: (generation, ranges).
+    pending_kill: Option<(u64, Vec<Cidr>)>,
 }
 
 /// Why a new connection was not admitted.
@@ -106,6 +113,10 @@ pub struct WorkerCtx<'a> {
 pub enum Refusal {
     Full,
     NoUpstream,
+    /// The client is denied (deny list, or outside a non-empty allow list).
+    Denied,
+    /// Upstream addresses are known, but none is on the destination allowlist.
+    Dest,
 }
 
 impl<'a> WorkerCtx<'a> {
@@ -127,6 +138,8 @@ impl<'a> WorkerCtx<'a> {
             tls: vec![None; config.listeners.len()],
             next_source: vec![0; config.listeners.len()],
             last_ports_warning_ms: None,
+            rules: Rules::default(),
+            pending_kill: None,
         }
     }
 
@@ -135,9 +148,30 @@ impl<'a> WorkerCtx<'a> {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Admission of a client just accepted on `listener`: global and per-listener caps (summed
-    /// over every worker's row) and a known upstream address.
-    pub fn admit(&self, listener: usize, upstream_known: bool) -> Result<(), Refusal> {
+    /// Admission of a client just accepted on `listener`: the client lists (its peer address is
+    /// looked up only while a list is non-empty, and not kept), global and per-listener caps
+    /// (summed over every worker's row), and an upstream address that may be connected to.
+    pub fn admit(
+        &self,
+        listener: usize,
+        upstreams: &Upstreams,
+        client: BorrowedFd<'_>,
+    ) -> Result<(), Refusal> {
+        if self.rules.checks_clients() {
+            // A socket without a peer address (already reset) is refused too.
+            let peer = SockRef::from(&client)
+                .peer_addr()
+                .ok()
+                .and_then(|a| a.as_socket());
+            match peer {
+                Some(p) if self.rules.client(p.ip()) == Verdict::Admit => {}
+                _ => return Err(Refusal::Denied),
+            }
+        }
+        let upstream_known = upstreams.count(listener) > 0;
+        if !upstream_known && upstreams.dest_refused(listener, None) {
+            return Err(Refusal::Dest);
+        }
         let c = self.config;
         let l = &c.listeners[listener];
         // This worker's own fd capacity first: accepts already queued when accepting paused
@@ -154,6 +188,50 @@ impl<'a> WorkerCtx<'a> {
             return Err(Refusal::NoUpstream);
         }
         Ok(())
+    }
+
+    /// Whether the client named in a PROXY header may connect (the header's source address,
+    /// checked like a peer address; a header without one — `LOCAL`, `UNKNOWN` — is left to the
+    /// peer-address check done at accept). Counts a refusal.
+    pub fn admit_proxied(&self, header: &ProxyHeader) -> bool {
+        let ok = match header.source {
+            Some(src) if self.rules.checks_clients() => {
+                self.rules.client(src.ip()) == Verdict::Admit
+            }
+            _ => true,
+        };
+        if !ok {
+            self.row.inc(Counter::RefusedDenied);
+        }
+        ok
+    }
+
+    /// A `kill` the supervisor sent, to be carried out by the engine now (it closes every live
+    /// connection whose client [`WorkerCtx::kills`], then calls [`WorkerCtx::killed`]).
+    pub fn take_kill(&mut self) -> Option<(u64, Vec<Cidr>)> {
+        self.pending_kill.take()
+    }
+
+    /// Whether the client of a live connection is in one of `cidrs` now (its peer address,
+    /// looked up at this moment and not kept).
+    pub fn kills(cidrs: &[Cidr], client: BorrowedFd<'_>) -> bool {
+        let Some(peer) = SockRef::from(&client)
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+        else {
+            return false;
+        };
+        let set = crate::admission::CidrSet::from_rules(cidrs.iter().copied());
+        set.contains(peer.ip())
+    }
+
+    /// The engine closed `n` connections for the kill of `generation`.
+    pub fn killed(&self, generation: u64, n: u64) {
+        self.row.add(Counter::KilledDenied, n);
+        let seen = self.shared.get(self.index, Counter::AdmissionGeneration);
+        self.row
+            .set(Counter::AdmissionGeneration, seen.max(generation));
     }
 
     /// Applies every complete line of `buf` (control messages from the supervisor); returns
@@ -186,6 +264,27 @@ impl<'a> WorkerCtx<'a> {
                     }
                 }
                 Some(ControlMsg::Ready) => {}
+                Some(ControlMsg::Admission {
+                    generation,
+                    allow,
+                    deny,
+                    dests,
+                }) => {
+                    self.rules = Rules {
+                        allow: crate::admission::CidrSet::from_rules(allow),
+                        deny: crate::admission::CidrSet::from_rules(deny),
+                        dests: Default::default(),
+                    };
+                    upstreams.set_dests(dests.into_iter().collect());
+                    self.row.set(Counter::AdmissionGeneration, generation);
+                }
+                Some(ControlMsg::Kill { generation, cidrs }) => match &mut self.pending_kill {
+                    Some((g, pending)) => {
+                        *g = (*g).max(generation);
+                        pending.extend(cidrs);
+                    }
+                    None => self.pending_kill = Some((generation, cidrs)),
+                },
                 None => tracing::warn!("unknown control message from the supervisor"),
             }
         }
@@ -234,6 +333,8 @@ impl<'a> WorkerCtx<'a> {
         self.row.inc(match r {
             Refusal::Full => Counter::RefusedFull,
             Refusal::NoUpstream => Counter::RefusedNoUpstream,
+            Refusal::Denied => Counter::RefusedDenied,
+            Refusal::Dest => Counter::RefusedDest,
         });
     }
 }

@@ -24,7 +24,7 @@ use socket2::SockAddr;
 
 use super::copy::{self, Bid, BufRing};
 use super::splice::{self, Pipe, PipePool};
-use super::{EngineKind, HeaderStep, Inbound, Refusal, SniStep, WorkerCtx};
+use super::{EngineKind, HeaderStep, Inbound, SniStep, WorkerCtx};
 use crate::config::Route;
 use crate::metrics::Counter;
 use crate::proto::tls::TlsConn;
@@ -529,6 +529,27 @@ impl<'a> Worker<'a> {
             self.pause_accepts();
             self.draining = true;
         }
+        if let Some((generation, cidrs)) = self.ctx.take_kill() {
+            self.kill_clients(generation, &cidrs);
+        }
+    }
+
+    /// `sluicectl deny add --kill-existing`: closes (RST) every connection whose client is in
+    /// `cidrs` now; no other connection is touched.
+    fn kill_clients(&mut self, generation: u64, cidrs: &[crate::ebpf::Cidr]) {
+        let mut n = 0;
+        for i in 0..self.slots.len() {
+            let Some(conn) = self.slots[i].conn.as_ref() else {
+                continue;
+            };
+            if conn.phase == Phase::Closing || !WorkerCtx::kills(cidrs, conn.client.as_fd()) {
+                continue;
+            }
+            n += 1;
+            self.close(i as u32, true);
+            self.maybe_free(i as u32);
+        }
+        self.ctx.killed(generation, n);
     }
 
     fn on_tick(&mut self) {
@@ -560,12 +581,9 @@ impl<'a> Worker<'a> {
 
     fn on_accept(&mut self, listener: usize, client: OwnedFd) {
         self.ctx.row.inc(Counter::Accepted);
-        let known = self.upstreams.count(listener) > 0;
-        if let Err(r) = self.ctx.admit(listener, known) {
+        if let Err(r) = self.ctx.admit(listener, &self.upstreams, client.as_fd()) {
             self.ctx.count_refusal(r);
-            if r == Refusal::Full || r == Refusal::NoUpstream {
-                super::set_reset_on_close(&client);
-            }
+            super::set_reset_on_close(&client);
             return; // dropping `client` closes it: the refusal the client sees
         }
         super::tune_socket(client.as_fd());
@@ -645,7 +663,11 @@ impl<'a> Worker<'a> {
             HeaderStep::Done(h) => {
                 inbound.acc = Vec::new();
                 inbound.header = Some(h);
-                self.after_header(slot);
+                if self.ctx.admit_proxied(&h) {
+                    self.after_header(slot);
+                } else {
+                    self.close(slot, true);
+                }
             }
             HeaderStep::Bad => {
                 self.ctx.row.inc(Counter::RefusedBadHeader);
@@ -761,7 +783,13 @@ impl<'a> Worker<'a> {
         };
         let entry = self.conn(slot).entry.map(usize::from);
         let Some(addr) = self.upstreams.pick(listener, entry, start, attempt) else {
-            self.ctx.row.inc(Counter::UpstreamUnreachable);
+            self.ctx.row.inc(
+                if attempt == 0 && self.upstreams.dest_refused(listener, entry) {
+                    Counter::RefusedDest
+                } else {
+                    Counter::UpstreamUnreachable
+                },
+            );
             self.close(slot, true);
             return;
         };

@@ -1,0 +1,526 @@
+//! Admission lists: which clients may connect (allow/deny CIDRs) and which upstream addresses the
+//! relay may connect to (the destination allowlist), changed live without a reload.
+//!
+//! The supervisor owns the lists ([`Rules`]), seeded from the config's `[admission]` table and
+//! changed by `sluicectl allow|deny|dest` over the control socket ([`Command`]). Every change is
+//! sent whole to every worker down its control pipe (`admission` line of
+//! [`crate::upstream::ControlMsg`]), and to a restarted worker before `ready`. Workers check the
+//! client at accept (its peer address, looked up only while a client list is non-empty, and the
+//! source of a PROXY header once parsed) and never connect to an address outside a non-empty
+//! destination allowlist.
+//!
+//! Invariant: a client address is only compared here, never stored, logged or counted by
+//! address. The lists hold what the operator entered; a rule is a range, not a client.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+
+use serde::Serialize;
+
+use crate::ebpf::Cidr;
+
+/// A set of CIDRs with longest-prefix lookup: one hash set of networks per prefix length, probed
+/// from the longest length present to the shortest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CidrSet {
+    /// Prefix length -> networks (host bits zero), IPv4 as u32.
+    v4: BTreeMap<u8, HashSet<u32>>,
+    /// Prefix length -> networks (host bits zero), IPv6 as u128.
+    v6: BTreeMap<u8, HashSet<u128>>,
+    /// Every rule in the order the operator gave them (for listing), without repeats.
+    rules: Vec<Cidr>,
+}
+
+fn mask4(len: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
+}
+
+fn mask6(len: u8) -> u128 {
+    u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
+}
+
+/// An IPv4-mapped IPv6 address (a v4 client on a dual-stack socket) as the IPv4 address it is.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+impl CidrSet {
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Adds a rule; false if it was already there.
+    pub fn insert(&mut self, cidr: Cidr) -> bool {
+        if self.rules.contains(&cidr) {
+            return false;
+        }
+        match cidr.addr() {
+            IpAddr::V4(a) => {
+                self.v4
+                    .entry(cidr.prefix_len())
+                    .or_default()
+                    .insert(u32::from(a));
+            }
+            IpAddr::V6(a) => {
+                self.v6
+                    .entry(cidr.prefix_len())
+                    .or_default()
+                    .insert(u128::from(a));
+            }
+        }
+        self.rules.push(cidr);
+        true
+    }
+
+    /// Removes exactly this rule; false if it was not there.
+    pub fn remove(&mut self, cidr: Cidr) -> bool {
+        let Some(pos) = self.rules.iter().position(|c| *c == cidr) else {
+            return false;
+        };
+        self.rules.remove(pos);
+        let len = cidr.prefix_len();
+        match cidr.addr() {
+            IpAddr::V4(a) => {
+                if let Some(set) = self.v4.get_mut(&len) {
+                    set.remove(&u32::from(a));
+                    if set.is_empty() {
+                        self.v4.remove(&len);
+                    }
+                }
+            }
+            IpAddr::V6(a) => {
+                if let Some(set) = self.v6.get_mut(&len) {
+                    set.remove(&u128::from(a));
+                    if set.is_empty() {
+                        self.v6.remove(&len);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// The longest rule that contains `ip`, if any.
+    pub fn lookup(&self, ip: IpAddr) -> Option<Cidr> {
+        match canonical(ip) {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                self.v4.iter().rev().find_map(|(&len, nets)| {
+                    let net = a & mask4(len);
+                    nets.contains(&net)
+                        .then(|| Cidr::new(IpAddr::V4(net.into()), len).ok())
+                        .flatten()
+                })
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                self.v6.iter().rev().find_map(|(&len, nets)| {
+                    let net = a & mask6(len);
+                    nets.contains(&net)
+                        .then(|| Cidr::new(IpAddr::V6(net.into()), len).ok())
+                        .flatten()
+                })
+            }
+        }
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.lookup(ip).is_some()
+    }
+
+    /// The rules, in the order they were added.
+    pub fn rules(&self) -> &[Cidr] {
+        &self.rules
+    }
+
+    pub fn from_rules(rules: impl IntoIterator<Item = Cidr>) -> CidrSet {
+        let mut set = CidrSet::default();
+        for r in rules {
+            set.insert(r);
+        }
+        set
+    }
+}
+
+/// Why a client was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Admit,
+    /// It falls in a deny rule, or an allow list exists and it falls in none.
+    Deny,
+}
+
+/// The three lists, as the supervisor holds them and as every worker gets them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rules {
+    pub allow: CidrSet,
+    pub deny: CidrSet,
+    /// Upstream addresses the relay may connect to; empty = any.
+    pub dests: BTreeSet<SocketAddr>,
+}
+
+impl Rules {
+    /// Whether the client lists say anything (else no peer address needs to be looked up).
+    pub fn checks_clients(&self) -> bool {
+        !self.allow.is_empty() || !self.deny.is_empty()
+    }
+
+    /// Deny wins; then, with an allow list, only what it contains is admitted.
+    pub fn client(&self, ip: IpAddr) -> Verdict {
+        if self.deny.contains(ip) || (!self.allow.is_empty() && !self.allow.contains(ip)) {
+            Verdict::Deny
+        } else {
+            Verdict::Admit
+        }
+    }
+
+    /// Whether the relay may connect to `addr`.
+    pub fn dest_allowed(&self, addr: SocketAddr) -> bool {
+        self.dests.is_empty()
+            || self
+                .dests
+                .contains(&SocketAddr::new(canonical(addr.ip()), addr.port()))
+    }
+}
+
+/// Encodes a list for a control line: comma separated, `-` when empty (no spaces in either).
+pub fn encode_list<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    let list: Vec<String> = items.into_iter().map(|i| i.to_string()).collect();
+    if list.is_empty() {
+        "-".to_string()
+    } else {
+        list.join(",")
+    }
+}
+
+/// The reverse of [`encode_list`].
+pub fn decode_list<T: std::str::FromStr>(s: &str) -> Option<Vec<T>> {
+    if s == "-" {
+        return Some(Vec::new());
+    }
+    s.split(',').map(|i| i.parse().ok()).collect()
+}
+
+/// Which list a control command is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum List {
+    Allow,
+    Deny,
+    Dest,
+}
+
+impl List {
+    pub fn name(self) -> &'static str {
+        match self {
+            List::Allow => "allow",
+            List::Deny => "deny",
+            List::Dest => "dest",
+        }
+    }
+}
+
+/// One rule, as a command names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rule {
+    Client(Cidr),
+    Dest(Vec<SocketAddr>),
+}
+
+/// A control-socket command about the lists: `allow|deny|dest add|del RULE`, `... list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Add {
+        list: List,
+        rule: Rule,
+        /// `deny add ... kill`: also close the live connections of clients in the range.
+        kill_existing: bool,
+    },
+    Del {
+        list: List,
+        rule: Rule,
+    },
+    List(List),
+}
+
+/// Parses `HOST:PORT` for the destination allowlist: an IP literal, or a name resolved once
+/// here (every address it has).
+pub fn parse_dest(s: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(vec![SocketAddr::new(canonical(sa.ip()), sa.port())]);
+    }
+    let hp: crate::config::HostPort = s.parse()?;
+    let addrs: Vec<SocketAddr> = (hp.host.as_str(), hp.port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{}`: {e}", hp.host))?
+        .map(|a| SocketAddr::new(canonical(a.ip()), a.port()))
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("`{}` has no address", hp.host));
+    }
+    Ok(addrs)
+}
+
+/// Parses a CIDR with the message `sluicectl` shows.
+pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    s.parse::<Cidr>().map_err(|e| {
+        format!("`{s}` is not a CIDR ({e}); expected e.g. 192.0.2.0/24 or 2001:db8::/32")
+    })
+}
+
+impl Command {
+    /// Parses a control line (`deny add 10.0.0.0/8 kill`); Ok(None) when it is not about the
+    /// lists at all.
+    pub fn parse(line: &str) -> Result<Option<Command>, String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let list = match words.first() {
+            Some(&"allow") => List::Allow,
+            Some(&"deny") => List::Deny,
+            Some(&"dest") => List::Dest,
+            _ => return Ok(None),
+        };
+        let rule = |w: Option<&&str>| -> Result<Rule, String> {
+            let w = w.ok_or_else(|| format!("`{} add|del` needs a rule", list.name()))?;
+            match list {
+                List::Dest => parse_dest(w).map(Rule::Dest),
+                _ => parse_cidr(w).map(Rule::Client),
+            }
+        };
+        let cmd = match words.get(1) {
+            Some(&"add") => {
+                let kill_existing = match words.get(3) {
+                    None => false,
+                    Some(&"kill") if list == List::Deny => true,
+                    Some(w) => return Err(format!("unexpected `{w}`")),
+                };
+                Command::Add {
+                    list,
+                    rule: rule(words.get(2))?,
+                    kill_existing,
+                }
+            }
+            Some(&"del") => {
+                if let Some(w) = words.get(3) {
+                    return Err(format!("unexpected `{w}`"));
+                }
+                Command::Del {
+                    list,
+                    rule: rule(words.get(2))?,
+                }
+            }
+            Some(&"list") if words.len() == 2 => Command::List(list),
+            _ => {
+                return Err(format!(
+                    "usage: {} add|del RULE, {} list",
+                    list.name(),
+                    list.name()
+                ));
+            }
+        };
+        Ok(Some(cmd))
+    }
+
+    /// The line `sluicectl` sends.
+    pub fn encode(&self) -> String {
+        let rule = |r: &Rule| match r {
+            Rule::Client(c) => c.to_string(),
+            Rule::Dest(a) => encode_list(a),
+        };
+        match self {
+            Command::Add {
+                list,
+                rule: r,
+                kill_existing,
+            } => format!(
+                "{} add {}{}",
+                list.name(),
+                rule(r),
+                if *kill_existing { " kill" } else { "" }
+            ),
+            Command::Del { list, rule: r } => format!("{} del {}", list.name(), rule(r)),
+            Command::List(list) => format!("{} list", list.name()),
+        }
+    }
+}
+
+/// What the daemon answers to a list command.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Reply {
+    /// Whether the command changed the list (an add of a rule already there does not).
+    pub changed: bool,
+    /// The list after the command, as the operator entered it.
+    pub rules: Vec<String>,
+    /// Workers that confirmed the change before the answer (all live ones, unless one is stuck).
+    pub workers_applied: usize,
+    pub workers: usize,
+    /// Whether the deny rules are also in the XDP program's tries.
+    #[serde(default)]
+    pub xdp: bool,
+}
+
+impl Rules {
+    /// Applies a command; returns whether something changed and, for `deny add ... kill`, the
+    /// range whose live connections must close.
+    pub fn apply(&mut self, cmd: &Command) -> (bool, Option<Cidr>) {
+        match cmd {
+            Command::Add {
+                list,
+                rule,
+                kill_existing,
+            } => match (list, rule) {
+                (List::Allow, Rule::Client(c)) => (self.allow.insert(*c), None),
+                (List::Deny, Rule::Client(c)) => {
+                    (self.deny.insert(*c), kill_existing.then_some(*c))
+                }
+                (List::Dest, Rule::Dest(addrs)) => {
+                    let mut changed = false;
+                    for a in addrs {
+                        changed |= self.dests.insert(*a);
+                    }
+                    (changed, None)
+                }
+                _ => (false, None),
+            },
+            Command::Del { list, rule } => match (list, rule) {
+                (List::Allow, Rule::Client(c)) => (self.allow.remove(*c), None),
+                (List::Deny, Rule::Client(c)) => (self.deny.remove(*c), None),
+                (List::Dest, Rule::Dest(addrs)) => {
+                    let mut changed = false;
+                    for a in addrs {
+                        changed |= self.dests.remove(a);
+                    }
+                    (changed, None)
+                }
+                _ => (false, None),
+            },
+            Command::List(_) => (false, None),
+        }
+    }
+
+    /// A list as text, for listing.
+    pub fn listing(&self, list: List) -> Vec<String> {
+        match list {
+            List::Allow => self.allow.rules().iter().map(|c| c.to_string()).collect(),
+            List::Deny => self.deny.rules().iter().map(|c| c.to_string()).collect(),
+            List::Dest => self.dests.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cidr(s: &str) -> Cidr {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let set = CidrSet::from_rules([cidr("10.0.0.0/8"), cidr("10.1.0.0/16"), cidr("::/0")]);
+        assert_eq!(set.lookup(ip("10.1.2.3")), Some(cidr("10.1.0.0/16")));
+        assert_eq!(set.lookup(ip("10.2.2.3")), Some(cidr("10.0.0.0/8")));
+        assert_eq!(set.lookup(ip("11.0.0.1")), None);
+        assert_eq!(set.lookup(ip("2001:db8::1")), Some(cidr("::/0")));
+        assert_eq!(
+            set.lookup(ip("::ffff:10.1.0.9")),
+            Some(cidr("10.1.0.0/16")),
+            "a v4-mapped client is its v4 address"
+        );
+    }
+
+    #[test]
+    fn remove_takes_exactly_one_rule() {
+        let mut set = CidrSet::from_rules([cidr("127.0.0.3/32"), cidr("127.0.0.0/24")]);
+        assert!(!set.remove(cidr("127.0.0.4/32")));
+        assert!(set.remove(cidr("127.0.0.3/32")));
+        assert_eq!(set.lookup(ip("127.0.0.3")), Some(cidr("127.0.0.0/24")));
+        assert!(set.remove(cidr("127.0.0.0/24")));
+        assert!(set.is_empty());
+        assert!(!set.contains(ip("127.0.0.3")));
+        assert!(set.insert(cidr("0.0.0.0/0")));
+        assert!(!set.insert(cidr("0.0.0.0/0")), "no repeats");
+        assert!(set.contains(ip("1.2.3.4")));
+        assert!(!set.contains(ip("::1")));
+    }
+
+    #[test]
+    fn deny_wins_and_allow_restricts() {
+        let mut r = Rules::default();
+        assert_eq!(r.client(ip("127.0.0.3")), Verdict::Admit);
+        assert!(!r.checks_clients());
+        r.deny.insert(cidr("127.0.0.3"));
+        assert_eq!(r.client(ip("127.0.0.3")), Verdict::Deny);
+        assert_eq!(r.client(ip("127.0.0.2")), Verdict::Admit);
+        r.allow.insert(cidr("127.0.0.0/30"));
+        assert_eq!(r.client(ip("127.0.0.2")), Verdict::Admit);
+        assert_eq!(r.client(ip("127.0.0.3")), Verdict::Deny, "deny wins");
+        assert_eq!(r.client(ip("127.0.0.9")), Verdict::Deny, "not allowed");
+    }
+
+    #[test]
+    fn destinations() {
+        let mut r = Rules::default();
+        let a: SocketAddr = "127.0.0.5:80".parse().unwrap();
+        assert!(r.dest_allowed(a), "an empty allowlist allows all");
+        r.dests.insert("127.0.0.6:80".parse().unwrap());
+        assert!(!r.dest_allowed(a));
+        r.dests.insert(a);
+        assert!(r.dest_allowed(a));
+        assert!(r.dest_allowed("[::ffff:127.0.0.5]:80".parse().unwrap()));
+    }
+
+    #[test]
+    fn commands_parse_and_round_trip() {
+        for line in [
+            "allow add 10.0.0.0/8",
+            "deny add 127.0.0.3/32 kill",
+            "deny del 2001:db8::/32",
+            "dest add 127.0.0.1:443",
+            "dest list",
+            "allow list",
+        ] {
+            let cmd = Command::parse(line).unwrap().unwrap();
+            assert_eq!(cmd.encode(), line);
+            assert_eq!(Command::parse(&cmd.encode()).unwrap(), Some(cmd));
+        }
+        assert_eq!(Command::parse("status").unwrap(), None);
+        let e = Command::parse("deny add 10.0.0.0/33").unwrap_err();
+        assert!(e.contains("10.0.0.0/33") && e.contains("not a CIDR"), "{e}");
+        assert!(Command::parse("deny add nonsense").is_err());
+        assert!(Command::parse("allow add 1.2.3.4 kill").is_err());
+        assert!(Command::parse("dest add 1.2.3.4").is_err());
+        assert!(Command::parse("deny").is_err());
+    }
+
+    #[test]
+    fn apply_reports_changes_and_kills() {
+        let mut r = Rules::default();
+        let add = Command::parse("deny add 127.0.0.3 kill").unwrap().unwrap();
+        assert_eq!(r.apply(&add), (true, Some(cidr("127.0.0.3/32"))));
+        assert_eq!(r.apply(&add).0, false);
+        assert_eq!(r.listing(List::Deny), vec!["127.0.0.3/32"]);
+        let del = Command::parse("deny del 127.0.0.3/32").unwrap().unwrap();
+        assert_eq!(r.apply(&del), (true, None));
+        assert!(r.listing(List::Deny).is_empty());
+    }
+
+    #[test]
+    fn lists_encode_without_spaces() {
+        let v: Vec<Cidr> = vec![cidr("10.0.0.0/8"), cidr("::1")];
+        let s = encode_list(&v);
+        assert!(!s.contains(' '));
+        assert_eq!(decode_list::<Cidr>(&s), Some(v));
+        assert_eq!(decode_list::<Cidr>("-"), Some(vec![]));
+        assert_eq!(encode_list(Vec::<Cidr>::new()), "-");
+        assert_eq!(decode_list::<Cidr>("x"), None);
+    }
+}
