@@ -1,7 +1,8 @@
 //! The control socket: a Unix stream socket the supervisor serves and `sluicectl` talks to.
 //!
-//! Protocol: the client writes one command line (`status`), the server answers with one JSON
-//! document and closes. The socket file is created mode 0600: the control plane is for the
+//! Protocol: the client writes one command line (`status`, or an admission command such as
+//! `deny add 192.0.2.0/24 kill`, see [`crate::admission::Command`]), the server answers with one
+//! JSON document (`{"error": ...}` on failure) and closes. The socket file is created mode 0600: the control plane is for the
 //! operator (root), not for every local user. Nothing it returns contains a client address.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -122,8 +123,17 @@ impl Status {
     }
 }
 
+/// Answers a command line other than `status` (the admission lists), or None when it does not
+/// know it. Runs on the control thread.
+pub type Handler = Box<dyn Fn(&str) -> Option<serde_json::Value> + Send>;
+
 /// Serves the control socket on its own thread.
-pub fn serve(path: &Path, status: Arc<Mutex<Status>>, shared: Arc<Shared>) -> std::io::Result<()> {
+pub fn serve(
+    path: &Path,
+    status: Arc<Mutex<Status>>,
+    shared: Arc<Shared>,
+    handler: Handler,
+) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -134,13 +144,18 @@ pub fn serve(path: &Path, status: Arc<Mutex<Status>>, shared: Arc<Shared>) -> st
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let _ = answer(stream, &status, &shared);
+                let _ = answer(stream, &status, &shared, &handler);
             }
         })?;
     Ok(())
 }
 
-fn answer(stream: UnixStream, status: &Mutex<Status>, shared: &Shared) -> std::io::Result<()> {
+fn answer(
+    stream: UnixStream,
+    status: &Mutex<Status>,
+    shared: &Shared,
+    handler: &Handler,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut line = String::new();
     BufReader::new(&stream).take(1024).read_line(&mut line)?;
@@ -150,7 +165,12 @@ fn answer(stream: UnixStream, status: &Mutex<Status>, shared: &Shared) -> std::i
             st.refresh(shared);
             serde_json::to_string(&*st).map_err(std::io::Error::other)?
         }
-        other => serde_json::json!({ "error": format!("unknown command `{other}`") }).to_string(),
+        other => match handler(other) {
+            Some(v) => v.to_string(),
+            None => {
+                serde_json::json!({ "error": format!("unknown command `{other}`") }).to_string()
+            }
+        },
     };
     (&stream).write_all(reply.as_bytes())?;
     (&stream).write_all(b"\n")
@@ -169,7 +189,7 @@ pub fn request(path: &Path, command: &str) -> Result<serde_json::Value, ControlE
         },
         _ => ControlError::Io(e),
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.write_all(format!("{command}\n").as_bytes())?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;

@@ -81,6 +81,8 @@ pub enum EbpfError {
     PinDir(#[source] io::Error),
     #[error("invalid cidr: {0}")]
     Cidr(&'static str),
+    #[error("cannot pin {name}: {message}")]
+    Pin { name: &'static str, message: String },
 }
 
 type Result<T, E = EbpfError> = std::result::Result<T, E>;
@@ -385,6 +387,65 @@ impl FastPath {
             counters: count(self.counters.keys(), fast_path::COUNTERS)?,
         })
     }
+}
+
+/// The programs of the object, pinned by [`pin_all`] next to the maps.
+const ALL_PROGRAMS: [&str; 2] = [fast_path::PROG_VERDICT, admission::PROG_XDP_DENY];
+
+/// Where bpffs is mounted on every distribution; [`pin_all`] mounts it there when missing.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// `sluicectl load`: mounts bpffs at [`BPFFS`] when `dir` is under it and nothing is mounted
+/// there, then loads the object with every map pinned under `dir` (created, or reused when
+/// already pinned) and loads and pins each program there too (not attached: the daemon
+/// attaches its own instances to the pinned maps). Returns the names pinned.
+pub fn pin_all(dir: &Path) -> Result<Vec<&'static str>> {
+    let bpffs = Path::new(BPFFS);
+    if dir.starts_with(bpffs) && !crate::sys::is_bpffs(bpffs) {
+        crate::sys::mount_bpffs(bpffs).map_err(EbpfError::PinDir)?;
+    }
+    let mut ebpf = load_object(Some(dir))?;
+    let mut pinned: Vec<&'static str> = ALL_MAPS.to_vec();
+    for name in ALL_PROGRAMS {
+        let path = dir.join(name);
+        if !path.exists() {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(EbpfError::MissingProgram(name))?;
+            match prog {
+                aya::programs::Program::SkSkb(p) => p.load().map_err(prog_err(name))?,
+                aya::programs::Program::Xdp(p) => p.load().map_err(prog_err(name))?,
+                _ => return Err(EbpfError::MissingProgram(name)),
+            }
+            prog.pin(&path).map_err(|e| EbpfError::Pin {
+                name,
+                message: e.to_string(),
+            })?;
+        }
+        pinned.push(name);
+    }
+    Ok(pinned)
+}
+
+/// `sluicectl unload`: removes every pin [`pin_all`] made under `dir`, then `dir` if empty.
+/// Returns the names removed. Programs and maps still in use (an attached daemon) live on
+/// until their last user closes them.
+pub fn unpin_all(dir: &Path) -> Result<Vec<&'static str>> {
+    let mut removed = Vec::new();
+    for name in ALL_MAPS.iter().chain(ALL_PROGRAMS.iter()) {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => removed.push(*name),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(EbpfError::PinDir(e)),
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(removed)
+}
+
+/// Whether `sluicectl load` pinned the maps under `dir`.
+pub fn is_pinned(dir: &Path) -> bool {
+    ALL_MAPS.iter().all(|m| dir.join(m).exists())
 }
 
 /// A client address range: an address and how many leading bits of it count. Host bits are

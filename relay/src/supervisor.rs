@@ -21,8 +21,10 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
+use crate::admission::{self, Rules};
 use crate::config::{Config, EngineChoice, TlsSettings};
 use crate::control::{self, Status, WorkerStatus};
+use crate::ebpf::XdpDeny;
 use crate::engine::{self, EngineKind};
 use crate::error::StartError;
 use crate::metrics::{self, Counter, Shared};
@@ -41,14 +43,27 @@ const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(2);
 pub struct Options {
     /// Control socket path; None = no control socket.
     pub control: Option<PathBuf>,
+    /// Interfaces to attach the XDP deny program to, besides `[admission] xdp_interfaces`.
+    pub xdp: Vec<String>,
+    /// Where `sluicectl load` pinned the eBPF maps; used when maps are pinned there.
+    pub pin_dir: Option<PathBuf>,
 }
+
+/// What the main loop answers to a list command: the reply so far and the generation the
+/// control thread waits for every worker to reach.
+type AdmissionAnswer = Result<(admission::Reply, u64), String>;
 
 enum Event {
     Signal(i32),
     Resolved(Table),
     /// Time to look whether certificate files changed.
     CheckFiles,
+    /// `sluicectl allow|deny|dest ...` from the control socket.
+    Admission(admission::Command, mpsc::Sender<AdmissionAnswer>),
 }
+
+/// How long `sluicectl` waits for the workers to confirm a list change.
+const APPLY_WAIT: Duration = Duration::from_secs(3);
 
 /// How often certificate files are checked for changes (certbot renews every 12 h).
 const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(30);
@@ -213,6 +228,11 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
                 }
             })?;
     }
+    let rules = initial_rules(&config);
+    let mut interfaces = config.admission.xdp_interfaces.clone();
+    interfaces.extend(opts.xdp.iter().cloned());
+    let xdp = attach_xdp(&interfaces, opts.pin_dir.as_deref(), &rules);
+    let handler_tx = tx.clone();
     spawn_signal_thread(tx)?;
 
     let mut st = Status::new(&config, kind, nworkers);
@@ -220,7 +240,12 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     st.capacity = (st.per_worker_capacity * nworkers as u64).min(u64::from(config.max_connections));
     let status = Arc::new(Mutex::new(st));
     if let Some(path) = &opts.control
-        && let Err(e) = control::serve(path, status.clone(), shared.clone())
+        && let Err(e) = control::serve(
+            path,
+            status.clone(),
+            shared.clone(),
+            admission_handler(handler_tx, shared.clone(), nworkers),
+        )
     {
         tracing::warn!("no control socket at {}: {e}", path.display());
     }
@@ -238,6 +263,9 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         procs: Vec::new(),
         status,
         crash_streak: vec![0; nworkers],
+        rules,
+        generation: 1,
+        xdp,
     };
     for i in 0..nworkers {
         let p = sup.spawn(i)?;
@@ -271,6 +299,9 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
                 sup.reload_tls(&config, true);
             }
             Event::CheckFiles => sup.reload_tls(&config, false),
+            Event::Admission(cmd, reply) => {
+                let _ = reply.send(Ok(sup.admission(&cmd)));
+            }
             Event::Signal(sig) => {
                 tracing::info!("signal {sig}: stopping");
                 sup.stop();
@@ -330,6 +361,12 @@ struct Supervisor {
     procs: Vec<Option<WorkerProc>>,
     status: Arc<Mutex<Status>>,
     crash_streak: Vec<u32>,
+    /// The admission lists: the source of truth, pushed whole to every worker on each change.
+    rules: Rules,
+    /// Grows with every change sent to the workers (they report the last one applied).
+    generation: u64,
+    /// The XDP deny program on each interface asked for (deny rules mirrored into its tries).
+    xdp: Vec<XdpDeny>,
 }
 
 impl Supervisor {
@@ -362,6 +399,7 @@ impl Supervisor {
         for listener in 0..self.tls.len() {
             start.push_str(&self.tls_message(listener));
         }
+        start.push_str(&self.admission_message());
         start.push_str(&ControlMsg::Ready.encode());
         p.stdin.write_all(start.as_bytes())?;
         Ok(p)
@@ -428,6 +466,80 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// The whole lists as one control line, at the current generation.
+    fn admission_message(&self) -> String {
+        ControlMsg::Admission {
+            generation: self.generation,
+            allow: self.rules.allow.rules().to_vec(),
+            deny: self.rules.deny.rules().to_vec(),
+            dests: self.rules.dests.iter().copied().collect(),
+        }
+        .encode()
+    }
+
+    fn broadcast(&mut self, msg: &str) {
+        for p in self.procs.iter_mut().flatten() {
+            if let Err(e) = p.stdin.write_all(msg.as_bytes()) {
+                tracing::debug!("cannot reach a worker's control pipe: {e}");
+            }
+        }
+    }
+
+    /// Applies a list command: changes go to every worker (and deny rules to the XDP tries);
+    /// `deny add ... kill` also has every worker close its connections from that range.
+    fn admission(&mut self, cmd: &admission::Command) -> (admission::Reply, u64) {
+        use admission::{Command, List, Rule};
+        let (changed, kill) = self.rules.apply(cmd);
+        if changed {
+            self.generation += 1;
+            let msg = self.admission_message();
+            self.broadcast(&msg);
+            let mut failed = None;
+            for x in &mut self.xdp {
+                let r = match cmd {
+                    Command::Add {
+                        list: List::Deny,
+                        rule: Rule::Client(c),
+                        ..
+                    } => x.deny_add(*c),
+                    Command::Del {
+                        list: List::Deny,
+                        rule: Rule::Client(c),
+                    } => x.deny_remove(*c).map(drop),
+                    _ => Ok(()),
+                };
+                if let Err(e) = r {
+                    failed = Some(e);
+                }
+            }
+            if let Some(e) = failed {
+                tracing::warn!(
+                    "cannot mirror a deny rule into the XDP tries ({e}); the workers still refuse"
+                );
+            }
+        }
+        if let Some(cidr) = kill {
+            self.generation += 1;
+            let msg = ControlMsg::Kill {
+                generation: self.generation,
+                cidrs: vec![cidr],
+            }
+            .encode();
+            self.broadcast(&msg);
+        }
+        let list = match cmd {
+            Command::Add { list, .. } | Command::Del { list, .. } | Command::List(list) => *list,
+        };
+        let reply = admission::Reply {
+            changed,
+            rules: self.rules.listing(list),
+            workers_applied: 0,
+            workers: self.nworkers,
+            xdp: list == List::Deny && !self.xdp.is_empty(),
+        };
+        (reply, self.generation)
     }
 
     fn send_table(&mut self, i: usize) {
@@ -506,6 +618,127 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// The lists the daemon starts with, from `[admission]` (destination names resolved once here;
+/// one that does not resolve is said in the log and left out).
+fn initial_rules(config: &Config) -> Rules {
+    let a = &config.admission;
+    let mut rules = Rules {
+        allow: admission::CidrSet::from_rules(a.allow.iter().copied()),
+        deny: admission::CidrSet::from_rules(a.deny.iter().copied()),
+        dests: Default::default(),
+    };
+    for hp in &a.destinations {
+        match admission::parse_dest(&hp.to_string()) {
+            Ok(addrs) => rules.dests.extend(addrs),
+            Err(e) => tracing::warn!("admission.destinations: {e}; left out"),
+        }
+    }
+    if !a.destinations.is_empty() && rules.dests.is_empty() {
+        tracing::warn!(
+            "no destination of [admission] resolved: every upstream connection is refused until `sluicectl dest add`"
+        );
+    }
+    rules
+}
+
+/// Attaches the XDP deny program to each interface (with the maps pinned under `pin_dir` when
+/// `sluicectl load` pinned them there, else private ones) and puts the deny rules in its tries.
+/// A failure is one log line; the workers' own check still applies.
+fn attach_xdp(
+    interfaces: &[String],
+    pin_dir: Option<&std::path::Path>,
+    rules: &Rules,
+) -> Vec<XdpDeny> {
+    let pinned = pin_dir.filter(|d| crate::ebpf::is_pinned(d));
+    let mut out = Vec::new();
+    for ifname in interfaces {
+        let attached = match pinned {
+            Some(dir) => XdpDeny::attach_pinned(ifname, dir),
+            None => XdpDeny::attach(ifname),
+        };
+        let mut x = match attached {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(
+                    interface = %ifname,
+                    "cannot attach the XDP deny program ({e}); denied clients are refused by the workers instead"
+                );
+                continue;
+            }
+        };
+        // The tries hold exactly the daemon's deny list (pinned ones may hold an older one).
+        let synced = x.deny_list().and_then(|old| {
+            for c in old {
+                if !rules.deny.rules().contains(&c) {
+                    x.deny_remove(c)?;
+                }
+            }
+            for c in rules.deny.rules() {
+                x.deny_add(*c)?;
+            }
+            Ok(())
+        });
+        match synced {
+            Ok(()) => {
+                tracing::info!(interface = %ifname, pinned = pinned.is_some(), "XDP deny program attached");
+                out.push(x);
+            }
+            Err(e) => tracing::warn!(
+                interface = %ifname,
+                "cannot fill the XDP deny tries ({e}); denied clients are refused by the workers instead"
+            ),
+        }
+    }
+    out
+}
+
+/// The control socket's handler for list commands: hands the command to the main loop, then
+/// waits (at most [`APPLY_WAIT`]) until every live worker reports the change applied.
+fn admission_handler(
+    tx: mpsc::Sender<Event>,
+    shared: Arc<Shared>,
+    nworkers: usize,
+) -> control::Handler {
+    let tx = Mutex::new(tx);
+    Box::new(move |line| {
+        let cmd = match admission::Command::parse(line) {
+            Ok(Some(cmd)) => cmd,
+            Ok(None) => return None,
+            Err(e) => return Some(serde_json::json!({ "error": e })),
+        };
+        let (reply_tx, reply_rx) = mpsc::channel();
+        if tx
+            .lock()
+            .expect("control sender")
+            .send(Event::Admission(cmd, reply_tx))
+            .is_err()
+        {
+            return Some(serde_json::json!({ "error": "the daemon is stopping" }));
+        }
+        let (mut reply, generation) = match reply_rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Some(serde_json::json!({ "error": e })),
+            Err(_) => return Some(serde_json::json!({ "error": "the daemon did not answer" })),
+        };
+        let deadline = Instant::now() + APPLY_WAIT;
+        loop {
+            let live: Vec<usize> = (0..nworkers)
+                .filter(|&i| shared.get(i, Counter::Pid) != 0)
+                .collect();
+            let applied = live
+                .iter()
+                .filter(|&&i| shared.get(i, Counter::AdmissionGeneration) >= generation)
+                .count();
+            reply.workers_applied = applied;
+            if applied == live.len() || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Some(serde_json::to_value(&reply).unwrap_or_default())
+    })
 }
 
 fn spawn_signal_thread(tx: mpsc::Sender<Event>) -> std::io::Result<()> {

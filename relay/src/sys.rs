@@ -403,3 +403,34 @@ pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
         Ok(n as usize)
     }
 }
+
+/// Whether a bpffs is mounted at `dir` (read from /proc/self/mounts).
+pub fn is_bpffs(dir: &std::path::Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, kind) = (f.next(), f.next(), f.next());
+        at.is_some_and(|a| std::path::Path::new(a) == dir) && kind == Some("bpf")
+    })
+}
+
+/// Mounts a bpffs at `dir` (`mount -t bpf bpf DIR`); needs CAP_SYS_ADMIN.
+pub fn mount_bpffs(dir: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let target = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call (two literals and
+    // `target`); a null `data` is allowed for bpffs.
+    let r = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    cvt(r).map(drop)
+}

@@ -88,9 +88,24 @@ struct Common {
     /// Control socket path for sluicectl.
     #[arg(long, default_value = control::DEFAULT_PATH)]
     control: PathBuf,
+    /// Attach the XDP program that drops SYNs of denied clients to this interface (repeatable;
+    /// adds to `[admission] xdp_interfaces`). If it cannot attach, the workers still refuse them.
+    #[arg(long = "xdp", value_name = "IFACE")]
+    xdp: Vec<String>,
+    /// Where `sluicectl load` pins the eBPF maps; pinned maps found there are used.
+    #[arg(long, value_name = "DIR", default_value = sluice::ebpf::PIN_DIR)]
+    bpf_pin_dir: PathBuf,
 }
 
 impl Common {
+    fn options(self) -> Options {
+        Options {
+            control: Some(self.control),
+            xdp: self.xdp,
+            pin_dir: Some(self.bpf_pin_dir),
+        }
+    }
+
     fn apply(&self, c: &mut Config) {
         if let Some(e) = self.engine {
             c.engine = e;
@@ -117,7 +132,7 @@ fn main() -> ExitCode {
         };
     }
     init_logs();
-    let (config, control) = match build(cli.cmd) {
+    let (config, options) = match build(cli.cmd) {
         Ok(Some(x)) => x,
         Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
@@ -125,12 +140,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match supervisor::run(
-        config,
-        Options {
-            control: Some(control),
-        },
-    ) {
+    match supervisor::run(config, options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sluice: {e}");
@@ -140,7 +150,7 @@ fn main() -> ExitCode {
 }
 
 /// The configuration to run, or None when the command was only to print something.
-fn build(cmd: Cmd) -> Result<Option<(Config, PathBuf)>, String> {
+fn build(cmd: Cmd) -> Result<Option<(Config, Options)>, String> {
     let validate = |c: Config, origin: &str| -> Result<Config, String> {
         c.validate()
             .map_err(|(key, msg)| format!("{origin}: `{key}`: {msg}"))?;
@@ -161,7 +171,7 @@ fn build(cmd: Cmd) -> Result<Option<(Config, PathBuf)>, String> {
                 c.apply_resolve(&r.host, r.ip);
             }
             common.apply(&mut c);
-            Ok(Some((validate(c, "command line")?, common.control)))
+            Ok(Some((validate(c, "command line")?, common.options())))
         }
         Cmd::Forward {
             listen,
@@ -178,7 +188,7 @@ fn build(cmd: Cmd) -> Result<Option<(Config, PathBuf)>, String> {
             c.timeouts.idle_ms = idle_timeout_ms;
             c.timeouts.fin_ms = fin_timeout_ms;
             common.apply(&mut c);
-            Ok(Some((validate(c, "command line")?, common.control)))
+            Ok(Some((validate(c, "command line")?, common.options())))
         }
         Cmd::CheckConfig { file, preset } => {
             let c = match (file, preset) {

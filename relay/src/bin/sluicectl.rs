@@ -1,10 +1,15 @@
 //! `sluicectl`: the operator's control binary. Talks to a running `sluice` over its control
-//! socket.
+//! socket (`status`, the admission lists) and loads/unloads the pinned eBPF objects.
+//!
+//! Exit codes: 0 on success, 1 when the daemon cannot be reached or refuses (not running,
+//! permission denied, an error it answers) or the eBPF side fails, 2 for a bad command line
+//! (a bad CIDR or HOST:PORT is refused here, before the daemon is asked).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sluice::admission::{self, Command, List, Rule};
 use sluice::control;
 
 #[derive(Parser)]
@@ -25,25 +30,212 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Clients that may connect (CIDRs). With a non-empty allow list, everyone else is refused.
+    Allow {
+        #[command(subcommand)]
+        op: ClientOp,
+    },
+    /// Clients refused (CIDRs); deny wins over allow. New connections only, unless
+    /// `--kill-existing`.
+    Deny {
+        #[command(subcommand)]
+        op: DenyOp,
+    },
+    /// Upstream addresses the relay may connect to (HOST:PORT); empty = any.
+    Dest {
+        #[command(subcommand)]
+        op: DestOp,
+    },
+    /// Load the eBPF programs and maps and pin them (mounts bpffs at /sys/fs/bpf if needed);
+    /// a daemon started afterwards uses the pinned maps.
+    Load {
+        /// Pin directory.
+        #[arg(long, default_value = sluice::ebpf::PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Remove the pins `load` made (programs attached by a daemon stay until it stops).
+    Unload {
+        /// Pin directory.
+        #[arg(long, default_value = sluice::ebpf::PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientOp {
+    /// Add a CIDR (a bare address means /32 or /128).
+    Add { cidr: String },
+    /// Remove exactly this CIDR.
+    Del { cidr: String },
+    /// Print the list.
+    List,
+}
+
+#[derive(Subcommand)]
+enum DenyOp {
+    /// Add a CIDR (a bare address means /32 or /128).
+    Add {
+        cidr: String,
+        /// Also close the live connections of clients in the range now.
+        #[arg(long)]
+        kill_existing: bool,
+    },
+    /// Remove exactly this CIDR.
+    Del { cidr: String },
+    /// Print the list.
+    List,
+}
+
+#[derive(Subcommand)]
+enum DestOp {
+    /// Add HOST:PORT (a name is resolved once, here; every address it has is added).
+    Add { dest: String },
+    /// Remove HOST:PORT (every address it resolves to).
+    Del { dest: String },
+    /// Print the list.
+    List,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.cmd {
-        Cmd::Status { json } => match control::request(&cli.control, "status") {
-            Ok(v) => {
-                if json {
-                    println!("{v}");
-                } else {
-                    print_status(&v);
+    let cmd = match cli.cmd {
+        Cmd::Status { json } => return status(&cli.control, json),
+        Cmd::Load { pin_dir } => {
+            return match sluice::ebpf::pin_all(&pin_dir) {
+                Ok(names) => {
+                    println!("pinned under {}: {}", pin_dir.display(), names.join(" "));
+                    ExitCode::SUCCESS
                 }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("sluicectl: {e}");
-                ExitCode::from(1)
-            }
+                Err(e) => fail(1, &format!("load: {e}")),
+            };
+        }
+        Cmd::Unload { pin_dir } => {
+            return match sluice::ebpf::unpin_all(&pin_dir) {
+                Ok(names) if names.is_empty() => {
+                    println!("nothing pinned under {}", pin_dir.display());
+                    ExitCode::SUCCESS
+                }
+                Ok(names) => {
+                    println!("unpinned from {}: {}", pin_dir.display(), names.join(" "));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, &format!("unload: {e}")),
+            };
+        }
+        Cmd::Allow { op } => client_command(List::Allow, op),
+        Cmd::Deny { op } => match op {
+            DenyOp::Add {
+                cidr,
+                kill_existing,
+            } => admission::parse_cidr(&cidr).map(|c| Command::Add {
+                list: List::Deny,
+                rule: Rule::Client(c),
+                kill_existing,
+            }),
+            DenyOp::Del { cidr } => client_command(List::Deny, ClientOp::Del { cidr }),
+            DenyOp::List => Ok(Command::List(List::Deny)),
         },
+        Cmd::Dest { op } => match op {
+            DestOp::Add { dest } => admission::parse_dest(&dest).map(|a| Command::Add {
+                list: List::Dest,
+                rule: Rule::Dest(a),
+                kill_existing: false,
+            }),
+            DestOp::Del { dest } => admission::parse_dest(&dest).map(|a| Command::Del {
+                list: List::Dest,
+                rule: Rule::Dest(a),
+            }),
+            DestOp::List => Ok(Command::List(List::Dest)),
+        },
+    };
+    let cmd = match cmd {
+        Ok(c) => c,
+        Err(e) => return fail(2, &e),
+    };
+    match control::request(&cli.control, &cmd.encode()) {
+        Ok(v) => {
+            let reply: admission::Reply = match serde_json::from_value(v.clone()) {
+                Ok(r) => r,
+                Err(_) => return fail(1, &format!("unexpected answer from the daemon: {v}")),
+            };
+            print_reply(&cmd, &reply);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+fn client_command(list: List, op: ClientOp) -> Result<Command, String> {
+    match op {
+        ClientOp::Add { cidr } => admission::parse_cidr(&cidr).map(|c| Command::Add {
+            list,
+            rule: Rule::Client(c),
+            kill_existing: false,
+        }),
+        ClientOp::Del { cidr } => admission::parse_cidr(&cidr).map(|c| Command::Del {
+            list,
+            rule: Rule::Client(c),
+        }),
+        ClientOp::List => Ok(Command::List(list)),
+    }
+}
+
+fn fail(code: u8, msg: &str) -> ExitCode {
+    eprintln!("sluicectl: {msg}");
+    ExitCode::from(code)
+}
+
+fn print_reply(cmd: &Command, r: &admission::Reply) {
+    let applied = format!("{}/{} workers applied it", r.workers_applied, r.workers);
+    match cmd {
+        Command::List(_) => {
+            for rule in &r.rules {
+                println!("{rule}");
+            }
+        }
+        Command::Add {
+            list,
+            rule,
+            kill_existing,
+        } => {
+            let what = if r.changed { "added" } else { "already listed" };
+            println!("{} {}: {what}; {applied}", list.name(), describe(rule));
+            if *kill_existing {
+                println!("live connections from the range were closed");
+            }
+            if r.xdp {
+                println!("SYNs from the range are also dropped by XDP");
+            }
+        }
+        Command::Del { list, rule } => {
+            let what = if r.changed {
+                "removed"
+            } else {
+                "was not listed"
+            };
+            println!("{} {}: {what}; {applied}", list.name(), describe(rule));
+        }
+    }
+}
+
+fn describe(rule: &Rule) -> String {
+    match rule {
+        Rule::Client(c) => c.to_string(),
+        Rule::Dest(a) => admission::encode_list(a),
+    }
+}
+
+fn status(path: &std::path::Path, json: bool) -> ExitCode {
+    match control::request(path, "status") {
+        Ok(v) => {
+            if json {
+                println!("{v}");
+            } else {
+                print_status(&v);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, &e.to_string()),
     }
 }
 
