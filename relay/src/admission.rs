@@ -506,7 +506,7 @@ mod tests {
         let mut r = Rules::default();
         let add = Command::parse("deny add 127.0.0.3 kill").unwrap().unwrap();
         assert_eq!(r.apply(&add), (true, Some(cidr("127.0.0.3/32"))));
-        assert_eq!(r.apply(&add).0, false);
+        assert!(!r.apply(&add).0);
         assert_eq!(r.listing(List::Deny), vec!["127.0.0.3/32"]);
         let del = Command::parse("deny del 127.0.0.3/32").unwrap().unwrap();
         assert_eq!(r.apply(&del), (true, None));
