@@ -29,6 +29,7 @@ macro_rules! engines {
     };
 }
 
+mod admission;
 mod bulk;
 mod capacity;
 mod concurrency;

@@ -1,0 +1,341 @@
+//! Live admission lists through `sluicectl`, on real sockets: client deny and allow lists, the
+//! destination allowlist, `--kill-existing`, the `[admission]` config table, the PROXY header's
+//! source, and sluicectl's errors. Every change is checked on the same daemon process: nothing
+//! is reloaded.
+//!
+//! Clients connect from 127.0.0.2 and 127.0.0.3 (no other test uses them as sources, and each
+//! relay here is this test's own, so its lists touch nobody else's connections). A refused
+//! client sees its connection accepted by the kernel and then reset, with no byte relayed.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use sluice_tests::servers::{EchoServer, Ended, read_until_end};
+use sluice_tests::{HUNG, Host, Sluice, client, run_with_timeout, wait_until};
+
+use super::engine_ok;
+
+const SERVED: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+const DENIED: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+
+/// A relay with 2 workers in front of an echo server.
+fn echo_relay(engine: &str) -> (Sluice, EchoServer) {
+    let echo = EchoServer::start(Host::new().addr());
+    let relay = Sluice::forward(Host::new().addr(), echo.addr())
+        .engine(engine)
+        .workers(2)
+        .start();
+    (relay, echo)
+}
+
+/// One echo round trip on `s`.
+fn echoes(s: &mut TcpStream) -> Result<(), String> {
+    s.write_all(b"ping").map_err(|e| format!("write: {e}"))?;
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
+    if &buf != b"ping" {
+        return Err(format!("echoed {buf:?}"));
+    }
+    Ok(())
+}
+
+/// How a new connection from `src` fares: Ok when it is relayed (echoed), Err with what
+/// happened otherwise.
+fn try_new(addr: SocketAddr, src: IpAddr) -> Result<TcpStream, String> {
+    let mut s = client::try_connect(addr, Some(src)).map_err(|e| format!("connect: {e}"))?;
+    echoes(&mut s)?;
+    Ok(s)
+}
+
+fn assert_served(relay: &Sluice, src: IpAddr, what: &str) {
+    if let Err(e) = try_new(relay.addr(), src) {
+        panic!(
+            "{what}: a client from {src} should be relayed: {e}\n{}",
+            relay.stderr_log()
+        );
+    }
+}
+
+/// A new connection from `src` is reset without a byte relayed.
+fn assert_refused(relay: &Sluice, src: IpAddr, what: &str) {
+    let s = match client::try_connect(relay.addr(), Some(src)) {
+        Ok(s) => s,
+        // Reset before the client finished setting its socket up: refused all the same.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+        Err(e) => panic!("{what}: connect from {src}: {e}"),
+    };
+    let _ = (&s).write_all(b"ping");
+    match read_until_end(&s, HUNG) {
+        (0, Some(Ended::Reset)) => {}
+        other => panic!("{what}: a client from {src} should be reset, got {other:?}"),
+    }
+}
+
+/// Runs `sluicectl ARGS` against `relay`; panics unless it succeeds. Returns stdout.
+fn ctl_ok(relay: &Sluice, args: &[&str]) -> String {
+    let out = relay.ctl(args);
+    assert!(
+        out.status.success(),
+        "sluicectl {args:?} failed ({}): {}",
+        out.status,
+        out.text()
+    );
+    out.stdout
+}
+
+fn counter(relay: &Sluice, name: &str) -> u64 {
+    relay
+        .counter(name)
+        .unwrap_or_else(|| panic!("no counter {name} in sluicectl status"))
+}
+
+/// Same supervisor, same workers: the change was applied live.
+fn assert_same_processes(relay: &Sluice, workers: &[u32]) {
+    let mut now = relay.worker_pids();
+    now.sort_unstable();
+    let mut before = workers.to_vec();
+    before.sort_unstable();
+    assert_eq!(now, before, "the workers were replaced");
+}
+
+/// The test: `deny add 127.0.0.3/32` refuses new connections from 127.0.0.3 (reset,
+/// `refused_denied`), 127.0.0.2 is still served, `del` restores 127.0.0.3; same processes.
+fn deny_add_del_live(engine: &str) {
+    if !engine_ok(engine) {
+        return;
+    }
+    let (relay, _echo) = echo_relay(engine);
+    let pid = relay.pid();
+    let workers = relay.wait_workers(2, HUNG);
+    assert_served(&relay, DENIED, "before the deny rule");
+    let out = ctl_ok(&relay, &["deny", "add", "127.0.0.3/32"]);
+    assert!(out.contains("added"), "{out}");
+    assert!(out.contains("2/2 workers"), "{out}");
+    for _ in 0..4 {
+        assert_refused(&relay, DENIED, "after deny add");
+        assert_served(&relay, SERVED, "after deny add");
+    }
+    assert!(counter(&relay, "refused_denied") >= 4);
+    let listed = ctl_ok(&relay, &["deny", "list"]);
+    assert_eq!(listed.trim(), "127.0.0.3/32");
+    let out = ctl_ok(&relay, &["deny", "del", "127.0.0.3/32"]);
+    assert!(out.contains("removed"), "{out}");
+    for _ in 0..4 {
+        assert_served(&relay, DENIED, "after deny del");
+    }
+    assert_eq!(ctl_ok(&relay, &["deny", "list"]).trim(), "");
+    assert_eq!(relay.pid(), pid);
+    assert_same_processes(&relay, &workers);
+}
+engines!(deny_add_del_live);
+
+/// An allow list admits only its ranges; deny wins over allow; an empty list admits everyone.
+#[test]
+fn allow_list_admits_only_its_ranges() {
+    if !engine_ok("epoll") {
+        return;
+    }
+    let (relay, _echo) = echo_relay("epoll");
+    let workers = relay.wait_workers(2, HUNG);
+    ctl_ok(&relay, &["allow", "add", "127.0.0.2"]);
+    assert_served(&relay, SERVED, "on the allow list");
+    assert_refused(&relay, DENIED, "not on the allow list");
+    ctl_ok(&relay, &["allow", "add", "127.0.0.0/30"]);
+    assert_served(&relay, DENIED, "in an allowed /30");
+    ctl_ok(&relay, &["deny", "add", "127.0.0.3"]);
+    assert_refused(&relay, DENIED, "allowed but denied");
+    assert_served(&relay, SERVED, "allowed, not denied");
+    let listed = ctl_ok(&relay, &["allow", "list"]);
+    assert_eq!(
+        listed.lines().collect::<Vec<_>>(),
+        ["127.0.0.2/32", "127.0.0.0/30"]
+    );
+    ctl_ok(&relay, &["deny", "del", "127.0.0.3"]);
+    ctl_ok(&relay, &["allow", "del", "127.0.0.0/30"]);
+    assert_refused(&relay, DENIED, "the /30 is gone");
+    ctl_ok(&relay, &["allow", "del", "127.0.0.2/32"]);
+    assert_served(&relay, DENIED, "empty allow list");
+    assert!(counter(&relay, "refused_denied") >= 3);
+    assert_same_processes(&relay, &workers);
+}
+
+/// With a destination allowlist, an upstream address not on it is never connected to: the
+/// client is refused (`refused_dest`) and the upstream sees no connection.
+#[test]
+fn destination_allowlist_refuses_other_upstreams() {
+    if !engine_ok("splice") {
+        return;
+    }
+    let (relay, echo) = echo_relay("splice");
+    let other = Host::new().addr().to_string();
+    let up = echo.addr().to_string();
+    ctl_ok(&relay, &["dest", "add", &other]);
+    let accepted = echo.accepted();
+    for _ in 0..3 {
+        assert_refused(&relay, SERVED, "upstream not on the destination allowlist");
+    }
+    assert!(counter(&relay, "refused_dest") >= 3);
+    assert_eq!(
+        echo.accepted(),
+        accepted,
+        "the relay connected to an address not on the allowlist"
+    );
+    let out = ctl_ok(&relay, &["dest", "add", &up]);
+    assert!(out.contains("added"), "{out}");
+    assert_served(&relay, SERVED, "upstream on the allowlist");
+    let mut listed: Vec<String> = ctl_ok(&relay, &["dest", "list"])
+        .lines()
+        .map(String::from)
+        .collect();
+    listed.sort();
+    let mut want = vec![other.clone(), up.clone()];
+    want.sort();
+    assert_eq!(listed, want);
+    ctl_ok(&relay, &["dest", "del", &up]);
+    assert_refused(&relay, SERVED, "upstream taken off the allowlist");
+    ctl_ok(&relay, &["dest", "del", &other]);
+    assert_served(&relay, SERVED, "empty allowlist");
+}
+
+/// `deny add --kill-existing` closes the live connections of the denied client only; without
+/// it, established connections stay.
+fn kill_existing(engine: &str) {
+    if !engine_ok(engine) {
+        return;
+    }
+    let (relay, _echo) = echo_relay(engine);
+    let mut denied: Vec<TcpStream> = (0..3)
+        .map(|_| try_new(relay.addr(), DENIED).expect("client from 127.0.0.3"))
+        .collect();
+    let mut served: Vec<TcpStream> = (0..3)
+        .map(|_| try_new(relay.addr(), SERVED).expect("client from 127.0.0.2"))
+        .collect();
+    // Without --kill-existing: new connections refused, established ones untouched.
+    ctl_ok(&relay, &["deny", "add", "127.0.0.3/32"]);
+    assert_refused(&relay, DENIED, "denied");
+    for s in denied.iter_mut().chain(served.iter_mut()) {
+        echoes(s).expect("an established connection survives a deny without --kill-existing");
+    }
+    let out = ctl_ok(&relay, &["deny", "add", "127.0.0.3/32", "--kill-existing"]);
+    assert!(out.contains("closed"), "{out}");
+    for s in &denied {
+        match read_until_end(s, HUNG) {
+            (0, Some(_)) => {}
+            other => panic!("a denied client's connection stayed open: {other:?}"),
+        }
+    }
+    for s in &mut served {
+        echoes(s).expect("a connection of a client not denied was touched");
+    }
+    assert!(wait_until(HUNG, || counter(&relay, "killed_denied") >= 3));
+    assert_eq!(counter(&relay, "killed_denied"), 3);
+    assert_served(&relay, SERVED, "after the kill");
+}
+engines!(kill_existing);
+
+/// `[admission]` in the config file seeds the lists; `sluicectl` lists and changes them.
+#[test]
+fn config_table_seeds_the_lists() {
+    if !engine_ok("epoll") {
+        return;
+    }
+    let echo = EchoServer::start(Host::new().addr());
+    let listen = Host::new().addr();
+    let toml = format!(
+        "workers = 2\nengine = \"epoll\"\n\n[admission]\ndeny = [\"127.0.0.3/32\"]\ndestinations = [\"{}\"]\n\n[[listen]]\nname = \"a\"\nbind = \"{listen}\"\nupstream = [\"{}\"]\n",
+        echo.addr(),
+        echo.addr()
+    );
+    let relay = Sluice::run_config_text(&toml, vec![listen])
+        .workers(2)
+        .start();
+    assert_refused(&relay, DENIED, "denied by the config");
+    assert_served(&relay, SERVED, "not denied");
+    assert_eq!(ctl_ok(&relay, &["deny", "list"]).trim(), "127.0.0.3/32");
+    assert_eq!(
+        ctl_ok(&relay, &["dest", "list"]).trim(),
+        echo.addr().to_string()
+    );
+    ctl_ok(&relay, &["deny", "del", "127.0.0.3/32"]);
+    assert_served(&relay, DENIED, "after deny del");
+}
+
+/// On an `accept_proxy` port the client is the PROXY header's source: a denied source is
+/// refused once its header is parsed, another one from the same peer is served.
+#[test]
+fn proxy_header_source_is_checked() {
+    if !engine_ok("copy") {
+        return;
+    }
+    let echo = EchoServer::start(Host::new().addr());
+    let listen = Host::new().addr();
+    let config = sluice_tests::Config::new()
+        .listen("lb", listen, &[&echo.addr().to_string()])
+        .accept_proxy();
+    let relay = Sluice::run_config(&config)
+        .engine("copy")
+        .workers(2)
+        .start();
+    ctl_ok(&relay, &["deny", "add", "203.0.113.0/24"]);
+    let denied_src: SocketAddr = "203.0.113.9:4000".parse().unwrap();
+    let other_src: SocketAddr = "198.51.100.7:4000".parse().unwrap();
+    let s = client::try_connect(listen, Some(SERVED)).expect("connect");
+    (&s).write_all(&client::proxy_v1(denied_src, listen))
+        .unwrap();
+    let _ = (&s).write_all(b"ping");
+    match read_until_end(&s, HUNG) {
+        (0, Some(_)) => {}
+        other => panic!("a denied PROXY source was relayed: {other:?}"),
+    }
+    let mut s = client::try_connect(listen, Some(SERVED)).expect("connect");
+    s.write_all(&client::proxy_v2(other_src, listen)).unwrap();
+    echoes(&mut s).expect("a PROXY source not denied is relayed");
+    assert!(counter(&relay, "refused_denied") >= 1);
+}
+
+/// sluicectl's errors: a bad CIDR (exit 2, before asking the daemon), no daemon (exit 1).
+#[test]
+fn sluicectl_errors_are_clear() {
+    sluice_tests::init();
+    let dir = sluice_tests::TempDir::new();
+    let absent: PathBuf = dir.join("no-daemon.sock");
+    let ctl = |args: &[&str]| {
+        let mut cmd = Command::new(sluice_tests::sluice::sluicectl_bin());
+        cmd.arg("--control").arg(&absent).args(args);
+        run_with_timeout(&mut cmd, Duration::from_secs(10))
+    };
+    for bad in ["10.0.0.0/33", "nonsense", "10.0.0.1/x", "::1/129"] {
+        let out = ctl(&["deny", "add", bad]);
+        assert_eq!(out.status.code(), Some(2), "deny add {bad}: {}", out.text());
+        assert!(
+            out.stderr.contains(bad) && out.stderr.contains("not a CIDR"),
+            "deny add {bad}: {}",
+            out.stderr
+        );
+    }
+    let out = ctl(&["dest", "add", "127.0.0.1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.text());
+    assert!(out.stderr.contains("HOST:PORT"), "{}", out.stderr);
+    for args in [
+        &["deny", "add", "127.0.0.3/32"][..],
+        &["allow", "list"],
+        &["status"],
+    ] {
+        let out = ctl(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", out.text());
+        assert!(
+            out.stderr.contains("not running"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    // A socket file nobody listens on (a daemon that died) is "not running" too.
+    let stale = std::os::unix::net::UnixListener::bind(&absent).unwrap();
+    drop(stale);
+    let out = ctl(&["deny", "list"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.text());
+    assert!(out.stderr.contains("not running"), "{}", out.stderr);
+}
