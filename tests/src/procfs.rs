@@ -122,7 +122,9 @@ fn parse_addr(s: &str) -> Option<SocketAddrV4> {
 
 /// The IPv4 TCP socket table of this network namespace.
 pub fn tcp_table() -> Vec<TcpEntry> {
-    let text = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    // The calling thread's network namespace (a test may run a relay in a namespace of its
+    // own on one thread); /proc/net is the main thread's.
+    let text = fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
     text.lines()
         .skip(1)
         .filter_map(|line| {

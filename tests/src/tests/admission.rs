@@ -339,3 +339,177 @@ fn sluicectl_errors_are_clear() {
     assert_eq!(out.status.code(), Some(1), "{}", out.text());
     assert!(out.stderr.contains("not running"), "{}", out.stderr);
 }
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// Runs only with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (namespaces, bpffs); otherwise says
+/// why and returns false, or fails under `SLUICE_REQUIRE_CAPS=1` (see `sluice_tests::skip`).
+fn bpf_gate() -> bool {
+    let eff = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    let missing: Vec<&str> = [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    ]
+    .iter()
+    .filter(|(bit, _)| eff & (1 << bit) == 0)
+    .map(|(_, n)| *n)
+    .collect();
+    missing.is_empty() && sluice_tests::require_netns()
+        || sluice_tests::skip(&format!("needs {}", missing.join(", ")))
+}
+
+/// Runs `f` on a thread of its own inside a new network namespace with `lo` up; processes it
+/// starts live there too. The namespace dies with the thread and its processes.
+fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: plain syscall on this thread only; CLONE_NEWNET moves just the calling thread
+        // (network namespaces are per task), which no other code shares.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        let status = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("run ip (iproute2; cargo xtask setup installs it)");
+        assert!(status.success(), "ip link set lo up: {status}");
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// A bpffs mounted on a fresh directory for one test, unmounted and removed on drop.
+struct Bpffs(PathBuf);
+
+impl Bpffs {
+    fn mount() -> Bpffs {
+        let dir =
+            std::env::temp_dir().join(format!("sluice-admission-bpffs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount -t bpf: {status}");
+        Bpffs(dir)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// In a namespace of its own: `sluicectl load` pins the maps and programs in a private pin
+/// directory, the daemon attaches XDP to `lo` with those maps (`--xdp lo --bpf-pin-dir`), and
+/// `sluicectl deny add` makes SYNs from the denied address vanish before they cost a socket
+/// (the XDP counter rises, the workers accept nothing), while other clients are served. `del`
+/// lets the client in again; `sluicectl unload` removes the pins.
+#[test]
+fn xdp_drops_denied_syns_through_the_daemon() {
+    if !bpf_gate() || !engine_ok("epoll") {
+        return;
+    }
+    in_netns(|| {
+        let bpffs = Bpffs::mount();
+        let pins = bpffs.0.join("sluice");
+        let pins_s = pins.to_string_lossy().into_owned();
+        let ctl = |args: &[&str]| {
+            let mut cmd = Command::new(sluice_tests::sluice::sluicectl_bin());
+            cmd.args(args);
+            run_with_timeout(&mut cmd, Duration::from_secs(30))
+        };
+        let out = ctl(&["load", "--pin-dir", &pins_s]);
+        assert!(out.status.success(), "sluicectl load: {}", out.text());
+        for name in [
+            "SLUICE_DENY_V4",
+            "SLUICE_SOCKS",
+            "sluice_xdp_deny",
+            "sluice_verdict",
+        ] {
+            assert!(
+                pins.join(name).exists(),
+                "{name} not pinned: {}",
+                out.text()
+            );
+        }
+
+        let echo = EchoServer::start(Host::new().addr());
+        let relay = Sluice::forward(Host::new().addr(), echo.addr())
+            .engine("epoll")
+            .workers(1)
+            .arg("--xdp")
+            .arg("lo")
+            .arg("--bpf-pin-dir")
+            .arg(pins_s.clone())
+            .start();
+        assert!(
+            wait_until(HUNG, || relay
+                .stderr_log()
+                .contains("XDP deny program attached")),
+            "{}",
+            relay.stderr_log()
+        );
+        assert_served(&relay, DENIED, "before the rule");
+        let out = ctl_ok(&relay, &["deny", "add", "127.0.0.3/32"]);
+        assert!(out.contains("XDP"), "{out}");
+
+        let xdp = sluice::ebpf::XdpDeny::open_pinned(&pins).expect("open the pinned tries");
+        assert_eq!(
+            xdp.deny_list()
+                .unwrap()
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>(),
+            ["127.0.0.3/32"],
+            "the daemon mirrored its deny list into the pinned trie"
+        );
+        let before = xdp.stats().unwrap();
+        let accepted = counter(&relay, "accepted");
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::new(DENIED, 0).into()).unwrap();
+        let err = s
+            .connect_timeout(&relay.addr().into(), Duration::from_millis(1500))
+            .expect_err("a denied client's handshake completed");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        let after = xdp.stats().unwrap();
+        assert!(
+            after.dropped_v4 > before.dropped_v4,
+            "{before:?} -> {after:?}"
+        );
+        assert_eq!(
+            counter(&relay, "refused_denied"),
+            0,
+            "a socket was accepted"
+        );
+        assert_eq!(counter(&relay, "accepted"), accepted);
+        assert_served(&relay, SERVED, "not denied");
+
+        ctl_ok(&relay, &["deny", "del", "127.0.0.3/32"]);
+        assert!(xdp.deny_list().unwrap().is_empty());
+        assert_served(&relay, DENIED, "after deny del");
+        drop(xdp);
+        let _ = relay.stop();
+
+        let out = ctl(&["unload", "--pin-dir", &pins_s]);
+        assert!(out.status.success(), "sluicectl unload: {}", out.text());
+        assert!(!pins.exists(), "pins left after unload");
+    });
+}
