@@ -340,6 +340,30 @@ fn sluicectl_errors_are_clear() {
     assert!(out.stderr.contains("not running"), "{}", out.stderr);
 }
 
+/// The control socket is mode 0600: another user gets "permission denied" (exit 1), and the
+/// lists stay as they were.
+#[test]
+fn sluicectl_permission_denied_for_other_users() {
+    if !sluice_tests::require_root()
+        || !sluice_tests::require_program("setpriv")
+        || !engine_ok("epoll")
+    {
+        return;
+    }
+    let (relay, _echo) = echo_relay("epoll");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(sluice_tests::sluice::sluicectl_bin())
+        .arg("--control")
+        .arg(relay.dir().join("control.sock"))
+        .args(["deny", "add", "127.0.0.3/32"]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(1), "{}", out.text());
+    assert!(out.stderr.contains("permission denied"), "{}", out.stderr);
+    assert_eq!(ctl_ok(&relay, &["deny", "list"]).trim(), "");
+    assert_served(&relay, DENIED, "nothing was denied");
+}
+
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
