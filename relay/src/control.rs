@@ -40,6 +40,20 @@ pub struct Status {
     /// Connections one worker can hold (its fd limit, two fds a connection).
     #[serde(default)]
     pub per_worker_capacity: u64,
+    /// Sizes of the admission lists and where XDP is attached (`sluicectl allow|deny|dest list`
+    /// shows the rules).
+    #[serde(default)]
+    pub admission: AdmissionStatus,
+}
+
+/// The admission part of [`Status`]: counts only.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AdmissionStatus {
+    pub allow_rules: usize,
+    pub deny_rules: usize,
+    pub destinations: usize,
+    /// Interfaces the XDP deny program is attached to.
+    pub xdp_interfaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +101,7 @@ impl Status {
             active: 0,
             capacity: 0,
             per_worker_capacity: 0,
+            admission: AdmissionStatus::default(),
         }
     }
 

@@ -231,7 +231,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     let rules = initial_rules(&config);
     let mut interfaces = config.admission.xdp_interfaces.clone();
     interfaces.extend(opts.xdp.iter().cloned());
-    let xdp = attach_xdp(&interfaces, opts.pin_dir.as_deref(), &rules);
+    let (xdp, xdp_interfaces) = attach_xdp(&interfaces, opts.pin_dir.as_deref(), &rules);
     let handler_tx = tx.clone();
     spawn_signal_thread(tx)?;
 
@@ -266,6 +266,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         rules,
         generation: 1,
         xdp,
+        xdp_interfaces,
     };
     for i in 0..nworkers {
         let p = sup.spawn(i)?;
@@ -367,6 +368,8 @@ struct Supervisor {
     generation: u64,
     /// The XDP deny program on each interface asked for (deny rules mirrored into its tries).
     xdp: Vec<XdpDeny>,
+    /// Names of the interfaces in `xdp`, in order.
+    xdp_interfaces: Vec<String>,
 }
 
 impl Supervisor {
@@ -529,6 +532,9 @@ impl Supervisor {
             .encode();
             self.broadcast(&msg);
         }
+        if changed {
+            self.publish_status();
+        }
         let list = match cmd {
             Command::Add { list, .. } | Command::Del { list, .. } | Command::List(list) => *list,
         };
@@ -585,6 +591,12 @@ impl Supervisor {
 
     fn publish_status(&self) {
         let mut st = self.status.lock().expect("status lock");
+        st.admission = control::AdmissionStatus {
+            allow_rules: self.rules.allow.len(),
+            deny_rules: self.rules.deny.len(),
+            destinations: self.rules.dests.len(),
+            xdp_interfaces: self.xdp_interfaces.clone(),
+        };
         st.workers = self
             .procs
             .iter()
@@ -650,9 +662,10 @@ fn attach_xdp(
     interfaces: &[String],
     pin_dir: Option<&std::path::Path>,
     rules: &Rules,
-) -> Vec<XdpDeny> {
+) -> (Vec<XdpDeny>, Vec<String>) {
     let pinned = pin_dir.filter(|d| crate::ebpf::is_pinned(d));
     let mut out = Vec::new();
+    let mut names = Vec::new();
     for ifname in interfaces {
         let attached = match pinned {
             Some(dir) => XdpDeny::attach_pinned(ifname, dir),
@@ -684,6 +697,7 @@ fn attach_xdp(
             Ok(()) => {
                 tracing::info!(interface = %ifname, pinned = pinned.is_some(), "XDP deny program attached");
                 out.push(x);
+                names.push(ifname.clone());
             }
             Err(e) => tracing::warn!(
                 interface = %ifname,
@@ -691,7 +705,7 @@ fn attach_xdp(
             ),
         }
     }
-    out
+    (out, names)
 }
 
 /// The control socket's handler for list commands: hands the command to the main loop, then

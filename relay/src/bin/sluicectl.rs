@@ -263,6 +263,18 @@ fn print_status(v: &serde_json::Value) {
             w.index, w.pid, w.engine, w.active, w.accepted
         );
     }
+    let a = &st.admission;
+    println!(
+        "admission: {} allow, {} deny, {} destination rules; XDP on {}",
+        a.allow_rules,
+        a.deny_rules,
+        a.destinations,
+        if a.xdp_interfaces.is_empty() {
+            "no interface".to_string()
+        } else {
+            a.xdp_interfaces.join(", ")
+        }
+    );
     println!("\n{:<16} {:<24} {:>10}", "listener", "bind", "active");
     for l in &st.listeners {
         println!("{:<16} {:<24} {:>10}", l.name, l.bind, l.active);

@@ -255,6 +255,9 @@ fn config_table_seeds_the_lists() {
     assert_refused(&relay, DENIED, "denied by the config");
     assert_served(&relay, SERVED, "not denied");
     assert_eq!(ctl_ok(&relay, &["deny", "list"]).trim(), "127.0.0.3/32");
+    let status = relay.status();
+    assert_eq!(status["admission"]["deny_rules"], 1, "{status}");
+    assert_eq!(status["admission"]["destinations"], 1, "{status}");
     assert_eq!(
         ctl_ok(&relay, &["dest", "list"]).trim(),
         echo.addr().to_string()
@@ -492,6 +495,12 @@ fn xdp_drops_denied_syns_through_the_daemon() {
             relay.stderr_log()
         );
         assert_served(&relay, DENIED, "before the rule");
+        let status = relay.status();
+        assert_eq!(
+            status["admission"]["xdp_interfaces"],
+            serde_json::json!(["lo"]),
+            "{status}"
+        );
         let out = ctl_ok(&relay, &["deny", "add", "127.0.0.3/32"]);
         assert!(out.contains("XDP"), "{out}");
 
