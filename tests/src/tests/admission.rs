@@ -343,6 +343,35 @@ fn sluicectl_errors_are_clear() {
     assert!(out.stderr.contains("not running"), "{}", out.stderr);
 }
 
+/// An interface XDP cannot attach to costs one clear log line; the workers still refuse.
+#[test]
+fn xdp_attach_failure_is_one_line_and_deny_still_works() {
+    if !engine_ok("epoll") {
+        return;
+    }
+    let echo = EchoServer::start(Host::new().addr());
+    let relay = Sluice::forward(Host::new().addr(), echo.addr())
+        .engine("epoll")
+        .workers(2)
+        .arg("--xdp")
+        .arg("nosuchif0")
+        .start();
+    ctl_ok(&relay, &["deny", "add", "127.0.0.3/32"]);
+    assert_refused(&relay, DENIED, "denied, XDP not attached");
+    assert_served(&relay, SERVED, "not denied");
+    let log = relay.stderr_log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("cannot attach the XDP deny program"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("nosuchif0"), "{log}");
+    assert!(
+        !log.contains("127.0.0.3"),
+        "a client address in the log: {log}"
+    );
+}
+
 /// The control socket is mode 0600: another user gets "permission denied" (exit 1), and the
 /// lists stay as they were.
 #[test]
