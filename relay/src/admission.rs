@@ -286,7 +286,14 @@ impl Command {
         let rule = |w: Option<&&str>| -> Result<Rule, String> {
             let w = w.ok_or_else(|| format!("`{} add|del` needs a rule", list.name()))?;
             match list {
-                List::Dest => parse_dest(w).map(Rule::Dest),
+                // `sluicectl` sends every address a name resolved to, comma separated.
+                List::Dest => {
+                    let mut all = Vec::new();
+                    for one in w.split(',') {
+                        all.extend(parse_dest(one)?);
+                    }
+                    Ok(Rule::Dest(all))
+                }
                 _ => parse_cidr(w).map(Rule::Client),
             }
         };
@@ -492,6 +499,19 @@ mod tests {
             assert_eq!(cmd.encode(), line);
             assert_eq!(Command::parse(&cmd.encode()).unwrap(), Some(cmd));
         }
+        let several = Command::Add {
+            list: List::Dest,
+            rule: Rule::Dest(vec![
+                "127.0.0.1:443".parse().unwrap(),
+                "[2001:db8::1]:443".parse().unwrap(),
+            ]),
+            kill_existing: false,
+        };
+        assert_eq!(
+            Command::parse(&several.encode()).unwrap(),
+            Some(several),
+            "a name that resolved to several addresses"
+        );
         assert_eq!(Command::parse("status").unwrap(), None);
         let e = Command::parse("deny add 10.0.0.0/33").unwrap_err();
         assert!(e.contains("10.0.0.0/33") && e.contains("not a CIDR"), "{e}");
