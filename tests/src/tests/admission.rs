@@ -343,6 +343,70 @@ fn sluicectl_errors_are_clear() {
     assert!(out.stderr.contains("not running"), "{}", out.stderr);
 }
 
+/// A worker that dies is replaced with the lists already in force: its replacement refuses
+/// the denied client from its first accept.
+#[test]
+fn a_restarted_worker_starts_with_the_lists() {
+    if !engine_ok("splice") {
+        return;
+    }
+    let echo = EchoServer::start(Host::new().addr());
+    let relay = Sluice::forward(Host::new().addr(), echo.addr())
+        .engine("splice")
+        .workers(1)
+        .start();
+    let old = relay.wait_workers(1, HUNG);
+    ctl_ok(&relay, &["deny", "add", "127.0.0.3/32"]);
+    ctl_ok(&relay, &["dest", "add", &echo.addr().to_string()]);
+    assert!(sluice_tests::sys::kill(old[0], libc::SIGKILL));
+    let mut new = Vec::new();
+    assert!(
+        wait_until(HUNG, || {
+            new = relay.worker_pids();
+            new.len() == 1 && new != old
+        }),
+        "no replacement worker: {}",
+        relay.stderr_log()
+    );
+    for _ in 0..3 {
+        assert_refused(&relay, DENIED, "by the replacement worker");
+        assert_served(&relay, SERVED, "by the replacement worker");
+    }
+}
+
+/// IPv6 clients: a /128 and a v6 range are matched like IPv4 ones.
+#[test]
+fn ipv6_clients_are_matched() {
+    if !engine_ok("epoll") {
+        return;
+    }
+    let echo = EchoServer::start(Host::new().addr());
+    let port = std::net::TcpListener::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen: SocketAddr = SocketAddr::new("::1".parse().unwrap(), port);
+    // The harness waits for IPv4 listeners only: a second, IPv4 one tells when both are bound.
+    let v4 = Host::new().addr();
+    let toml = format!(
+        "workers = 1\nengine = \"epoll\"\n\n[[listen]]\nname = \"v4\"\nbind = \"{v4}\"\nupstream = [\"{up}\"]\n\n[[listen]]\nname = \"v6\"\nbind = \"{listen}\"\nupstream = [\"{up}\"]\n",
+        up = echo.addr()
+    );
+    let relay = Sluice::run_config_text(&toml, vec![v4]).workers(1).start();
+    let v6: IpAddr = "::1".parse().unwrap();
+    try_new(listen, v6).expect("before the rule");
+    ctl_ok(&relay, &["deny", "add", "::/1"]);
+    let s = client::try_connect(listen, Some(v6));
+    if let Ok(s) = s {
+        let _ = (&s).write_all(b"ping");
+        assert_eq!(read_until_end(&s, HUNG), (0, Some(Ended::Reset)));
+    }
+    assert!(counter(&relay, "refused_denied") >= 1);
+    ctl_ok(&relay, &["deny", "del", "::/1"]);
+    try_new(listen, v6).expect("after deny del");
+}
+
 /// An interface XDP cannot attach to costs one clear log line; the workers still refuse.
 #[test]
 fn xdp_attach_failure_is_one_line_and_deny_still_works() {
