@@ -484,8 +484,10 @@ fn bpf_gate() -> bool {
     .filter(|(bit, _)| eff & (1 << bit) == 0)
     .map(|(_, n)| *n)
     .collect();
-    missing.is_empty() && sluice_tests::require_netns()
-        || sluice_tests::skip(&format!("needs {}", missing.join(", ")))
+    if !missing.is_empty() {
+        return sluice_tests::skip(&format!("needs {}", missing.join(", ")));
+    }
+    sluice_tests::require_netns()
 }
 
 /// Runs `f` on a thread of its own inside a new network namespace with `lo` up; processes it
@@ -638,4 +640,44 @@ fn xdp_drops_denied_syns_through_the_daemon() {
         assert!(out.status.success(), "sluicectl unload: {}", out.text());
         assert!(!pins.exists(), "pins left after unload");
     });
+}
+
+/// `sluicectl load` with the default pin directory mounts bpffs at /sys/fs/bpf when nothing is
+/// mounted there, pins under /sys/fs/bpf/sluice, and `unload` removes the pins. Run in a
+/// private mount namespace (`unshare --mount`), so the host's /sys/fs/bpf is never touched.
+#[test]
+fn load_mounts_bpffs_and_unload_removes_the_pins() {
+    if !bpf_gate() || !sluice_tests::require_program("unshare") {
+        return;
+    }
+    sluice_tests::init();
+    let ctl = sluice_tests::sluice::sluicectl_bin();
+    let ctl = ctl.to_string_lossy();
+    let script = format!(
+        "set -e
+umount -l /sys/fs/bpf 2>/dev/null || true
+if grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts; then echo 'still mounted'; exit 3; fi
+'{ctl}' load
+grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts || {{ echo 'not mounted by load'; exit 4; }}
+for f in SLUICE_DENY_V4 SLUICE_SOCKS sluice_xdp_deny sluice_verdict; do
+  test -e /sys/fs/bpf/sluice/$f || {{ echo \"$f not pinned\"; exit 5; }}
+done
+'{ctl}' load
+'{ctl}' unload
+test ! -e /sys/fs/bpf/sluice || {{ echo 'pins left'; exit 6; }}
+'{ctl}' unload
+echo done
+"
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(60));
+    assert!(out.status.success(), "{}: {}", out.status, out.text());
+    assert!(
+        out.stdout.contains("pinned under /sys/fs/bpf/sluice"),
+        "{}",
+        out.text()
+    );
+    assert!(out.stdout.contains("unpinned from"), "{}", out.text());
+    assert!(out.stdout.contains("nothing pinned"), "{}", out.text());
 }
