@@ -39,6 +39,10 @@ pub struct Status {
     /// Connections one worker can hold (its fd limit, two fds a connection).
     #[serde(default)]
     pub per_worker_capacity: u64,
+    /// The sockmap fast path: `attached`, or `unavailable: <why>` (then workers splice); absent
+    /// when the engine is not `sockmap`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fast_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,6 +90,7 @@ impl Status {
             active: 0,
             capacity: 0,
             per_worker_capacity: 0,
+            fast_path: None,
         }
     }
 

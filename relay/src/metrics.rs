@@ -59,6 +59,15 @@ pub enum Counter {
     UpstreamStateChanges,
     /// Supervisor row, gauge: upstream addresses down now.
     UpstreamsDown,
+    /// Connections put on the eBPF sockmap fast path (`sockmap` engine).
+    FastPathPairs,
+    /// Connections the fast path refused (map full, socket refused): relayed by splice instead.
+    FastPathRefused,
+    /// Gauge: entries left in the worker's fast-path maps, counted when it had no connection.
+    FastPathEntries,
+    /// Gauge: fast-path pairs the worker had inserted when it last counted its map entries
+    /// ([`Counter::FastPathEntries`]); equal to `fast_path_pairs` once that count is current.
+    FastPathAuditedPairs,
 }
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
@@ -82,6 +91,10 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::PipePoolEmpty, "pipe_pool_empty"),
     (Counter::Engine, "engine"),
     (Counter::Pid, "pid"),
+    (Counter::FastPathPairs, "fast_path_pairs"),
+    (Counter::FastPathRefused, "fast_path_refused"),
+    (Counter::FastPathEntries, "fast_path_entries"),
+    (Counter::FastPathAuditedPairs, "fast_path_audited_pairs"),
 ];
 
 /// The shared counter table.

@@ -312,6 +312,8 @@ pub struct SluiceCmd {
     workers: Option<usize>,
     env: Vec<(String, String)>,
     block_io_uring: bool,
+    /// A program (and its arguments) that execs the daemon: see [`SluiceCmd::wrap`].
+    wrapper: Vec<String>,
     dir: TempDir,
 }
 
@@ -323,6 +325,7 @@ impl SluiceCmd {
             workers: None,
             env: Vec::new(),
             block_io_uring: false,
+            wrapper: Vec::new(),
             dir,
         }
     }
@@ -337,7 +340,7 @@ impl SluiceCmd {
         self.arg(name).arg(value.to_string())
     }
 
-    /// `--engine auto|splice|copy|epoll`.
+    /// `--engine auto|splice|copy|epoll|sockmap`.
     pub fn engine(self, engine: &str) -> SluiceCmd {
         self.opt("--engine", engine)
     }
@@ -375,6 +378,13 @@ impl SluiceCmd {
         self
     }
 
+    /// Runs the daemon through a wrapper that execs it in place (same pid), e.g.
+    /// `["setpriv", "--bounding-set=-bpf", "--"]`.
+    pub fn wrap(mut self, prefix: &[&str]) -> SluiceCmd {
+        self.wrapper = prefix.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
     /// Runs the daemon under a seccomp filter that makes io_uring_setup fail with EPERM, as
     /// Docker's default profile does.
     pub fn block_io_uring(mut self) -> SluiceCmd {
@@ -383,7 +393,14 @@ impl SluiceCmd {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(sluice_bin());
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(sluice_bin());
+                c
+            }
+            None => Command::new(sluice_bin()),
+        };
         cmd.args(&self.args);
         for (k, v) in &self.env {
             cmd.env(k, v);
