@@ -66,6 +66,8 @@ pub struct ListenerConfig {
     pub fallback: Vec<String>,
     /// A `[listen.health]` table: layer-4 health checks of the upstream addresses.
     pub health: Option<HealthConfig>,
+    /// `source_addresses = [...]`: local addresses upstream connections leave from, in turn.
+    pub source_addresses: Vec<std::net::IpAddr>,
 }
 
 /// A `[listen.health]` table (HAProxy's `check inter fastinter downinter rise fall`); None
@@ -181,6 +183,7 @@ impl Config {
             tls: None,
             fallback: Vec::new(),
             health: None,
+            source_addresses: Vec::new(),
         });
         self
     }
@@ -189,6 +192,12 @@ impl Config {
         self.listeners
             .last_mut()
             .expect("add a [[listen]] table with Config::listen first")
+    }
+
+    /// `source_addresses = [...]` on the last `[[listen]]` table.
+    pub fn source_addresses(mut self, addrs: &[std::net::IpAddr]) -> Config {
+        self.last().source_addresses = addrs.to_vec();
+        self
     }
 
     /// `accept_proxy = true` on the last `[[listen]]` table.
@@ -282,6 +291,14 @@ impl Config {
             }
             if let Some(m) = l.max_connections {
                 s.push_str(&format!("max_connections = {m}\n"));
+            }
+            if !l.source_addresses.is_empty() {
+                let src: Vec<String> = l
+                    .source_addresses
+                    .iter()
+                    .map(|a| format!("\"{a}\""))
+                    .collect();
+                s.push_str(&format!("source_addresses = [{}]\n", src.join(", ")));
             }
             if l.accept_proxy {
                 s.push_str("accept_proxy = true\n");

@@ -78,6 +78,10 @@ impl EngineKind {
     }
 }
 
+/// Slab slots a worker keeps when it has no connection; a larger slab (left by a burst) is
+/// released on the next tick.
+pub const SLAB_KEEP: usize = 1024;
+
 /// Fds one relayed connection costs at most: client, upstream, and two pipes' ends per
 /// direction while splicing.
 pub const FDS_PER_CONN: u64 = 2;

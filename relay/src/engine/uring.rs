@@ -653,6 +653,13 @@ impl<'a> Worker<'a> {
         }
         self.arm_accepts();
         self.audit_fast_path();
+        // An idle worker gives its slab back, so the memory of a burst does not stay. Safe:
+        // with no connection, no completion in flight names a slot.
+        if self.active == 0 && self.slots.capacity() > super::SLAB_KEEP {
+            self.slots = Vec::new();
+            self.free = Vec::new();
+            self.starved = VecDeque::new();
+        }
     }
 
     /// When the worker has no connection left and pairs were inserted since the last count,
@@ -924,6 +931,10 @@ impl<'a> Worker<'a> {
         }
         if res < 0 {
             let now = self.now_ms;
+            tracing::debug!(
+                "upstream connect failed: {}",
+                io::Error::from_raw_os_error(-res)
+            );
             self.ctx.connect_failed(-res, now);
             // Refused, unreachable, or cancelled by the linked timeout: next address.
             let c = self.conn(slot);
