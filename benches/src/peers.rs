@@ -1,4 +1,4 @@
-//! The candidates (no relay, Sluice's three engines, HAProxy, nginx, socat): how each is
+//! The candidates (no relay, Sluice's four engines, HAProxy, nginx, socat): how each is
 //! configured and started, and the guard that stops it.
 //!
 //! Each relay listens on its own 127.77.0.x address and relays to the upstream on 127.77.0.2.
@@ -52,6 +52,7 @@ pub fn all() -> Vec<Candidate> {
         c("sluice-splice", Kind::Sluice("splice"), 3),
         c("sluice-copy", Kind::Sluice("copy"), 4),
         c("sluice-epoll", Kind::Sluice("epoll"), 5),
+        c("sluice-sockmap", Kind::Sluice("sockmap"), 9),
         c("haproxy", Kind::Haproxy, 6),
         c("nginx", Kind::Nginx, 7),
         c("socat", Kind::Socat, 8),

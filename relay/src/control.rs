@@ -44,6 +44,10 @@ pub struct Status {
     /// shows the rules).
     #[serde(default)]
     pub admission: AdmissionStatus,
+    /// The sockmap fast path: `attached`, or `unavailable: <why>` (then workers splice); absent
+    /// when the engine is not `sockmap`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fast_path: Option<String>,
 }
 
 /// The admission part of [`Status`]: counts only.
@@ -102,6 +106,7 @@ impl Status {
             capacity: 0,
             per_worker_capacity: 0,
             admission: AdmissionStatus::default(),
+            fast_path: None,
         }
     }
 

@@ -68,6 +68,15 @@ pub enum Counter {
     /// Gauge: the generation of the admission lists this worker applied last (the supervisor
     /// waits for it before answering `sluicectl`). Not a total.
     AdmissionGeneration,
+    /// Connections put on the eBPF sockmap fast path (`sockmap` engine).
+    FastPathPairs,
+    /// Connections the fast path refused (map full, socket refused): relayed by splice instead.
+    FastPathRefused,
+    /// Gauge: entries left in the worker's fast-path maps, counted when it had no connection.
+    FastPathEntries,
+    /// Gauge: fast-path pairs the worker had inserted when it last counted its map entries
+    /// ([`Counter::FastPathEntries`]); equal to `fast_path_pairs` once that count is current.
+    FastPathAuditedPairs,
 }
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
@@ -94,6 +103,10 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::RefusedDenied, "refused_denied"),
     (Counter::RefusedDest, "refused_dest"),
     (Counter::KilledDenied, "killed_denied"),
+    (Counter::FastPathPairs, "fast_path_pairs"),
+    (Counter::FastPathRefused, "fast_path_refused"),
+    (Counter::FastPathEntries, "fast_path_entries"),
+    (Counter::FastPathAuditedPairs, "fast_path_audited_pairs"),
 ];
 
 /// The shared counter table.

@@ -165,7 +165,22 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
             }
         }
     };
-    let kind = EngineKind::decide(config.engine, uring_ok);
+    let mut kind = EngineKind::decide(config.engine, uring_ok);
+    // The sockmap engine needs BPF: load the programs once here, so a refusal (no CAP_BPF, no
+    // BTF, verifier) is one clear line and every worker starts on splice instead.
+    let mut fast_path = None;
+    if kind == EngineKind::Sockmap {
+        match crate::ebpf::FastPath::load() {
+            Ok(_) => fast_path = Some("attached".to_string()),
+            Err(e) => {
+                tracing::warn!(
+                    "the sockmap fast path is unavailable ({e}); using the splice engine"
+                );
+                fast_path = Some(format!("unavailable: {e}"));
+                kind = EngineKind::Splice;
+            }
+        }
+    }
     let nofile = sys::raise_nofile_limit()?;
     let nworkers = workers_needed(&config, nofile);
     if config.listeners.len() > metrics::MAX_LISTENERS {
@@ -237,6 +252,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
 
     let mut st = Status::new(&config, kind, nworkers);
     st.per_worker_capacity = engine::worker_capacity(nofile);
+    st.fast_path = fast_path;
     st.capacity = (st.per_worker_capacity * nworkers as u64).min(u64::from(config.max_connections));
     let status = Arc::new(Mutex::new(st));
     if let Some(path) = &opts.control

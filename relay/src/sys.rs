@@ -434,3 +434,79 @@ pub fn mount_bpffs(dir: &std::path::Path) -> io::Result<()> {
     };
     cvt(r).map(drop)
 }
+
+/// The head of the kernel's `struct tcp_info` (include/uapi/linux/tcp.h) up to the byte
+/// counters. libc's glibc definition stops before them; the kernel copies
+/// `min(optlen, sizeof)` bytes, so a prefix is a valid request on every kernel since 4.6.
+#[repr(C)]
+#[derive(Default)]
+struct TcpInfoHead {
+    bytes_u8: [u8; 8],
+    /// rto .. total_retrans: 24 `u32`s.
+    words: [u32; 24],
+    pacing_rate: u64,
+    max_pacing_rate: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<TcpInfoHead>() == 136);
+
+/// A TCP socket's delivery counters, for deciding when every relayed byte has left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpProgress {
+    /// `tcpi_state` (TCP_ESTABLISHED = 1 .. TCP_CLOSING = 11).
+    pub state: u8,
+    /// Bytes the peer acknowledged (`tcpi_bytes_acked`).
+    pub acked: u64,
+    /// Bytes received in order (`tcpi_bytes_received`).
+    pub received: u64,
+}
+
+/// `TCP_INFO`'s byte counters of `fd`.
+pub fn tcp_progress(fd: BorrowedFd<'_>) -> io::Result<TcpProgress> {
+    let mut info = TcpInfoHead::default();
+    let mut len = std::mem::size_of::<TcpInfoHead>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, a plain-integer struct for which
+    // every bit pattern is valid.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < std::mem::size_of::<TcpInfoHead>() {
+        return Err(io::Error::other(
+            "TCP_INFO without byte counters (kernel < 4.6)",
+        ));
+    }
+    Ok(TcpProgress {
+        state: info.bytes_u8[0],
+        acked: info.bytes_acked,
+        received: info.bytes_received,
+    })
+}
+
+/// `SIOCINQ` (`in_queue`) or `SIOCOUTQ`: bytes received and not yet read, or written and not yet
+/// acknowledged.
+pub fn socket_queue(fd: BorrowedFd<'_>, in_queue: bool) -> io::Result<u64> {
+    let req = if in_queue {
+        libc::FIONREAD // SIOCINQ
+    } else {
+        libc::TIOCOUTQ // SIOCOUTQ
+    };
+    let mut n: libc::c_int = 0;
+    // SAFETY: both requests write one `int` through the pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut n) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as u64)
+    }
+}

@@ -45,6 +45,7 @@ impl Identity {
             "splice" => EngineKind::Splice,
             "copy" => EngineKind::Copy,
             "epoll" => EngineKind::Epoll,
+            "sockmap" => EngineKind::Sockmap,
             _ => return None,
         };
         Some(Identity {
@@ -96,7 +97,7 @@ pub fn main() -> Result<(), StartError> {
     let mut buf = read_until_ready(&control)?;
     ctx.apply_control(&mut buf, &mut upstreams);
     match id.engine {
-        EngineKind::Splice | EngineKind::Copy => {
+        EngineKind::Splice | EngineKind::Copy | EngineKind::Sockmap => {
             engine::uring::Worker::new(ctx, id.engine, listeners, control, upstreams)?.run()?
         }
         EngineKind::Epoll => {

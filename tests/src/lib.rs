@@ -75,6 +75,23 @@ pub fn require_io_uring() -> bool {
     }
 }
 
+/// Gate for tests that load eBPF programs (the sockmap engine): CAP_BPF and CAP_NET_ADMIN in the
+/// effective set, read from /proc/self/status.
+pub fn require_bpf() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_BPF: u32 = 39;
+    let eff = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    let need = (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN);
+    eff & need == need || skip("needs CAP_BPF and CAP_NET_ADMIN to load eBPF programs")
+}
+
 /// Gate for tests that make network namespaces.
 pub fn require_netns() -> bool {
     match sys::probe_netns() {

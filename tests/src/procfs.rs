@@ -185,6 +185,15 @@ pub fn socket_owner(local: SocketAddr, remote: SocketAddr, pids: &[u32]) -> Opti
         .find(|p| socket_inodes(*p).contains(&inode))
 }
 
+/// Resident memory of `pid` in KiB (`VmRSS` in /proc/PID/status), None if it is gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

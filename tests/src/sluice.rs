@@ -66,6 +66,8 @@ pub struct ListenerConfig {
     pub fallback: Vec<String>,
     /// A `[listen.health]` table: layer-4 health checks of the upstream addresses.
     pub health: Option<HealthConfig>,
+    /// `source_addresses = [...]`: local addresses upstream connections leave from, in turn.
+    pub source_addresses: Vec<std::net::IpAddr>,
 }
 
 /// A `[listen.health]` table (HAProxy's `check inter fastinter downinter rise fall`); None
@@ -181,6 +183,7 @@ impl Config {
             tls: None,
             fallback: Vec::new(),
             health: None,
+            source_addresses: Vec::new(),
         });
         self
     }
@@ -189,6 +192,12 @@ impl Config {
         self.listeners
             .last_mut()
             .expect("add a [[listen]] table with Config::listen first")
+    }
+
+    /// `source_addresses = [...]` on the last `[[listen]]` table.
+    pub fn source_addresses(mut self, addrs: &[std::net::IpAddr]) -> Config {
+        self.last().source_addresses = addrs.to_vec();
+        self
     }
 
     /// `accept_proxy = true` on the last `[[listen]]` table.
@@ -283,6 +292,14 @@ impl Config {
             if let Some(m) = l.max_connections {
                 s.push_str(&format!("max_connections = {m}\n"));
             }
+            if !l.source_addresses.is_empty() {
+                let src: Vec<String> = l
+                    .source_addresses
+                    .iter()
+                    .map(|a| format!("\"{a}\""))
+                    .collect();
+                s.push_str(&format!("source_addresses = [{}]\n", src.join(", ")));
+            }
             if l.accept_proxy {
                 s.push_str("accept_proxy = true\n");
             }
@@ -312,6 +329,8 @@ pub struct SluiceCmd {
     workers: Option<usize>,
     env: Vec<(String, String)>,
     block_io_uring: bool,
+    /// A program (and its arguments) that execs the daemon: see [`SluiceCmd::wrap`].
+    wrapper: Vec<String>,
     dir: TempDir,
 }
 
@@ -323,6 +342,7 @@ impl SluiceCmd {
             workers: None,
             env: Vec::new(),
             block_io_uring: false,
+            wrapper: Vec::new(),
             dir,
         }
     }
@@ -337,7 +357,7 @@ impl SluiceCmd {
         self.arg(name).arg(value.to_string())
     }
 
-    /// `--engine auto|splice|copy|epoll`.
+    /// `--engine auto|splice|copy|epoll|sockmap`.
     pub fn engine(self, engine: &str) -> SluiceCmd {
         self.opt("--engine", engine)
     }
@@ -375,6 +395,13 @@ impl SluiceCmd {
         self
     }
 
+    /// Runs the daemon through a wrapper that execs it in place (same pid), e.g.
+    /// `["setpriv", "--bounding-set=-bpf", "--"]`.
+    pub fn wrap(mut self, prefix: &[&str]) -> SluiceCmd {
+        self.wrapper = prefix.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
     /// Runs the daemon under a seccomp filter that makes io_uring_setup fail with EPERM, as
     /// Docker's default profile does.
     pub fn block_io_uring(mut self) -> SluiceCmd {
@@ -383,7 +410,14 @@ impl SluiceCmd {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(sluice_bin());
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(sluice_bin());
+                c
+            }
+            None => Command::new(sluice_bin()),
+        };
         cmd.args(&self.args);
         for (k, v) in &self.env {
             cmd.env(k, v);

@@ -33,8 +33,8 @@ pub struct BenchFlags {
     /// Only these workloads: bulk, rr, connrate, idle (comma-separated).
     #[arg(long)]
     only: Option<String>,
-    /// Only these candidates: direct, sluice-splice, sluice-copy, sluice-epoll, haproxy, nginx,
-    /// socat (comma-separated).
+    /// Only these candidates: direct, sluice-splice, sluice-copy, sluice-epoll, sluice-sockmap,
+    /// haproxy, nginx, socat (comma-separated).
     #[arg(long)]
     candidates: Option<String>,
 }

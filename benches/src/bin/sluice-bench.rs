@@ -25,7 +25,7 @@ struct Cli {
     /// Run only these workloads (repeatable or comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Workload>,
-    /// Run only these candidates (direct, sluice-splice, sluice-copy, sluice-epoll, haproxy,
+    /// Run only these candidates (direct, sluice-splice, sluice-copy, sluice-epoll, sluice-sockmap, haproxy,
     /// nginx, socat).
     #[arg(long, value_delimiter = ',')]
     candidates: Vec<String>,

@@ -253,6 +253,9 @@ fn print_status(v: &serde_json::Value) {
         st.workers.len(),
         st.per_worker_capacity
     );
+    if let Some(fp) = &st.fast_path {
+        println!("sockmap fast path: {fp}");
+    }
     println!(
         "\n{:<8} {:>8} {:<8} {:>10} {:>12}",
         "worker", "pid", "engine", "active", "accepted"

@@ -215,6 +215,10 @@ pub enum EngineChoice {
     Copy,
     /// epoll readiness and nonblocking read/write, for hosts that refuse io_uring.
     Epoll,
+    /// The eBPF sockmap fast path for plain connections (bytes move inside the kernel; user
+    /// space only watches for FIN and errors); TLS ports copy. Falls back to splice where BPF is
+    /// refused.
+    Sockmap,
 }
 
 impl fmt::Display for EngineChoice {
@@ -224,6 +228,7 @@ impl fmt::Display for EngineChoice {
             EngineChoice::Splice => "splice",
             EngineChoice::Copy => "copy",
             EngineChoice::Epoll => "epoll",
+            EngineChoice::Sockmap => "sockmap",
         })
     }
 }

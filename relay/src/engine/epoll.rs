@@ -706,6 +706,13 @@ impl<'a> Worker<'a> {
     }
 
     fn on_tick(&mut self) {
+        // An idle worker gives its slab back, so the memory of a burst does not stay (no token
+        // in `again` or in epoll can name a slot: every connection's sockets are closed).
+        if self.active == 0 && self.slots.capacity() > super::SLAB_KEEP {
+            self.slots = Vec::new();
+            self.free = Vec::new();
+            self.again = Vec::new();
+        }
         let t = self.ctx.config.timeouts;
         for slot in 0..self.slots.len() {
             let Some(conn) = self.slots[slot].1.as_ref() else {

@@ -35,6 +35,8 @@ pub enum EngineKind {
     Splice,
     Copy,
     Epoll,
+    /// io_uring worker whose plain connections ride the eBPF sockmap fast path.
+    Sockmap,
 }
 
 impl EngineKind {
@@ -43,6 +45,7 @@ impl EngineKind {
             EngineKind::Splice => 1,
             EngineKind::Copy => 2,
             EngineKind::Epoll => 3,
+            EngineKind::Sockmap => 4,
         }
     }
 
@@ -51,6 +54,7 @@ impl EngineKind {
             1 => Some(EngineKind::Splice),
             2 => Some(EngineKind::Copy),
             3 => Some(EngineKind::Epoll),
+            4 => Some(EngineKind::Sockmap),
             _ => None,
         }
     }
@@ -60,18 +64,25 @@ impl EngineKind {
             EngineKind::Splice => "splice",
             EngineKind::Copy => "copy",
             EngineKind::Epoll => "epoll",
+            EngineKind::Sockmap => "sockmap",
         }
     }
 
-    /// The engine for a configured choice, given whether io_uring works here.
+    /// The engine for a configured choice, given whether io_uring works here. `sockmap` also
+    /// needs BPF: the supervisor checks that separately and falls back to splice.
     pub fn decide(choice: EngineChoice, uring_ok: bool) -> EngineKind {
         match (choice, uring_ok) {
             (EngineChoice::Epoll, _) | (_, false) => EngineKind::Epoll,
             (EngineChoice::Copy, true) => EngineKind::Copy,
+            (EngineChoice::Sockmap, true) => EngineKind::Sockmap,
             (EngineChoice::Splice | EngineChoice::Auto, true) => EngineKind::Splice,
         }
     }
 }
+
+/// Slab slots a worker keeps when it has no connection; a larger slab (left by a burst) is
+/// released on the next tick.
+pub const SLAB_KEEP: usize = 1024;
 
 /// Fds one relayed connection costs at most: client, upstream, and two pipes' ends per
 /// direction while splicing.

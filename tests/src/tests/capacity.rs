@@ -1,17 +1,20 @@
-//! Capacity past one process's fd limit: more than 20000 relayed connections held at once by one
-//! `sluice forward --workers 4`. Clients and upstreams live in `holder` processes (one process
-//! may open at most 20000 fds here): three clients of 7000 connections from 127.0.0.x sources of
-//! their own, three echo upstreams sharing one port with SO_REUSEPORT.
+//! Capacity past one process's fd limit: 30 000 relayed connections held at once by one
+//! `sluice run` whose supervisor sizes the worker count from `max_connections` and the fd limit.
+//! Clients and upstreams live in `holder` processes (one process may open at most 20000 fds
+//! here): three clients of 10 000 connections from 127.0.0.x sources of their own, three echo
+//! upstreams sharing one port with SO_REUSEPORT. After they close, the workers' fds and memory
+//! are back to their baseline.
 
 use std::time::Duration;
 
 use sluice_tests::holder::Holder;
-use sluice_tests::{HUNG, Host, Sluice, init, require_nofile, wait_until};
+use sluice_tests::sluice::Config;
+use sluice_tests::{HUNG, Host, Sluice, init, procfs, require_nofile, wait_until};
 
 use super::holder_exe;
 
 const PROCS: usize = 3;
-const PER_PROC: usize = 7000;
+const PER_PROC: usize = 10_000;
 const TOTAL: usize = PROCS * PER_PROC;
 
 /// Sum of `count` over the echo holders: (active, errors).
@@ -47,7 +50,7 @@ fn per_worker(relay: &Sluice) -> String {
 }
 
 #[test]
-fn twenty_one_thousand_connections_on_four_workers() {
+fn thirty_thousand_connections_through_one_relay() {
     init();
     let _alone = sluice_tests::exclusive();
     if !require_nofile(PER_PROC as u64 + 1000) {
@@ -69,19 +72,35 @@ fn twenty_one_thousand_connections_on_four_workers() {
     for e in &mut echoes {
         e.expect("ready", HUNG);
     }
-    let relay = Sluice::forward(relay_host.addr(), upstream)
-        .workers(4)
+    let config = Config {
+        max_connections: Some(TOTAL as u32 + 2000),
         // Tens of thousands of SYNs at once: some wait for a retransmission (1 s, 3 s, ...).
-        .connect_timeout_ms(30_000)
-        // 21000 connections to one upstream address from one source address would use most of
-        // the ~28k ephemeral ports; two sources double that (the feature under test too).
-        .arg("--source-address")
-        .arg(out_a.ip.to_string())
-        .arg("--source-address")
-        .arg(out_b.ip.to_string())
-        .start();
-    relay.wait_workers(4, HUNG);
+        connect_ms: Some(30_000),
+        ..Config::new()
+    }
+    .listen("many", relay_host.addr(), &[&upstream.to_string()])
+    // 30000 connections to one upstream address from one source address would need more than
+    // the ~28k ephemeral ports; two sources double that (the feature under test too).
+    .source_addresses(&[out_a.ip.into(), out_b.ip.into()]);
+    // Debug logs name why an upstream connect failed (never an address), for the message below.
+    let relay = Sluice::run_config(&config).env("RUST_LOG", "debug").start();
+    // No `workers` given: the supervisor sizes it (10 % headroom over the fd limit's capacity).
+    let nworkers = relay.status()["workers"].as_array().map_or(0, Vec::len);
+    assert!(
+        nworkers >= 4,
+        "{TOTAL} connections need at least 4 workers of ~9800: {}",
+        relay.status()
+    );
+    relay.wait_workers(nworkers, HUNG);
     let baseline = relay.fd_baseline();
+    let rss = |relay: &Sluice| -> u64 {
+        relay
+            .worker_pids()
+            .iter()
+            .filter_map(|p| procfs::rss_kib(*p))
+            .sum()
+    };
+    let rss_before = rss(&relay);
 
     let mut clients: Vec<Holder> = sources
         .iter()
@@ -100,11 +119,22 @@ fn twenty_one_thousand_connections_on_four_workers() {
     for c in &mut clients {
         match c.try_expect("held", Duration::from_secs(240)) {
             Ok(held) => assert_eq!(held, PER_PROC.to_string()),
-            Err(e) => panic!(
-                "{e}\nper worker: {}\nrelay log:\n{}",
-                per_worker(&relay),
-                sluice_tests::tail(&relay.stderr_log(), 30)
-            ),
+            Err(e) => {
+                let log = relay.stderr_log();
+                let failures: Vec<&str> = log.lines().filter(|l| l.contains("failed")).collect();
+                panic!(
+                    "{e}\nper worker: {}\nfailures in the relay log ({}):\n{}\nrelay log:\n{}",
+                    per_worker(&relay),
+                    failures.len(),
+                    failures
+                        .iter()
+                        .take(10)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    sluice_tests::tail(&log, 30)
+                )
+            }
         }
     }
 
@@ -126,7 +156,8 @@ fn twenty_one_thousand_connections_on_four_workers() {
     });
     assert!(counted, "status does not count {TOTAL} active: {status}");
     let workers = status["workers"].as_array().map(Vec::len);
-    assert_eq!(workers, Some(4), "status: {status}");
+    assert_eq!(workers, Some(nworkers), "status: {status}");
+    let rss_held = rss(&relay);
 
     // A sample exchanges more bytes, byte-exact, while all are held.
     for c in &mut clients {
@@ -150,6 +181,23 @@ fn twenty_one_thousand_connections_on_four_workers() {
     if let Err(e) = relay.settle_fds(baseline, 64, Duration::from_secs(60)) {
         panic!("after {TOTAL} connections closed: {e}");
     }
+    // Memory: what holding them cost comes back (the slab is released once a worker is idle);
+    // a tenth of the growth, or 4 MiB, may stay with the allocator.
+    let grown = rss_held.saturating_sub(rss_before);
+    let slack = (grown / 10).max(4096);
+    let mut rss_after = 0;
+    let back = wait_until(HUNG, || {
+        rss_after = rss(&relay);
+        rss_after <= rss_before + slack
+    });
+    eprintln!(
+        "workers' RSS: {rss_before} KiB before, {rss_held} KiB holding {TOTAL}, {rss_after} KiB after"
+    );
+    assert!(
+        back,
+        "workers' RSS {rss_after} KiB after close, {rss_before} KiB before ({rss_held} KiB while \
+         holding {TOTAL}): more than {slack} KiB stayed"
+    );
     let drained = wait_until(HUNG, || echo_counts(&mut echoes).0 == 0);
     assert!(
         drained,

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Expands `engines!(check)` to a module `check` with one test per engine: `splice`, `copy`,
-/// `epoll`, each calling `check(engine)` from the enclosing module.
+/// `epoll`, `sockmap`, each calling `check(engine)` from the enclosing module.
 macro_rules! engines {
     ($check:ident) => {
         mod $check {
@@ -24,6 +24,10 @@ macro_rules! engines {
             #[test]
             fn epoll() {
                 super::$check("epoll")
+            }
+            #[test]
+            fn sockmap() {
+                super::$check("sockmap")
             }
         }
     };
@@ -43,6 +47,7 @@ mod peers;
 mod presets;
 mod proxy_protocol;
 mod sni;
+mod sockmap;
 mod supervisor;
 mod tls;
 
@@ -64,6 +69,7 @@ pub fn engine_ok(engine: &str) -> bool {
     sluice_tests::init();
     match engine {
         "splice" | "copy" => sluice_tests::require_io_uring(),
+        "sockmap" => sluice_tests::require_io_uring() && sluice_tests::require_bpf(),
         _ => true,
     }
 }

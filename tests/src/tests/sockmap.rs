@@ -1,0 +1,220 @@
+//! The `sockmap` engine through the daemon: what the sockmap probe taught, each as a test on real
+//! sockets. The engine-independent checks (1 GiB each way, half-close each direction, resets,
+//! timeouts, PROXY headers, SNI, 2000 connections) run for `sockmap` too, through `engines!`.
+//!
+//! Here:
+//! - bytes a client sent while the upstream connect was still pending (queued on the socket
+//!   before it entered the sockmap) all arrive;
+//! - the relay's own CPU for a gigabyte on the fast path is a small fraction of `copy`'s
+//!   (a ratio measured in one run, never a time);
+//! - 10 000 connections churned leave no entry in the worker's maps;
+//! - without CAP_BPF the daemon says so once and splices.
+
+use std::io::{Read, Write};
+use std::thread;
+
+use sluice_tests::servers::{BlackHole, EchoServer, Mode, StreamServer, StreamSpec};
+use sluice_tests::sluice::Config;
+use sluice_tests::{HUNG, Host, Sluice, client, exclusive, require_program};
+
+use super::{assert_engine, engine_ok, seed};
+
+/// Bytes sent at once by a client that does not wait for anything: more than the initial
+/// receive window, so without the kick after insertion the connection would stall.
+const EARLY: u64 = 3 << 20;
+
+#[test]
+fn bytes_sent_before_the_upstream_connects_all_arrive() {
+    if !engine_ok("sockmap") {
+        return;
+    }
+    let host = Host::new();
+    let hole_host = Host::new();
+    let hole = BlackHole::new(hole_host.addr());
+    let server = StreamServer::start(host.addr());
+    let bind = Host::new().addr();
+    // The black hole first: each connect waits out its timeout there while the client's bytes
+    // pile up on the relay's socket; the next address takes it. Connections start at
+    // alternating addresses, so several of them are checked to hit the slow path.
+    let config = Config {
+        connect_ms: Some(400),
+        ..Config::new()
+    }
+    .listen(
+        "early",
+        bind,
+        &[&hole.addr().to_string(), &server.addr().to_string()],
+    );
+    let relay = Sluice::run_config(&config)
+        .engine("sockmap")
+        .workers(1)
+        .start();
+    assert_engine(&relay, "sockmap");
+    for mode in [Mode::ReplyAfterEof, Mode::Concurrent, Mode::ReplyAfterEof] {
+        let spec = StreamSpec::new(seed(), EARLY, EARLY, mode);
+        let client = client::run_stream(relay.addr(), spec);
+        let server = server.result(spec.seed, HUNG);
+        assert!(
+            client.is_ok() && server.is_ok(),
+            "{mode:?}: client {client:?}, server {server:?}"
+        );
+    }
+    assert!(
+        relay.counter("fast_path_pairs").unwrap_or(0) >= 3,
+        "connections did not take the fast path: {}",
+        relay.status()
+    );
+}
+
+/// User + system CPU ticks of every worker of `relay` (from /proc/PID/stat).
+fn worker_cpu_ticks(relay: &Sluice) -> u64 {
+    relay
+        .worker_pids()
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|stat| {
+            // Fields after the command name (which may hold spaces): utime is the 14th field.
+            let rest = &stat[stat.rfind(')').expect("stat has a comm") + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+/// CPU the relay's workers spend moving `len` bytes one way with `engine`.
+fn relay_cpu_for(engine: &str, len: u64) -> u64 {
+    let host = Host::new();
+    let server = StreamServer::start(host.addr());
+    let relay = Sluice::forward(host.addr(), server.addr())
+        .engine(engine)
+        .workers(1)
+        .start();
+    assert_engine(&relay, engine);
+    let before = worker_cpu_ticks(&relay);
+    let spec = StreamSpec::new(seed(), len, 0, Mode::ReplyAfterEof);
+    let client = client::run_stream(relay.addr(), spec);
+    let server = server.result(spec.seed, HUNG);
+    assert!(
+        client.is_ok() && server.is_ok(),
+        "{engine}: client {client:?}, server {server:?}"
+    );
+    worker_cpu_ticks(&relay) - before
+}
+
+#[test]
+fn fast_path_costs_the_relay_little_cpu() {
+    if !engine_ok("sockmap") {
+        return;
+    }
+    // Alone on the machine, so other tests' load does not land in either measurement.
+    let _x = exclusive();
+    let copy = relay_cpu_for("copy", 1 << 30);
+    let sockmap = relay_cpu_for("sockmap", 1 << 30);
+    assert!(
+        copy >= 10,
+        "copy used only {copy} ticks for 1 GiB: the measurement is not meaningful"
+    );
+    assert!(
+        sockmap * 20 < copy,
+        "sockmap worker CPU {sockmap} ticks is not under 5 % of copy's {copy} for 1 GiB"
+    );
+}
+
+#[test]
+fn ten_thousand_connections_leave_no_map_entry() {
+    if !engine_ok("sockmap") {
+        return;
+    }
+    const CONNS: u64 = 10_000;
+    const THREADS: u64 = 4;
+    let host = Host::new();
+    let echo = EchoServer::start(host.addr());
+    let relay = Sluice::forward(Host::new().addr(), echo.addr())
+        .engine("sockmap")
+        .workers(1)
+        .start();
+    assert_engine(&relay, "sockmap");
+    let addr = relay.addr();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            thread::spawn(move || {
+                for i in 0..CONNS / THREADS {
+                    let mut s = client::connect(addr);
+                    s.set_read_timeout(Some(HUNG)).unwrap();
+                    let msg = (t * CONNS + i).to_le_bytes();
+                    s.write_all(&msg).unwrap();
+                    let mut back = [0u8; 8];
+                    s.read_exact(&mut back).unwrap();
+                    assert_eq!(back, msg, "echo through the fast path");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("a client thread failed");
+    }
+    assert!(
+        relay.wait_counter("closed", CONNS, HUNG) >= CONNS,
+        "not every connection closed: {}",
+        relay.status()
+    );
+    // The worker counts its map entries on its first tick with no connection left.
+    assert!(
+        relay.wait_counter("fast_path_audited_pairs", CONNS, HUNG) >= CONNS,
+        "the worker never counted its maps after the last connection: {}",
+        relay.status()
+    );
+    assert_eq!(
+        relay.counter("fast_path_pairs"),
+        Some(CONNS),
+        "every connection on the fast path: {}",
+        relay.status()
+    );
+    assert_eq!(
+        relay.counter("fast_path_entries"),
+        Some(0),
+        "entries left in the fast-path maps after {CONNS} connections: {}",
+        relay.status()
+    );
+}
+
+#[test]
+fn without_cap_bpf_the_daemon_splices_and_says_why() {
+    if !engine_ok("sockmap") || !require_program("setpriv") {
+        return;
+    }
+    let host = Host::new();
+    let server = StreamServer::start(host.addr());
+    // setpriv drops CAP_BPF (and CAP_SYS_ADMIN, which also allows BPF) from the bounding set
+    // before exec: the daemon runs as root without them.
+    let relay = Sluice::forward(Host::new().addr(), server.addr())
+        .engine("sockmap")
+        .workers(2)
+        .wrap(&[
+            "setpriv",
+            "--bounding-set=-bpf,-sys_admin,-perfmon",
+            "--inh-caps=-bpf,-sys_admin,-perfmon",
+            "--",
+        ])
+        .start();
+    assert_engine(&relay, "splice");
+    let status = relay.status();
+    let why = status["fast_path"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("unavailable: "),
+        "status does not say why the fast path is off: {status}"
+    );
+    let log = relay.stderr_log();
+    assert_eq!(
+        log.matches("sockmap fast path is unavailable").count(),
+        1,
+        "one clear line, from the supervisor only:\n{log}"
+    );
+    let spec = StreamSpec::new(seed(), 1 << 20, 1 << 20, Mode::Concurrent);
+    let client = client::run_stream(relay.addr(), spec);
+    let server = server.result(spec.seed, HUNG);
+    assert!(
+        client.is_ok() && server.is_ok(),
+        "client {client:?}, server {server:?}"
+    );
+}
