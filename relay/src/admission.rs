@@ -188,6 +188,22 @@ impl Rules {
     }
 }
 
+/// The destination allowlist as the supervisor's health checker sees it (it runs on the
+/// resolver thread); set by the supervisor with [`publish_dests`].
+static HEALTH_DESTS: std::sync::RwLock<BTreeSet<SocketAddr>> =
+    std::sync::RwLock::new(BTreeSet::new());
+
+/// Tells the health checker the destination allowlist now in force.
+pub fn publish_dests(dests: &BTreeSet<SocketAddr>) {
+    *HEALTH_DESTS.write().unwrap_or_else(|p| p.into_inner()) = dests.clone();
+}
+
+/// Whether the health checker may connect to `addr` (empty allowlist: any address).
+pub fn dest_permitted(addr: SocketAddr) -> bool {
+    let dests = HEALTH_DESTS.read().unwrap_or_else(|p| p.into_inner());
+    dests.is_empty() || dests.contains(&SocketAddr::new(canonical(addr.ip()), addr.port()))
+}
+
 /// Encodes a list for a control line: comma separated, `-` when empty (no spaces in either).
 pub fn encode_list<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
     let list: Vec<String> = items.into_iter().map(|i| i.to_string()).collect();

@@ -84,12 +84,26 @@ impl Checker {
     /// Runs every check that is due (in parallel, each bounded by `connect_ms`) and applies the
     /// results; logs each change of state.
     pub fn run_due(&mut self, config: &Config, table: &Table, now: Instant) -> Changes {
-        let due: Vec<(usize, SocketAddr)> = self
+        let mut due: Vec<(usize, SocketAddr)> = self
             .state
             .iter()
             .filter(|(_, s)| s.next_due <= now)
             .map(|(k, _)| *k)
             .collect();
+        // An address outside the destination allowlist is never connected to, not even to
+        // check it: its state stays as it is until the allowlist takes it back.
+        due.retain(|&(l, addr)| {
+            let permitted = crate::admission::dest_permitted(addr);
+            if !permitted
+                && let (Some(st), Some(h)) = (
+                    self.state.get_mut(&(l, addr)),
+                    config.listeners[l].health.as_ref(),
+                )
+            {
+                st.next_due = now + Duration::from_millis(u64::from(h.interval_ms));
+            }
+            permitted
+        });
         if due.is_empty() {
             return Changes::default();
         }

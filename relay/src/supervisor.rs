@@ -206,6 +206,10 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     let shared = Arc::new(Shared::new()?);
     // After binding, so a port in use is reported before seconds of key generation.
     let tls = load_tls(&config)?;
+    // Before the resolver thread starts: its health checks skip addresses not on the
+    // destination allowlist.
+    let rules = initial_rules(&config);
+    admission::publish_dests(&rules.dests);
 
     let mut failing = HashMap::new();
     let (table, ok) = upstream::resolve_all(&config, &mut failing);
@@ -243,7 +247,6 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
                 }
             })?;
     }
-    let rules = initial_rules(&config);
     let mut interfaces = config.admission.xdp_interfaces.clone();
     interfaces.extend(opts.xdp.iter().cloned());
     let (xdp, xdp_interfaces) = attach_xdp(&interfaces, opts.pin_dir.as_deref(), &rules);
@@ -513,6 +516,7 @@ impl Supervisor {
         let (changed, kill) = self.rules.apply(cmd);
         if changed {
             self.generation += 1;
+            admission::publish_dests(&self.rules.dests);
             let msg = self.admission_message();
             self.broadcast(&msg);
             let mut failed = None;

@@ -200,6 +200,39 @@ fn destination_allowlist_refuses_other_upstreams() {
     assert_served(&relay, SERVED, "empty allowlist");
 }
 
+/// Health checks do not connect to an address outside the destination allowlist either; once
+/// the allowlist takes it back, they do.
+#[test]
+fn health_checks_respect_the_destination_allowlist() {
+    if !engine_ok("epoll") {
+        return;
+    }
+    let echo = EchoServer::start(Host::new().addr());
+    let other = Host::new().addr();
+    let listen = Host::new().addr();
+    let toml = format!(
+        "workers = 1\nengine = \"epoll\"\n\n[admission]\ndestinations = [\"{other}\"]\n\n[[listen]]\nname = \"a\"\nbind = \"{listen}\"\nupstream = [\"{up}\"]\n[listen.health]\ninterval_ms = 100\nfast_interval_ms = 100\ndown_interval_ms = 100\n",
+        up = echo.addr()
+    );
+    let relay = Sluice::run_config_text(&toml, vec![listen])
+        .workers(1)
+        .start();
+    assert_refused(&relay, SERVED, "upstream not on the allowlist");
+    // Ten check intervals: no check may have reached the upstream.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        echo.accepted(),
+        0,
+        "a health check connected to a disallowed address"
+    );
+    ctl_ok(&relay, &["dest", "add", &echo.addr().to_string()]);
+    assert!(
+        wait_until(HUNG, || echo.accepted() > 0),
+        "no health check after the allowlist took the address back"
+    );
+    assert_served(&relay, SERVED, "upstream on the allowlist");
+}
+
 /// `deny add --kill-existing` closes the live connections of the denied client only; without
 /// it, established connections stay.
 fn kill_existing(engine: &str) {
