@@ -13,7 +13,10 @@
 //!   [`FastPath::insert_pair`] the engine [`kick`]s both sockets (one non-blocking read each,
 //!   which makes the kernel run the verdict over the queue) and forwards whatever a read returns;
 //! - a FIN is dropped by the verdict (a zero-length skb), never forwarded: the engine sees
-//!   POLLRDHUP and shuts the peer's write side once every byte has been delivered.
+//!   POLLRDHUP and shuts the peer's write side once every byte has been delivered;
+//! - an skb user space has partly read (a PROXY header consumed off the front) goes to the
+//!   verdict whole, so the read bytes would be sent again: the engine moves everything queued on
+//!   such a socket itself before inserting it (`proxy_protocol::headers_relayed::sockmap`).
 //!
 //! Maps are private to one [`FastPath`]/[`XdpDeny`] unless loaded with a pin directory (normally
 //! [`PIN_DIR`]), where a restarted daemon and `sluicectl` find the same maps. All errors here are

@@ -1014,7 +1014,19 @@ impl<'a> Worker<'a> {
         let c = s.conn.as_mut().expect("live slot");
         let fast = self.fast.as_mut().expect("sockmap engine");
         let up = c.upstream.as_ref().expect("connected upstream");
+        let listener = &self.ctx.config.listeners[c.listener as usize];
+        // User space read part of the client's bytes (a PROXY header, a ClientHello peeked for
+        // SNI). The kernel hands a partly read skb to the verdict whole, so those bytes would be
+        // sent again: whatever is queued now is moved here first, and only whole skbs arrive
+        // after insertion.
+        let partly_read = listener.accept_proxy || listener.route == Route::Sni;
+        let buf = &mut self.kick_buf;
+        let row = &self.ctx.row;
         let inserted = (|| {
+            if partly_read {
+                let n = move_queued(c.client.as_fd(), up.as_fd(), buf)?;
+                row.add(Counter::BytesClientToUpstream, n);
+            }
             // Exact now: nothing but this thread has written to either socket yet.
             let written = [sent_total(up.as_fd())?, sent_total(c.client.as_fd())?];
             for fd in [c.client.as_fd(), up.as_fd()] {
@@ -1942,6 +1954,31 @@ impl<'a> Worker<'a> {
         }
         // Dropping `conn` closes both sockets (with RST when `reset` set linger 0).
     }
+}
+
+/// Moves every byte queued on `src` now to `dst` (both nonblocking), before a pair enters the
+/// sockmap. Fails if `dst` cannot take them at once (then the connection is spliced instead);
+/// a FIN on `src` is left for the kick after insertion to find.
+fn move_queued(
+    src: std::os::fd::BorrowedFd<'_>,
+    dst: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<u64> {
+    let mut moved = 0;
+    for _ in 0..256 {
+        let n = match sys::recv(src, buf, libc::MSG_DONTWAIT) {
+            Ok(0) => return Ok(moved),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(moved),
+            Err(e) => return Err(e),
+        };
+        let sent = sys::send(dst, &buf[..n], libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)?;
+        if sent != n {
+            return Err(io::Error::other("the upstream send buffer is full"));
+        }
+        moved += n as u64;
+    }
+    Err(io::Error::other("more bytes queued than one move takes"))
 }
 
 /// Every byte written to a TCP socket so far: acknowledged + still in the send queue. Reads the
