@@ -151,6 +151,19 @@ fn bind(addr: SocketAddr) -> Result<OwnedFd, StartError> {
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
+    // The user to become is looked up first, so a missing one stops the start before binding.
+    let run_as = match &config.user {
+        Some(name) => Some((
+            name.clone(),
+            sys::lookup_user(name)?.ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "user `{name}` does not exist; create it with \
+                     `useradd --system --no-create-home --shell /usr/sbin/nologin {name}`"
+                ))
+            })?,
+        )),
+        None => None,
+    };
     let uring_ok = if config.engine == EngineChoice::Epoll {
         false
     } else {
@@ -267,6 +280,9 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         )
     {
         tracing::warn!("no control socket at {}: {e}", path.display());
+    }
+    if let Some((name, ids)) = &run_as {
+        drop_privileges(name, *ids, kind, opts.control.as_deref())?;
     }
 
     let config_toml = config.to_toml();
@@ -678,6 +694,48 @@ fn initial_rules(config: &Config) -> Rules {
 /// Attaches the XDP deny program to each interface (with the maps pinned under `pin_dir` when
 /// `sluicectl load` pinned them there, else private ones) and puts the deny rules in its tries.
 /// A failure is one log line; the workers' own check still applies.
+/// Capabilities a worker of `kind` still needs once the daemon runs as an unprivileged user:
+/// loading and attaching the fast path's programs (sockmap) needs CAP_BPF and CAP_NET_ADMIN,
+/// and CAP_PERFMON (the verifier refuses the counters' pointer arithmetic to others); the other
+/// engines only use sockets they were handed.
+pub fn capabilities_needed(kind: EngineKind) -> &'static [u32] {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    match kind {
+        EngineKind::Sockmap => &[CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF],
+        EngineKind::Splice | EngineKind::Copy | EngineKind::Epoll => &[],
+    }
+}
+
+/// After every privileged step (binding, eBPF, XDP, the control socket): the control socket
+/// becomes 0660 to the user's group, and the daemon becomes the user with only the capabilities
+/// its workers need (ambient, so restarted workers get them too; the rest leave the bounding
+/// set).
+fn drop_privileges(
+    name: &str,
+    ids: sys::UserIds,
+    kind: EngineKind,
+    control: Option<&std::path::Path>,
+) -> Result<(), StartError> {
+    if let Some(path) = control.filter(|p| p.exists()) {
+        std::os::unix::fs::chown(path, Some(0), Some(ids.gid))?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
+    }
+    let keep = capabilities_needed(kind);
+    sys::become_user(ids, keep).map_err(|e| {
+        std::io::Error::other(format!(
+            "cannot become user `{name}`: {e} (start sluice as root)"
+        ))
+    })?;
+    tracing::info!(
+        user = name,
+        capabilities = keep.len(),
+        "running unprivileged"
+    );
+    Ok(())
+}
+
 fn attach_xdp(
     interfaces: &[String],
     pin_dir: Option<&std::path::Path>,

@@ -510,3 +510,132 @@ pub fn socket_queue(fd: BorrowedFd<'_>, in_queue: bool) -> io::Result<u64> {
         Ok(n as u64)
     }
 }
+
+/// A user to run as: its uid and primary gid, from the system's user database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserIds {
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+}
+
+/// Looks `name` up with getpwnam_r (NSS: /etc/passwd and whatever else is configured).
+pub fn lookup_user(name: &str) -> io::Result<Option<UserIds>> {
+    let cname = std::ffi::CString::new(name).map_err(|_| io::Error::other("NUL in a user name"))?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: `passwd` is plain data the call fills in; `out` receives a pointer to it or null.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; `buf` outlives it and its length is passed.
+    let r = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut out,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    if out.is_null() {
+        return Ok(None);
+    }
+    Ok(Some(UserIds {
+        uid: pwd.pw_uid,
+        gid: pwd.pw_gid,
+    }))
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Becomes `user` for good, keeping only the capabilities in `keep` (bit numbers, e.g.
+/// `CAP_BPF` = 39): effective, permitted, inheritable and ambient, so processes this thread
+/// starts (workers) have exactly them too. Every other capability leaves the bounding set.
+///
+/// Call it from the thread that will start processes: capability sets are per thread (the uid
+/// change itself reaches every thread, glibc makes sure of that).
+pub fn become_user(user: UserIds, keep: &[u32]) -> io::Result<()> {
+    let check = |r: libc::c_int| {
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        for cap in 0..=last {
+            if !keep.contains(&cap) {
+                check(libc::prctl(
+                    libc::PR_CAPBSET_DROP,
+                    cap as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ))?;
+            }
+        }
+        check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0))?;
+    }
+    let groups = [user.gid];
+    // SAFETY: one gid from a valid array; glibc applies these to every thread.
+    unsafe {
+        check(libc::setgroups(1, groups.as_ptr()))?;
+        check(libc::setresgid(user.gid, user.gid, user.gid))?;
+        check(libc::setresuid(user.uid, user.uid, user.uid))?;
+    }
+    let mut mask = 0u64;
+    for &cap in keep {
+        mask |= 1 << cap;
+    }
+    let hdr = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        CapData {
+            effective: mask as u32,
+            permitted: mask as u32,
+            inheritable: mask as u32,
+        },
+        CapData {
+            effective: (mask >> 32) as u32,
+            permitted: (mask >> 32) as u32,
+            inheritable: (mask >> 32) as u32,
+        },
+    ];
+    // SAFETY: capset reads one header and two data structs (version 3), both valid here.
+    unsafe {
+        check(libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) as libc::c_int)?;
+        check(libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0))?;
+        for &cap in keep {
+            check(libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                cap as libc::c_ulong,
+                0,
+                0,
+            ))?;
+        }
+    }
+    Ok(())
+}

@@ -561,6 +561,11 @@ impl Sluice {
     }
 
     /// The relay's temp dir (config, logs, control socket).
+    /// The daemon's control socket.
+    pub fn control_path(&self) -> &Path {
+        &self.control
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

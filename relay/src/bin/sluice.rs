@@ -95,6 +95,10 @@ struct Common {
     /// Where `sluicectl load` pins the eBPF maps; pinned maps found there are used.
     #[arg(long, value_name = "DIR", default_value = sluice::ebpf::PIN_DIR)]
     bpf_pin_dir: PathBuf,
+    /// After binding and loading eBPF, run as this user with only the capabilities still needed
+    /// (overrides `user` in the config).
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
 }
 
 impl Common {
@@ -115,6 +119,9 @@ impl Common {
         }
         if let Some(m) = self.max_connections {
             c.max_connections = m;
+        }
+        if let Some(u) = &self.user {
+            c.user = Some(u.clone());
         }
     }
 }

@@ -29,6 +29,10 @@ pub struct Config {
     /// How often upstream host names are resolved again, in seconds.
     #[serde(default = "defaults::resolve_interval_s")]
     pub resolve_interval_s: u32,
+    /// After binding and loading eBPF, run as this user (its primary group too), keeping only
+    /// the capabilities the engine still needs. None: stay as started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     #[serde(default)]
     pub timeouts: Timeouts,
     /// Host names resolved to a fixed address instead of DNS (`--resolve HOST=IP`).
@@ -409,6 +413,7 @@ impl Config {
             timeouts: Timeouts::default(),
             resolve: Default::default(),
             admission: AdmissionSettings::default(),
+            user: None,
             listeners: vec![Listener {
                 name: "forward".into(),
                 bind: listen,
@@ -452,6 +457,17 @@ impl Config {
         ] {
             if v == 0 {
                 return err(key, "must be at least 1 ms".into());
+            }
+        }
+        if let Some(user) = &self.user {
+            let ok = !user.is_empty()
+                && user.len() <= 32
+                && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && user
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+            if !ok {
+                return err("user", format!("`{user}` is not a user name"));
             }
         }
         for (i, name) in self.admission.xdp_interfaces.iter().enumerate() {

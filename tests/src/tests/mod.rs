@@ -45,6 +45,7 @@ mod half_close;
 mod health;
 mod peers;
 mod presets;
+mod privileges;
 mod proxy_protocol;
 mod sni;
 mod sockmap;

@@ -1,0 +1,157 @@
+//! Privilege drop: started as root with `--user sluice`, the daemon binds, loads its eBPF
+//! programs, then runs as `sluice` with only the capabilities its engine still needs (none for
+//! splice; CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN for sockmap, whose workers load the fast
+//! path), and its
+//! control socket is 0660 to the `sluice` group. Checked in /proc/PID/status of every process.
+//! A user that does not exist stops the start with a message saying how to create it.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Command;
+use std::time::Duration;
+
+use sluice_tests::servers::{Mode, StreamServer, StreamSpec};
+use sluice_tests::{HUNG, Host, Sluice, client, require_root, run_with_timeout};
+
+use super::{assert_engine, engine_ok, seed};
+
+const USER: &str = "sluice";
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// The `sluice` user, created the way the install step does if this machine lacks it.
+fn sluice_user() -> (u32, u32) {
+    let lookup = || {
+        let out = run_with_timeout(
+            Command::new("id").args(["-u", USER]),
+            Duration::from_secs(10),
+        );
+        let uid = out.stdout.trim().parse::<u32>().ok()?;
+        let out = run_with_timeout(
+            Command::new("id").args(["-g", USER]),
+            Duration::from_secs(10),
+        );
+        Some((uid, out.stdout.trim().parse::<u32>().ok()?))
+    };
+    if let Some(ids) = lookup() {
+        return ids;
+    }
+    let out = run_with_timeout(
+        Command::new("useradd").args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            USER,
+        ]),
+        Duration::from_secs(30),
+    );
+    // Another test thread may have created it meanwhile (exit 9: already exists).
+    lookup().unwrap_or_else(|| panic!("cannot create user {USER}: {}", out.text()))
+}
+
+/// (real uid, effective uid, CapEff) of a process.
+fn identity(pid: u32) -> (u32, u32, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let uids = field("Uid:");
+    let cap_eff = u64::from_str_radix(&field("CapEff:")[0], 16).unwrap();
+    (uids[0].parse().unwrap(), uids[1].parse().unwrap(), cap_eff)
+}
+
+fn drops_to_user(engine: &str, caps: u64) {
+    if !engine_ok(engine) || !require_root() {
+        return;
+    }
+    let (uid, gid) = sluice_user();
+    let host = Host::new();
+    let server = StreamServer::start(host.addr());
+    let relay = Sluice::forward(Host::new().addr(), server.addr())
+        .engine(engine)
+        .workers(2)
+        .arg("--user")
+        .arg(USER)
+        .start();
+    assert_engine(&relay, engine);
+    let mut pids = vec![relay.pid()];
+    pids.extend(relay.worker_pids());
+    assert_eq!(pids.len(), 3, "supervisor and two workers: {pids:?}");
+    for (i, pid) in pids.iter().enumerate() {
+        let (ruid, euid, cap_eff) = identity(*pid);
+        assert_eq!((ruid, euid), (uid, uid), "process {pid} runs as {USER}");
+        // The supervisor keeps what it hands its workers (ambient), nothing more.
+        assert_eq!(
+            cap_eff,
+            caps,
+            "{} {pid}: CapEff {cap_eff:#x}, expected {caps:#x}",
+            if i == 0 { "supervisor" } else { "worker" }
+        );
+    }
+    let meta = std::fs::metadata(relay.control_path()).unwrap();
+    assert_eq!(
+        (meta.permissions().mode() & 0o777, meta.gid()),
+        (0o660, gid),
+        "the control socket is 0660 to the {USER} group"
+    );
+    // Still relays, and a restarted worker comes back the same way.
+    let spec = StreamSpec::new(seed(), 1 << 20, 1 << 20, Mode::Concurrent);
+    let client = client::run_stream(relay.addr(), spec);
+    let result = server.result(spec.seed, HUNG);
+    assert!(
+        client.is_ok() && result.is_ok(),
+        "{engine}: client {client:?}, server {result:?}"
+    );
+    let victim = pids[1];
+    sluice_tests::sys::kill(victim, libc::SIGKILL);
+    let mut fresh = Vec::new();
+    let replaced = sluice_tests::wait_until(HUNG, || {
+        fresh = relay.worker_pids();
+        fresh.len() == 2 && !fresh.contains(&victim)
+    });
+    assert!(replaced, "the killed worker was not replaced: {fresh:?}");
+    for pid in fresh {
+        assert_eq!(identity(pid), (uid, uid, caps), "restarted worker {pid}");
+    }
+    let spec = StreamSpec::new(seed(), 1 << 16, 1 << 16, Mode::ReplyAfterEof);
+    let client = client::run_stream(relay.addr(), spec);
+    let result = server.result(spec.seed, HUNG);
+    assert!(
+        client.is_ok() && result.is_ok(),
+        "after the restart: client {client:?}, server {result:?}"
+    );
+}
+
+#[test]
+fn splice_runs_as_sluice_with_no_capability() {
+    drops_to_user("splice", 0);
+}
+
+#[test]
+fn sockmap_keeps_only_bpf_perfmon_and_net_admin() {
+    drops_to_user(
+        "sockmap",
+        (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN),
+    );
+}
+
+#[test]
+fn a_missing_user_stops_the_start() {
+    sluice_tests::init();
+    let out = Sluice::forward(Host::new().addr(), Host::new().addr())
+        .arg("--user")
+        .arg("no-such-sluice-user")
+        .run_to_exit(Duration::from_secs(20));
+    assert!(
+        !out.status.success() && out.stderr.contains("useradd"),
+        "start with a missing user: {}",
+        out.text()
+    );
+}
