@@ -150,6 +150,7 @@ fn answer(stream: UnixStream, status: &Mutex<Status>, shared: &Shared) -> std::i
             st.refresh(shared);
             serde_json::to_string(&*st).map_err(std::io::Error::other)?
         }
+        cmd if let Some(reply) = crate::histo::control_command(cmd) => reply,
         other => serde_json::json!({ "error": format!("unknown command `{other}`") }).to_string(),
     };
     (&stream).write_all(reply.as_bytes())?;

@@ -102,6 +102,7 @@ fn whatsapp() -> Config {
         max_connections: 27_500,
         resolve_interval_s: 300,
         resolve: Default::default(),
+        metrics: Default::default(),
         timeouts: Timeouts {
             connect_ms: 5_000,
             idle_ms: 200_000,
@@ -144,6 +145,7 @@ fn signal() -> Config {
         max_connections: 27_500,
         resolve_interval_s: 6 * 3600,
         resolve: Default::default(),
+        metrics: Default::default(),
         timeouts: Timeouts {
             connect_ms: 60_000,
             idle_ms: 600_000,

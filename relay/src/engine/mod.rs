@@ -99,6 +99,8 @@ pub struct WorkerCtx<'a> {
     next_source: Vec<usize>,
     /// Coarse clock of the last "source ports exhausted" warning (one per 10 s at most).
     last_ports_warning_ms: Option<u64>,
+    /// Per-listener latency and size histograms ([`crate::histo`]).
+    pub histos: crate::histo::Histos,
 }
 
 /// Why a new connection was not admitted.
@@ -127,6 +129,7 @@ impl<'a> WorkerCtx<'a> {
             tls: vec![None; config.listeners.len()],
             next_source: vec![0; config.listeners.len()],
             last_ports_warning_ms: None,
+            histos: crate::histo::Histos::disabled(),
         }
     }
 
