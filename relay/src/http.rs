@@ -22,6 +22,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::engine::EngineKind;
 use crate::histo::{KINDS, Kind, Stats};
 use crate::metrics::{ALL_COUNTERS, Counter, Shared};
 
@@ -291,6 +292,30 @@ fn encode_all(src: &Source, mut e: DescriptorEncoder) -> Result<(), std::fmt::Er
     )?)?;
     let g = ConstGauge::new(n as i64);
     g.encode(e.encode_descriptor("sluice_workers", "Worker processes", None, g.metric_type())?)?;
+    {
+        // Bytes by engine: each worker runs one engine (they differ when one fell back).
+        let mut me = e.encode_descriptor(
+            "sluice_engine_bytes",
+            "Bytes relayed, by the engine of the worker that relayed them",
+            None,
+            MetricType::Counter,
+        )?;
+        for kind in [EngineKind::Splice, EngineKind::Copy, EngineKind::Epoll] {
+            let of = |c: Counter| -> u64 {
+                (0..n)
+                    .filter(|&w| src.shared.get(w, Counter::Engine) == kind.id())
+                    .map(|w| src.shared.get(w, c))
+                    .sum()
+            };
+            for (dir, c) in [
+                ("client_to_upstream", Counter::BytesClientToUpstream),
+                ("upstream_to_client", Counter::BytesUpstreamToClient),
+            ] {
+                let labels = [("engine", kind.name()), ("direction", dir)];
+                ConstCounter::new(of(c)).encode(me.encode_family(&labels)?)?;
+            }
+        }
+    }
     let names: Vec<String> = src.stats.fresh().listeners().to_vec();
     {
         let mut me = e.encode_descriptor(

@@ -242,6 +242,31 @@ fn stats_count_every_connection_and_bracket_the_upstream_delay() {
     relay.stop();
 }
 
+/// Every engine records: counts and the delay bracket on a few exchanges.
+fn every_engine_records(engine: &str) {
+    init();
+    let up = SlowServer::start(Host::new().addr());
+    let listen = Host::new().addr();
+    let relay = Sluice::forward(listen, up.addr)
+        .engine(engine)
+        .workers(1)
+        .start();
+    exchanges(listen, 20, 2, &[]);
+    let s = wait_counts(&relay, 20);
+    let fb = histogram(&s, "first_byte");
+    assert!(
+        fb["p50"].as_f64().unwrap() >= DELAY.as_secs_f64() * 1000.0,
+        "{engine}: {fb}"
+    );
+    assert_eq!(
+        histogram(&s, "bytes_upstream_to_client")["max"].as_f64(),
+        Some(5.0),
+        "{engine}: {s}"
+    );
+    relay.stop();
+}
+engines!(every_engine_records);
+
 /// GET `path` from the metrics listener; returns (status line, headers, body).
 fn http_get(addr: SocketAddr, path: &str, accept: &str) -> (String, String, String) {
     let mut s = client::connect(addr);
@@ -298,6 +323,13 @@ fn promtool_accepts_a_scrape_during_traffic() {
     stop.store(true, Ordering::Relaxed);
     let relayed = traffic.join().unwrap();
     assert!(relayed >= 20);
+    // One more once only the held connections remain (the last of the traffic may still be
+    // closing: wait, bounded).
+    assert!(
+        wait_until(HUNG, || relay.counter("active") == Some(5)),
+        "the short connections did not close"
+    );
+    scrapes.push(http_get(metrics, "/metrics", "text/plain").2);
     for body in &scrapes {
         let mut cmd = Command::new("promtool");
         cmd.args(["check", "metrics"]);
@@ -313,6 +345,7 @@ fn promtool_accepts_a_scrape_during_traffic() {
         "# TYPE sluice_accepted_total counter",
         "# TYPE sluice_active gauge",
         "sluice_listener_active{listener=\"forward\"} 5",
+        "# TYPE sluice_engine_bytes_total counter",
         "# TYPE sluice_upstream_first_byte_seconds histogram",
         "sluice_connection_duration_seconds_bucket{le=\"+Inf\",listener=\"forward\"}",
         "sluice_connection_upstream_to_client_bytes_count{listener=\"forward\"}",
