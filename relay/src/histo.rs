@@ -604,11 +604,13 @@ pub fn control_command(cmd: &str) -> Option<String> {
         "stats" | "stats-reset" => match installed() {
             None => serde_json::json!({ "error": "histograms are not available" }),
             Some(s) => {
+                // The reply is what the totals held; `stats-reset` clears them after.
                 let mut m = s.fresh();
+                let report = m.report();
                 if cmd == "stats-reset" {
                     m.reset();
                 }
-                serde_json::to_value(m.report()).unwrap_or_default()
+                serde_json::to_value(report).unwrap_or_default()
             }
         },
         _ => return None,

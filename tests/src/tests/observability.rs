@@ -236,6 +236,12 @@ fn stats_count_every_connection_and_bracket_the_upstream_delay() {
     // --reset clears them; new connections count from zero.
     let out = relay.ctl(&["stats", "--reset", "--json"]);
     assert!(out.status.success(), "{}", out.text());
+    let before: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        count(&before, "duration"),
+        N as u64 + 10,
+        "--reset prints what it cleared"
+    );
     assert_eq!(count(&stats(&relay), "duration"), 0);
     exchanges(listen, 3, 1, &[]);
     wait_counts(&relay, 3);
