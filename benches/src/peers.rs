@@ -56,7 +56,18 @@ pub fn all() -> Vec<Candidate> {
         c("haproxy", Kind::Haproxy, 6),
         c("nginx", Kind::Nginx, 7),
         c("socat", Kind::Socat, 8),
+        // The splice engine with histogram recording off: the cost of recording, measured
+        // against `sluice-splice` in one run. Only when named in `--candidates`.
+        c(NO_HISTOGRAMS, Kind::Sluice("splice"), 9),
     ]
+}
+
+/// The candidate that runs Sluice with `--no-histograms`.
+pub const NO_HISTOGRAMS: &str = "sluice-splice-nohist";
+
+/// Candidates a run includes only when asked for by name.
+pub fn opt_in(name: &str) -> bool {
+    name == NO_HISTOGRAMS
 }
 
 /// HAProxy's pipe pool for `splice-auto`; each pipe is two fds.
@@ -93,7 +104,13 @@ impl Candidate {
         match self.kind {
             Kind::Direct => "(no relay: clients connect to the upstream)".into(),
             Kind::Sluice(engine) => format!(
-                "sluice forward {listen} {upstream} --engine {engine} --control <dir>/sluice.sock"
+                "sluice forward {listen} {upstream} --engine {engine} --control <dir>/sluice.sock \
+                 --metrics off{}",
+                if self.name == NO_HISTOGRAMS {
+                    " --no-histograms"
+                } else {
+                    ""
+                }
             ),
             Kind::Haproxy => {
                 let maxconn = Candidate::haproxy_maxconn(env.nofile);
@@ -139,7 +156,12 @@ impl Candidate {
                     .arg(upstream.to_string())
                     .args(["--engine", engine, "--control"])
                     .arg(self.control_path(env))
+                    // No stats HTTP listener: relays of a run must not share 127.0.0.1:9199.
+                    .args(["--metrics", "off"])
                     .env("SLUICE_LOG", "warn");
+                if self.name == NO_HISTOGRAMS {
+                    c.arg("--no-histograms");
+                }
                 c
             }
             Kind::Haproxy => {

@@ -403,7 +403,11 @@ impl Suite {
         peers::all()
             .into_iter()
             .filter(|c| {
-                self.opts.candidates.is_empty() || self.opts.candidates.iter().any(|n| n == c.name)
+                if self.opts.candidates.is_empty() {
+                    !peers::opt_in(c.name)
+                } else {
+                    self.opts.candidates.iter().any(|n| n == c.name)
+                }
             })
             .collect()
     }

@@ -185,6 +185,7 @@ fn answer(
             st.refresh(shared);
             serde_json::to_string(&*st).map_err(std::io::Error::other)?
         }
+        cmd if let Some(reply) = crate::histo::control_command(cmd) => reply,
         other => match handler(other) {
             Some(v) => v.to_string(),
             None => {

@@ -14,6 +14,8 @@ pub mod ebpf;
 pub mod engine;
 pub mod error;
 pub mod health;
+pub mod histo;
+pub mod http;
 pub mod metrics;
 pub mod proto;
 pub mod supervisor;

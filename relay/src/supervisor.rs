@@ -32,6 +32,7 @@ use crate::proto::tls::{KeyKind, PemIdentity};
 use crate::sys;
 use crate::upstream::{self, ControlMsg, Table};
 use crate::worker::{self, Identity};
+use crate::{histo, http};
 
 /// Listen backlog (the kernel caps it at net.core.somaxconn).
 const BACKLOG: i32 = 65_535;
@@ -217,6 +218,28 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         .map(|_| config.listeners.iter().map(|l| bind(l.bind)).collect())
         .collect::<Result<Vec<Vec<_>>, _>>()?;
     let shared = Arc::new(Shared::new()?);
+    let stats = Arc::new(histo::Stats {
+        region: histo::Region::new(nworkers, config.listeners.len())?,
+        merged: Mutex::new(histo::Merged::new(
+            config.listeners.iter().map(|l| l.name.clone()).collect(),
+            nworkers,
+        )),
+    });
+    histo::install(stats.clone());
+    let histo_fd = sys::dup_high(stats.region.fd(), 1000)?;
+    // The metrics/stats HTTP listener: bound now, so a port in use fails the start.
+    let metrics_http = match config.metrics.listen.0 {
+        Some(addr) => {
+            let l = http::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    "the metrics and stats page listen on a non-loopback address: anyone who reaches {addr} sees usage numbers"
+                );
+            }
+            Some((addr, l))
+        }
+        None => None,
+    };
     // After binding, so a port in use is reported before seconds of key generation.
     let tls = load_tls(&config)?;
     // Before the resolver thread starts: its health checks skip addresses not on the
@@ -285,6 +308,20 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         drop_privileges(name, *ids, kind, opts.control.as_deref())?;
     }
 
+    if let Some((addr, l)) = metrics_http {
+        http::spawn(
+            l,
+            http::Source {
+                shared: shared.clone(),
+                stats: stats.clone(),
+                workers: nworkers,
+                engine: kind.name().to_string(),
+                started: Instant::now(),
+            },
+        )?;
+        tracing::info!("metrics at http://{addr}/metrics, stats page at http://{addr}/");
+    }
+
     let config_toml = config.to_toml();
     let mut sup = Supervisor {
         config_toml,
@@ -292,6 +329,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         nworkers,
         listeners,
         metrics_fd: sys::dup_high(shared.fd(), 1000)?,
+        histo_fd,
         tls,
         shared,
         table,
@@ -391,6 +429,8 @@ struct Supervisor {
     shared: Arc<Shared>,
     /// The counters' memfd at a high fd number (see `bind`).
     metrics_fd: OwnedFd,
+    /// The histogram slots' memfd ([`histo::Region`]), also at a high number.
+    histo_fd: OwnedFd,
     /// Certificate and key of each TLS listener, sent to every worker at its start.
     tls: Vec<Option<PemIdentity>>,
     table: Table,
@@ -419,6 +459,7 @@ impl Supervisor {
             .map(|l| l.as_raw_fd())
             .collect();
         fds.push(self.metrics_fd.as_raw_fd());
+        fds.push(self.histo_fd.as_raw_fd());
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.arg("__worker")
             .env(worker::ENV_WORKER, id.encode())
@@ -602,6 +643,10 @@ impl Supervisor {
             };
             let lived = p.started.elapsed();
             self.shared.clear_gauges(i);
+            // Fold in the dead worker's last histograms before a new one reuses its slot.
+            if let Some(stats) = histo::installed() {
+                drop(stats.fresh());
+            }
             tracing::warn!(worker = i, "worker exited ({exit}); starting a new one");
             self.crash_streak[i] = if lived < CRASH_LOOP_WINDOW {
                 self.crash_streak[i] + 1

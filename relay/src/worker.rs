@@ -5,7 +5,8 @@
 //! The fd contract between [`crate::supervisor`] and a worker:
 //! - fd 0: the control pipe (lines of [`crate::upstream::ControlMsg`]); EOF means "exit now";
 //! - fd 3 .. 3+L: the L listening sockets, in config order (shared by all workers);
-//! - fd 3+L: the memfd of the shared counters ([`crate::metrics::Shared`]).
+//! - fd 3+L: the memfd of the shared counters ([`crate::metrics::Shared`]);
+//! - fd 4+L: the memfd of the histogram slots ([`crate::histo::Region`]).
 //!
 //! The environment carries the rest: `SLUICE_WORKER=index/workers/engine` and the effective
 //! configuration as TOML in `SLUICE_CONFIG`.
@@ -71,21 +72,26 @@ pub fn main() -> Result<(), StartError> {
         .map_err(|_| std::io::Error::other(format!("{ENV_CONFIG} is missing")))?;
     let config = Config::from_toml(&text, "supervisor").map_err(std::io::Error::other)?;
     let n = config.listeners.len();
-    let mut inherited = sys::take_inherited_fds(FIRST_LISTENER_FD, n + 1)?;
-    let metrics_fd = inherited.pop().expect("n + 1 fds");
+    let mut inherited = sys::take_inherited_fds(FIRST_LISTENER_FD, n + 2)?;
+    let histo_fd = inherited.pop().expect("n + 2 fds");
+    let metrics_fd = inherited.pop().expect("n + 2 fds");
     let listeners = inherited;
     let control = std::io::stdin().as_fd().try_clone_to_owned()?;
-    for fd in listeners
-        .iter()
-        .map(|l| l.as_fd())
-        .chain([metrics_fd.as_fd(), control.as_fd()])
-    {
+    for fd in listeners.iter().map(|l| l.as_fd()).chain([
+        metrics_fd.as_fd(),
+        histo_fd.as_fd(),
+        control.as_fd(),
+    ]) {
         sys::set_cloexec(fd)?;
     }
     let shared = Shared::from_fd(metrics_fd)?;
     let nofile = sys::raise_nofile_limit()?;
     let mut ctx = WorkerCtx::new(&config, id.index, id.workers, &shared, nofile);
     ctx.row.set(Counter::Pid, u64::from(std::process::id()));
+    if config.metrics.histograms {
+        let region = crate::histo::Region::from_fd(histo_fd, id.workers, n)?;
+        ctx.histos = crate::histo::Histos::new(n, Some(region), id.index);
+    }
     // Start-up messages (addresses, certificates) are applied before the first accept, so a
     // TLS port never sees a connection before its certificate.
     let entries: Vec<usize> = config

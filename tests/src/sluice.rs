@@ -389,6 +389,12 @@ impl SluiceCmd {
         self.opt("--resolve", format!("{host}={ip}"))
     }
 
+    /// `--metrics ADDR`: serve /metrics and the stats page there. Without it the harness passes
+    /// `--metrics off`, so relays of parallel tests do not fight over 127.0.0.1:9199.
+    pub fn metrics(self, addr: SocketAddr) -> SluiceCmd {
+        self.opt("--metrics", addr)
+    }
+
     /// An environment variable for the daemon (e.g. `RUST_LOG`).
     pub fn env(mut self, key: &str, value: &str) -> SluiceCmd {
         self.env.push((key.to_owned(), value.to_owned()));
@@ -419,6 +425,13 @@ impl SluiceCmd {
             None => Command::new(sluice_bin()),
         };
         cmd.args(&self.args);
+        let serves = matches!(
+            self.args.first().map(String::as_str),
+            Some("run" | "forward")
+        );
+        if serves && !self.args.iter().any(|a| a == "--metrics") {
+            cmd.args(["--metrics", "off"]);
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

@@ -34,7 +34,8 @@ pub struct BenchFlags {
     #[arg(long)]
     only: Option<String>,
     /// Only these candidates: direct, sluice-splice, sluice-copy, sluice-epoll, sluice-sockmap,
-    /// haproxy, nginx, socat (comma-separated).
+    /// haproxy, nginx, socat, and (only when named) sluice-splice-nohist (histograms off)
+    /// (comma-separated).
     #[arg(long)]
     candidates: Option<String>,
 }

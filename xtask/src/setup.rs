@@ -22,6 +22,9 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "iproute2",
     "procps",
+    // promtool checks /metrics; headless Chromium loads the stats page.
+    "prometheus",
+    "chromium",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

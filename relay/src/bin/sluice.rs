@@ -99,6 +99,16 @@ struct Common {
     /// (overrides `user` in the config).
     #[arg(long, value_name = "NAME")]
     user: Option<String>,
+    /// Metrics and stats page listener, IP:PORT or `off` (default 127.0.0.1:9199, or the
+    /// config's `[metrics] listen`).
+    #[arg(long, value_name = "ADDR|off")]
+    metrics: Option<sluice::config::MetricsListen>,
+    /// Allow a non-loopback --metrics address (anyone reaching it sees usage numbers).
+    #[arg(long)]
+    metrics_public: bool,
+    /// Do not record latency/size histograms in the workers (`sluicectl stats` stays empty).
+    #[arg(long)]
+    no_histograms: bool,
 }
 
 impl Common {
@@ -122,6 +132,15 @@ impl Common {
         }
         if let Some(u) = &self.user {
             c.user = Some(u.clone());
+        }
+        if let Some(m) = self.metrics {
+            c.metrics.listen = m;
+        }
+        if self.metrics_public {
+            c.metrics.public = true;
+        }
+        if self.no_histograms {
+            c.metrics.histograms = false;
         }
     }
 }

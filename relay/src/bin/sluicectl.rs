@@ -30,6 +30,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Latency and size histograms per listener: p50 p90 p99 p99.9 p99.99 max count.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Print again every second until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// Clear the merged histograms (prints what they held).
+        #[arg(long)]
+        reset: bool,
+    },
     /// Clients that may connect (CIDRs). With a non-empty allow list, everyone else is refused.
     Allow {
         #[command(subcommand)]
@@ -100,6 +112,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let cmd = match cli.cmd {
         Cmd::Status { json } => return status(&cli.control, json),
+        Cmd::Stats { json, watch, reset } => return stats(&cli.control, json, watch, reset),
         Cmd::Load { pin_dir } => {
             return match sluice::ebpf::pin_all(&pin_dir) {
                 Ok(names) => {
@@ -236,6 +249,76 @@ fn status(path: &std::path::Path, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+fn stats(path: &std::path::Path, json: bool, watch: bool, reset: bool) -> ExitCode {
+    let mut first = true;
+    loop {
+        let cmd = if reset && first {
+            "stats-reset"
+        } else {
+            "stats"
+        };
+        first = false;
+        match control::request(path, cmd) {
+            Ok(v) => {
+                if watch && !json {
+                    // Clear the screen and go home, like watch(1).
+                    print!("\x1b[2J\x1b[H");
+                }
+                if json {
+                    println!("{v}");
+                } else {
+                    print_stats(&v);
+                }
+            }
+            Err(e) => {
+                eprintln!("sluicectl: {e}");
+                return ExitCode::from(1);
+            }
+        }
+        if !watch {
+            return ExitCode::SUCCESS;
+        }
+        // Ctrl-C ends the loop (SIGINT's default action).
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+fn print_stats(v: &serde_json::Value) {
+    let Ok(r) = serde_json::from_value::<sluice::histo::Report>(v.clone()) else {
+        println!("{v:#}");
+        return;
+    };
+    println!(
+        "{:<14} {:<26} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "listener", "histogram", "count", "p50", "p90", "p99", "p99.9", "p99.99", "max"
+    );
+    for l in &r.listeners {
+        for h in &l.histograms {
+            let f = |x: f64| {
+                if h.count == 0 {
+                    "-".to_string()
+                } else if h.unit == "ms" {
+                    format!("{x:.2}ms")
+                } else {
+                    format!("{x:.0}B")
+                }
+            };
+            println!(
+                "{:<14} {:<26} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                l.name,
+                h.name,
+                h.count,
+                f(h.p50),
+                f(h.p90),
+                f(h.p99),
+                f(h.p999),
+                f(h.p9999),
+                f(h.max)
+            );
+        }
     }
 }
 

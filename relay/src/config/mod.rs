@@ -42,6 +42,9 @@ pub struct Config {
     /// `sluicectl allow|deny|dest`).
     #[serde(default, skip_serializing_if = "AdmissionSettings::is_empty")]
     pub admission: AdmissionSettings,
+    /// The metrics/stats HTTP listener and histogram recording (`[metrics]`).
+    #[serde(default)]
+    pub metrics: MetricsSettings,
     /// One table per listening port.
     #[serde(rename = "listen")]
     pub listeners: Vec<Listener>,
@@ -70,6 +73,74 @@ pub struct AdmissionSettings {
 impl AdmissionSettings {
     pub fn is_empty(&self) -> bool {
         *self == AdmissionSettings::default()
+    }
+}
+
+/// Default address of the metrics/stats HTTP listener.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9199";
+
+/// `[metrics]`: where Prometheus text and the stats page are served, and whether workers record
+/// latency histograms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// `"127.0.0.1:9199"` (default) or `"off"`.
+    #[serde(default = "defaults::metrics_listen")]
+    pub listen: MetricsListen,
+    /// Allow a non-loopback `listen` address (the page shows usage: keep it private).
+    #[serde(default)]
+    pub public: bool,
+    /// Record per-listener latency/size histograms in the workers (`sluicectl stats`).
+    #[serde(default = "defaults::yes")]
+    pub histograms: bool,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            listen: defaults::metrics_listen(),
+            public: false,
+            histograms: true,
+        }
+    }
+}
+
+/// An HTTP listen address or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsListen(pub Option<SocketAddr>);
+
+impl FromStr for MetricsListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" | "none" | "false" => Ok(MetricsListen(None)),
+            _ => s
+                .parse()
+                .map(|a| MetricsListen(Some(a)))
+                .map_err(|_| format!("`{s}` is neither IP:PORT nor `off`")),
+        }
+    }
+}
+
+impl fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(a) => write!(f, "{a}"),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MetricsListen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for MetricsListen {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
     }
 }
 
@@ -336,6 +407,14 @@ pub enum ConfigError {
 }
 
 mod defaults {
+    pub fn metrics_listen() -> super::MetricsListen {
+        super::MetricsListen(Some(
+            super::DEFAULT_METRICS_ADDR.parse().expect("valid default"),
+        ))
+    }
+    pub fn yes() -> bool {
+        true
+    }
     pub fn max_connections() -> u32 {
         27_500
     }
@@ -414,6 +493,7 @@ impl Config {
             resolve: Default::default(),
             admission: AdmissionSettings::default(),
             user: None,
+            metrics: MetricsSettings::default(),
             listeners: vec![Listener {
                 name: "forward".into(),
                 bind: listen,
@@ -447,6 +527,18 @@ impl Config {
         }
         if self.resolve_interval_s == 0 {
             return err("resolve_interval_s", "must be at least 1".into());
+        }
+        if let Some(a) = self.metrics.listen.0
+            && !a.ip().is_loopback()
+            && !self.metrics.public
+        {
+            return err(
+                "metrics.listen",
+                format!(
+                    "{a} is not a loopback address; the stats page shows usage to whoever reaches \
+                     it: set `metrics.public = true` (--metrics-public) to really expose it"
+                ),
+            );
         }
         let t = &self.timeouts;
         for (key, v) in [
@@ -779,6 +871,26 @@ mod tests {
         check_err(
             &format!("[admission]\n\nxdp_interfaces = [\"\"]\n{ONE}"),
             "line 3: `admission.xdp_interfaces[0]`",
+        );
+    }
+
+    #[test]
+    fn metrics_settings_parse_and_a_public_address_needs_consent() {
+        let c = Config::from_toml(ONE, "t").unwrap();
+        assert_eq!(c.metrics, MetricsSettings::default());
+        assert_eq!(c.metrics.listen.to_string(), DEFAULT_METRICS_ADDR);
+        let off = Config::from_toml(&format!("{ONE}[metrics]\nlisten = \"off\"\n"), "t").unwrap();
+        assert_eq!(off.metrics.listen, MetricsListen(None));
+        assert_eq!(Config::from_toml(&off.to_toml(), "t").unwrap(), off);
+        check_err(
+            &format!("{ONE}[metrics]\nlisten = \"0.0.0.0:9199\"\n"),
+            "line 6: `metrics.listen`: 0.0.0.0:9199 is not a loopback address",
+        );
+        let public = format!("{ONE}[metrics]\nlisten = \"0.0.0.0:9199\"\npublic = true\n");
+        assert!(Config::from_toml(&public, "t").is_ok());
+        check_err(
+            &format!("{ONE}[metrics]\nlisten = \"nowhere\"\n"),
+            "`nowhere` is neither IP:PORT nor `off`",
         );
     }
 

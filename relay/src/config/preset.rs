@@ -104,6 +104,7 @@ fn whatsapp() -> Config {
         resolve: Default::default(),
         admission: Default::default(),
         user: None,
+        metrics: Default::default(),
         timeouts: Timeouts {
             connect_ms: 5_000,
             idle_ms: 200_000,
@@ -148,6 +149,7 @@ fn signal() -> Config {
         resolve: Default::default(),
         admission: Default::default(),
         user: None,
+        metrics: Default::default(),
         timeouts: Timeouts {
             connect_ms: 60_000,
             idle_ms: 600_000,

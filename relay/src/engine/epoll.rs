@@ -61,6 +61,10 @@ struct Conn {
     tls: Option<Box<TlsConn>>,
     /// The upstream entry SNI routing chose; None = every address of the listener.
     entry: Option<usize>,
+    /// Bytes read each way (for the per-connection histograms).
+    bytes: [u64; 2],
+    /// Timestamps for the histograms ([`crate::histo`]).
+    times: crate::histo::ConnTimes,
 }
 
 /// What ended a connection.
@@ -277,6 +281,8 @@ impl<'a> Worker<'a> {
                 inbound: None,
                 tls: None,
                 entry: None,
+                bytes: [0, 0],
+                times: self.ctx.histos.accepted(),
             };
             let slot = self.free.pop().unwrap_or_else(|| {
                 self.slots.push((0, None));
@@ -329,6 +335,7 @@ impl<'a> Worker<'a> {
         };
         conn.attempt += 1;
         conn.last_active_ms = self.now_ms;
+        self.ctx.histos.connecting(&mut conn.times);
         let source = self.ctx.next_source(conn.listener, addr);
         match start_connect(addr, source) {
             Ok(s) => {
@@ -432,6 +439,7 @@ impl<'a> Worker<'a> {
                 }
                 conn.phase = Phase::Relaying;
                 conn.last_active_ms = self.now_ms;
+                self.ctx.histos.connected(conn.listener, &mut conn.times);
                 super::tune_socket(up.as_fd());
                 let send = self.ctx.config.listeners[conn.listener].send_proxy;
                 let inbound = conn.inbound.take().map(|i| *i).unwrap_or_default();
@@ -632,6 +640,12 @@ impl<'a> Worker<'a> {
                     },
                     n as u64,
                 );
+                conn.bytes[d] += n as u64;
+                if d == 1 && n > 0 {
+                    self.ctx
+                        .histos
+                        .upstream_bytes(conn.listener, &mut conn.times);
+                }
                 let data = &self.scratch[..n];
                 let Some(tls) = conn.tls.as_mut() else {
                     if n == 0 {
@@ -713,6 +727,7 @@ impl<'a> Worker<'a> {
             self.free = Vec::new();
             self.again = Vec::new();
         }
+        self.ctx.histos.tick();
         let t = self.ctx.config.timeouts;
         for slot in 0..self.slots.len() {
             let Some(conn) = self.slots[slot].1.as_ref() else {
@@ -776,6 +791,9 @@ impl<'a> Worker<'a> {
         self.active -= 1;
         self.ctx.row.listener_close(conn.listener);
         self.ctx.row.inc(Counter::Closed);
+        self.ctx
+            .histos
+            .closed(conn.listener, &conn.times, conn.bytes);
         // Dropping the streams closes them; epoll forgets closed fds by itself.
     }
 }

@@ -117,6 +117,8 @@ pub struct WorkerCtx<'a> {
     rules: Rules,
     /// A `kill` from the supervisor the engine has yet to carry out: (generation, ranges).
     pending_kill: Option<(u64, Vec<Cidr>)>,
+    /// Per-listener latency and size histograms ([`crate::histo`]).
+    pub histos: crate::histo::Histos,
 }
 
 /// Why a new connection was not admitted.
@@ -151,6 +153,7 @@ impl<'a> WorkerCtx<'a> {
             last_ports_warning_ms: None,
             rules: Rules::default(),
             pending_kill: None,
+            histos: crate::histo::Histos::disabled(),
         }
     }
 

@@ -233,6 +233,8 @@ struct Conn {
     tls: Option<Box<TlsSide>>,
     /// The upstream entry SNI routing chose; None = every address of the listener.
     entry: Option<u16>,
+    /// Timestamps for the histograms ([`crate::histo`]).
+    times: crate::histo::ConnTimes,
     /// Set while the connection is on the sockmap fast path.
     fast: Option<Box<FastConn>>,
 }
@@ -635,6 +637,7 @@ impl<'a> Worker<'a> {
     }
 
     fn on_tick(&mut self) {
+        self.ctx.histos.tick();
         let now = self.now_ms;
         let t = self.ctx.config.timeouts;
         for i in 0..self.slots.len() {
@@ -736,6 +739,7 @@ impl<'a> Worker<'a> {
             inbound: None,
             tls: None,
             entry: None,
+            times: self.ctx.histos.accepted(),
             fast: None,
         };
         let slot = match self.free.pop() {
@@ -934,6 +938,9 @@ impl<'a> Worker<'a> {
             }
         };
         let now = self.now_ms;
+        self.ctx
+            .histos
+            .connecting(&mut self.slots[slot as usize].conn.as_mut().expect("live").times);
         let sa = Box::new(SockAddr::from(addr));
         let connect = opcode::Connect::new(types::Fd(sock.as_raw_fd()), sa.as_ptr(), sa.len())
             .build()
@@ -973,6 +980,7 @@ impl<'a> Worker<'a> {
         }
         let now = self.now_ms;
         let send_proxy = self.ctx.config.listeners[self.conn(slot).listener as usize].send_proxy;
+        self.record_connected(slot);
         let c = self.conn(slot);
         c.phase = Phase::Relaying;
         c.last_active_ms = now;
@@ -1830,8 +1838,20 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Histograms: the upstream connection is established.
+    fn record_connected(&mut self, slot: u32) {
+        let c = self.slots[slot as usize].conn.as_mut().expect("live");
+        self.ctx.histos.connected(c.listener as usize, &mut c.times);
+    }
+
     fn moved(&mut self, slot: u32, d: usize, n: u64) {
         self.touch(slot);
+        if d == TO_CLIENT {
+            let c = self.slots[slot as usize].conn.as_mut().expect("live");
+            self.ctx
+                .histos
+                .upstream_bytes(c.listener as usize, &mut c.times);
+        }
         let c = self.conn(slot);
         c.bytes[d] += n;
         self.ctx.row.add(
@@ -1929,6 +1949,8 @@ impl<'a> Worker<'a> {
             // Out of the maps before the sockets close; what the kernel moved is counted now.
             match fast.remove_pair(f.cookies) {
                 Ok((from_client, from_upstream)) => {
+                    conn.bytes[TO_UPSTREAM] += from_client.bytes;
+                    conn.bytes[TO_CLIENT] += from_upstream.bytes;
                     self.ctx
                         .row
                         .add(Counter::BytesClientToUpstream, from_client.bytes);
@@ -1943,6 +1965,9 @@ impl<'a> Worker<'a> {
         self.active -= 1;
         self.ctx.row.listener_close(conn.listener as usize);
         self.ctx.row.inc(Counter::Closed);
+        self.ctx
+            .histos
+            .closed(conn.listener as usize, &conn.times, conn.bytes);
         for dir in &mut conn.dirs {
             if let Some(p) = dir.pipe.take() {
                 self.pipes.give(p);

@@ -43,6 +43,7 @@ mod failures;
 mod fallback;
 mod half_close;
 mod health;
+mod observability;
 mod peers;
 mod presets;
 mod privileges;
