@@ -351,6 +351,24 @@ impl Histos {
         );
     }
 
+    /// Like [`Histos::upstream_bytes`], for a first byte the kernel moved `ago_us` microseconds
+    /// ago (the sockmap fast path stamps it in eBPF; user space learns it at close).
+    #[inline]
+    pub fn upstream_bytes_ago(&mut self, listener: usize, t: &mut ConnTimes, ago_us: u64) {
+        if !self.enabled || t.first_byte || t.connected == u32::MAX {
+            return;
+        }
+        t.first_byte = true;
+        let at = self
+            .since(t)
+            .saturating_sub(ago_us.min(u64::from(u32::MAX)) as u32);
+        self.record(
+            listener,
+            Kind::FirstByte,
+            u64::from(at.saturating_sub(t.connected)),
+        );
+    }
+
     /// The connection is gone; `bytes` = [client→upstream, upstream→client]. Only connections
     /// that reached their upstream are recorded.
     #[inline]

@@ -80,6 +80,9 @@ pub struct ConnCounters {
     pub passed_skbs: u64,
     /// Zero-length skbs (a FIN) dropped; user space sees the FIN as POLLRDHUP.
     pub empty_skbs: u64,
+    /// CLOCK_MONOTONIC (ns, `bpf_ktime_get_ns`) of the first skb redirected; 0 = none yet. The
+    /// upstream socket's is the connection's first upstream byte (for the histograms).
+    pub first_ns: u64,
 }
 
 /// Identifies the rule that put an entry in an allow/deny/destination map (for listing and per-rule
@@ -149,7 +152,7 @@ pub struct XdpStats {
 // Layouts are part of the contract with already-pinned maps: any change must be deliberate.
 const _: () = assert!(size_of::<Cookie>() == 8);
 const _: () = assert!(size_of::<Peer>() == 8);
-const _: () = assert!(size_of::<ConnCounters>() == 32);
+const _: () = assert!(size_of::<ConnCounters>() == 40);
 const _: () = assert!(size_of::<ClientKeyV4>() == 8);
 const _: () = assert!(size_of::<ClientKeyV6>() == 20);
 const _: () = assert!(size_of::<DestKey>() == 20);

@@ -13,7 +13,7 @@ use core::mem::offset_of;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::stream_verdict,
     programs::SkBuffContext,
 };
@@ -51,12 +51,26 @@ fn try_sluice_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     if verdict == i64::from(SK_PASS) {
         count(counters, offset_of!(ConnCounters, bytes), u64::from(len));
         count(counters, offset_of!(ConnCounters, skbs), 1);
+        first_seen(counters);
     } else {
         // The peer left the sockmap between the two lookups: keep the bytes here, user space
         // forwards them.
         count(counters, offset_of!(ConnCounters, passed_skbs), 1);
     }
     Ok(SK_PASS)
+}
+
+/// Stamps `first_ns` with the time of the first redirected skb, if the entry exists and has none.
+#[inline(always)]
+fn first_seen(counters: Option<*mut ConnCounters>) {
+    let Some(entry) = counters else { return };
+    // SAFETY: `entry` came from a successful lookup and stays valid for this program run; only
+    // this socket's serialized runs write it (see `count`).
+    unsafe {
+        if (*entry).first_ns == 0 {
+            (*entry).first_ns = bpf_ktime_get_ns();
+        }
+    }
 }
 
 /// Adds `n` to one field of a counters entry, if the entry exists. A plain add is enough: an entry

@@ -1951,6 +1951,14 @@ impl<'a> Worker<'a> {
                 Ok((from_client, from_upstream)) => {
                     conn.bytes[TO_UPSTREAM] += from_client.bytes;
                     conn.bytes[TO_CLIENT] += from_upstream.bytes;
+                    if from_upstream.first_ns != 0 {
+                        let ago_ns = sys::monotonic_ns().saturating_sub(from_upstream.first_ns);
+                        self.ctx.histos.upstream_bytes_ago(
+                            conn.listener as usize,
+                            &mut conn.times,
+                            ago_ns / 1000,
+                        );
+                    }
                     self.ctx
                         .row
                         .add(Counter::BytesClientToUpstream, from_client.bytes);
