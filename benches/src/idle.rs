@@ -31,6 +31,10 @@ pub struct Params {
     pub source_base: usize,
     pub setup_max: Duration,
     pub hold_max: Duration,
+    /// Give up when connections failed and none became held for this long (the relay is full).
+    pub patience: Duration,
+    /// A connection not proven relayed by then failed ([`CONN_TIMEOUT`] by default).
+    pub conn_timeout: Duration,
 }
 
 #[derive(PartialEq)]
@@ -64,8 +68,11 @@ pub fn run(p: &Params) -> io::Result<()> {
     let mut last_progress = Instant::now();
     while held + failed < p.count && Instant::now() < deadline {
         // Nothing became held for a while although connections failed: the relay is full.
-        if failed > 0 && last_progress.elapsed() > CONN_TIMEOUT + Duration::from_secs(1) {
-            eprintln!("idle: no progress for 4 s: the relay holds no more");
+        if failed > 0 && last_progress.elapsed() > p.patience {
+            eprintln!(
+                "idle: no progress for {} ms ({failed} failed): the relay holds no more",
+                p.patience.as_millis()
+            );
             break;
         }
         while in_flight < IN_FLIGHT && conns.len() < p.count {
@@ -124,7 +131,7 @@ pub fn run(p: &Params) -> io::Result<()> {
         let now = Instant::now();
         for c in conns.iter_mut() {
             if c.as_ref().is_some_and(|c| {
-                c.state != State::Held && now.duration_since(c.started) > CONN_TIMEOUT
+                c.state != State::Held && now.duration_since(c.started) > p.conn_timeout
             }) {
                 *c = None;
                 failed += 1;

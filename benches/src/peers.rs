@@ -146,6 +146,17 @@ impl Candidate {
 
     /// Starts the relay towards `upstream` and waits until it listens. `None` for `direct`.
     pub fn start(&self, env: &Env, upstream: SocketAddr, log: &Path) -> Result<Option<Running>> {
+        self.start_with(env, upstream, log, &[])
+    }
+
+    /// [`Candidate::start`] with more command-line arguments for Sluice (ignored by the others).
+    pub fn start_with(
+        &self,
+        env: &Env,
+        upstream: SocketAddr,
+        log: &Path,
+        sluice_args: &[String],
+    ) -> Result<Option<Running>> {
         let listen = self.target(upstream);
         let mut cmd = match self.kind {
             Kind::Direct => return Ok(None),
@@ -162,6 +173,7 @@ impl Candidate {
                 if self.name == NO_HISTOGRAMS {
                     c.arg("--no-histograms");
                 }
+                c.args(sluice_args);
                 c
             }
             Kind::Haproxy => {

@@ -252,6 +252,9 @@ pub fn markdown(r: &Report, command: &str) -> String {
     );
 
     targets(&mut out, &v);
+    if let Some(s) = scale_section(r) {
+        out.push_str(&s);
+    }
     plots(&mut out);
     cpu_table(&mut out, &v);
     errors(&mut out, r);
@@ -394,6 +397,100 @@ fn targets(out: &mut String, v: &View) {
          better). Idle capacity is bounded by the run's connection count, so \"100 000\" can only \
          be met by a full run with enough connections.\n"
     );
+}
+
+/// First and last line of the scale section, so a scale-only run can replace just that section
+/// of docs/BENCHMARKS.md and a normal run can keep it.
+pub const SCALE_BEGIN: &str = "<!-- scale: begin -->";
+pub const SCALE_END: &str = "<!-- scale: end -->";
+
+/// The scale workload's section (between [`SCALE_BEGIN`] and [`SCALE_END`]), if it ran.
+pub fn scale_section(r: &Report) -> Option<String> {
+    let rows: Vec<_> = r
+        .measurements
+        .iter()
+        .filter_map(|m| Some((m.candidate.as_str(), m.scale.as_ref()?)))
+        .collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "{SCALE_BEGIN}");
+    let _ = writeln!(
+        out,
+        "## Scale: {} idle connections on one host
+",
+        r.params.scale_conns
+    );
+    let _ = writeln!(
+        out,
+        "Run {} UTC by `cargo xtask bench --only scale`: one `sluice forward` with \
+         `--max-connections` 10 % above the connections and one `--source-address` per 25 000 \
+         upstream connections; the supervisor chose the worker count from the fd limit. Idle \
+         connections come from 127.77.1.x (15 000 per load generator process), each proven \
+         relayed by one echoed byte; then {} more connections exchange 64-byte messages at the \
+         rate shown while the idle ones stay open. Memory is the relay's whole process tree \
+         (after − before) / held; kernel TCP memory and sockets are the machine's (clients, \
+         relay and upstream: three sockets per relayed connection).\n",
+        r.started, r.params.rr_conns
+    );
+    let _ = writeln!(
+        out,
+        "| candidate | held / attempted | workers | time to establish | user memory per conn, RSS / PSS | kernel TCP memory, before → held | TCP sockets, before → held | active conns: rate, p50 / p99 / p99.9, answered |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for (cand, s) in rows {
+        let per = |v: Option<f64>| v.map_or("–".into(), |v| format!("{:.2} KB", v));
+        let lat = s.active_latency.as_ref().map_or("–".into(), |l| {
+            format!(
+                "{:.3} / {:.3} / {:.3} ms",
+                l.p50_us / 1e3,
+                l.p99_us / 1e3,
+                l.p999_us / 1e3
+            )
+        });
+        let _ = writeln!(
+            out,
+            "| {cand} | {} / {} | {} | {:.1} s | {} / {} | {:.0} MB → {:.0} MB | {} → {} | {} msg/s, {lat}, {}/{} |",
+            s.held,
+            s.attempted,
+            s.workers,
+            s.setup_secs,
+            per(s.rss_kb_per_conn),
+            per(s.pss_kb_per_conn),
+            s.tcp_mem_kb_before as f64 / 1024.0,
+            s.tcp_mem_kb_after as f64 / 1024.0,
+            s.tcp_inuse_before,
+            s.tcp_inuse_after,
+            s.active_rate,
+            s.active_received,
+            s.active_sent,
+        );
+    }
+    let _ = writeln!(out, "\n{SCALE_END}\n");
+    Some(out)
+}
+
+/// `doc` with its scale section replaced by `section` (or `section` added before the plots).
+pub fn with_scale_section(doc: &str, section: &str) -> String {
+    if let (Some(a), Some(b)) = (doc.find(SCALE_BEGIN), doc.find(SCALE_END))
+        && a < b
+    {
+        let end = b + SCALE_END.len();
+        let rest = doc[end..].trim_start_matches('\n');
+        return format!("{}{}{}", &doc[..a], section, rest);
+    }
+    match doc.find("## Plots") {
+        Some(i) => format!("{}{}\n{}", &doc[..i], section, &doc[i..]),
+        None => format!("{doc}\n{section}"),
+    }
+}
+
+/// The scale section of an existing docs/BENCHMARKS.md, if it has one.
+pub fn existing_scale_section(doc: &str) -> Option<String> {
+    let a = doc.find(SCALE_BEGIN)?;
+    let b = doc.find(SCALE_END)?;
+    (a < b).then(|| format!("{}\n\n", &doc[a..b + SCALE_END.len()]))
 }
 
 fn plots(out: &mut String) {

@@ -33,6 +33,8 @@ pub const DISTURBED_FRAC: f64 = 0.10;
 /// Idle connections one load-generator process holds at most (RLIMIT_NOFILE is 20000).
 const IDLE_PER_PROCESS: usize = 15_000;
 
+mod scale;
+
 /// The workloads, as `--only` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -41,6 +43,9 @@ pub enum Workload {
     Rr,
     Connrate,
     Idle,
+    /// 100 000 idle connections held through Sluice while 1000 others exchange messages (only
+    /// when named: `--only scale`).
+    Scale,
 }
 
 /// Sizes and durations of a run.
@@ -57,6 +62,9 @@ pub struct Params {
     pub idle_conns: usize,
     /// socat forks a process per connection: it gets fewer.
     pub idle_conns_socat: usize,
+    /// Idle connections of the scale workload.
+    #[serde(default)]
+    pub scale_conns: usize,
 }
 
 impl Params {
@@ -73,6 +81,7 @@ impl Params {
                 conn_measure_ms: 2_000,
                 idle_conns: 10_000,
                 idle_conns_socat: 1_000,
+                scale_conns: 30_000,
             }
         } else {
             Params {
@@ -87,6 +96,7 @@ impl Params {
                 // One upstream address: the relay's connections to it share ~28k ephemeral ports.
                 idle_conns: 25_000,
                 idle_conns_socat: 2_000,
+                scale_conns: 100_000,
             }
         }
     }
@@ -173,6 +183,8 @@ pub struct Measurement {
     pub rr: Option<Rr>,
     pub connrate: Option<Connrate>,
     pub idle: Option<Idle>,
+    #[serde(default)]
+    pub scale: Option<scale::Scale>,
     /// Sluice: connections accepted by each worker during the workload group (from
     /// `sluicectl status`), to show how evenly the kernel spread them.
     pub worker_accepted: Option<Vec<u64>>,
@@ -396,6 +408,10 @@ pub fn run(opts: Options) -> Result<Report> {
 
 impl Suite {
     fn wants(&self, w: Workload) -> bool {
+        if w == Workload::Scale {
+            // Minutes and hundreds of thousands of sockets: only when asked for.
+            return self.opts.only.contains(&w);
+        }
         self.opts.only.is_empty() || self.opts.only.contains(&w)
     }
 
@@ -423,7 +439,8 @@ impl Suite {
     fn run_all(&mut self) -> Result<()> {
         let needs_echo = self.wants(Workload::Rr)
             || self.wants(Workload::Connrate)
-            || self.wants(Workload::Idle);
+            || self.wants(Workload::Idle)
+            || self.wants(Workload::Scale);
         let _iperf = if self.wants(Workload::Bulk) {
             Some(self.start_iperf_server()?)
         } else {
@@ -447,6 +464,9 @@ impl Suite {
             }
             if self.wants(Workload::Idle) && cand.kind != Kind::Direct {
                 self.guarded(&cand, "idle", Suite::idle);
+            }
+            if self.wants(Workload::Scale) && matches!(cand.kind, Kind::Sluice(_)) {
+                self.guarded(&cand, "scale", Suite::scale);
             }
         }
         Ok(())
@@ -492,11 +512,14 @@ impl Suite {
     }
 
     fn start_echo(&mut self) -> Result<Vec<Guard>> {
-        let needed = if self.wants(Workload::Idle) {
+        let mut needed = if self.wants(Workload::Idle) {
             self.params.idle_conns
         } else {
             self.params.rr_conns
         };
+        if self.wants(Workload::Scale) {
+            needed = needed.max(self.params.scale_conns + self.params.rr_conns);
+        }
         let procs = needed.div_ceil(IDLE_PER_PROCESS).max(1);
         let mut guards = Vec::new();
         for i in 0..procs {

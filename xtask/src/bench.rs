@@ -30,7 +30,8 @@ pub struct BenchFlags {
     /// Write docs/BENCHMARKS.md and docs/bench/*.svg too.
     #[arg(long)]
     save: bool,
-    /// Only these workloads: bulk, rr, connrate, idle (comma-separated).
+    /// Only these workloads: bulk, rr, connrate, idle, scale (comma-separated; scale — 100 000
+    /// idle connections — runs only when named).
     #[arg(long)]
     only: Option<String>,
     /// Only these candidates: direct, sluice-splice, sluice-copy, sluice-epoll, sluice-sockmap,

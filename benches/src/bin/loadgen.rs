@@ -71,6 +71,12 @@ enum Cmd {
         setup_max_ms: u64,
         #[arg(long, default_value_t = 90_000)]
         hold_max_ms: u64,
+        /// Give up when connections failed and none became held for this long.
+        #[arg(long, default_value_t = 4_000)]
+        patience_ms: u64,
+        /// A connection not proven relayed by then failed.
+        #[arg(long, default_value_t = 3_000)]
+        conn_timeout_ms: u64,
     },
 }
 
@@ -118,12 +124,16 @@ fn main() -> ExitCode {
             source_base,
             setup_max_ms,
             hold_max_ms,
+            patience_ms,
+            conn_timeout_ms,
         } => idle::run(&idle::Params {
             target,
             count,
             source_base,
             setup_max: ms(setup_max_ms),
             hold_max: ms(hold_max_ms),
+            patience: ms(patience_ms),
+            conn_timeout: ms(conn_timeout_ms),
         }),
     };
     match result {

@@ -68,7 +68,7 @@ fn main() -> Result<()> {
         )?,
         None => suite::run(Options {
             quick: cli.quick,
-            only: cli.only,
+            only: cli.only.clone(),
             candidates: cli.candidates,
             bin_dir,
             out_dir: out_dir.clone(),
@@ -87,7 +87,21 @@ fn main() -> Result<()> {
     if cli.save {
         let docs = root.join("docs");
         std::fs::create_dir_all(docs.join("bench"))?;
-        std::fs::write(docs.join("BENCHMARKS.md"), &md)?;
+        let path = docs.join("BENCHMARKS.md");
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let scale_only = !cli.only.is_empty() && cli.only.iter().all(|w| *w == Workload::Scale);
+        let doc = match (scale_only, report::scale_section(&r)) {
+            // A scale run replaces only its own section of the saved report.
+            (true, Some(section)) => report::with_scale_section(&old, &section),
+            (true, None) => old,
+            // A normal run keeps the scale section a scale run saved before.
+            (false, None) => match report::existing_scale_section(&old) {
+                Some(section) => report::with_scale_section(&md, &section),
+                None => md.clone(),
+            },
+            (false, Some(_)) => md.clone(),
+        };
+        std::fs::write(&path, doc)?;
         plot::write_all(&r, &docs.join("bench"))?;
         eprintln!(
             "bench: saved {} and {}/*.svg",
