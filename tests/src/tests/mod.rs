@@ -38,6 +38,7 @@ mod bulk;
 mod capacity;
 mod concurrency;
 mod config;
+mod destination_safety;
 mod ebpf;
 mod failures;
 mod fallback;
