@@ -22,6 +22,8 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "iproute2",
     "procps",
+    // The SYN flood in tests/src/tests/faults.rs.
+    "hping3",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

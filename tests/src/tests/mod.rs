@@ -42,6 +42,7 @@ mod destination_safety;
 mod ebpf;
 mod failures;
 mod fallback;
+mod faults;
 mod half_close;
 mod health;
 mod peers;
