@@ -72,12 +72,19 @@ pub fn fuzz(root: &Path, flags: &FuzzFlags) -> Result<()> {
         }
         let mut child = cmd.spawn().context("cannot start cargo fuzz")?;
         let stderr = child.stderr.take().expect("piped");
-        let mut executions = None;
+        let (mut executions, mut seconds) = (None, None);
         for line in BufReader::new(stderr).lines() {
             let line = line?;
             eprintln!("{line}");
             if let Some(n) = line.strip_prefix("stat::number_of_executed_units:") {
                 executions = n.trim().parse::<u64>().ok();
+            }
+            // "Done 10500000 runs in 47 second(s)": the time taken, when `-runs` ended it early.
+            if let Some(rest) = line.strip_prefix("Done ") {
+                seconds = rest
+                    .split_whitespace()
+                    .nth(3)
+                    .and_then(|s| s.parse::<u64>().ok());
             }
         }
         let status = child.wait()?;
@@ -89,7 +96,7 @@ pub fn fuzz(root: &Path, flags: &FuzzFlags) -> Result<()> {
         let executions = executions.context("libFuzzer printed no final stats")?;
         summary.push(format!(
             "{target}: {executions} executions in {} s, no crash",
-            flags.time
+            seconds.unwrap_or(flags.time)
         ));
     }
     for line in summary {
