@@ -292,6 +292,15 @@ impl Command {
     /// Parses a control line (`deny add 10.0.0.0/8 kill`); Ok(None) when it is not about the
     /// lists at all.
     pub fn parse(line: &str) -> Result<Option<Command>, String> {
+        Command::parse_with(line, parse_dest)
+    }
+
+    /// [`Command::parse`] with the `dest` rules' `HOST:PORT` parsed by `dest` instead of
+    /// [`parse_dest`] (which resolves names): the fuzz target passes one that never touches DNS.
+    pub fn parse_with(
+        line: &str,
+        dest: impl Fn(&str) -> Result<Vec<SocketAddr>, String>,
+    ) -> Result<Option<Command>, String> {
         let words: Vec<&str> = line.split_whitespace().collect();
         let list = match words.first() {
             Some(&"allow") => List::Allow,
@@ -306,7 +315,7 @@ impl Command {
                 List::Dest => {
                     let mut all = Vec::new();
                     for one in w.split(',') {
-                        all.extend(parse_dest(one)?);
+                        all.extend(dest(one)?);
                     }
                     Ok(Rule::Dest(all))
                 }
@@ -558,5 +567,30 @@ mod tests {
         assert_eq!(decode_list::<Cidr>("-"), Some(vec![]));
         assert_eq!(encode_list(Vec::<Cidr>::new()), "-");
         assert_eq!(decode_list::<Cidr>("x"), None);
+    }
+
+    #[test]
+    fn parse_with_takes_dest_rules_from_the_given_parser() {
+        let literal = |s: &str| -> Result<Vec<SocketAddr>, String> {
+            s.parse::<SocketAddr>()
+                .map(|a| vec![a])
+                .map_err(|_| format!("`{s}` not resolved here"))
+        };
+        let cmd = Command::parse_with("dest add 127.0.0.2:80,[::1]:443", literal).unwrap();
+        assert_eq!(
+            cmd,
+            Some(Command::Add {
+                list: List::Dest,
+                rule: Rule::Dest(vec![
+                    "127.0.0.2:80".parse().unwrap(),
+                    "[::1]:443".parse().unwrap()
+                ]),
+                kill_existing: false,
+            })
+        );
+        assert_eq!(
+            Command::parse_with("dest add g.whatsapp.net:80", literal),
+            Err("`g.whatsapp.net:80` not resolved here".into())
+        );
     }
 }

@@ -177,9 +177,8 @@ fn answer(
     handler: &Handler,
 ) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut line = String::new();
-    BufReader::new(&stream).take(1024).read_line(&mut line)?;
-    let reply = match line.trim() {
+    let line = read_request(&stream)?;
+    let reply = match line.as_str() {
         "status" => {
             let mut st = status.lock().expect("status lock");
             st.refresh(shared);
@@ -195,6 +194,19 @@ fn answer(
     };
     (&stream).write_all(reply.as_bytes())?;
     (&stream).write_all(b"\n")
+}
+
+/// Longest request line the server reads; the rest of a longer one is ignored.
+pub const MAX_REQUEST_LEN: u64 = 1024;
+
+/// Reads a request: its first line (at most [`MAX_REQUEST_LEN`] bytes), surrounding whitespace
+/// trimmed. Errs on bytes that are not UTF-8. Public for the fuzz target (`fuzz/`).
+pub fn read_request(stream: impl Read) -> std::io::Result<String> {
+    let mut line = String::new();
+    BufReader::new(stream)
+        .take(MAX_REQUEST_LEN)
+        .read_line(&mut line)?;
+    Ok(line.trim().to_string())
 }
 
 /// Client side: sends `command`, returns the daemon's JSON answer.
@@ -232,4 +244,24 @@ pub enum ControlError {
     Io(#[from] std::io::Error),
     #[error("the daemon answered: {0}")]
     Protocol(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_its_first_line_trimmed_and_bounded() {
+        assert_eq!(
+            read_request(&b"  status \r\nignored"[..]).unwrap(),
+            "status"
+        );
+        assert_eq!(read_request(&b""[..]).unwrap(), "");
+        let long = [b'a'; 3000];
+        assert_eq!(
+            read_request(&long[..]).unwrap().len(),
+            MAX_REQUEST_LEN as usize
+        );
+        assert!(read_request(&b"deny add \xff\n"[..]).is_err());
+    }
 }

@@ -6,8 +6,10 @@
 //! - `run`        builds everything and runs `sluice run` (WhatsApp preset unless told otherwise)
 //! - `test`       builds and runs every test: unit, integration, eBPF, house rules
 //! - `bench`      Sluice beside HAProxy, nginx, socat and a direct connection (docs/BENCHMARKS.md)
+//! - `fuzz`       the libFuzzer targets of `fuzz/` (cargo-fuzz, nightly), each for `--time` seconds
 
 mod bench;
+mod fuzz;
 mod setup;
 #[cfg(test)]
 mod tidy;
@@ -21,7 +23,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
-    about = "Sluice's chores: setup, build-ebpf, run, test"
+    about = "Sluice's chores: setup, build-ebpf, run, test, bench, fuzz"
 )]
 struct Flags {
     #[command(subcommand)]
@@ -46,6 +48,8 @@ enum Cmd {
     },
     /// Install the peers, build in release and benchmark Sluice against HAProxy, nginx, socat.
     Bench(bench::BenchFlags),
+    /// Run the fuzz targets (cargo-fuzz on nightly; installed when missing), each for --time s.
+    Fuzz(fuzz::FuzzFlags),
 }
 
 fn main() -> Result<()> {
@@ -72,12 +76,34 @@ fn main() -> Result<()> {
             build_ebpf(&root)?;
             // Release: the suite moves gigabytes through the relay; debug builds would crawl.
             run(cargo().args(["build", "--release", "--package", "sluice", "--bins"]))?;
-            run(cargo()
+            let tests = run(cargo()
                 .args(["test", "--release", "--workspace", "--no-fail-fast"])
                 .args(&args)
-                .env("SLUICE_BIN_DIR", root.join("target/release")))
+                .env("SLUICE_BIN_DIR", root.join("target/release")));
+            // CI (which sets `CI`) also fuzzes every target for a minute, after the tests
+            // either way, so one failure does not hide the other.
+            let fuzzing = if std::env::var_os("CI").is_some() {
+                fuzz::fuzz(
+                    &root,
+                    &fuzz::FuzzFlags {
+                        time: 60,
+                        target: None,
+                        runs: None,
+                        sanitizer: "none".into(),
+                    },
+                )
+            } else {
+                Ok(())
+            };
+            tests.and(fuzzing)
         }
         Cmd::Bench(flags) => bench::bench(flags),
+        Cmd::Fuzz(flags) => {
+            // The relay crate embeds the eBPF object, so it must exist before the targets build.
+            setup::ebpf_toolchain()?;
+            build_ebpf(&root)?;
+            fuzz::fuzz(&root, &flags)
+        }
     }
 }
 

@@ -25,6 +25,8 @@ const APT_PACKAGES: &[&str] = &[
     // promtool checks /metrics; headless Chromium loads the stats page.
     "prometheus",
     "chromium",
+    // The SYN flood in tests/src/tests/faults.rs.
+    "hping3",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -16,6 +16,7 @@ fn rust_files() -> Vec<PathBuf> {
         "ebpf/common/src",
         "ebpf/programs/src",
         "benches",
+        "fuzz/fuzz_targets",
     ] {
         walk(&root.join(dir), &mut out);
     }

@@ -292,7 +292,8 @@ pub enum EngineChoice {
     Epoll,
     /// The eBPF sockmap fast path for plain connections (bytes move inside the kernel; user
     /// space only watches for FIN and errors); TLS ports copy. Falls back to splice where BPF is
-    /// refused.
+    /// refused. No backpressure yet: a client faster than its upstream makes the kernel queue
+    /// without limit (see docs/OPERATIONS.md).
     Sockmap,
 }
 

@@ -335,7 +335,7 @@ fn sockmap_bytes_queued_before_insertion_need_a_kick() {
 
 /// Runs `f` on a thread of its own inside a new network namespace with `lo` up, and returns what
 /// it returns. The namespace dies with the thread.
-fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(super) fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     thread::spawn(move || {
         // SAFETY: plain syscall on this thread only; CLONE_NEWNET moves just the calling thread
         // (network namespaces are per task), which no other code shares.

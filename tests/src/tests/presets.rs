@@ -47,7 +47,7 @@ const SIGNAL_HOSTS: [&str; 13] = [
 ];
 
 /// `sluice check-config --preset NAME`, parsed; also fed back to `sluice check-config FILE`.
-fn preset(name: &str) -> Value {
+pub(super) fn preset(name: &str) -> Value {
     let mut cmd = Command::new(sluice_bin());
     cmd.args(["check-config", "--preset", name]);
     let out = run_with_timeout(&mut cmd, Duration::from_secs(10));
@@ -77,13 +77,13 @@ fn int(v: &Value, key: &str) -> i64 {
         .unwrap_or_else(|| panic!("no integer `{key}` in {v}"))
 }
 
-fn string<'a>(v: &'a Value, key: &str) -> &'a str {
+pub(super) fn string<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key)
         .and_then(Value::as_str)
         .unwrap_or_else(|| panic!("no string `{key}` in {v}"))
 }
 
-fn listeners(v: &Value) -> &Vec<Value> {
+pub(super) fn listeners(v: &Value) -> &Vec<Value> {
     v["listen"].as_array().expect("[[listen]] tables")
 }
 
@@ -218,7 +218,7 @@ fn signal_preset_matches_signal_tls_proxy() {
 /// Rewrites a preset for a test: `workers = 1`, each listener's `bind` to `binds[name]`, each
 /// upstream `HOST:PORT` to `HOST:ports[HOST:PORT]`, `resolve` as the `[resolve]` table, and
 /// `leaf`'s files in every `[listen.tls]`.
-fn rewrite(
+pub(super) fn rewrite(
     mut v: Value,
     binds: &BTreeMap<String, SocketAddr>,
     ports: &BTreeMap<String, u16>,
@@ -447,7 +447,7 @@ fn whatsapp_preset_end_to_end() {
 }
 
 /// `got` without the upstream's greeting `tag` (and its newline), which must be there.
-fn untag<'a>(got: &'a [u8], tag: &str, port: u16) -> &'a [u8] {
+pub(super) fn untag<'a>(got: &'a [u8], tag: &str, port: u16) -> &'a [u8] {
     let tag = format!("{tag}\n");
     got.strip_prefix(tag.as_bytes()).unwrap_or_else(|| {
         panic!(
@@ -460,7 +460,7 @@ fn untag<'a>(got: &'a [u8], tag: &str, port: u16) -> &'a [u8] {
 /// An outer TLS tunnel like the Signal app's: socat listens on a fresh test address, takes one
 /// connection, and carries it over TLS (verifying the relay's certificate, with an outer SNI the
 /// relay does not check) to `relay`.
-fn outer_tls(relay: SocketAddr, ca: &std::path::Path) -> (ChildGuard, SocketAddr) {
+pub(super) fn outer_tls(relay: SocketAddr, ca: &std::path::Path) -> (ChildGuard, SocketAddr) {
     let at = Host::new().addr();
     let mut cmd = Command::new(find_program("socat").expect("socat"));
     cmd.args(["-T", "30"])
