@@ -10,12 +10,14 @@
 pub mod admission;
 pub mod config;
 pub mod control;
+pub mod doctor;
 pub mod ebpf;
 pub mod engine;
 pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod proto;
+pub mod share;
 pub mod supervisor;
 pub mod sys;
 pub mod upstream;

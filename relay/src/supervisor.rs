@@ -90,7 +90,7 @@ pub fn workers_needed(config: &Config, nofile: u64) -> usize {
 /// Is some socket already listening on `addr`'s port at that address or a wildcard? Read from
 /// /proc/net/tcp{,6}: SO_REUSEPORT would otherwise let a second daemon (same user) share the
 /// port silently instead of failing with "address in use".
-fn already_listening(addr: SocketAddr) -> bool {
+pub fn already_listening(addr: SocketAddr) -> bool {
     let files: &[&str] = if addr.is_ipv4() {
         &["/proc/net/tcp"]
     } else {

@@ -103,6 +103,7 @@ fn whatsapp() -> Config {
         resolve_interval_s: 300,
         resolve: Default::default(),
         admission: Default::default(),
+        public_host: None,
         timeouts: Timeouts {
             connect_ms: 5_000,
             idle_ms: 200_000,
@@ -146,6 +147,7 @@ fn signal() -> Config {
         resolve_interval_s: 6 * 3600,
         resolve: Default::default(),
         admission: Default::default(),
+        public_host: None,
         timeouts: Timeouts {
             connect_ms: 60_000,
             idle_ms: 600_000,
