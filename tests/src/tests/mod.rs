@@ -43,6 +43,7 @@ mod failures;
 mod fallback;
 mod half_close;
 mod health;
+mod operator;
 mod peers;
 mod presets;
 mod proxy_protocol;
