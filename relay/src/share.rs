@@ -94,6 +94,20 @@ fn direct(config: &Config) -> impl Iterator<Item = &Listener> {
     config.listeners.iter().filter(|l| !l.accept_proxy)
 }
 
+/// With no direct listener, one behind a load balancer (`accept_proxy`, e.g. the Helm chart's):
+/// chat prefers TLS, media is plain.
+fn behind_balancer(config: &Config, upstream_port: u16) -> Option<&Listener> {
+    let mut found = config
+        .listeners
+        .iter()
+        .filter(|l| l.accept_proxy && to_whatsapp(l, upstream_port));
+    if upstream_port == 443 {
+        found.find(|l| l.tls.is_none())
+    } else {
+        found.min_by_key(|l| l.tls.is_none())
+    }
+}
+
 /// The links for `config` reached at `host`:
 /// - WhatsApp when a direct listener relays to WhatsApp chat (`*.whatsapp.net:5222`; the first
 ///   TLS one, else the first plain one, gives `chatPort` and `chatTLS`) and one relays media
@@ -108,12 +122,24 @@ pub fn links(config: &Config, host: &str, ports: PortOverrides) -> Result<Vec<Li
     let mut out = Vec::new();
     let chat = direct(config)
         .filter(|l| to_whatsapp(l, 5222))
-        .min_by_key(|l| l.tls.is_none());
-    let media = direct(config).find(|l| l.tls.is_none() && to_whatsapp(l, 443));
+        .min_by_key(|l| l.tls.is_none())
+        .or_else(|| behind_balancer(config, 5222));
+    let media = direct(config)
+        .find(|l| l.tls.is_none() && to_whatsapp(l, 443))
+        .or_else(|| behind_balancer(config, 443));
     match (chat, media) {
         (Some(chat), Some(media)) => {
-            let chat_port = ports.chat_port.unwrap_or(chat.bind.port());
-            let media_port = ports.media_port.unwrap_or(media.bind.port());
+            let port = |l: &Listener, given: Option<u16>, what: &str| match given {
+                Some(p) => Ok(p),
+                None if l.accept_proxy => Err(format!(
+                    "listener `{}` expects a PROXY header from a load balancer, which publishes \
+                     it under its own port: pass --{what}-port with that port",
+                    l.name
+                )),
+                None => Ok(l.bind.port()),
+            };
+            let chat_port = port(chat, ports.chat_port, "chat")?;
+            let media_port = port(media, ports.media_port, "media")?;
             let tls = u8::from(chat.tls.is_some());
             out.push(Link {
                 messenger: "whatsapp",
@@ -267,6 +293,28 @@ mod tests {
         assert!(l[0].url.contains("chatPort=443&mediaPort=587"), "{l:?}");
         c.listeners.retain(|l| l.bind.port() != 7777);
         assert!(links(&c, "192.0.2.1", PortOverrides::default()).is_err());
+    }
+
+    #[test]
+    fn behind_a_load_balancer_the_published_ports_must_be_given() {
+        let mut c = Preset::Whatsapp.config();
+        c.listeners.retain(|l| l.accept_proxy);
+        c.listeners[0].upstream = vec!["whatsapp.net:443".parse().unwrap()];
+        let e = links(&c, "lb.example.org", PortOverrides::default()).unwrap_err();
+        assert!(e.contains("--chat-port"), "{e}");
+        let l = links(
+            &c,
+            "lb.example.org",
+            PortOverrides {
+                chat_port: Some(443),
+                media_port: Some(587),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            l[0].url,
+            "https://wa.me/proxy?host=lb.example.org&chatPort=443&mediaPort=587&chatTLS=1"
+        );
     }
 
     #[test]

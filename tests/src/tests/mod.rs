@@ -38,6 +38,7 @@ mod bulk;
 mod capacity;
 mod concurrency;
 mod config;
+mod dist;
 mod ebpf;
 mod failures;
 mod fallback;
