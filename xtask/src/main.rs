@@ -6,8 +6,10 @@
 //! - `run`        builds everything and runs `sluice run` (WhatsApp preset unless told otherwise)
 //! - `test`       builds and runs every test: unit, integration, eBPF, house rules
 //! - `bench`      Sluice beside HAProxy, nginx, socat and a direct connection (docs/BENCHMARKS.md)
+//! - `dist`       release binaries, the systemd unit, Docker and Helm files, docs: one tarball
 
 mod bench;
+mod dist;
 mod setup;
 #[cfg(test)]
 mod tidy;
@@ -21,7 +23,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
-    about = "Sluice's chores: setup, build-ebpf, run, test"
+    about = "Sluice's chores: setup, build-ebpf, run, test, bench, dist"
 )]
 struct Flags {
     #[command(subcommand)]
@@ -46,6 +48,13 @@ enum Cmd {
     },
     /// Install the peers, build in release and benchmark Sluice against HAProxy, nginx, socat.
     Bench(bench::BenchFlags),
+    /// Build release binaries and pack them with the systemd unit, an example config, the Docker
+    /// and Helm files and the docs into target/dist/sluice-VERSION-ARCH-linux.tar.gz.
+    Dist {
+        /// Directory the tarball is written to.
+        #[arg(long, default_value = "target/dist")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -78,6 +87,14 @@ fn main() -> Result<()> {
                 .env("SLUICE_BIN_DIR", root.join("target/release")))
         }
         Cmd::Bench(flags) => bench::bench(flags),
+        Cmd::Dist { out } => {
+            setup::ebpf_toolchain()?;
+            build_ebpf(&root)?;
+            run(cargo().args(["build", "--release", "--package", "sluice", "--bins"]))?;
+            let tarball = dist::package(&root, &root.join("target/release"), &root.join(out))?;
+            println!("{}", tarball.display());
+            Ok(())
+        }
     }
 }
 

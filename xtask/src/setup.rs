@@ -22,6 +22,10 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "iproute2",
     "procps",
+    // dist tests: strace traces the relay's system calls against the Docker seccomp profile,
+    // systemd-analyze verifies the unit.
+    "strace",
+    "systemd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
