@@ -341,4 +341,30 @@ fn doctor_without_cap_bpf_says_bpf_is_unavailable_and_why() {
         "{bpf}"
     );
     assert!(bpf["fix"].as_str().unwrap().contains("CAP_BPF"), "{bpf}");
+
+    // A daemon started that way runs sockmap without its fast path; doctor (with every
+    // capability) reports it from the daemon's status, with the reason.
+    if !sluice_tests::require_io_uring() {
+        return;
+    }
+    let server = EchoServer::start(Host::new().addr());
+    let relay = Sluice::forward(Host::new().addr(), server.addr())
+        .engine("sockmap")
+        .workers(1)
+        .wrap(&[
+            "setpriv",
+            "--bounding-set=-bpf,-sys_admin,-perfmon",
+            "--inh-caps=-bpf,-sys_admin,-perfmon",
+            "--",
+        ])
+        .start();
+    let (_, checks) = doctor(&[], &relay.dir().join("control.sock"), &config);
+    let daemon = &checks["daemon"];
+    assert_eq!(daemon["level"], "warn", "{daemon}");
+    let detail = daemon["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("engine splice") && detail.contains("sockmap fast path unavailable: "),
+        "{daemon}"
+    );
+    drop(relay);
 }
