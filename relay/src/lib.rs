@@ -10,6 +10,7 @@
 pub mod admission;
 pub mod config;
 pub mod control;
+pub mod doctor;
 pub mod ebpf;
 pub mod engine;
 pub mod error;
@@ -18,6 +19,7 @@ pub mod histo;
 pub mod http;
 pub mod metrics;
 pub mod proto;
+pub mod share;
 pub mod supervisor;
 pub mod sys;
 pub mod upstream;

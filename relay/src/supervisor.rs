@@ -91,7 +91,7 @@ pub fn workers_needed(config: &Config, nofile: u64) -> usize {
 /// Is some socket already listening on `addr`'s port at that address or a wildcard? Read from
 /// /proc/net/tcp{,6}: SO_REUSEPORT would otherwise let a second daemon (same user) share the
 /// port silently instead of failing with "address in use".
-fn already_listening(addr: SocketAddr) -> bool {
+pub fn already_listening(addr: SocketAddr) -> bool {
     let files: &[&str] = if addr.is_ipv4() {
         &["/proc/net/tcp"]
     } else {
@@ -764,6 +764,11 @@ fn drop_privileges(
     control: Option<&std::path::Path>,
 ) -> Result<(), StartError> {
     if let Some(path) = control.filter(|p| p.exists()) {
+        // Our own runtime directory (/run/sluice) too, so the group can reach the socket.
+        if let Some(dir) = path.parent().filter(|d| d.ends_with("sluice")) {
+            std::os::unix::fs::chown(dir, Some(0), Some(ids.gid))?;
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o750))?;
+        }
         std::os::unix::fs::chown(path, Some(0), Some(ids.gid))?;
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
     }

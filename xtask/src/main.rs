@@ -7,8 +7,10 @@
 //! - `test`       builds and runs every test: unit, integration, eBPF, house rules
 //! - `bench`      Sluice beside HAProxy, nginx, socat and a direct connection (docs/BENCHMARKS.md)
 //! - `fuzz`       the libFuzzer targets of `fuzz/` (cargo-fuzz, nightly), each for `--time` seconds
+//! - `dist`       release binaries, the systemd unit, Docker and Helm files, docs: one tarball
 
 mod bench;
+mod dist;
 mod fuzz;
 mod setup;
 #[cfg(test)]
@@ -23,7 +25,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
-    about = "Sluice's chores: setup, build-ebpf, run, test, bench, fuzz"
+    about = "Sluice's chores: setup, build-ebpf, run, test, bench, fuzz, dist"
 )]
 struct Flags {
     #[command(subcommand)]
@@ -50,6 +52,13 @@ enum Cmd {
     Bench(bench::BenchFlags),
     /// Run the fuzz targets (cargo-fuzz on nightly; installed when missing), each for --time s.
     Fuzz(fuzz::FuzzFlags),
+    /// Build release binaries and pack them with the systemd unit, an example config, the Docker
+    /// and Helm files and the docs into target/dist/sluice-VERSION-ARCH-linux.tar.gz.
+    Dist {
+        /// Directory the tarball is written to.
+        #[arg(long, default_value = "target/dist")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -103,6 +112,14 @@ fn main() -> Result<()> {
             setup::ebpf_toolchain()?;
             build_ebpf(&root)?;
             fuzz::fuzz(&root, &flags)
+        }
+        Cmd::Dist { out } => {
+            setup::ebpf_toolchain()?;
+            build_ebpf(&root)?;
+            run(cargo().args(["build", "--release", "--package", "sluice", "--bins"]))?;
+            let tarball = dist::package(&root, &root.join("target/release"), &root.join(out))?;
+            println!("{}", tarball.display());
+            Ok(())
         }
     }
 }

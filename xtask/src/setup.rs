@@ -27,6 +27,10 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
     // The SYN flood in tests/src/tests/faults.rs.
     "hping3",
+    // dist tests: strace traces the relay's system calls against the Docker seccomp profile,
+    // systemd-analyze verifies the unit.
+    "strace",
+    "systemd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -12,6 +12,9 @@ use clap::{Parser, Subcommand};
 use sluice::admission::{self, Command, List, Rule};
 use sluice::control;
 
+#[path = "sluicectl/operator.rs"]
+mod operator;
+
 #[derive(Parser)]
 #[command(name = "sluicectl", version, about = "Control a running sluice relay")]
 struct Cli {
@@ -71,6 +74,11 @@ enum Cmd {
         #[arg(long, default_value = sluice::ebpf::PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Print the links users tap to use this relay (WhatsApp, Signal) and their QR codes.
+    Share(operator::ShareArgs),
+    /// Check this host for the relay: kernel features, capabilities, fd limits, ports,
+    /// upstreams, clock, sysctls, the running daemon. Exit code 1 when a check fails.
+    Doctor(operator::DoctorArgs),
 }
 
 #[derive(Subcommand)]
@@ -113,6 +121,8 @@ fn main() -> ExitCode {
     let cmd = match cli.cmd {
         Cmd::Status { json } => return status(&cli.control, json),
         Cmd::Stats { json, watch, reset } => return stats(&cli.control, json, watch, reset),
+        Cmd::Share(args) => return operator::share(args),
+        Cmd::Doctor(args) => return operator::doctor(args, &cli.control),
         Cmd::Load { pin_dir } => {
             return match sluice::ebpf::pin_all(&pin_dir) {
                 Ok(names) => {

@@ -33,6 +33,10 @@ pub struct Config {
     /// the capabilities the engine still needs. None: stay as started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// The name or address users reach this relay at (a DNS name or an IP address, no port).
+    /// Only `sluicectl share` reads it, to print the links users tap; the daemon ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_host: Option<String>,
     #[serde(default)]
     pub timeouts: Timeouts,
     /// Host names resolved to a fixed address instead of DNS (`--resolve HOST=IP`).
@@ -495,6 +499,7 @@ impl Config {
             admission: AdmissionSettings::default(),
             user: None,
             metrics: MetricsSettings::default(),
+            public_host: None,
             listeners: vec![Listener {
                 name: "forward".into(),
                 bind: listen,
@@ -575,6 +580,11 @@ impl Config {
                     format!("`{name}` is not a network interface name (1-15 characters)"),
                 );
             }
+        }
+        if let Some(h) = &self.public_host
+            && let Err(e) = crate::share::validate_host(h)
+        {
+            return err("public_host", e);
         }
         if self.listeners.is_empty() {
             return err("listen", "at least one [[listen]] table is needed".into());

@@ -105,6 +105,7 @@ fn whatsapp() -> Config {
         admission: Default::default(),
         user: None,
         metrics: Default::default(),
+        public_host: None,
         timeouts: Timeouts {
             connect_ms: 5_000,
             idle_ms: 200_000,
@@ -150,6 +151,7 @@ fn signal() -> Config {
         admission: Default::default(),
         user: None,
         metrics: Default::default(),
+        public_host: None,
         timeouts: Timeouts {
             connect_ms: 60_000,
             idle_ms: 600_000,

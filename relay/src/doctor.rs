@@ -1,0 +1,623 @@
+//! `sluicectl doctor`: checks that this host can run the configured relay well, and says what
+//! to do about each thing that is not right.
+//!
+//! Every check gives one [`Check`]: `ok`, `warn` (Sluice runs, but slower or with less) or `fail`
+//! (something will not work: a port held by another program, an upstream that cannot be
+//! resolved or reached). Checks read /proc and /sys, try io_uring and the eBPF fast path in this
+//! process, ask the running daemon for its status, and resolve and connect to the configured
+//! upstreams with bounded timeouts. Nothing is changed on the host. No client address is read.
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::config::{Config, HostPort};
+use crate::control;
+use crate::engine;
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl Level {
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Ok => "ok",
+            Level::Warn => "warn",
+            Level::Fail => "fail",
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// What was checked, e.g. `io_uring`, `port chat-tls`, `upstream g.whatsapp.net:5222`.
+    pub name: String,
+    pub level: Level,
+    /// What was found.
+    pub detail: String,
+    /// What to do about it (empty when `ok`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub fix: String,
+}
+
+fn check(name: impl Into<String>, level: Level, detail: impl Into<String>, fix: &str) -> Check {
+    Check {
+        name: name.into(),
+        level,
+        detail: detail.into(),
+        fix: fix.to_string(),
+    }
+}
+
+/// What to check against.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config: Config,
+    /// The daemon's control socket.
+    pub control: PathBuf,
+    /// Bound on each DNS lookup and each TCP connect to an upstream.
+    pub timeout: Duration,
+}
+
+/// Runs every check, in a fixed order.
+pub fn run(opts: &Options) -> Vec<Check> {
+    let mut out = Vec::new();
+    let caps = Caps::read();
+    out.push(io_uring());
+    out.extend(bpf(&caps));
+    out.push(capabilities(&caps, &opts.config));
+    out.push(fd_limits(&opts.config));
+    let status = control::request(&opts.control, "status");
+    out.push(daemon(&status, &opts.control));
+    let held_by_sluice: BTreeSet<String> = status
+        .as_ref()
+        .ok()
+        .and_then(|v| v.get("listeners")?.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|l| Some(l.get("bind")?.as_str()?.to_string()))
+        .collect();
+    out.extend(ports(&opts.config, &held_by_sluice));
+    out.extend(upstreams(&opts.config, opts.timeout));
+    out.push(clock());
+    out.extend(sysctls());
+    out
+}
+
+/// True when no check failed.
+pub fn passed(checks: &[Check]) -> bool {
+    checks.iter().all(|c| c.level != Level::Fail)
+}
+
+/// The report as text: one `ok|warn|fail  name: detail` line per check, the fix indented below.
+pub fn render(checks: &[Check]) -> String {
+    let mut s = String::new();
+    for c in checks {
+        s.push_str(&format!("{:<5} {}: {}\n", c.level.name(), c.name, c.detail));
+        if !c.fix.is_empty() {
+            s.push_str(&format!("      -> {}\n", c.fix));
+        }
+    }
+    let count = |l| checks.iter().filter(|c| c.level == l).count();
+    s.push_str(&format!(
+        "\n{} ok, {} warn, {} fail\n",
+        count(Level::Ok),
+        count(Level::Warn),
+        count(Level::Fail)
+    ));
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel features
+
+fn io_uring() -> Check {
+    match engine::uring::probe() {
+        Ok(()) => check("io_uring", Level::Ok, "io_uring_setup works", ""),
+        Err(e) => check(
+            "io_uring",
+            Level::Warn,
+            format!("io_uring_setup refused ({e}): the relay runs on the slower epoll engine"),
+            "in Docker, run with --security-opt seccomp=dist/docker/seccomp.json; on a host, \
+             check sysctl kernel.io_uring_disabled (0 allows it)",
+        ),
+    }
+}
+
+const CAP_NET_BIND_SERVICE: u32 = 10;
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYS_RESOURCE: u32 = 24;
+const CAP_BPF: u32 = 39;
+
+/// The capability sets of this process (/proc/self/status).
+struct Caps {
+    eff: u64,
+    bnd: u64,
+}
+
+impl Caps {
+    fn read() -> Caps {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+                .unwrap_or(0)
+        };
+        Caps {
+            eff: field("CapEff:"),
+            bnd: field("CapBnd:"),
+        }
+    }
+
+    fn has(&self, cap: u32) -> bool {
+        self.eff & (1 << cap) != 0
+    }
+
+    /// CAP_BPF, or CAP_SYS_ADMIN which also allows BPF.
+    fn bpf(&self) -> bool {
+        self.has(CAP_BPF) || self.has(CAP_SYS_ADMIN)
+    }
+}
+
+fn bpf(caps: &Caps) -> Vec<Check> {
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    let btf_check = if btf {
+        check("btf", Level::Ok, "/sys/kernel/btf/vmlinux is present", "")
+    } else {
+        check(
+            "btf",
+            Level::Warn,
+            "/sys/kernel/btf/vmlinux is missing",
+            "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (Debian's is)",
+        )
+    };
+    let fast = match crate::ebpf::FastPath::load() {
+        Ok(_) => check(
+            "bpf",
+            Level::Ok,
+            "the sockmap fast path loads and attaches (sk_skb stream verdict on a sockhash)",
+            "",
+        ),
+        Err(e) => {
+            let why = if !caps.bpf() {
+                "this process has neither CAP_BPF nor CAP_SYS_ADMIN".to_string()
+            } else if !caps.has(CAP_NET_ADMIN) {
+                "this process lacks CAP_NET_ADMIN".to_string()
+            } else if !btf {
+                "the kernel has no BTF".to_string()
+            } else {
+                "the kernel refused it (sockmap or the verifier)".to_string()
+            };
+            check(
+                "bpf",
+                Level::Warn,
+                format!(
+                    "BPF unavailable: {why} ({e}); `--engine sockmap` falls back to splice, \
+                     XDP deny cannot attach"
+                ),
+                "run as root with CAP_BPF and CAP_NET_ADMIN (the systemd unit grants them); \
+                 only the sockmap engine and XDP need them",
+            )
+        }
+    };
+    vec![btf_check, fast]
+}
+
+fn capabilities(caps: &Caps, config: &Config) -> Check {
+    let names = [
+        (CAP_NET_BIND_SERVICE, "CAP_NET_BIND_SERVICE"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        (CAP_SYS_RESOURCE, "CAP_SYS_RESOURCE"),
+    ];
+    let have: Vec<&str> = names
+        .iter()
+        .filter(|(c, _)| caps.has(*c))
+        .map(|(_, n)| *n)
+        .collect();
+    let have = if have.is_empty() {
+        "none of the relevant ones".to_string()
+    } else {
+        have.join(", ")
+    };
+    let unprivileged_start: u16 = read_sysctl("net/ipv4/ip_unprivileged_port_start")
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024);
+    let low: Vec<u16> = config
+        .listeners
+        .iter()
+        .map(|l| l.bind.port())
+        .filter(|p| *p < unprivileged_start)
+        .collect();
+    if !low.is_empty() && !caps.has(CAP_NET_BIND_SERVICE) {
+        return check(
+            "capabilities",
+            Level::Fail,
+            format!(
+                "effective: {have}; ports {low:?} are below {unprivileged_start} and need \
+                 CAP_NET_BIND_SERVICE"
+            ),
+            "run as root or grant CAP_NET_BIND_SERVICE (AmbientCapabilities= in the unit)",
+        );
+    }
+    let bounding_lacks_bpf = caps.bnd & (1 << CAP_BPF) == 0;
+    check(
+        "capabilities",
+        Level::Ok,
+        format!(
+            "effective: {have}{}",
+            if bounding_lacks_bpf {
+                "; CAP_BPF is not in the bounding set"
+            } else {
+                ""
+            }
+        ),
+        "",
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits and ports
+
+/// RLIMIT_NOFILE (soft, hard) of this process, from /proc/self/limits (u64::MAX = unlimited).
+pub fn nofile_limits() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut cols = line["Max open files".len()..].split_whitespace();
+    let parse = |s: Option<&str>| match s? {
+        "unlimited" => Some(u64::MAX),
+        n => n.parse().ok(),
+    };
+    Some((parse(cols.next())?, parse(cols.next())?))
+}
+
+fn fd_limits(config: &Config) -> Check {
+    let Some((soft, hard)) = nofile_limits() else {
+        return check("fd limit", Level::Warn, "cannot read /proc/self/limits", "");
+    };
+    // The daemon raises its soft limit to the hard one; capacity follows the hard limit.
+    let per_worker = engine::worker_capacity(hard);
+    let workers = crate::supervisor::workers_needed(config, hard);
+    let detail = format!(
+        "RLIMIT_NOFILE soft {soft}, hard {hard}: one worker holds {per_worker} connections; \
+         max_connections {} gives {workers} workers",
+        config.max_connections
+    );
+    if per_worker < 1000 {
+        check(
+            "fd limit",
+            Level::Warn,
+            detail,
+            "raise the hard limit (LimitNOFILE= in the unit, `ulimit -Hn`, or \
+             /etc/security/limits.conf): each connection costs 2 fds",
+        )
+    } else {
+        check("fd limit", Level::Ok, detail, "")
+    }
+}
+
+fn ports(config: &Config, held_by_sluice: &BTreeSet<String>) -> Vec<Check> {
+    config
+        .listeners
+        .iter()
+        .map(|l| {
+            let name = format!("port {} ({})", l.bind.port(), l.name);
+            if !crate::supervisor::already_listening(l.bind) {
+                check(name, Level::Ok, format!("{} is free", l.bind), "")
+            } else if held_by_sluice.contains(&l.bind.to_string()) {
+                check(
+                    name,
+                    Level::Ok,
+                    format!("{} is held by the running Sluice", l.bind),
+                    "",
+                )
+            } else {
+                check(
+                    name,
+                    Level::Fail,
+                    format!("{} is held by another program", l.bind),
+                    "find it with `ss -ltnp 'sport = :PORT'` and stop it, or bind this \
+                     listener elsewhere",
+                )
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstreams
+
+/// Every distinct upstream and fallback of the configuration, in order.
+fn upstream_list(config: &Config) -> Vec<HostPort> {
+    let mut seen = BTreeSet::new();
+    config
+        .listeners
+        .iter()
+        .flat_map(|l| l.upstream.iter().chain(&l.fallback))
+        .filter(|u| seen.insert(u.to_string()))
+        .cloned()
+        .collect()
+}
+
+fn upstreams(config: &Config, timeout: Duration) -> Vec<Check> {
+    let list = upstream_list(config);
+    // Each upstream in its own thread, so the whole check takes about two timeouts however
+    // many there are; a lookup stuck in getaddrinfo is left behind when its time is up.
+    let (tx, rx) = mpsc::channel();
+    for (i, u) in list.iter().enumerate() {
+        let thread_tx = tx.clone();
+        let u = u.clone();
+        let fixed = config.resolve.get(&u.host).copied();
+        let spawned = std::thread::Builder::new()
+            .name("doctor-upstream".into())
+            .spawn(move || {
+                let _ = thread_tx.send((i, check_upstream(&u, fixed, timeout)));
+            });
+        if spawned.is_err() {
+            let _ = tx.send((
+                i,
+                check(
+                    format!("upstream {}", list[i]),
+                    Level::Warn,
+                    "cannot start a thread",
+                    "",
+                ),
+            ));
+        }
+    }
+    drop(tx);
+    let mut results: Vec<Option<Check>> = vec![None; list.len()];
+    let deadline = std::time::Instant::now() + timeout * 2 + Duration::from_secs(1);
+    while results.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((i, c)) => results[i] = Some(c),
+            Err(_) => break,
+        }
+    }
+    results
+        .into_iter()
+        .zip(&list)
+        .map(|(c, u)| {
+            c.unwrap_or_else(|| {
+                check(
+                    format!("upstream {u}"),
+                    Level::Fail,
+                    format!("no answer from DNS in {timeout:?}"),
+                    "check /etc/resolv.conf and that this host reaches its DNS server",
+                )
+            })
+        })
+        .collect()
+}
+
+fn check_upstream(u: &HostPort, fixed: Option<std::net::IpAddr>, timeout: Duration) -> Check {
+    let name = format!("upstream {u}");
+    let (addrs, how) = if let Some(sa) = u.literal() {
+        (vec![sa], "an address")
+    } else if let Some(ip) = fixed {
+        (vec![SocketAddr::new(ip, u.port)], "set by [resolve]")
+    } else {
+        match (u.host.as_str(), u.port).to_socket_addrs() {
+            Ok(a) => (a.collect(), "resolved"),
+            Err(e) => {
+                return check(
+                    name,
+                    Level::Fail,
+                    format!("`{}` does not resolve: {e}", u.host),
+                    "check /etc/resolv.conf, or point the name at an address with [resolve] \
+                     / --resolve HOST=IP",
+                );
+            }
+        }
+    };
+    if addrs.is_empty() {
+        return check(
+            name,
+            Level::Fail,
+            format!("`{}` resolves to no address", u.host),
+            "check the name",
+        );
+    }
+    let n = addrs.len();
+    // Try up to four addresses, so a name with many answers stays within the time bound.
+    for a in addrs.iter().take(4) {
+        if TcpStream::connect_timeout(a, timeout).is_ok() {
+            return check(
+                name,
+                Level::Ok,
+                format!("{how} ({n} address{}), TCP connect works", plural(n)),
+                "",
+            );
+        }
+    }
+    check(
+        name,
+        Level::Fail,
+        format!(
+            "{how} ({n} address{}), but no TCP connection within {timeout:?}",
+            plural(n)
+        ),
+        "check this host's firewall and routes toward the upstream",
+    )
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "es" }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon, the clock, sysctls
+
+fn daemon(status: &Result<serde_json::Value, control::ControlError>, path: &Path) -> Check {
+    match status {
+        Ok(v) => {
+            let engine = v.get("engine").and_then(|e| e.as_str()).unwrap_or("?");
+            let workers = v
+                .get("workers")
+                .and_then(|w| w.as_array())
+                .map_or(0, Vec::len);
+            let fast = v.get("fast_path").and_then(|f| f.as_str());
+            let detail = format!(
+                "running: engine {engine}, {workers} worker{}{}",
+                if workers == 1 { "" } else { "s" },
+                fast.map(|f| format!(", sockmap fast path {f}"))
+                    .unwrap_or_default()
+            );
+            match fast {
+                Some(f) if f.starts_with("unavailable") => check(
+                    "daemon",
+                    Level::Warn,
+                    detail,
+                    "see the `bpf` line above for what the fast path needs",
+                ),
+                _ => check("daemon", Level::Ok, detail, ""),
+            }
+        }
+        Err(e) => check(
+            "daemon",
+            Level::Warn,
+            format!("no status from {}: {e}", path.display()),
+            "start it (systemctl start sluice), or pass --control PATH if it uses another socket",
+        ),
+    }
+}
+
+fn clock() -> Check {
+    let now = SystemTime::now();
+    // The executable's mtime is its build (or install) time: a clock before it is wrong.
+    let built = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .and_then(|m| m.modified());
+    match built {
+        Ok(built) if now + Duration::from_secs(3600) < built => check(
+            "clock",
+            Level::Fail,
+            "the system clock is earlier than this program's build time",
+            "set the time (timedatectl set-ntp true): TLS certificates and their renewal \
+             need a correct clock",
+        ),
+        Ok(_) => check(
+            "clock",
+            Level::Ok,
+            "not earlier than this program's build time",
+            "",
+        ),
+        Err(e) => check(
+            "clock",
+            Level::Warn,
+            format!("cannot compare: {e}"),
+            "check the time with `date`",
+        ),
+    }
+}
+
+fn read_sysctl(path: &str) -> Option<String> {
+    std::fs::read_to_string(Path::new("/proc/sys").join(path)).ok()
+}
+
+fn sysctls() -> Vec<Check> {
+    let mut out = Vec::new();
+    let num = |p: &str| read_sysctl(p).and_then(|s| s.trim().parse::<u64>().ok());
+    match num("net/core/somaxconn") {
+        Some(n) if n < 4096 => out.push(check(
+            "net.core.somaxconn",
+            Level::Warn,
+            format!("{n}: accept queues overflow in a burst of new connections"),
+            "sysctl -w net.core.somaxconn=65535 (and in /etc/sysctl.d/)",
+        )),
+        Some(n) => out.push(check("net.core.somaxconn", Level::Ok, n.to_string(), "")),
+        None => {}
+    }
+    if let Some(range) = read_sysctl("net/ipv4/ip_local_port_range") {
+        let v: Vec<u64> = range
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        if let [lo, hi] = v[..] {
+            let n = hi.saturating_sub(lo) + 1;
+            let detail = format!("{lo}-{hi}: {n} source ports toward each upstream address");
+            out.push(if n < 20_000 {
+                check(
+                    "net.ipv4.ip_local_port_range",
+                    Level::Warn,
+                    detail,
+                    "widen it (sysctl -w net.ipv4.ip_local_port_range='1024 65535') or give \
+                     listeners more source_addresses",
+                )
+            } else {
+                check("net.ipv4.ip_local_port_range", Level::Ok, detail, "")
+            });
+        }
+    }
+    match num("net/core/wmem_max") {
+        Some(n) if n < 4 << 20 => out.push(check(
+            "net.core.wmem_max",
+            Level::Warn,
+            format!("{n}: the sockmap engine asks for 4 MiB send buffers and gets less"),
+            "sysctl -w net.core.wmem_max=4194304",
+        )),
+        Some(n) => out.push(check("net.core.wmem_max", Level::Ok, n.to_string(), "")),
+        None => {}
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nofile_limits_are_read() {
+        let (soft, hard) = nofile_limits().unwrap();
+        assert!(soft > 0 && soft <= hard, "{soft} {hard}");
+    }
+
+    #[test]
+    fn a_foreign_listener_fails_and_a_free_port_is_ok() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let held = l.local_addr().unwrap();
+        let text = format!(
+            "[[listen]]\nname = \"held\"\nbind = \"{held}\"\nupstream = [\"127.0.0.1:9\"]\n\
+             [[listen]]\nname = \"free\"\nbind = \"127.0.0.1:{}\"\nupstream = [\"127.0.0.1:9\"]\n",
+            held.port() ^ 1
+        );
+        let c = Config::from_toml(&text, "t").unwrap();
+        let p = ports(&c, &BTreeSet::new());
+        assert_eq!(p[0].level, Level::Fail, "{p:?}");
+        assert_eq!(p[1].level, Level::Ok, "{p:?}");
+        let mine: BTreeSet<String> = [held.to_string()].into();
+        assert_eq!(ports(&c, &mine)[0].level, Level::Ok);
+        assert!(!passed(&p));
+        assert!(render(&p).contains("fail  port"));
+    }
+
+    #[test]
+    fn an_unresolvable_upstream_fails_within_the_bound() {
+        let c = Config::from_toml(
+            "[[listen]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nupstream = [\"nonexistent.invalid:443\"]\n",
+            "t",
+        )
+        .unwrap();
+        let start = std::time::Instant::now();
+        let r = upstreams(&c, Duration::from_secs(2));
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].level, Level::Fail, "{r:?}");
+    }
+}

@@ -1,0 +1,441 @@
+//! The install paths in `dist/`: the systemd unit (verified by `systemd-analyze verify`, with
+//! the hardening keys present), the Docker seccomp profile (parses; allows io_uring; allows every
+//! system call the relay and `sluicectl` make, traced with strace on both the io_uring and the
+//! epoll engine), the Dockerfile's shape, and the Helm chart (templates rendered from
+//! values.yaml must be valid YAML describing a PROXY-v2 LoadBalancer in front of listeners that
+//! accept PROXY, with probes on those ports).
+//!
+//! Docker is not run here. That the relay still works where a seccomp profile refuses io_uring
+//! (Docker's default) is `fallback::auto_falls_back_to_epoll_when_io_uring_is_blocked`.
+//! `cargo xtask dist`'s tarball is checked by the unit test in `xtask/src/dist.rs`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sluice_tests::servers::EchoServer;
+use sluice_tests::sluice::{sluice_bin, sluicectl_bin};
+use sluice_tests::{HUNG, Host, TempDir, init, procfs, require_program, run_with_timeout, sys};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_path_buf()
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// systemd
+
+/// `Key=value` lines of a unit's `[section]` (the last value of a repeated key).
+fn unit_section(text: &str, section: &str) -> BTreeMap<String, String> {
+    let mut inside = false;
+    let mut out = BTreeMap::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            inside = line == format!("[{section}]");
+        } else if inside
+            && !line.starts_with('#')
+            && let Some((k, v)) = line.split_once('=')
+        {
+            out.insert(k.trim().to_string(), v.trim().to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn systemd_unit_is_hardened_and_verifies() {
+    init();
+    let text = read("dist/systemd/sluice.service");
+    let service = unit_section(&text, "Service");
+    for (key, want) in [
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("RuntimeDirectory", "sluice"),
+    ] {
+        assert_eq!(service.get(key).map(String::as_str), Some(want), "{key}");
+    }
+    let caps: BTreeSet<&str> = service["CapabilityBoundingSet"]
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        caps,
+        BTreeSet::from([
+            "CAP_NET_BIND_SERVICE",
+            "CAP_BPF",
+            "CAP_NET_ADMIN",
+            "CAP_PERFMON",
+            "CAP_SETUID",
+            "CAP_SETGID",
+        ]),
+        "only what Sluice uses"
+    );
+    let nofile: u64 = service["LimitNOFILE"].parse().unwrap();
+    assert!(nofile >= 100_000, "LimitNOFILE {nofile}");
+    // The daemon's control socket lives in the RuntimeDirectory.
+    assert!(
+        service["ExecStart"].contains("--control /run/sluice/control.sock")
+            && service["ExecStart"].contains("--user sluice"),
+        "{}",
+        service["ExecStart"]
+    );
+    if !require_program("systemd-analyze") {
+        return;
+    }
+    // verify checks that ExecStart's program exists: point it at the binary under test.
+    let dir = TempDir::new();
+    let unit = dir.join("sluice.service");
+    std::fs::write(
+        &unit,
+        text.replace(
+            "/usr/local/bin/sluice ",
+            &format!("{} ", sluice_bin().display()),
+        ),
+    )
+    .unwrap();
+    let out = run_with_timeout(
+        Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&unit),
+        Duration::from_secs(60),
+    );
+    // verify exits 0 even for unknown keys and bad values; it prints them, so nothing printed
+    // is the pass.
+    assert!(
+        out.status.success() && out.text().trim().is_empty(),
+        "systemd-analyze verify: {}",
+        out.text()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Docker
+
+fn seccomp_allowed() -> BTreeSet<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&read("dist/docker/seccomp.json")).expect("seccomp.json is JSON");
+    assert_eq!(v["defaultAction"], "SCMP_ACT_ERRNO", "an allowlist");
+    v["syscalls"]
+        .as_array()
+        .expect("a syscalls array")
+        .iter()
+        .filter(|r| r["action"] == "SCMP_ACT_ALLOW" && r.get("args").is_none())
+        .flat_map(|r| r["names"].as_array().expect("names").iter())
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// System call names in an `strace -f` output file (one `PID name(...` line per call).
+fn traced_syscalls(path: &Path) -> BTreeSet<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .filter_map(|l| {
+            let rest = l
+                .trim_start_matches(|c: char| c.is_ascii_digit())
+                .trim_start();
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            (!name.is_empty() && rest[name.len()..].starts_with('(')).then_some(name)
+        })
+        .collect()
+}
+
+/// Runs `sluice forward` with `engine` under strace, relays a few bytes and asks for its
+/// status; returns the system calls of the daemon, its workers and `sluicectl`.
+fn trace_relay(engine: &str) -> BTreeSet<String> {
+    let dir = TempDir::new();
+    let trace = dir.join("relay.strace");
+    let ctl_trace = dir.join("ctl.strace");
+    let control = dir.join("control.sock");
+    let echo = EchoServer::start(Host::new().addr());
+    let listen = Host::new().addr();
+    let mut strace = Command::new("strace");
+    strace
+        .args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .arg(sluice_bin())
+        .args(["forward", &listen.to_string(), &echo.addr().to_string()])
+        .args(["--workers", "1", "--engine", engine, "--control"])
+        .arg(&control)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    sys::parent_death_signal(&mut strace, libc::SIGKILL);
+    let mut child = strace.spawn().expect("start strace");
+    let stop = |child: &mut std::process::Child| {
+        // SIGTERM to the daemon (strace's child) ends it; strace then exits by itself.
+        for pid in procfs::children(child.id()) {
+            sys::kill(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + HUNG;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                sys::kill(child.id(), libc::SIGKILL);
+                let _ = child.wait();
+                panic!("strace did not end after its daemon was stopped");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let deadline = Instant::now() + HUNG;
+    while !(procfs::is_listening(listen) && control.exists()) {
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            stop(&mut child);
+            panic!("the relay under strace did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = TcpStream::connect(listen).unwrap();
+    c.set_read_timeout(Some(HUNG)).unwrap();
+    c.write_all(b"through the profile").unwrap();
+    let mut back = [0u8; 19];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"through the profile");
+    drop(c);
+    let ctl = run_with_timeout(
+        Command::new("strace")
+            .args(["-f", "-qq", "-o"])
+            .arg(&ctl_trace)
+            .arg(sluicectl_bin())
+            .arg("--control")
+            .arg(&control)
+            .args(["status", "--json"]),
+        HUNG,
+    );
+    stop(&mut child);
+    assert!(ctl.status.success(), "sluicectl status: {}", ctl.text());
+    assert!(
+        ctl.stdout.contains(&format!("\"engine\":\"{engine}\""))
+            || engine == "auto" && ctl.stdout.contains("\"engine\":\"splice\""),
+        "{}",
+        ctl.stdout
+    );
+    let mut calls = traced_syscalls(&trace);
+    calls.extend(traced_syscalls(&ctl_trace));
+    calls
+}
+
+#[test]
+fn seccomp_profile_allows_io_uring_and_every_call_the_relay_makes() {
+    init();
+    let allowed = seccomp_allowed();
+    for call in ["io_uring_setup", "io_uring_enter", "io_uring_register"] {
+        assert!(allowed.contains(call), "{call} not allowed");
+    }
+    if !require_program("strace") || !sluice_tests::require_io_uring() {
+        return;
+    }
+    for engine in ["auto", "epoll"] {
+        let used = trace_relay(engine);
+        assert!(used.len() > 20, "strace saw too little: {used:?}");
+        if engine == "auto" {
+            assert!(used.contains("io_uring_setup"), "{used:?}");
+        } else {
+            assert!(
+                used.contains("epoll_wait") || used.contains("epoll_pwait"),
+                "{used:?}"
+            );
+        }
+        let refused: Vec<&String> = used.difference(&allowed).collect();
+        assert!(
+            refused.is_empty(),
+            "engine {engine}: the profile refuses calls the relay makes: {refused:?}"
+        );
+    }
+}
+
+#[test]
+fn dockerfile_is_multi_stage_with_a_slim_runtime() {
+    let text = read("dist/docker/Dockerfile");
+    let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(froms.len(), 2, "{froms:?}");
+    assert!(froms[0].ends_with(" AS build"), "{froms:?}");
+    assert!(
+        froms[1].contains("slim") || froms[1].contains("distroless"),
+        "{froms:?}"
+    );
+    assert!(
+        text.contains("cargo xtask build-ebpf"),
+        "builds the eBPF object"
+    );
+    assert!(
+        text.contains("COPY --from=build"),
+        "runtime copies from the build stage"
+    );
+    for bin in ["/usr/local/bin/sluice", "/usr/local/bin/sluicectl"] {
+        assert!(text.contains(bin), "{bin}");
+    }
+    assert!(text.contains("seccomp.json"), "says how to use the profile");
+    let cmd = text.lines().find(|l| l.starts_with("CMD ")).unwrap();
+    let cmd: Vec<String> = serde_json::from_str(cmd.trim_start_matches("CMD ")).unwrap();
+    assert_eq!(cmd[..3], ["run", "--config", "/etc/sluice/sluice.toml"]);
+    // The config the image runs with is valid.
+    sluice::config::Config::from_toml(&read("dist/sluice.toml"), "dist/sluice.toml").unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helm
+
+/// A value of values.yaml by dotted path, as template text.
+fn lookup(values: &serde_yaml::Value, path: &str) -> String {
+    let mut v = values;
+    for key in path.split('.') {
+        v = v
+            .get(key)
+            .unwrap_or_else(|| panic!(".Values.{path}: no `{key}` in values.yaml"));
+    }
+    match v {
+        serde_yaml::Value::String(s) => s.clone(),
+        serde_yaml::Value::Number(n) => n.to_string(),
+        serde_yaml::Value::Bool(b) => b.to_string(),
+        other => panic!(".Values.{path} is not a scalar: {other:?}"),
+    }
+}
+
+/// Renders a template the way helm would for these simple ones: `{{ .Values.a.b }}` and
+/// `{{ .Release.Name }}` only (anything else fails the test).
+fn render(template: &str, values: &serde_yaml::Value, release: &str) -> String {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find("}}").expect("unclosed {{") + start;
+        let expr = rest[start + 2..end].trim();
+        if expr == ".Release.Name" {
+            out.push_str(release);
+        } else if let Some(path) = expr.strip_prefix(".Values.") {
+            out.push_str(&lookup(values, path));
+        } else {
+            panic!("template expression `{expr}` is more than a value substitution");
+        }
+        rest = &rest[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn helm_chart_renders_to_valid_manifests_for_proxy_v2_behind_a_load_balancer() {
+    let chart = repo().join("dist/helm/sluice");
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&read("dist/helm/sluice/values.yaml")).unwrap();
+    let meta: serde_yaml::Value =
+        serde_yaml::from_str(&read("dist/helm/sluice/Chart.yaml")).unwrap();
+    assert_eq!(meta["apiVersion"].as_str(), Some("v2"));
+    assert_eq!(meta["name"].as_str(), Some("sluice"));
+    let mut docs: BTreeMap<String, serde_yaml::Value> = BTreeMap::new();
+    for entry in std::fs::read_dir(chart.join("templates")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let rendered = render(&text, &values, "relay");
+        let doc: serde_yaml::Value = serde_yaml::from_str(&rendered)
+            .unwrap_or_else(|e| panic!("{} is not valid YAML ({e}):\n{rendered}", path.display()));
+        let kind = doc["kind"].as_str().expect("a kind").to_string();
+        docs.insert(kind, doc);
+    }
+    for kind in [
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+    ] {
+        assert!(docs.contains_key(kind), "no {kind}: {:?}", docs.keys());
+    }
+    // The relay's configuration: valid, every listener expects the balancer's PROXY header.
+    let toml = docs["ConfigMap"]["data"]["sluice.toml"].as_str().unwrap();
+    let config = sluice::config::Config::from_toml(toml, "chart ConfigMap").unwrap();
+    assert!(config.listeners.iter().all(|l| l.accept_proxy), "{toml}");
+    let listener_ports: BTreeSet<u64> = config
+        .listeners
+        .iter()
+        .map(|l| u64::from(l.bind.port()))
+        .collect();
+    // Deployment: replicas from values, container ports and probes on the listeners.
+    let dep = &docs["Deployment"];
+    assert_eq!(dep["spec"]["replicas"], values["replicaCount"]);
+    let container = &dep["spec"]["template"]["spec"]["containers"][0];
+    let ports: BTreeSet<u64> = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ports, listener_ports);
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let port = container[probe]["tcpSocket"]["port"].as_u64();
+        assert!(
+            port.is_some_and(|p| listener_ports.contains(&p)),
+            "{probe} is not a TCP probe on a listener: {:?}",
+            container[probe]
+        );
+    }
+    // Service: a load balancer sending PROXY, publishing 443 and 587 for the share link.
+    let svc = &docs["Service"];
+    assert_eq!(svc["spec"]["type"].as_str(), Some("LoadBalancer"));
+    assert_eq!(
+        svc["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-proxy-protocol"]
+            .as_str(),
+        Some("*")
+    );
+    let published: BTreeMap<u64, u64> = svc["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["port"].as_u64().unwrap(),
+                p["targetPort"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        published.values().all(|t| listener_ports.contains(t)),
+        "{published:?}"
+    );
+    assert!(published.contains_key(&443) && published.contains_key(&587));
+    // HPA scales this Deployment.
+    let hpa = &docs["HorizontalPodAutoscaler"];
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        dep["metadata"]["name"]
+    );
+    assert_eq!(
+        hpa["spec"]["minReplicas"],
+        values["autoscaling"]["minReplicas"]
+    );
+    assert!(hpa["spec"]["maxReplicas"].as_u64() > hpa["spec"]["minReplicas"].as_u64());
+    // The link users get for it: the balancer's ports.
+    let links = sluice::share::links(
+        &config,
+        "lb.example.org",
+        sluice::share::PortOverrides {
+            chat_port: Some(443),
+            media_port: Some(587),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        links[0].url,
+        "https://wa.me/proxy?host=lb.example.org&chatPort=443&mediaPort=587&chatTLS=1"
+    );
+    // helm itself, where it is installed (it is not in Debian's archive).
+    if sluice_tests::find_program("helm").is_some() {
+        let out = run_with_timeout(
+            Command::new("helm").arg("lint").arg(&chart),
+            Duration::from_secs(60),
+        );
+        assert!(out.status.success(), "helm lint: {}", out.text());
+    }
+}
