@@ -429,16 +429,18 @@ pub fn scale_section(r: &Report) -> Option<String> {
          upstream connections; the supervisor chose the worker count from the fd limit. Idle \
          connections come from 127.77.1.x (15 000 per load generator process), each proven \
          relayed by one echoed byte; then {} more connections exchange 64-byte messages at the \
-         rate shown while the idle ones stay open. Memory is the relay's whole process tree \
-         (after − before) / held; kernel TCP memory and sockets are the machine's (clients, \
-         relay and upstream: three sockets per relayed connection).\n",
+         rate shown while the idle ones stay open. User memory is the relay's whole process \
+         tree (after − before) / held. Kernel figures are the machine's, for four sockets per \
+         relayed connection (the client's, the relay's two, the upstream's): TCP buffer memory \
+         (`TCP: mem` in /proc/net/sockstat; idle sockets hold no buffer) and slab memory \
+         (`Slab` in /proc/meminfo, where the sockets themselves live).\n",
         r.started, r.params.rr_conns
     );
     let _ = writeln!(
         out,
-        "| candidate | held / attempted | workers | time to establish | user memory per conn, RSS / PSS | kernel TCP memory, before → held | TCP sockets, before → held | active conns: rate, p50 / p99 / p99.9, answered |"
+        "| candidate | held / attempted | workers | time to establish | user memory per conn, RSS / PSS | kernel slab per relayed conn | kernel TCP buffers, before → held | TCP sockets, before → held | active conns: rate, p50 / p99 / p99.9, answered |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     for (cand, s) in rows {
         let per = |v: Option<f64>| v.map_or("–".into(), |v| format!("{:.2} KB", v));
         let lat = s.active_latency.as_ref().map_or("–".into(), |l| {
@@ -451,13 +453,15 @@ pub fn scale_section(r: &Report) -> Option<String> {
         });
         let _ = writeln!(
             out,
-            "| {cand} | {} / {} | {} | {:.1} s | {} / {} | {:.0} MB → {:.0} MB | {} → {} | {} msg/s, {lat}, {}/{} |",
+            "| {cand} | {} / {} | {} | {:.1} s | {} / {} | {} | {:.0} MB → {:.0} MB | {} → {} | {} msg/s, {lat}, {}/{} |",
             s.held,
             s.attempted,
             s.workers,
             s.setup_secs,
             per(s.rss_kb_per_conn),
             per(s.pss_kb_per_conn),
+            per((s.held > 0)
+                .then(|| { (s.slab_kb_after as f64 - s.slab_kb_before as f64) / s.held as f64 })),
             s.tcp_mem_kb_before as f64 / 1024.0,
             s.tcp_mem_kb_after as f64 / 1024.0,
             s.tcp_inuse_before,

@@ -4,8 +4,9 @@
 //! 64-byte messages at a fixed rate.
 //!
 //! Reported: connections held, time to establish them, the relay's user memory per connection
-//! (RSS and PSS of its process tree, after − before), the kernel's TCP memory from
-//! /proc/net/sockstat (all sockets of the machine: clients, relay and upstream), and the
+//! (RSS and PSS of its process tree, after − before), the kernel's TCP buffer memory from
+//! /proc/net/sockstat and slab memory from /proc/meminfo (all sockets of the machine: clients,
+//! relay and upstream), and the
 //! request/response latency of the active connections while the idle ones are held.
 
 use std::net::Ipv4Addr;
@@ -41,12 +42,28 @@ pub struct Scale {
     /// Kernel TCP memory (sockstat `mem`, pages → KB), before and while held.
     pub tcp_mem_kb_before: u64,
     pub tcp_mem_kb_after: u64,
+    /// Kernel slab memory (/proc/meminfo `Slab`, KB), before and while held: the sockets
+    /// themselves live there, not in `TCP: mem` (which counts buffers).
+    #[serde(default)]
+    pub slab_kb_before: u64,
+    #[serde(default)]
+    pub slab_kb_after: u64,
     /// The active connections' latency at [`ACTIVE_RATE`] while the idle ones are held.
     pub active_rate: u32,
     pub active_conns: usize,
     pub active_sent: u64,
     pub active_received: u64,
     pub active_latency: Option<Latency>,
+}
+
+/// `Slab:` of /proc/meminfo, in KB.
+fn slab_kb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// (`inuse`, `mem` in KB) of the TCP line of /proc/net/sockstat.
@@ -96,6 +113,7 @@ impl Suite {
         std::thread::sleep(Duration::from_millis(500));
         let before = procstat::tree_mem(relay.pid());
         let (inuse_before, tcp_mem_before) = sockstat();
+        let slab_before = slab_kb();
         let procs = p.scale_conns.div_ceil(IDLE_PER_PROCESS).max(1);
         let setup_max_s = 180;
         let mut gens = Vec::new();
@@ -147,6 +165,7 @@ impl Suite {
         std::thread::sleep(Duration::from_secs(1));
         let after = procstat::tree_mem(relay.pid());
         let (inuse_after, tcp_mem_after) = sockstat();
+        let slab_after = slab_kb();
         let refusals = relay.status().map_or(String::new(), |s| {
             [
                 "refused_full",
@@ -202,6 +221,8 @@ impl Suite {
             tcp_inuse_after: inuse_after,
             tcp_mem_kb_before: tcp_mem_before,
             tcp_mem_kb_after: tcp_mem_after,
+            slab_kb_before: slab_before,
+            slab_kb_after: slab_after,
             active_rate: ACTIVE_RATE,
             ..Scale::default()
         };
