@@ -736,6 +736,28 @@ impl Suite {
         Ok(())
     }
 
+    /// The idle load generators' results, summed: (attempted, held, slowest setup in s).
+    fn collect_idle(&self, gens: &[LineChild], deadline: Instant) -> (usize, usize, f64) {
+        let (mut attempted, mut held, mut setup_secs) = (0, 0, 0.0f64);
+        for lg in gens {
+            let (_, results) = self.collect(lg, deadline, 1);
+            for r in results {
+                if let LoadResult::Idle {
+                    attempted: a,
+                    held: h,
+                    setup_secs: s,
+                    ..
+                } = r
+                {
+                    attempted += a;
+                    held += h;
+                    setup_secs = setup_secs.max(s);
+                }
+            }
+        }
+        (attempted, held, setup_secs)
+    }
+
     /// Reads a load generator's lines until `results` results or the deadline: windows by label.
     fn collect(
         &self,
@@ -872,23 +894,7 @@ impl Suite {
             gens.push(lg);
         }
         let deadline = Instant::now() + Duration::from_secs(setup_max_s + 10);
-        let (mut attempted, mut held, mut setup_secs) = (0, 0, 0.0f64);
-        for lg in &gens {
-            let (_, results) = self.collect(lg, deadline, 1);
-            for r in results {
-                if let LoadResult::Idle {
-                    attempted: a,
-                    held: h,
-                    setup_secs: s,
-                    ..
-                } = r
-                {
-                    attempted += a;
-                    held += h;
-                    setup_secs = setup_secs.max(s);
-                }
-            }
-        }
+        let (attempted, held, setup_secs) = self.collect_idle(&gens, deadline);
         // Let the relay settle: buffers of the one echoed byte go back to their pools.
         std::thread::sleep(Duration::from_secs(1));
         let after = procstat::tree_mem(relay.pid());

@@ -80,16 +80,20 @@ pub fn require_io_uring() -> bool {
 pub fn require_bpf() -> bool {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_BPF: u32 = 39;
-    let eff = std::fs::read_to_string("/proc/self/status")
+    let need = (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN);
+    effective_caps() & need == need || skip("needs CAP_BPF and CAP_NET_ADMIN to load eBPF programs")
+}
+
+/// This process's effective capability set (`CapEff` in /proc/self/status; 0 if unreadable).
+pub fn effective_caps() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("CapEff:"))
                 .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         })
-        .unwrap_or(0);
-    let need = (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN);
-    eff & need == need || skip("needs CAP_BPF and CAP_NET_ADMIN to load eBPF programs")
+        .unwrap_or(0)
 }
 
 /// Gate for tests that make network namespaces.

@@ -145,23 +145,7 @@ impl Suite {
         }
         let started = Instant::now();
         let deadline = started + Duration::from_secs(setup_max_s + 15);
-        let (mut attempted, mut held, mut setup_secs) = (0, 0, 0.0f64);
-        for lg in &gens {
-            let (_, results) = self.collect(lg, deadline, 1);
-            for r in results {
-                if let LoadResult::Idle {
-                    attempted: a,
-                    held: h,
-                    setup_secs: s,
-                    ..
-                } = r
-                {
-                    attempted += a;
-                    held += h;
-                    setup_secs = setup_secs.max(s);
-                }
-            }
-        }
+        let (attempted, held, setup_secs) = self.collect_idle(&gens, deadline);
         std::thread::sleep(Duration::from_secs(1));
         let after = procstat::tree_mem(relay.pid());
         let (inuse_after, tcp_mem_after) = sockstat();

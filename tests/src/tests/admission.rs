@@ -500,14 +500,7 @@ const CAP_BPF: u32 = 39;
 /// Runs only with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (namespaces, bpffs); otherwise says
 /// why and returns false, or fails under `SLUICE_REQUIRE_CAPS=1` (see `sluice_tests::skip`).
 fn bpf_gate() -> bool {
-    let eff = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        })
-        .unwrap_or(0);
+    let eff = sluice_tests::effective_caps();
     let missing: Vec<&str> = [
         (CAP_BPF, "CAP_BPF"),
         (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
