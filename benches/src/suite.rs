@@ -736,6 +736,42 @@ impl Suite {
         Ok(())
     }
 
+    /// Starts idle load generators for `count` connections to `target` ([`IDLE_PER_PROCESS`]
+    /// each, 16 client source addresses apart), with `extra` arguments; logs `NAME-i`.
+    fn spawn_idle(
+        &mut self,
+        target: SocketAddr,
+        count: usize,
+        setup_max_s: u64,
+        hold_max_s: u64,
+        extra: &[&str],
+        name: &str,
+    ) -> Result<Vec<LineChild>> {
+        let procs = count.div_ceil(IDLE_PER_PROCESS).max(1);
+        let mut gens = Vec::new();
+        for i in 0..procs {
+            let n = count / procs + usize::from(i < count % procs);
+            let mut args: Vec<String> = vec![
+                "idle".into(),
+                "--target".into(),
+                target.to_string(),
+                "--count".into(),
+                n.to_string(),
+                "--source-base".into(),
+                (i * 16).to_string(),
+                "--setup-max-ms".into(),
+                (setup_max_s * 1000).to_string(),
+                "--hold-max-ms".into(),
+                (hold_max_s * 1000).to_string(),
+            ];
+            args.extend(extra.iter().map(|a| a.to_string()));
+            let lg = self.loadgen(&args, &format!("{name}-{i}"))?;
+            self.meter.loadgen.push(lg.guard.pid());
+            gens.push(lg);
+        }
+        Ok(gens)
+    }
+
     /// The idle load generators' results, summed: (attempted, held, slowest setup in s).
     fn collect_idle(&self, gens: &[LineChild], deadline: Instant) -> (usize, usize, f64) {
         let (mut attempted, mut held, mut setup_secs) = (0, 0, 0.0f64);
@@ -869,30 +905,8 @@ impl Suite {
         std::thread::sleep(Duration::from_millis(300));
         let before = procstat::tree_mem(relay.pid());
         let a = self.meter.snap();
-        let procs = count.div_ceil(IDLE_PER_PROCESS).max(1);
         let setup_max_s = if p.quick { 25 } else { 60 };
-        let mut gens = Vec::new();
-        for i in 0..procs {
-            let n = count / procs + usize::from(i < count % procs);
-            let lg = self.loadgen(
-                &[
-                    "idle".into(),
-                    "--target".into(),
-                    target.to_string(),
-                    "--count".into(),
-                    n.to_string(),
-                    "--source-base".into(),
-                    (i * 16).to_string(),
-                    "--setup-max-ms".into(),
-                    (setup_max_s * 1000).to_string(),
-                    "--hold-max-ms".into(),
-                    ((setup_max_s + 60) * 1000).to_string(),
-                ],
-                &format!("idle-{i}"),
-            )?;
-            self.meter.loadgen.push(lg.guard.pid());
-            gens.push(lg);
-        }
+        let gens = self.spawn_idle(target, count, setup_max_s, setup_max_s + 60, &[], "idle")?;
         let deadline = Instant::now() + Duration::from_secs(setup_max_s + 10);
         let (attempted, held, setup_secs) = self.collect_idle(&gens, deadline);
         // Let the relay settle: buffers of the one echoed byte go back to their pools.

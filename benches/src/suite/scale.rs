@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::{ECHO_PORT, IDLE_PER_PROCESS, Measurement, Suite, upstream};
+use super::{ECHO_PORT, Measurement, Suite, upstream};
 use crate::peers::Candidate;
 use crate::procstat;
 use crate::wire::{Latency, LoadResult};
@@ -114,35 +114,17 @@ impl Suite {
         let before = procstat::tree_mem(relay.pid());
         let (inuse_before, tcp_mem_before) = sockstat();
         let slab_before = slab_kb();
-        let procs = p.scale_conns.div_ceil(IDLE_PER_PROCESS).max(1);
         let setup_max_s = 180;
-        let mut gens = Vec::new();
-        for i in 0..procs {
-            let n = p.scale_conns / procs + usize::from(i < p.scale_conns % procs);
-            let lg = self.loadgen(
-                &[
-                    "idle".into(),
-                    "--target".into(),
-                    target.to_string(),
-                    "--count".into(),
-                    n.to_string(),
-                    "--source-base".into(),
-                    (i * 16).to_string(),
-                    "--setup-max-ms".into(),
-                    (setup_max_s * 1000).to_string(),
-                    "--hold-max-ms".into(),
-                    ((setup_max_s + 120) * 1000).to_string(),
-                    // Setting up 100 000 at once, some SYNs wait for a retransmission.
-                    "--patience-ms".into(),
-                    "20000".into(),
-                    "--conn-timeout-ms".into(),
-                    "15000".into(),
-                ],
-                &format!("scale-idle-{i}"),
-            )?;
-            self.meter.loadgen.push(lg.guard.pid());
-            gens.push(lg);
-        }
+        // Setting up 100 000 at once, some SYNs wait for a retransmission.
+        let patient = ["--patience-ms", "20000", "--conn-timeout-ms", "15000"];
+        let gens = self.spawn_idle(
+            target,
+            p.scale_conns,
+            setup_max_s,
+            setup_max_s + 120,
+            &patient,
+            "scale-idle",
+        )?;
         let started = Instant::now();
         let deadline = started + Duration::from_secs(setup_max_s + 15);
         let (attempted, held, setup_secs) = self.collect_idle(&gens, deadline);
