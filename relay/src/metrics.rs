@@ -140,6 +140,23 @@ impl Shared {
     }
 
     /// The supervisor's own row (health-check counters), after every worker row.
+    /// Takes one of `max` daemon-wide connection places (the supervisor row's `Active`, one
+    /// atomic for every worker); false, and nothing taken, when all are in use.
+    pub fn reserve(&self, max: u64) -> bool {
+        let places = &self.row(MAX_WORKERS - 1)[Counter::Active as usize];
+        if places.fetch_add(1, Relaxed) >= max {
+            places.fetch_sub(1, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back `n` places taken by [`Shared::reserve`].
+    pub fn release(&self, n: u64) {
+        let places = &self.row(MAX_WORKERS - 1)[Counter::Active as usize];
+        let _ = places.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(n)));
+    }
+
     pub fn supervisor(&self) -> Row<'_> {
         Row {
             row: self.row(MAX_WORKERS - 1),
@@ -177,6 +194,8 @@ impl Shared {
     /// A worker died: its connections are gone, so its gauges go to zero.
     pub fn clear_gauges(&self, worker: usize) {
         let row = self.row(worker);
+        // A dead worker's connections are gone: their daemon-wide places too.
+        self.release(row[Counter::Active as usize].load(Relaxed));
         for g in [Counter::Active, Counter::PipesInUse, Counter::Pid] {
             row[g as usize].store(0, Relaxed);
         }

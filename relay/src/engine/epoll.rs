@@ -266,6 +266,7 @@ impl<'a> Worker<'a> {
                 continue;
             }
             if client.set_nonblocking(true).is_err() {
+                self.ctx.release();
                 continue;
             }
             super::tune_socket(client.as_fd());
@@ -790,6 +791,7 @@ impl<'a> Worker<'a> {
         self.free.push(slot);
         self.active -= 1;
         self.ctx.row.listener_close(conn.listener);
+        self.ctx.release();
         self.ctx.row.inc(Counter::Closed);
         self.ctx
             .histos

@@ -191,7 +191,6 @@ impl<'a> WorkerCtx<'a> {
         // This worker's own fd capacity first: accepts already queued when accepting paused
         // must not take it past its fd limit.
         if self.shared.get(self.index, Counter::Active) >= self.worker_cap
-            || self.shared.total(self.workers, Counter::Active) >= u64::from(c.max_connections)
             || (l.max_connections > 0
                 && self.shared.listener_active(self.workers, listener)
                     >= u64::from(l.max_connections))
@@ -201,7 +200,17 @@ impl<'a> WorkerCtx<'a> {
         if !upstream_known {
             return Err(Refusal::NoUpstream);
         }
+        // Last, since it takes a place: one atomic shared by every worker, so workers admitting
+        // at the same moment cannot both take the last place. Released by `release`.
+        if !self.shared.reserve(u64::from(c.max_connections)) {
+            return Err(Refusal::Full);
+        }
         Ok(())
+    }
+
+    /// Gives back the daemon-wide place an admitted connection held.
+    pub fn release(&self) {
+        self.shared.release(1);
     }
 
     /// Whether the client named in a PROXY header may connect (the header's source address,

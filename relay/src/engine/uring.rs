@@ -1972,6 +1972,7 @@ impl<'a> Worker<'a> {
         self.free.push(slot);
         self.active -= 1;
         self.ctx.row.listener_close(conn.listener as usize);
+        self.ctx.release();
         self.ctx.row.inc(Counter::Closed);
         self.ctx
             .histos
