@@ -132,6 +132,8 @@ impl Status {
         for (c, name) in [
             (Counter::UpstreamStateChanges, "upstream_state_changes"),
             (Counter::UpstreamsDown, "upstreams_down"),
+            (Counter::Reloads, "reloads"),
+            (Counter::ReloadsFailed, "reloads_failed"),
         ] {
             self.totals
                 .insert(name.to_string(), shared.supervisor_get(c));

@@ -177,6 +177,14 @@ pub fn stats_json(src: &Source) -> serde_json::Value {
                 "upstreams_down".to_string(),
                 src.shared.supervisor_get(Counter::UpstreamsDown).into(),
             ),
+            (
+                "reloads".to_string(),
+                src.shared.supervisor_get(Counter::Reloads).into(),
+            ),
+            (
+                "reloads_failed".to_string(),
+                src.shared.supervisor_get(Counter::ReloadsFailed).into(),
+            ),
         ])
         .collect();
     let m = src.stats.fresh();
@@ -283,6 +291,21 @@ fn encode_all(src: &Source, mut e: DescriptorEncoder) -> Result<(), std::fmt::Er
         None,
         ctr.metric_type(),
     )?)?;
+    for (c, name, help) in [
+        (
+            Counter::Reloads,
+            "sluice_reloads",
+            "Configuration reloads applied (SIGHUP or sluicectl reload)",
+        ),
+        (
+            Counter::ReloadsFailed,
+            "sluice_reloads_failed",
+            "Configuration reloads refused; the running configuration was kept",
+        ),
+    ] {
+        let ctr = ConstCounter::new(src.shared.supervisor_get(c));
+        ctr.encode(e.encode_descriptor(name, help, None, ctr.metric_type())?)?;
+    }
     let g = ConstGauge::new(src.shared.supervisor_get(Counter::UpstreamsDown) as i64);
     g.encode(e.encode_descriptor(
         "sluice_upstreams_down",

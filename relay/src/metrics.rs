@@ -15,7 +15,7 @@ use crate::sys::SharedMap;
 pub const MAX_WORKERS: usize = 1024;
 /// Listeners whose active connections are counted per worker (for per-listener caps).
 pub const MAX_LISTENERS: usize = 64;
-const COUNTERS: usize = 32;
+const COUNTERS: usize = 48;
 const ROW: usize = COUNTERS + MAX_LISTENERS;
 
 /// What each counter slot of a row holds.
@@ -77,6 +77,11 @@ pub enum Counter {
     /// Gauge: fast-path pairs the worker had inserted when it last counted its map entries
     /// ([`Counter::FastPathEntries`]); equal to `fast_path_pairs` once that count is current.
     FastPathAuditedPairs,
+    /// Supervisor row: configuration reloads applied (SIGHUP or `sluicectl reload`).
+    Reloads,
+    /// Supervisor row: reloads refused (the file did not parse or validate, or it changed what
+    /// needs a restart); the running configuration was kept.
+    ReloadsFailed,
 }
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[

@@ -6,7 +6,9 @@
 //! while the others keep their connections. It serves the control socket ([`crate::control`]).
 //!
 //! Signal contract: SIGTERM / SIGINT stop the workers (their connections close) and exit 0;
-//! SIGCHLD reaps and restarts dead workers. Workers die with the supervisor (PR_SET_PDEATHSIG
+//! SIGCHLD reaps and restarts dead workers; SIGHUP (or `sluicectl reload`) reloads the
+//! configuration file: the workers take the new configuration for their new connections while
+//! established ones go on and the listening sockets stay open (see [`Supervisor::reload`]). Workers die with the supervisor (PR_SET_PDEATHSIG
 //! and EOF on their control pipe).
 
 use std::collections::HashMap;
@@ -15,6 +17,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Socket, Type};
 
 use crate::admission::{self, Rules};
-use crate::config::{Config, EngineChoice, TlsSettings};
+use crate::config::{Config, EngineChoice, HostPort, TlsSettings};
 use crate::control::{self, Status, WorkerStatus};
 use crate::ebpf::XdpDeny;
 use crate::engine::{self, EngineKind};
@@ -48,15 +51,36 @@ pub struct Options {
     pub xdp: Vec<String>,
     /// Where `sluicectl load` pinned the eBPF maps; used when maps are pinned there.
     pub pin_dir: Option<PathBuf>,
+    /// How to build the configuration again on a reload (the file read again, with the command
+    /// line's overrides); None when the daemon was started from a preset or the command line.
+    pub reload: Option<ReloadFrom>,
+}
+
+/// Builds the configuration again for a reload, validated, or says why it cannot.
+#[derive(Clone)]
+pub struct ReloadFrom(pub Arc<dyn Fn() -> Result<Config, String> + Send + Sync>);
+
+impl std::fmt::Debug for ReloadFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReloadFrom(..)")
+    }
 }
 
 /// What the main loop answers to a list command: the reply so far and the generation the
 /// control thread waits for every worker to reach.
 type AdmissionAnswer = Result<(admission::Reply, u64), String>;
 
+/// What the main loop answers to `reload`: what changed and the generation the workers report
+/// once they applied it, or why nothing was changed.
+type ReloadAnswer = Result<(serde_json::Value, u64), String>;
+
 enum Event {
     Signal(i32),
-    Resolved(Table),
+    /// A table from the resolver thread of the given epoch (one of a configuration since
+    /// replaced is ignored).
+    Resolved(u64, Table),
+    /// `sluicectl reload`: the answer goes back on the channel.
+    Reload(mpsc::Sender<ReloadAnswer>),
     /// Time to look whether certificate files changed.
     CheckFiles,
     /// `sluicectl allow|deny|dest ...` from the control socket.
@@ -241,53 +265,22 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         None => None,
     };
     // After binding, so a port in use is reported before seconds of key generation.
-    let tls = load_tls(&config)?;
+    let tls = load_tls(&config, None)?;
     // Before the resolver thread starts: its health checks skip addresses not on the
     // destination allowlist.
     let rules = initial_rules(&config);
     admission::publish_dests(&rules.dests);
 
     let mut failing = HashMap::new();
-    let (table, ok) = upstream::resolve_all(&config, &mut failing);
+    let (resolved, resolved_ok) = upstream::resolve_all(&config, &mut failing);
     let (tx, rx) = mpsc::channel::<Event>();
-    let health_row = shared.clone();
-    upstream::spawn_resolver(
-        config.clone(),
-        table.clone(),
-        ok,
-        failing,
-        tx.clone(),
-        Event::Resolved,
-        Box::new(move |changes, down| {
-            let row = health_row.supervisor();
-            row.add(
-                Counter::UpstreamStateChanges,
-                u64::from(changes.went_down + changes.went_up),
-            );
-            row.set(Counter::UpstreamsDown, down as u64);
-        }),
-    )?;
     // What workers start with: every address counts as up until checked.
-    let table = crate::health::Checker::new().filter(&config, &table);
-    if config
-        .listeners
-        .iter()
-        .any(|l| l.tls.as_ref().is_some_and(|t| t.cert.is_some()))
-    {
-        let tx = tx.clone();
-        std::thread::Builder::new()
-            .name("cert-watch".into())
-            .spawn(move || {
-                while tx.send(Event::CheckFiles).is_ok() {
-                    std::thread::sleep(CERT_CHECK_INTERVAL);
-                }
-            })?;
-    }
+    let table = crate::health::Checker::new().filter(&config, &resolved);
     let mut interfaces = config.admission.xdp_interfaces.clone();
     interfaces.extend(opts.xdp.iter().cloned());
     let (xdp, xdp_interfaces) = attach_xdp(&interfaces, opts.pin_dir.as_deref(), &rules);
     let handler_tx = tx.clone();
-    spawn_signal_thread(tx)?;
+    spawn_signal_thread(tx.clone())?;
 
     let mut st = Status::new(&config, kind, nworkers);
     st.per_worker_capacity = engine::worker_capacity(nofile);
@@ -325,6 +318,13 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     let config_toml = config.to_toml();
     let mut sup = Supervisor {
         config_toml,
+        config,
+        reload_from: opts.reload.clone(),
+        nofile,
+        tx,
+        resolver_epoch: 0,
+        resolver_stop: Arc::new(AtomicBool::new(false)),
+        cert_watch: false,
         kind,
         nworkers,
         listeners,
@@ -341,38 +341,38 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         xdp,
         xdp_interfaces,
     };
+    sup.start_resolver(resolved, resolved_ok, failing)?;
+    sup.watch_cert_files()?;
     for i in 0..nworkers {
         let p = sup.spawn(i)?;
         sup.procs.push(Some(p));
     }
     sup.publish_status();
     tracing::info!(
-        listeners = config.listeners.len(),
+        listeners = sup.config.listeners.len(),
         workers = nworkers,
         engine = kind.name(),
         "ready"
     );
     for ev in rx {
         match ev {
-            Event::Resolved(table) => {
-                sup.table = table;
-                for i in 0..nworkers {
-                    sup.send_table(i);
+            Event::Resolved(epoch, table) => {
+                if epoch == sup.resolver_epoch {
+                    sup.table = table;
+                    for i in 0..nworkers {
+                        sup.send_table(i);
+                    }
                 }
             }
             Event::Signal(signal_hook::consts::SIGCHLD) => sup.reap(),
             Event::Signal(signal_hook::consts::SIGHUP) => {
-                tracing::info!(
-                    "SIGHUP: resolving upstream names and reloading certificate files now (other changes need a restart)"
-                );
-                let (table, _) = upstream::resolve_all(&config, &mut HashMap::new());
-                sup.table = table;
-                for i in 0..nworkers {
-                    sup.send_table(i);
-                }
-                sup.reload_tls(&config, true);
+                tracing::info!("SIGHUP: reloading");
+                let _ = sup.reload();
             }
-            Event::CheckFiles => sup.reload_tls(&config, false),
+            Event::Reload(reply) => {
+                let _ = reply.send(sup.reload());
+            }
+            Event::CheckFiles => sup.reload_tls(false),
             Event::Admission(cmd, reply) => {
                 let _ = reply.send(Ok(sup.admission(&cmd)));
             }
@@ -387,9 +387,23 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
 }
 
 /// Loads or generates the certificate of every TLS listener, once: listeners with the same
-/// settings share one (the WhatsApp preset's 443 and 8443 serve the same certificate).
-fn load_tls(config: &Config) -> Result<Vec<Option<PemIdentity>>, StartError> {
+/// settings share one (the WhatsApp preset's 443 and 8443 serve the same certificate). On a
+/// reload, `before` holds the running configuration's certificates: a generated one whose
+/// settings did not change is kept (clients may have pinned its CA), files are read again.
+fn load_tls(
+    config: &Config,
+    before: Option<(&Config, &[Option<PemIdentity>])>,
+) -> Result<Vec<Option<PemIdentity>>, StartError> {
     let mut done: Vec<(&TlsSettings, PemIdentity)> = Vec::new();
+    if let Some((old, ids)) = before {
+        for (l, id) in old.listeners.iter().zip(ids) {
+            if let (Some(t), Some(id)) = (&l.tls, id)
+                && t.cert.is_none()
+            {
+                done.push((t, id.clone()));
+            }
+        }
+    }
     let mut out = Vec::new();
     for l in &config.listeners {
         let Some(t) = &l.tls else {
@@ -421,7 +435,18 @@ fn load_tls(config: &Config) -> Result<Vec<Option<PemIdentity>>, StartError> {
 }
 
 struct Supervisor {
+    /// The running configuration (replaced by a reload) and its TOML, which workers start with.
+    config: Config,
     config_toml: String,
+    reload_from: Option<ReloadFrom>,
+    nofile: u64,
+    /// The main loop's own channel (for the threads it starts).
+    tx: mpsc::Sender<Event>,
+    /// The resolver thread of the running configuration: its epoch, and the flag that stops it.
+    resolver_epoch: u64,
+    resolver_stop: Arc<AtomicBool>,
+    /// Whether the thread that looks at certificate files runs.
+    cert_watch: bool,
     kind: EngineKind,
     nworkers: usize,
     /// `listeners[worker][listener]`.
@@ -485,6 +510,13 @@ impl Supervisor {
     }
 
     fn write_table(&self, p: &mut WorkerProc) {
+        if let Err(e) = p.stdin.write_all(self.table_message().as_bytes()) {
+            tracing::debug!("cannot reach a worker's control pipe: {e}");
+        }
+    }
+
+    /// Every address list of the table, as control lines.
+    fn table_message(&self) -> String {
         let mut msgs = String::new();
         for (listener, entries) in self.table.iter().enumerate() {
             for (entry, addrs) in entries.iter().enumerate() {
@@ -496,9 +528,173 @@ impl Supervisor {
                 msgs.push_str(&msg.encode());
             }
         }
-        if let Err(e) = p.stdin.write_all(msgs.as_bytes()) {
-            tracing::debug!("cannot reach a worker's control pipe: {e}");
+        msgs
+    }
+
+    /// Starts the resolver and health-check thread of the running configuration; the one
+    /// before it (if any) is told to stop, and what it still sends is ignored.
+    fn start_resolver(
+        &mut self,
+        first: Table,
+        ok: bool,
+        failing: HashMap<HostPort, bool>,
+    ) -> std::io::Result<()> {
+        self.resolver_stop.store(true, Ordering::Relaxed);
+        self.resolver_stop = Arc::new(AtomicBool::new(false));
+        self.resolver_epoch += 1;
+        let epoch = self.resolver_epoch;
+        let health_row = self.shared.clone();
+        upstream::spawn_resolver(
+            self.config.clone(),
+            first,
+            ok,
+            failing,
+            self.tx.clone(),
+            move |table| Event::Resolved(epoch, table),
+            self.resolver_stop.clone(),
+            Box::new(move |changes, down| {
+                let row = health_row.supervisor();
+                row.add(
+                    Counter::UpstreamStateChanges,
+                    u64::from(changes.went_down + changes.went_up),
+                );
+                row.set(Counter::UpstreamsDown, down as u64);
+            }),
+        )
+    }
+
+    /// Starts the thread that has certificate files looked at every [`CERT_CHECK_INTERVAL`],
+    /// once some listener uses files.
+    fn watch_cert_files(&mut self) -> std::io::Result<()> {
+        let uses_files = self
+            .config
+            .listeners
+            .iter()
+            .any(|l| l.tls.as_ref().is_some_and(|t| t.cert.is_some()));
+        if self.cert_watch || !uses_files {
+            return Ok(());
         }
+        self.cert_watch = true;
+        let tx = self.tx.clone();
+        std::thread::Builder::new()
+            .name("cert-watch".into())
+            .spawn(move || {
+                while tx.send(Event::CheckFiles).is_ok() {
+                    std::thread::sleep(CERT_CHECK_INTERVAL);
+                }
+            })
+            .map(drop)
+    }
+
+    /// SIGHUP or `sluicectl reload`: builds the configuration again (the file read anew) and,
+    /// when only what can change live changed, hands it to every worker. Workers follow it for
+    /// each new connection and each step an established one takes from now on; no socket
+    /// closes and no connection is dropped. Listeners added, removed or moved, another engine,
+    /// user, worker count or metrics address need a restart: such a reload is refused whole and
+    /// the running configuration kept, like one that does not parse. Names are resolved anew,
+    /// certificate files read again, and the `[admission]` lists start over from the file when
+    /// that table changed (otherwise live `sluicectl allow|deny|dest` changes stay).
+    fn reload(&mut self) -> ReloadAnswer {
+        let answer = self.try_reload();
+        match &answer {
+            Ok((v, _)) => {
+                self.shared.supervisor().inc(Counter::Reloads);
+                tracing::info!("configuration reloaded: {v}");
+            }
+            Err(e) => {
+                self.shared.supervisor().inc(Counter::ReloadsFailed);
+                tracing::error!("reload refused, the running configuration is kept: {e}");
+            }
+        }
+        answer.map_err(|e| format!("{e} (the running configuration is kept)"))
+    }
+
+    fn try_reload(&mut self) -> ReloadAnswer {
+        let Some(from) = self.reload_from.clone() else {
+            // Started from a preset or the command line: what can be refreshed is.
+            let (table, _) = upstream::resolve_all(&self.config, &mut HashMap::new());
+            self.table = table;
+            for i in 0..self.nworkers {
+                self.send_table(i);
+            }
+            self.reload_tls(true);
+            return Err(
+                "the daemon was started from a preset or the command line, not a \
+                        config file: upstream names were resolved and certificate files read \
+                        again, nothing else changed"
+                    .into(),
+            );
+        };
+        let new = (from.0)()?;
+        if let Some(why) = restart_needed(&self.config, &new, self.nworkers, self.nofile) {
+            return Err(format!("{why}: restart sluice for that"));
+        }
+        let tls = load_tls(&new, Some((&self.config, &self.tls))).map_err(|e| e.to_string())?;
+        let changed: Vec<String> = new
+            .listeners
+            .iter()
+            .zip(&self.config.listeners)
+            .filter(|(n, o)| n != o)
+            .map(|(n, _)| n.name.clone())
+            .collect();
+        let admission_changed = new.admission != self.config.admission;
+        let global_changed = Config {
+            listeners: Vec::new(),
+            ..new.clone()
+        } != Config {
+            listeners: Vec::new(),
+            ..self.config.clone()
+        };
+        self.config_toml = new.to_toml();
+        self.config = new;
+        self.tls = tls;
+        if admission_changed {
+            self.rules = initial_rules(&self.config);
+            admission::publish_dests(&self.rules.dests);
+            for x in &mut self.xdp {
+                if let Err(e) = sync_xdp(x, &self.rules) {
+                    tracing::warn!(
+                        "cannot fill the XDP deny tries ({e}); denied clients are refused by the workers instead"
+                    );
+                }
+            }
+        }
+        let mut failing = HashMap::new();
+        let (resolved, ok) = upstream::resolve_all(&self.config, &mut failing);
+        self.table = crate::health::Checker::new().filter(&self.config, &resolved);
+        self.start_resolver(resolved, ok, failing)
+            .map_err(|e| format!("cannot start the resolver thread: {e}"))?;
+        self.watch_cert_files()
+            .map_err(|e| format!("cannot start the certificate watch: {e}"))?;
+        // One write per worker: the configuration first (it gives the lists their shape),
+        // then its addresses, certificates and lists; the last carries the generation the
+        // worker reports back once everything before it is applied.
+        self.generation += 1;
+        let mut msg = ControlMsg::Config {
+            toml: self.config_toml.clone(),
+        }
+        .encode();
+        msg.push_str(&self.table_message());
+        for listener in 0..self.tls.len() {
+            msg.push_str(&self.tls_message(listener));
+        }
+        msg.push_str(&self.admission_message());
+        self.broadcast(&msg);
+        {
+            let mut st = self.status.lock().expect("status lock");
+            st.max_connections = self.config.max_connections;
+            st.capacity = (st.per_worker_capacity * self.nworkers as u64)
+                .min(u64::from(self.config.max_connections));
+        }
+        self.publish_status();
+        let reply = serde_json::json!({
+            "reloaded": true,
+            "listeners_changed": changed,
+            "settings_changed": global_changed,
+            "admission_lists_reset": admission_changed,
+            "workers": self.nworkers,
+        });
+        Ok((reply, self.generation))
     }
 
     /// The control line that hands listener `listener`'s certificate to a worker ("" if none).
@@ -517,8 +713,8 @@ impl Supervisor {
     /// Reads certificate files again; a changed pair goes to every worker, which uses it for new
     /// connections (established ones keep their session). A pair that does not load is logged
     /// and the old one kept. `always` logs even when nothing changed (SIGHUP).
-    fn reload_tls(&mut self, config: &Config, always: bool) {
-        for (i, l) in config.listeners.iter().enumerate() {
+    fn reload_tls(&mut self, always: bool) {
+        for (i, l) in self.config.listeners.iter().enumerate() {
             let Some((cert, key)) = l
                 .tls
                 .as_ref()
@@ -536,7 +732,9 @@ impl Supervisor {
                     self.tls[i] = Some(id);
                     let msg = self.tls_message(i);
                     for p in self.procs.iter_mut().flatten() {
-                        let _ = p.stdin.write_all(msg.as_bytes());
+                        if let Err(e) = p.stdin.write_all(msg.as_bytes()) {
+                            tracing::debug!("cannot reach a worker's control pipe: {e}");
+                        }
                     }
                     tracing::info!(listener = %l.name, "new certificate loaded; new connections use it");
                 }
@@ -786,6 +984,58 @@ fn drop_privileges(
     Ok(())
 }
 
+/// Makes an XDP program's tries hold exactly the daemon's deny list (pinned ones may hold an
+/// older one; a reload may have started the lists over).
+fn sync_xdp(x: &mut XdpDeny, rules: &Rules) -> Result<(), crate::ebpf::EbpfError> {
+    for c in x.deny_list()? {
+        if !rules.deny.rules().contains(&c) {
+            x.deny_remove(c)?;
+        }
+    }
+    for c in rules.deny.rules() {
+        x.deny_add(*c)?;
+    }
+    Ok(())
+}
+
+/// Why `new` cannot replace `old` in a running daemon (None: it can). Listeners are the
+/// workers' sockets and the rows of their counters and histograms; engine, user and worker
+/// count are fixed when the processes start; the metrics listener is bound once.
+fn restart_needed(old: &Config, new: &Config, nworkers: usize, nofile: u64) -> Option<String> {
+    let ids = |c: &Config| -> Vec<(String, SocketAddr)> {
+        c.listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.bind))
+            .collect()
+    };
+    if ids(old) != ids(new) {
+        return Some(
+            "listeners were added, removed, renamed, moved to another address or reordered".into(),
+        );
+    }
+    let fixed = [
+        ("engine", old.engine != new.engine),
+        ("user", old.user != new.user),
+        ("workers", old.workers != new.workers),
+        ("metrics", old.metrics != new.metrics),
+        (
+            "admission.xdp_interfaces",
+            old.admission.xdp_interfaces != new.admission.xdp_interfaces,
+        ),
+    ];
+    if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
+        return Some(format!("`{key}` changed"));
+    }
+    let needed = workers_needed(new, nofile);
+    if needed > nworkers {
+        return Some(format!(
+            "`max_connections` = {} needs {needed} worker processes and this daemon runs {nworkers}",
+            new.max_connections
+        ));
+    }
+    None
+}
+
 fn attach_xdp(
     interfaces: &[String],
     pin_dir: Option<&std::path::Path>,
@@ -809,19 +1059,7 @@ fn attach_xdp(
                 continue;
             }
         };
-        // The tries hold exactly the daemon's deny list (pinned ones may hold an older one).
-        let synced = x.deny_list().and_then(|old| {
-            for c in old {
-                if !rules.deny.rules().contains(&c) {
-                    x.deny_remove(c)?;
-                }
-            }
-            for c in rules.deny.rules() {
-                x.deny_add(*c)?;
-            }
-            Ok(())
-        });
-        match synced {
+        match sync_xdp(&mut x, rules) {
             Ok(()) => {
                 tracing::info!(interface = %ifname, pinned = pinned.is_some(), "XDP deny program attached");
                 out.push(x);
@@ -836,15 +1074,53 @@ fn attach_xdp(
     (out, names)
 }
 
-/// The control socket's handler for list commands: hands the command to the main loop, then
-/// waits (at most [`APPLY_WAIT`]) until every live worker reports the change applied.
+/// The control socket's handler for list commands and `reload`: hands the command to the main
+/// loop, then waits (at most [`APPLY_WAIT`]) until every live worker reports the change applied.
 fn admission_handler(
     tx: mpsc::Sender<Event>,
     shared: Arc<Shared>,
     nworkers: usize,
 ) -> control::Handler {
     let tx = Mutex::new(tx);
+    // Waits until every live worker reports `generation` applied (at most APPLY_WAIT); returns
+    // how many did.
+    let applied = move |generation: u64| -> usize {
+        let deadline = Instant::now() + APPLY_WAIT;
+        loop {
+            let live: Vec<usize> = (0..nworkers)
+                .filter(|&i| shared.get(i, Counter::Pid) != 0)
+                .collect();
+            let applied = live
+                .iter()
+                .filter(|&&i| shared.get(i, Counter::AdmissionGeneration) >= generation)
+                .count();
+            if applied == live.len() || Instant::now() >= deadline {
+                return applied;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
     Box::new(move |line| {
+        if line == "reload" {
+            let (reply_tx, reply_rx) = mpsc::channel();
+            if tx
+                .lock()
+                .expect("control sender")
+                .send(Event::Reload(reply_tx))
+                .is_err()
+            {
+                return Some(serde_json::json!({ "error": "the daemon is stopping" }));
+            }
+            // Generating a certificate for changed TLS settings takes seconds.
+            return Some(match reply_rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(Ok((mut v, generation))) => {
+                    v["workers_applied"] = applied(generation).into();
+                    v
+                }
+                Ok(Err(e)) => serde_json::json!({ "error": e }),
+                Err(_) => serde_json::json!({ "error": "the daemon did not answer" }),
+            });
+        }
         let cmd = match admission::Command::parse(line) {
             Ok(Some(cmd)) => cmd,
             Ok(None) => return None,
@@ -864,21 +1140,7 @@ fn admission_handler(
             Ok(Err(e)) => return Some(serde_json::json!({ "error": e })),
             Err(_) => return Some(serde_json::json!({ "error": "the daemon did not answer" })),
         };
-        let deadline = Instant::now() + APPLY_WAIT;
-        loop {
-            let live: Vec<usize> = (0..nworkers)
-                .filter(|&i| shared.get(i, Counter::Pid) != 0)
-                .collect();
-            let applied = live
-                .iter()
-                .filter(|&&i| shared.get(i, Counter::AdmissionGeneration) >= generation)
-                .count();
-            reply.workers_applied = applied;
-            if applied == live.len() || Instant::now() >= deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        reply.workers_applied = applied(generation);
         Some(serde_json::to_value(&reply).unwrap_or_default())
     })
 }

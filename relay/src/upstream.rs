@@ -47,6 +47,10 @@ pub enum ControlMsg {
         deny: Vec<Cidr>,
         dests: Vec<SocketAddr>,
     },
+    /// A reload: the whole new configuration as TOML (hex-encoded on the wire). It has the
+    /// same listeners in the same order; the address lists, certificates and admission lists
+    /// that go with it follow in the next lines.
+    Config { toml: String },
     /// Close every live connection whose client (its peer address now) is in one of `cidrs`
     /// (`sluicectl deny add --kill-existing`), then report `generation`.
     Kill { generation: u64, cidrs: Vec<Cidr> },
@@ -85,6 +89,7 @@ impl ControlMsg {
                 key_pem,
             } => format!("tls {listener} {} {}\n", hex(chain_pem), hex(key_pem)),
             ControlMsg::Ready => "ready\n".to_string(),
+            ControlMsg::Config { toml } => format!("config {}\n", hex(toml)),
             ControlMsg::Admission {
                 generation,
                 allow,
@@ -144,6 +149,9 @@ impl ControlMsg {
             }
             "drain" => Some(ControlMsg::Drain),
             "ready" => Some(ControlMsg::Ready),
+            "config" => Some(ControlMsg::Config {
+                toml: unhex(parts.next()?)?,
+            }),
             "tls" => Some(ControlMsg::Tls {
                 listener: number(&mut parts)?,
                 chain_pem: unhex(parts.next()?)?,
@@ -226,18 +234,22 @@ pub fn resolve_all(config: &Config, failing: &mut HashMap<HostPort, bool>) -> (T
     (table, all_ok)
 }
 
-/// Runs forever on its own thread: resolves names when due, runs health checks when due
-/// ([`crate::health`]), and sends the table workers should use whenever it changes.
-/// `on_health` is told each round's state changes and how many addresses are down.
+/// Runs on its own thread until `stop` is set (a reload replaced its configuration) or the
+/// receiver is gone: resolves names when due, runs health checks when due ([`crate::health`]),
+/// and sends the table workers should use whenever it changes. `on_health` is told each round's
+/// state changes and how many addresses are down.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_resolver<E: Send + 'static>(
     config: Config,
     first: Table,
     first_ok: bool,
     mut failing: HashMap<HostPort, bool>,
     tx: Sender<E>,
-    wrap: fn(Table) -> E,
+    wrap: impl Fn(Table) -> E + Send + 'static,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     on_health: Box<dyn Fn(Changes, usize) + Send>,
 ) -> std::io::Result<()> {
+    let stopped = move || stop.load(std::sync::atomic::Ordering::Relaxed);
     std::thread::Builder::new()
         .name("resolver".into())
         .spawn(move || {
@@ -249,6 +261,9 @@ pub fn spawn_resolver<E: Send + 'static>(
             let mut sent = checker.filter(&config, &resolved);
             let mut next_resolve = start + resolve_wait(&config, ok);
             loop {
+                if stopped() {
+                    return;
+                }
                 let now = Instant::now();
                 if now >= next_resolve {
                     let (table, now_ok) = resolve_all(&config, &mut failing);
@@ -273,9 +288,10 @@ pub fn spawn_resolver<E: Send + 'static>(
                 let wake = checker
                     .next_due()
                     .map_or(next_resolve, |d| d.min(next_resolve));
+                // In steps of at most a second, so a stopped resolver ends soon.
                 std::thread::sleep(
                     wake.saturating_duration_since(Instant::now())
-                        .max(Duration::from_millis(10)),
+                        .clamp(Duration::from_millis(10), Duration::from_secs(1)),
                 );
             }
         })
@@ -315,6 +331,15 @@ impl Upstreams {
             entries: entries.iter().map(|&n| vec![Vec::new(); n]).collect(),
             flat: vec![Vec::new(); entries.len()],
             next: vec![0; entries.len()],
+        }
+    }
+
+    /// A reload changed how many entries listeners have: lists keep what they hold where the
+    /// entry still exists (the supervisor sends every list again right after).
+    pub fn reshape(&mut self, entries: &[usize]) {
+        for (l, &n) in entries.iter().enumerate().take(self.raw.len()) {
+            self.raw[l].resize(n, Vec::new());
+            self.refilter(l);
         }
     }
 
@@ -369,9 +394,10 @@ impl Upstreams {
     /// allowlist leaves none: the connection is refused as `refused_dest`.
     pub fn dest_refused(&self, listener: usize, entry: Option<usize>) -> bool {
         let (raw, allowed) = match entry {
+            // An entry a reload took away has no address.
             Some(e) => (
-                self.raw[listener][e].is_empty(),
-                self.entries[listener][e].is_empty(),
+                self.raw[listener].get(e).is_none_or(|a| a.is_empty()),
+                self.entries[listener].get(e).is_none_or(|a| a.is_empty()),
             ),
             None => (
                 self.raw[listener].iter().all(|a| a.is_empty()),
@@ -383,7 +409,7 @@ impl Upstreams {
 
     fn list(&self, listener: usize, entry: Option<usize>) -> &[SocketAddr] {
         match entry {
-            Some(e) => &self.entries[listener][e],
+            Some(e) => self.entries[listener].get(e).map_or(&[], |a| a.as_slice()),
             None => &self.flat[listener],
         }
     }
@@ -427,6 +453,9 @@ mod tests {
     fn control_messages_round_trip() {
         check(ControlMsg::Drain);
         check(ControlMsg::Ready);
+        check(ControlMsg::Config {
+            toml: "[[listen]]\nname = \"a b\"\n".into(),
+        });
         check(ControlMsg::Tls {
             listener: 2,
             chain_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),

@@ -86,20 +86,16 @@ pub fn main() -> Result<(), StartError> {
     }
     let shared = Shared::from_fd(metrics_fd)?;
     let nofile = sys::raise_nofile_limit()?;
-    let mut ctx = WorkerCtx::new(&config, id.index, id.workers, &shared, nofile);
+    let histograms = config.metrics.histograms;
+    let mut upstreams = Upstreams::new(&engine::upstream_entries(&config));
+    let mut ctx = WorkerCtx::new(config, id.index, id.workers, &shared, nofile);
     ctx.row.set(Counter::Pid, u64::from(std::process::id()));
-    if config.metrics.histograms {
+    if histograms {
         let region = crate::histo::Region::from_fd(histo_fd, id.workers, n)?;
         ctx.histos = crate::histo::Histos::new(n, Some(region), id.index);
     }
     // Start-up messages (addresses, certificates) are applied before the first accept, so a
     // TLS port never sees a connection before its certificate.
-    let entries: Vec<usize> = config
-        .listeners
-        .iter()
-        .map(|l| l.upstream.len() + l.fallback.len())
-        .collect();
-    let mut upstreams = Upstreams::new(&entries);
     let mut buf = read_until_ready(&control)?;
     ctx.apply_control(&mut buf, &mut upstreams);
     match id.engine {

@@ -74,7 +74,7 @@ enum Cmd {
 }
 
 /// Options shared by `run` and `forward`; they override the config file.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct Common {
     /// Relay engine: auto (io_uring if allowed, else epoll), splice, copy or epoll.
     #[arg(long, value_enum)]
@@ -117,6 +117,7 @@ impl Common {
             control: Some(self.control),
             xdp: self.xdp,
             pin_dir: Some(self.bpf_pin_dir),
+            reload: None,
         }
     }
 
@@ -189,15 +190,30 @@ fn build(cmd: Cmd) -> Result<Option<(Config, Options)>, String> {
             resolve,
             common,
         } => {
-            let mut c = match (config, preset) {
-                (Some(path), _) => Config::from_file(&path).map_err(|e| e.to_string())?,
+            let mut c = match (&config, preset) {
+                (Some(path), _) => Config::from_file(path).map_err(|e| e.to_string())?,
                 (None, p) => p.unwrap_or_default().config(),
             };
             for r in &resolve {
                 c.apply_resolve(&r.host, r.ip);
             }
             common.apply(&mut c);
-            Ok(Some((validate(c, "command line")?, common.options())))
+            let c = validate(c, "command line")?;
+            // A reload reads the file again and applies the same command-line overrides.
+            let overrides = common.clone();
+            let reload = config.map(|path| {
+                supervisor::ReloadFrom(std::sync::Arc::new(move || {
+                    let mut c = Config::from_file(&path).map_err(|e| e.to_string())?;
+                    for r in &resolve {
+                        c.apply_resolve(&r.host, r.ip);
+                    }
+                    overrides.apply(&mut c);
+                    validate(c, &path.display().to_string())
+                }))
+            });
+            let mut options = common.options();
+            options.reload = reload;
+            Ok(Some((c, options)))
         }
         Cmd::Forward {
             listen,

@@ -61,6 +61,14 @@ enum Cmd {
         #[command(subcommand)]
         op: DestOp,
     },
+    /// Reload the daemon's configuration file (like SIGHUP), waiting until every worker applied
+    /// it: new connections follow it, established ones go on. Refused (exit code 1, the running
+    /// configuration kept) when the file does not parse or changes what needs a restart.
+    Reload {
+        /// Print the daemon's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load the eBPF programs and maps and pin them (mounts bpffs at /sys/fs/bpf if needed);
     /// a daemon started afterwards uses the pinned maps.
     Load {
@@ -122,6 +130,7 @@ fn main() -> ExitCode {
         Cmd::Status { json } => return status(&cli.control, json),
         Cmd::Stats { json, watch, reset } => return stats(&cli.control, json, watch, reset),
         Cmd::Share(args) => return operator::share(args),
+        Cmd::Reload { json } => return reload(&cli.control, json),
         Cmd::Doctor(args) => return operator::doctor(args, &cli.control),
         Cmd::Load { pin_dir } => {
             return match sluice::ebpf::pin_all(&pin_dir) {
@@ -185,6 +194,36 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+fn reload(path: &std::path::Path, json: bool) -> ExitCode {
+    match control::request(path, "reload") {
+        Ok(v) if json => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            let changed: Vec<&str> = v["listeners_changed"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                .unwrap_or_default();
+            println!(
+                "reloaded: {} ({} of {} workers applied it)",
+                match (changed.is_empty(), v["settings_changed"].as_bool()) {
+                    (true, Some(true)) => "global settings changed".to_string(),
+                    (true, _) => "nothing changed".to_string(),
+                    (false, _) => format!("listeners changed: {}", changed.join(", ")),
+                },
+                v["workers_applied"],
+                v["workers"]
+            );
+            if v["admission_lists_reset"].as_bool() == Some(true) {
+                println!("the [admission] lists changed: they start over from the file");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, &format!("reload: {e}")),
     }
 }
 

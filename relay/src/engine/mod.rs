@@ -15,6 +15,7 @@ pub mod splice;
 pub mod uring;
 
 use std::os::fd::{AsFd, BorrowedFd};
+use std::rc::Rc;
 use std::time::Instant;
 
 use socket2::SockRef;
@@ -90,6 +91,16 @@ pub const FDS_PER_CONN: u64 = 2;
 /// Fds a worker keeps for itself (listeners, ring, pipes pool, control pipe, logs).
 pub const FDS_RESERVED: u64 = 256;
 
+/// How many upstream entries (`upstream` then `fallback`) each listener has: the shape of a
+/// worker's [`Upstreams`].
+pub fn upstream_entries(config: &Config) -> Vec<usize> {
+    config
+        .listeners
+        .iter()
+        .map(|l| l.upstream.len() + l.fallback.len())
+        .collect()
+}
+
 /// Relayed connections one worker process can hold with `nofile` file descriptors.
 pub fn worker_capacity(nofile: u64) -> u64 {
     let pipes = splice::PIPE_POOL_MAX as u64 * 2;
@@ -98,7 +109,9 @@ pub fn worker_capacity(nofile: u64) -> u64 {
 
 /// What a worker needs to know besides its engine's own state.
 pub struct WorkerCtx<'a> {
-    pub config: &'a Config,
+    /// The configuration new connections follow; replaced whole by a reload
+    /// ([`ControlMsg::Config`]). A connection reads it at each step, never keeps a copy.
+    pub config: Rc<Config>,
     pub index: usize,
     pub workers: usize,
     pub shared: &'a Shared,
@@ -134,22 +147,22 @@ pub enum Refusal {
 
 impl<'a> WorkerCtx<'a> {
     pub fn new(
-        config: &'a Config,
+        config: Config,
         index: usize,
         workers: usize,
         shared: &'a Shared,
         nofile: u64,
     ) -> Self {
         WorkerCtx {
-            config,
+            tls: vec![None; config.listeners.len()],
+            next_source: vec![0; config.listeners.len()],
+            config: Rc::new(config),
             index,
             workers,
             shared,
             row: shared.worker(index),
             worker_cap: worker_capacity(nofile),
             started: Instant::now(),
-            tls: vec![None; config.listeners.len()],
-            next_source: vec![0; config.listeners.len()],
             last_ports_warning_ms: None,
             rules: Rules::default(),
             pending_kill: None,
@@ -186,7 +199,7 @@ impl<'a> WorkerCtx<'a> {
         if !upstream_known && upstreams.dest_refused(listener, None) {
             return Err(Refusal::Dest);
         }
-        let c = self.config;
+        let c = &*self.config;
         let l = &c.listeners[listener];
         // This worker's own fd capacity first: accepts already queued when accepting paused
         // must not take it past its fd limit.
@@ -287,6 +300,7 @@ impl<'a> WorkerCtx<'a> {
                     }
                 }
                 Some(ControlMsg::Ready) => {}
+                Some(ControlMsg::Config { toml }) => self.reload(&toml, upstreams),
                 Some(ControlMsg::Admission {
                     generation,
                     allow,
@@ -312,6 +326,30 @@ impl<'a> WorkerCtx<'a> {
             }
         }
         drain
+    }
+
+    /// A reload: the new configuration (same listeners, in the same order: the supervisor
+    /// refuses other changes) replaces the old one for every step taken from now on. Upstream
+    /// lists take their new shape; the addresses and certificates follow in the next lines.
+    fn reload(&mut self, toml: &str, upstreams: &mut Upstreams) {
+        let new = match Config::from_toml(toml, "supervisor") {
+            Ok(c) if c.listeners.len() == self.config.listeners.len() => c,
+            Ok(_) => {
+                tracing::error!("a reload from the supervisor changes the listeners; ignored");
+                return;
+            }
+            Err(e) => {
+                tracing::error!("a reload from the supervisor does not parse ({e}); ignored");
+                return;
+            }
+        };
+        upstreams.reshape(&upstream_entries(&new));
+        for (slot, l) in self.tls.iter_mut().zip(&new.listeners) {
+            if l.tls.is_none() {
+                *slot = None;
+            }
+        }
+        self.config = Rc::new(new);
     }
 
     /// The next source address for a connection of `listener` to `addr` (same family), in turn.

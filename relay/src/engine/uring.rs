@@ -322,6 +322,13 @@ pub struct Worker<'a> {
     cqes: Vec<(u64, i32, u32)>,
 }
 
+/// The LINK_TIMEOUT of an upstream connect.
+fn connect_timespec(ms: u32) -> types::Timespec {
+    types::Timespec::new()
+        .sec(u64::from(ms / 1000))
+        .nsec((ms % 1000) * 1_000_000)
+}
+
 /// Tries to make a ring; the error is what `auto` falls back on (EPERM under seccomp, ENOSYS
 /// on old kernels).
 pub fn probe() -> io::Result<()> {
@@ -386,11 +393,7 @@ impl<'a> Worker<'a> {
             upstreams,
             starved: VecDeque::new(),
             tick: Box::new(types::Timespec::new().nsec((TICK_MS * 1_000_000) as u32)),
-            connect_timeout: Box::new(
-                types::Timespec::new()
-                    .sec(u64::from(t / 1000))
-                    .nsec((t % 1000) * 1_000_000),
-            ),
+            connect_timeout: Box::new(connect_timespec(t)),
             accept_armed: vec![false; nlisteners],
             accept_paused: false,
             draining: false,
@@ -613,6 +616,9 @@ impl<'a> Worker<'a> {
             self.pause_accepts();
             self.draining = true;
         }
+        // A reload may have changed the connect timeout; the kernel copies the value at each
+        // submission, so changing it in place only affects connects from now on.
+        *self.connect_timeout = connect_timespec(self.ctx.config.timeouts.connect_ms);
         if let Some((generation, cidrs)) = self.ctx.take_kill() {
             self.kill_clients(generation, &cidrs);
         }
@@ -813,7 +819,7 @@ impl<'a> Worker<'a> {
     /// A plain port routed by SNI: the ClientHello's bytes are read (kept to be sent upstream
     /// first) until its server name is known.
     fn on_sni_readable(&mut self, slot: u32) {
-        let config = self.ctx.config;
+        let config = self.ctx.config.clone();
         let c = self.conn(slot);
         let acc = &mut c.inbound.get_or_insert_with(Box::default).acc;
         let closed = super::read_available(c.client.as_fd(), acc, super::SNI_PEEK_MAX);
@@ -838,7 +844,7 @@ impl<'a> Worker<'a> {
 
     /// A TLS port routed by SNI: the inner ClientHello is the start of the plaintext.
     fn tls_route(&mut self, slot: u32) {
-        let config = self.ctx.config;
+        let config = self.ctx.config.clone();
         let c = self.conn(slot);
         let listener = &config.listeners[c.listener as usize];
         let hello = &c.tls.as_ref().expect("a TLS connection").out[TO_UPSTREAM].pending;
@@ -979,7 +985,8 @@ impl<'a> Worker<'a> {
             return;
         }
         let now = self.now_ms;
-        let send_proxy = self.ctx.config.listeners[self.conn(slot).listener as usize].send_proxy;
+        let listener = self.conn(slot).listener as usize;
+        let send_proxy = self.ctx.config.listeners[listener].send_proxy;
         self.record_connected(slot);
         let c = self.conn(slot);
         c.phase = Phase::Relaying;

@@ -298,7 +298,7 @@ fn slowloris_is_cut_at_the_header_timeout() {
 /// Streams on `conns` until `stop`: each round writes 16 KiB of the connection's pattern and
 /// reads its echo back. A connection that errs or ends is dropped from the loop. Returns each
 /// connection's index with `Ok(bytes verified)` or `Err(what happened)`.
-fn stream_rounds(
+pub(super) fn stream_rounds(
     conns: Vec<(usize, TcpStream)>,
     seed_base: u64,
     stop: Arc<AtomicBool>,

@@ -52,6 +52,7 @@ mod peers;
 mod presets;
 mod privileges;
 mod proxy_protocol;
+mod reload;
 mod sni;
 mod sockmap;
 mod supervisor;
