@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 
 use crate::suite::{DISTURBED_FRAC, Measurement, Report};
 
+mod costs;
+
 /// Marks a number measured while the machine was busy with something else.
 const DISTURBED: &str = " ⚠";
 
@@ -252,6 +254,7 @@ pub fn markdown(r: &Report, command: &str) -> String {
     );
 
     targets(&mut out, &v);
+    costs::section(&mut out, &v);
     if let Some(s) = scale_section(r) {
         out.push_str(&s);
     }

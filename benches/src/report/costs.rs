@@ -1,0 +1,179 @@
+//! "What this machine costs": for the design targets, the bound that the run's own measurements
+//! put on *any* relay on this machine, so a missed target comes with the evidence of why
+//! (issue: "where a target cannot be met, show what the kernel or the machine costs").
+//!
+//! Every figure is computed from the same run's CPU accounting ([`crate::suite::Window`]):
+//! - **bulk ≥ 0.9× direct**: moving 0.9× the direct run's bytes in the same wall time leaves
+//!   the relay `capacity / bytes − direct's machine time per GB` of machine time per GB. A relay
+//!   adds at least one more loopback TCP connection's worth of kernel work per byte; the run
+//!   measures that for every relay (its machine time per GB minus direct's), the sockmap engine
+//!   included, whose forwarding has no user space at all.
+//! - **relay CPU ≤ 0.15 s/GB**: a relay sends every byte on a TCP socket. On loopback the
+//!   sender's CPU also pays the receiver's TCP input (the packet is delivered in the sender's
+//!   context), so the direct run's iperf3 client — one send path and one user copy per byte —
+//!   is the reference.
+//! - **≤ 12 µs per message**: the upstream of the direct run is an epoll echo server doing one
+//!   read and one write per message; a relay does that twice per message (the request one way,
+//!   the answer the other).
+//! - **≥ 1.5× HAProxy's connections/s**: the machine time per connection of the direct run
+//!   (client and server) plus the relay's own kernel (system) time per connection must fit in
+//!   `cores / target rate`.
+
+use std::fmt::Write as _;
+
+use super::View;
+use crate::suite::Measurement;
+
+/// Gigabytes a bulk measurement moved.
+fn gb(m: &Measurement) -> Option<f64> {
+    Some(m.bulk.as_ref()?.bytes / 1e9)
+}
+
+/// Machine busy seconds per GB in a bulk window.
+fn machine_s_per_gb(m: &Measurement) -> Option<f64> {
+    Some(m.cpu.as_ref()?.machine_busy_s / gb(m)?)
+}
+
+/// The relays of the run (every candidate but `direct`).
+fn relays<'a>(v: &View<'a>) -> Vec<&'a str> {
+    v.names.iter().copied().filter(|n| *n != "direct").collect()
+}
+
+/// "name 0.41, name 0.49, ..." of a per-relay figure, cheapest first.
+fn listing(mut vals: Vec<(&str, f64)>, digits: usize) -> String {
+    vals.sort_by(|a, b| a.1.total_cmp(&b.1));
+    vals.iter()
+        .map(|(n, x)| format!("{n} {x:.digits$}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn verdict(cheapest: Option<f64>, budget: f64) -> &'static str {
+    match cheapest {
+        Some(c) if c > budget => "no relay of this run fits the budget",
+        Some(_) => "the machine has room: what limits a relay here is not CPU time",
+        None => "",
+    }
+}
+
+/// Appends the section when the run has the direct measurements it needs.
+pub fn section(out: &mut String, v: &View) {
+    let mut rows = Vec::new();
+    for streams in [1u32, 8] {
+        let w = format!("bulk-{streams}");
+        let Some(d) = v.get("direct", &w) else {
+            continue;
+        };
+        let (Some(m_d), Some(g_d), Some(cap)) = (
+            machine_s_per_gb(d),
+            gb(d),
+            d.cpu.as_ref().map(|c| c.machine_capacity_s),
+        ) else {
+            continue;
+        };
+        let budget = cap / (0.9 * g_d) - m_d;
+        let added: Vec<(&str, f64)> = relays(v)
+            .into_iter()
+            .filter_map(|n| Some((n, machine_s_per_gb(v.get(n, &w)?)? - m_d)))
+            .collect();
+        let cheapest = added.iter().map(|a| a.1).reduce(f64::min);
+        rows.push(format!(
+            "| bulk {streams} stream{} ≥ 0.9× direct | machine time a relay may add: ≤ {budget:.3} \
+             s/GB (direct used {m_d:.3} s/GB of a {cap:.2} s capacity) | machine time each relay \
+             added, s/GB: {} | {} |",
+            if streams == 1 { "" } else { "s" },
+            listing(added, 3),
+            verdict(cheapest, budget)
+        ));
+    }
+    if let Some(d) = v.get("direct", "bulk-8")
+        && let (Some(g), Some(c)) = (gb(d), d.cpu.as_ref())
+    {
+        let sender = c.loadgen_s / g;
+        let relay: Vec<(&str, f64)> = relays(v)
+            .into_iter()
+            .filter_map(|n| Some((n, v.get(n, "bulk-8")?.bulk.as_ref()?.relay_cpu_s_per_gb?)))
+            .filter(|(n, _)| !n.ends_with("sockmap"))
+            .collect();
+        rows.push(format!(
+            "| relay CPU ≤ 0.15 s/GB (8 streams) | the direct run's iperf3 sender: {sender:.3} s/GB \
+             for one loopback send path (plus one user copy) | relay CPU, s/GB: {} (sockmap's \
+             work runs in kernel threads, counted as machine time above) | {} |",
+            listing(relay, 3),
+            if sender > 0.15 {
+                "one send path costs more than the target"
+            } else {
+                ""
+            }
+        ));
+    }
+    let judged = v.judged_rate();
+    let rr_w = format!("rr-{judged}");
+    if let Some(d) = v.get("direct", &rr_w)
+        && let (Some(rr), Some(c)) = (d.rr.as_ref(), d.cpu.as_ref())
+        && rr.received > 0
+    {
+        let echo_us = c.upstream_s * 1e6 / rr.received as f64;
+        let floor = 2.0 * echo_us;
+        let relay: Vec<(&str, f64)> = relays(v)
+            .into_iter()
+            .filter_map(|n| Some((n, v.get(n, &rr_w)?.rr.as_ref()?.relay_cpu_us_per_msg?)))
+            .filter(|(n, x)| !n.ends_with("sockmap") && *x > 0.0)
+            .collect();
+        rows.push(format!(
+            "| ≤ 12 µs per message ({judged} msg/s) | the direct run's echo server: {echo_us:.1} µs \
+             per message (one read, one write); a relay does it twice: {floor:.1} µs | relay CPU, \
+             µs per message: {} | {} |",
+            listing(relay, 1),
+            if floor > 12.0 {
+                "the floor is above the target"
+            } else {
+                ""
+            }
+        ));
+    }
+    if let (Some(d), Some(h)) = (v.get("direct", "connrate"), v.get("haproxy", "connrate"))
+        && let (Some(dc), Some(c), Some(hc)) =
+            (d.connrate.as_ref(), d.cpu.as_ref(), h.connrate.as_ref())
+        && dc.conns_per_s > 0.0
+        && hc.conns_per_s > 0.0
+    {
+        let cores = c.machine_capacity_s / c.wall_s;
+        let direct_us = c.machine_busy_s * 1e6 / (dc.conns_per_s * c.wall_s);
+        let target = 1.5 * hc.conns_per_s;
+        let budget = cores * 1e6 / target - direct_us;
+        let kernel: Vec<(&str, f64)> = relays(v)
+            .into_iter()
+            .filter_map(|n| {
+                let m = v.get(n, "connrate")?;
+                let conns = m.connrate.as_ref()?.conns_per_s * m.cpu.as_ref()?.wall_s;
+                Some((n, m.cpu.as_ref()?.relay_sys_s? * 1e6 / conns))
+            })
+            .collect();
+        let cheapest = kernel.iter().map(|a| a.1).reduce(f64::min);
+        rows.push(format!(
+            "| ≥ 1.5× HAProxy's connections/s ({target:.0}/s) | {cores:.0} cores / {target:.0} per s \
+             − direct's {direct_us:.1} µs per connection: ≤ {budget:.1} µs for the relay | relay \
+             kernel (system) time alone, µs per connection: {} | {} |",
+            listing(kernel, 1),
+            verdict(cheapest, budget)
+        ));
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "## What this machine costs\n");
+    let _ = writeln!(
+        out,
+        "The bound each target puts on a relay, from this run's own CPU accounting (method in \
+         `benches/src/report/costs.rs`): where no relay of the run — Sluice's engines, HAProxy, \
+         nginx, socat — comes under the budget, the target asks for less than the kernel's own \
+         work for one more TCP connection on this 2-core loopback, not for a faster relay.\n"
+    );
+    let _ = writeln!(out, "| target | budget from the direct run | measured | |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    for r in rows {
+        let _ = writeln!(out, "{r}");
+    }
+    let _ = writeln!(out);
+}
