@@ -26,12 +26,12 @@ use std::collections::HashSet;
 use std::fmt;
 use std::io::{self, Read as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::str::FromStr;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
+use aya::maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::{ProgramError, SkSkb, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 use sluice_common::{Peer, XDP_STATS_SLOT, admission, fast_path};
@@ -205,10 +205,13 @@ pub struct FastPath {
     socks: SockHash<MapData, Cookie>,
     peers: HashMap<MapData, Cookie, Peer>,
     counters: HashMap<MapData, Cookie, ConnCounters>,
-    /// Whether this value attached the verdict (only then may it insert sockets).
+    /// Whether the verdict is attached to `socks` (by this value, or by the process that handed
+    /// the maps over): only then may sockets be inserted.
     attached: bool,
-    /// Owns the loaded program and its attachment to `socks`.
-    _ebpf: Ebpf,
+    /// [`Peer::owner`] of the pairs this value inserts.
+    owner: u32,
+    /// Owns the loaded program and its attachment to `socks` (None: maps handed over by fd).
+    _ebpf: Option<Ebpf>,
 }
 
 impl fmt::Debug for FastPath {
@@ -243,8 +246,44 @@ impl FastPath {
             peers: take_map(&mut ebpf, fast_path::PEERS)?,
             counters: take_map(&mut ebpf, fast_path::COUNTERS)?,
             attached: false,
-            _ebpf: ebpf,
+            owner: Peer::PRIVATE,
+            _ebpf: Some(ebpf),
         })
+    }
+
+    /// The maps' fds (sockets, peers, counters), to hand to the worker processes that share
+    /// these maps ([`FastPath::from_fds`]).
+    pub fn map_fds(&self) -> [BorrowedFd<'_>; 3] {
+        [
+            self.socks.fd().as_fd(),
+            self.peers.map().fd().as_fd(),
+            self.counters.map().fd().as_fd(),
+        ]
+    }
+
+    /// The maps another process loaded and attached the verdict to (the supervisor, with maps
+    /// pinned by `sluicectl load`), from their fds in [`FastPath::map_fds`] order. Pairs this
+    /// value inserts carry `owner`, so [`FastPath::purge_owner`] can clear them if this process
+    /// dies.
+    pub fn from_fds([socks, peers, counters]: [OwnedFd; 3], owner: u32) -> Result<Self> {
+        fn typed<M: TryFrom<Map, Error = MapError>>(fd: OwnedFd, name: &'static str) -> Result<M> {
+            let data = MapData::from_fd(fd).map_err(map_err(name))?;
+            let map = Map::from_map_data(data).map_err(map_err(name))?;
+            M::try_from(map).map_err(map_err(name))
+        }
+        Ok(Self {
+            socks: typed(socks, fast_path::SOCKS)?,
+            peers: typed(peers, fast_path::PEERS)?,
+            counters: typed(counters, fast_path::COUNTERS)?,
+            attached: true,
+            owner,
+            _ebpf: None,
+        })
+    }
+
+    /// Whether these maps are shared with other processes (handed over by fd).
+    pub fn is_shared(&self) -> bool {
+        self.owner != Peer::PRIVATE
     }
 
     fn load_from(pin_dir: Option<&Path>) -> Result<Self> {
@@ -265,7 +304,8 @@ impl FastPath {
             peers,
             counters,
             attached: true,
-            _ebpf: ebpf,
+            owner: Peer::PRIVATE,
+            _ebpf: Some(ebpf),
         })
     }
 
@@ -311,11 +351,16 @@ impl FastPath {
                 .insert(cookie, zero, 0)
                 .map_err(map_err(fast_path::COUNTERS))?;
         }
+        let peer = |cookie| Peer {
+            cookie,
+            owner: self.owner,
+            reserved: 0,
+        };
         self.peers
-            .insert(c, Peer { cookie: u }, 0)
+            .insert(c, peer(u), 0)
             .map_err(map_err(fast_path::PEERS))?;
         self.peers
-            .insert(u, Peer { cookie: c }, 0)
+            .insert(u, peer(c), 0)
             .map_err(map_err(fast_path::PEERS))?;
         self.socks
             .insert(c, client.as_fd(), 0)
@@ -367,6 +412,44 @@ impl FastPath {
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(map_err(fast_path::COUNTERS)(e)),
         }
+    }
+
+    /// Takes every pair `owner` inserted off the fast path (a dead worker's, with shared maps:
+    /// its sockets left the sockmap when they closed, its peer and counter entries did not).
+    /// Returns how many sockets' entries were removed.
+    pub fn purge_owner(&mut self, owner: u32) -> Result<usize> {
+        let mut keys = Vec::new();
+        for entry in self.peers.iter() {
+            let (cookie, peer) = entry.map_err(map_err(fast_path::PEERS))?;
+            if peer.owner == owner {
+                keys.push(cookie);
+            }
+        }
+        for cookie in &keys {
+            for r in [
+                self.peers.remove(cookie),
+                self.socks.remove(cookie),
+                self.counters.remove(cookie),
+            ] {
+                if let Err(e) = r
+                    && !is_not_found(&e)
+                {
+                    return Err(map_err(fast_path::PEERS)(e));
+                }
+            }
+        }
+        Ok(keys.len())
+    }
+
+    /// Peer entries of the pairs this value inserted (walks the map): with shared maps, the
+    /// entries another worker holds are not this worker's leak.
+    pub fn owned_peers(&self) -> Result<usize> {
+        let mut n = 0;
+        for entry in self.peers.iter() {
+            let (_, peer) = entry.map_err(map_err(fast_path::PEERS))?;
+            n += usize::from(peer.owner == self.owner);
+        }
+        Ok(n)
     }
 
     /// Counts the entries of every fast-path map (walks them: for metrics and tests, not the

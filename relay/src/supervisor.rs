@@ -205,11 +205,29 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     };
     let mut kind = EngineKind::decide(config.engine, uring_ok);
     // The sockmap engine needs BPF: load the programs once here, so a refusal (no CAP_BPF, no
-    // BTF, verifier) is one clear line and every worker starts on splice instead.
+    // BTF, verifier) is one clear line and every worker starts on splice instead. With maps
+    // pinned by `sluicectl load`, the supervisor attaches the verdict to them and keeps it
+    // attached; every worker then inserts into those maps (handed over by fd), so sluicectl and
+    // other tools see the daemon's pairs. Otherwise each worker loads maps of its own.
     let mut fast_path = None;
+    let mut shared_fast = None;
     if kind == EngineKind::Sockmap {
-        match crate::ebpf::FastPath::load() {
-            Ok(_) => fast_path = Some("attached".to_string()),
+        let pinned = opts
+            .pin_dir
+            .as_deref()
+            .filter(|d| crate::ebpf::is_pinned(d));
+        let loaded = match pinned {
+            Some(dir) => crate::ebpf::FastPath::load_pinned(dir).map(Some),
+            None => crate::ebpf::FastPath::load().map(|_| None),
+        };
+        match loaded {
+            Ok(shared) => {
+                fast_path = Some(match pinned {
+                    Some(dir) => format!("attached (maps pinned under {})", dir.display()),
+                    None => "attached".to_string(),
+                });
+                shared_fast = shared;
+            }
             Err(e) => {
                 tracing::warn!(
                     "the sockmap fast path is unavailable ({e}); using the splice engine"
@@ -325,6 +343,15 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         resolver_epoch: 0,
         resolver_stop: Arc::new(AtomicBool::new(false)),
         cert_watch: false,
+        shared_fast_fds: match &shared_fast {
+            Some(fast) => fast
+                .map_fds()
+                .into_iter()
+                .map(|fd| sys::dup_high(fd, 1000))
+                .collect::<std::io::Result<Vec<_>>>()?,
+            None => Vec::new(),
+        },
+        shared_fast,
         kind,
         nworkers,
         listeners,
@@ -447,6 +474,11 @@ struct Supervisor {
     resolver_stop: Arc<AtomicBool>,
     /// Whether the thread that looks at certificate files runs.
     cert_watch: bool,
+    /// The sockmap fast path's pinned maps, with the verdict this process attached to them;
+    /// handed to every worker. None: each worker has maps of its own (or another engine).
+    shared_fast: Option<crate::ebpf::FastPath>,
+    /// Its maps' fds at high numbers (see `bind`), handed to each worker.
+    shared_fast_fds: Vec<OwnedFd>,
     kind: EngineKind,
     nworkers: usize,
     /// `listeners[worker][listener]`.
@@ -486,6 +518,10 @@ impl Supervisor {
         fds.push(self.metrics_fd.as_raw_fd());
         fds.push(self.histo_fd.as_raw_fd());
         let mut cmd = Command::new(std::env::current_exe()?);
+        if !self.shared_fast_fds.is_empty() {
+            fds.extend(self.shared_fast_fds.iter().map(|fd| fd.as_raw_fd()));
+            cmd.env(worker::ENV_SHARED_FAST_PATH, "1");
+        }
         cmd.arg("__worker")
             .env(worker::ENV_WORKER, id.encode())
             .env(worker::ENV_CONFIG, &self.config_toml)
@@ -841,6 +877,17 @@ impl Supervisor {
             };
             let lived = p.started.elapsed();
             self.shared.clear_gauges(i);
+            // Its sockets left the shared sockmap as they closed; its peer and counter entries
+            // go now, before a new worker takes its index.
+            if let Some(fast) = self.shared_fast.as_mut() {
+                match fast.purge_owner(i as u32) {
+                    Ok(n) => tracing::debug!(worker = i, entries = n, "fast-path entries cleared"),
+                    Err(e) => tracing::warn!(
+                        worker = i,
+                        "cannot clear a dead worker's fast-path entries: {e}"
+                    ),
+                }
+            }
             // Fold in the dead worker's last histograms before a new one reuses its slot.
             if let Some(stats) = histo::installed() {
                 drop(stats.fresh());

@@ -6,7 +6,9 @@
 //! - fd 0: the control pipe (lines of [`crate::upstream::ControlMsg`]); EOF means "exit now";
 //! - fd 3 .. 3+L: the L listening sockets, in config order (shared by all workers);
 //! - fd 3+L: the memfd of the shared counters ([`crate::metrics::Shared`]);
-//! - fd 4+L: the memfd of the histogram slots ([`crate::histo::Region`]).
+//! - fd 4+L: the memfd of the histogram slots ([`crate::histo::Region`]);
+//! - fds 5+L .. 7+L, only with [`ENV_SHARED_FAST_PATH`]: the sockmap fast path's maps (sockets,
+//!   peers, counters) the supervisor attached the verdict to ([`crate::ebpf::FastPath::from_fds`]).
 //!
 //! The environment carries the rest: `SLUICE_WORKER=index/workers/engine` and the effective
 //! configuration as TOML in `SLUICE_CONFIG`.
@@ -24,6 +26,8 @@ use crate::upstream::{ControlMsg, Upstreams};
 pub const FIRST_LISTENER_FD: RawFd = 3;
 pub const ENV_WORKER: &str = "SLUICE_WORKER";
 pub const ENV_CONFIG: &str = "SLUICE_CONFIG";
+/// Set when the supervisor hands the worker the fast path's (pinned) maps.
+pub const ENV_SHARED_FAST_PATH: &str = "SLUICE_SHARED_FAST_PATH";
 
 /// Who this worker is, as the supervisor said in [`ENV_WORKER`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,16 +76,27 @@ pub fn main() -> Result<(), StartError> {
         .map_err(|_| std::io::Error::other(format!("{ENV_CONFIG} is missing")))?;
     let config = Config::from_toml(&text, "supervisor").map_err(std::io::Error::other)?;
     let n = config.listeners.len();
-    let mut inherited = sys::take_inherited_fds(FIRST_LISTENER_FD, n + 2)?;
+    let shared_fast = std::env::var_os(ENV_SHARED_FAST_PATH).is_some();
+    let mut inherited =
+        sys::take_inherited_fds(FIRST_LISTENER_FD, n + 2 + if shared_fast { 3 } else { 0 })?;
+    let fast_maps = if shared_fast {
+        let counters = inherited.pop().expect("3 map fds");
+        let peers = inherited.pop().expect("3 map fds");
+        let socks = inherited.pop().expect("3 map fds");
+        Some([socks, peers, counters])
+    } else {
+        None
+    };
     let histo_fd = inherited.pop().expect("n + 2 fds");
     let metrics_fd = inherited.pop().expect("n + 2 fds");
     let listeners = inherited;
     let control = std::io::stdin().as_fd().try_clone_to_owned()?;
-    for fd in listeners.iter().map(|l| l.as_fd()).chain([
-        metrics_fd.as_fd(),
-        histo_fd.as_fd(),
-        control.as_fd(),
-    ]) {
+    for fd in listeners
+        .iter()
+        .map(|l| l.as_fd())
+        .chain([metrics_fd.as_fd(), histo_fd.as_fd(), control.as_fd()])
+        .chain(fast_maps.iter().flatten().map(|m| m.as_fd()))
+    {
         sys::set_cloexec(fd)?;
     }
     let shared = Shared::from_fd(metrics_fd)?;
@@ -100,7 +115,8 @@ pub fn main() -> Result<(), StartError> {
     ctx.apply_control(&mut buf, &mut upstreams);
     match id.engine {
         EngineKind::Splice | EngineKind::Copy | EngineKind::Sockmap => {
-            engine::uring::Worker::new(ctx, id.engine, listeners, control, upstreams)?.run()?
+            engine::uring::Worker::new(ctx, id.engine, listeners, control, upstreams, fast_maps)?
+                .run()?
         }
         EngineKind::Epoll => {
             engine::epoll::Worker::new(ctx, listeners, control, upstreams)?.run()?

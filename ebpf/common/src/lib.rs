@@ -63,6 +63,16 @@ pub const XDP_STATS_SLOT: u32 = 0;
 pub struct Peer {
     /// Cookie of the peer socket, a key of [`fast_path::SOCKS`].
     pub cookie: Cookie,
+    /// The worker process (its index) that inserted the pair, so that with maps shared through
+    /// pins the supervisor can clear a dead worker's entries; [`Peer::PRIVATE`] in maps only one
+    /// process uses.
+    pub owner: u32,
+    pub reserved: u32,
+}
+
+impl Peer {
+    /// [`Peer::owner`] of an entry in maps private to one process.
+    pub const PRIVATE: u32 = u32::MAX;
 }
 
 /// Value of [`fast_path::COUNTERS`]: what the verdict program did with the skbs that arrived on
@@ -151,7 +161,7 @@ pub struct XdpStats {
 
 // Layouts are part of the contract with already-pinned maps: any change must be deliberate.
 const _: () = assert!(size_of::<Cookie>() == 8);
-const _: () = assert!(size_of::<Peer>() == 8);
+const _: () = assert!(size_of::<Peer>() == 16);
 const _: () = assert!(size_of::<ConnCounters>() == 40);
 const _: () = assert!(size_of::<ClientKeyV4>() == 8);
 const _: () = assert!(size_of::<ClientKeyV6>() == 20);

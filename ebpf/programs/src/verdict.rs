@@ -43,7 +43,7 @@ fn try_sluice_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         return Ok(SK_PASS);
     };
     // SAFETY: the pointer came from a successful lookup and map values stay valid for the whole
-    // program run (RCU); `Peer` is a plain `u64`, and the map is not preallocated, so a concurrent
+    // program run (RCU); `Peer` is plain old data, and the map is not preallocated, so a concurrent
     // delete cannot make the slot alias another entry.
     let mut peer_cookie: Cookie = unsafe { (*peer).cookie };
     // Egress redirect (flags 0): the skb is sent out of the peer socket.

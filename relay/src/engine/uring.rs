@@ -342,6 +342,7 @@ impl<'a> Worker<'a> {
         listeners: Vec<OwnedFd>,
         control: OwnedFd,
         upstreams: Upstreams,
+        shared_fast: Option<[OwnedFd; 3]>,
     ) -> io::Result<Worker<'a>> {
         let ring = IoUring::builder()
             .setup_cqsize(RING_ENTRIES * 4)
@@ -355,7 +356,11 @@ impl<'a> Worker<'a> {
         let t = ctx.config.timeouts.connect_ms;
         let mut kind = kind;
         let fast = if kind == EngineKind::Sockmap {
-            match FastPath::load() {
+            let loaded = match shared_fast {
+                Some(maps) => FastPath::from_fds(maps, ctx.index as u32),
+                None => FastPath::load(),
+            };
+            match loaded {
                 Ok(f) => Some(f),
                 Err(e) => {
                     tracing::warn!(
@@ -703,12 +708,15 @@ impl<'a> Worker<'a> {
             return;
         }
         self.fast_audited = self.fast_pairs;
-        match fast.occupancy() {
-            Ok(o) => {
-                self.ctx.row.set(
-                    Counter::FastPathEntries,
-                    (o.sockets + o.peers + o.counters) as u64,
-                );
+        // Maps shared with the other workers hold their pairs too: count only this worker's.
+        let entries = if fast.is_shared() {
+            fast.owned_peers()
+        } else {
+            fast.occupancy().map(|o| o.sockets + o.peers + o.counters)
+        };
+        match entries {
+            Ok(n) => {
+                self.ctx.row.set(Counter::FastPathEntries, n as u64);
                 self.ctx
                     .row
                     .set(Counter::FastPathAuditedPairs, self.fast_audited);

@@ -540,31 +540,6 @@ fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
-/// A bpffs mounted on a fresh directory for one test, unmounted and removed on drop.
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    fn mount() -> Bpffs {
-        let dir =
-            std::env::temp_dir().join(format!("sluice-admission-bpffs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&dir)
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "mount -t bpf: {status}");
-        Bpffs(dir)
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 /// In a namespace of its own: `sluicectl load` pins the maps and programs in a private pin
 /// directory, the daemon attaches XDP to `lo` with those maps (`--xdp lo --bpf-pin-dir`), and
 /// `sluicectl deny add` makes SYNs from the denied address vanish before they cost a socket
@@ -576,8 +551,8 @@ fn xdp_drops_denied_syns_through_the_daemon() {
         return;
     }
     in_netns(|| {
-        let bpffs = Bpffs::mount();
-        let pins = bpffs.0.join("sluice");
+        let bpffs = super::ebpf::Bpffs::mount();
+        let pins = bpffs.path().join("sluice");
         let pins_s = pins.to_string_lossy().into_owned();
         let ctl = |args: &[&str]| {
             let mut cmd = Command::new(sluice_tests::sluice::sluicectl_bin());

@@ -423,11 +423,13 @@ fn xdp_drops_syns_of_denied_clients_only() {
 }
 
 /// A bpffs mounted on a fresh directory for one test, unmounted and removed on drop.
-struct Bpffs(PathBuf);
+pub(super) struct Bpffs(PathBuf);
 
 impl Bpffs {
-    fn mount() -> Self {
-        let dir = std::env::temp_dir().join(format!("sluice-bpffs-{}", std::process::id()));
+    pub(super) fn mount() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("sluice-bpffs-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let status = Command::new("mount")
             .args(["-t", "bpf", "bpf"])
@@ -438,7 +440,7 @@ impl Bpffs {
         Self(dir)
     }
 
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.0
     }
 }

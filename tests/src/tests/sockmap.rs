@@ -9,13 +9,16 @@
 //!   (a ratio measured in one run, never a time);
 //! - 10 000 connections churned leave no entry in the worker's maps;
 //! - without CAP_BPF the daemon says so once and splices.
+//! - with maps pinned by `sluicectl load`, the daemon relays through them, and a killed
+//!   worker's entries are cleared.
 
 use std::io::{Read, Write};
 use std::thread;
 
+use sluice::ebpf::{FastPath, Occupancy};
 use sluice_tests::servers::{BlackHole, EchoServer, Mode, StreamServer, StreamSpec};
 use sluice_tests::sluice::Config;
-use sluice_tests::{HUNG, Host, Sluice, client, exclusive, require_program};
+use sluice_tests::{HUNG, Host, Sluice, client, exclusive, require_program, wait_until};
 
 use super::{assert_engine, engine_ok, seed};
 
@@ -217,4 +220,105 @@ fn without_cap_bpf_the_daemon_splices_and_says_why() {
         client.is_ok() && server.is_ok(),
         "client {client:?}, server {server:?}"
     );
+}
+
+/// With maps pinned by `sluicectl load`, the daemon uses them: the supervisor attaches the
+/// verdict to the pinned sockmap and every worker inserts its pairs there, so what the daemon
+/// relays is visible through the pins (as `sluicectl` and other tools see it). A worker killed
+/// with connections open leaves no entry behind (the supervisor clears its pairs), the other
+/// worker's pairs stay and relay, and once every connection closed the pinned maps are empty.
+#[test]
+fn with_pinned_maps_the_daemon_relays_through_them() {
+    if !engine_ok("sockmap") {
+        return;
+    }
+    const CONNS: usize = 40;
+    let bpffs = super::ebpf::Bpffs::mount();
+    let pins = bpffs.path().join("sluice");
+    let pins_s = pins.to_string_lossy().into_owned();
+    let ctl = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(sluice_tests::sluice::sluicectl_bin());
+        cmd.args(args);
+        sluice_tests::run_with_timeout(&mut cmd, HUNG)
+    };
+    let out = ctl(&["load", "--pin-dir", &pins_s]);
+    assert!(out.status.success(), "sluicectl load: {}", out.text());
+
+    let echo = EchoServer::start(Host::new().addr());
+    let relay = Sluice::forward(Host::new().addr(), echo.addr())
+        .engine("sockmap")
+        .workers(2)
+        .arg("--bpf-pin-dir")
+        .arg(pins_s.clone())
+        .start();
+    let workers = relay.wait_workers(2, HUNG);
+    assert_engine(&relay, "sockmap");
+    let status = relay.status();
+    assert!(
+        status["fast_path"]
+            .as_str()
+            .is_some_and(|s| s.contains("pinned under")),
+        "status does not say the pinned maps are used: {status}"
+    );
+    let conns = client::open_many(relay.addr(), None, CONNS).unwrap();
+    client::echo_many(&conns, seed(), 64 << 10, false, HUNG).unwrap();
+    let pinned = FastPath::open_pinned(&pins).expect("open the pins");
+    let entries = |n: usize| Occupancy {
+        sockets: n,
+        peers: n,
+        counters: n,
+    };
+    let mut seen = Occupancy::default();
+    assert!(
+        wait_until(HUNG, || {
+            seen = pinned.occupancy().unwrap();
+            seen == entries(2 * CONNS)
+        }),
+        "every relayed connection's two sockets in the pinned maps: {seen:?}"
+    );
+    assert_eq!(relay.counter("fast_path_pairs"), Some(CONNS as u64));
+
+    // Kill one worker: its sockets close, the supervisor clears its peers and counters.
+    let victim = workers[0];
+    assert!(sluice_tests::sys::kill(victim, libc::SIGKILL));
+    assert!(
+        wait_until(HUNG, || {
+            let now = relay.worker_pids();
+            now.len() == 2 && !now.contains(&victim)
+        }),
+        "the killed worker was not replaced"
+    );
+    let survivors: Vec<&std::net::TcpStream> = conns
+        .iter()
+        .filter(|c| client::echo_many(std::slice::from_ref(*c), seed(), 1024, false, HUNG).is_ok())
+        .collect();
+    assert!(
+        !survivors.is_empty() && survivors.len() < CONNS,
+        "{} of {CONNS} connections survived killing one of two workers",
+        survivors.len()
+    );
+    assert!(
+        wait_until(HUNG, || {
+            seen = pinned.occupancy().unwrap();
+            seen == entries(2 * survivors.len())
+        }),
+        "after the kill the pinned maps should hold the {} surviving connections only: {seen:?}",
+        survivors.len()
+    );
+    drop(conns);
+    assert!(
+        wait_until(HUNG, || {
+            seen = pinned.occupancy().unwrap();
+            seen == Occupancy::default()
+        }),
+        "entries left in the pinned maps after every connection closed: {seen:?}"
+    );
+    // New connections (also on the new worker) relay through the same maps.
+    let fresh = client::open_many(relay.addr(), None, 10).unwrap();
+    client::echo_many(&fresh, seed(), 4096, true, HUNG).unwrap();
+    drop(fresh);
+    drop(pinned);
+    drop(relay);
+    let out = ctl(&["unload", "--pin-dir", &pins_s]);
+    assert!(out.status.success(), "sluicectl unload: {}", out.text());
 }
