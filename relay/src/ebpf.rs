@@ -31,19 +31,20 @@ use std::path::Path;
 use std::str::FromStr;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, SockHash};
+use aya::maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, RingBuf, SockHash};
 use aya::programs::{ProgramError, SkSkb, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
-use sluice_common::{Peer, XDP_STATS_SLOT, admission, fast_path};
+use sluice_common::{HeldEvent, Peer, XDP_STATS_SLOT, admission, fast_path};
 use socket2::SockRef;
 
 pub use sluice_common::{ConnCounters, Cookie, PIN_DIR, RuleId, XdpStats};
 
 /// Every map of the object: pinning one pins all, so every loader of a pin directory shares them.
-const ALL_MAPS: [&str; 9] = [
+const ALL_MAPS: [&str; 10] = [
     fast_path::SOCKS,
     fast_path::PEERS,
     fast_path::COUNTERS,
+    fast_path::HELD,
     admission::ALLOW_V4,
     admission::ALLOW_V6,
     admission::DENY_V4,
@@ -210,6 +211,9 @@ pub struct FastPath {
     attached: bool,
     /// [`Peer::owner`] of the pairs this value inserts.
     owner: u32,
+    /// The verdict's flow-control events (None: maps handed over by fd; the process that
+    /// attached the verdict reads them).
+    held: Option<HeldRing>,
     /// Owns the loaded program and its attachment to `socks` (None: maps handed over by fd).
     _ebpf: Option<Ebpf>,
 }
@@ -247,6 +251,7 @@ impl FastPath {
             counters: take_map(&mut ebpf, fast_path::COUNTERS)?,
             attached: false,
             owner: Peer::PRIVATE,
+            held: None,
             _ebpf: Some(ebpf),
         })
     }
@@ -277,8 +282,28 @@ impl FastPath {
             counters: typed(counters, fast_path::COUNTERS)?,
             attached: true,
             owner,
+            held: None,
             _ebpf: None,
         })
+    }
+
+    /// The fd to poll for flow-control events (readable when [`FastPath::held_events`] has some),
+    /// if this value attached the verdict.
+    pub fn held_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.held.as_ref().map(|r| r.0.as_fd())
+    }
+
+    /// Moves the flow-control events waiting in the ring to `out`.
+    pub fn held_events(&mut self, out: &mut Vec<HeldEvent>) {
+        if let Some(ring) = self.held.as_mut() {
+            ring.drain(out);
+        }
+    }
+
+    /// Takes the event ring out (a process that shares its maps with workers reads it on a
+    /// thread of its own and tells each event's owner).
+    pub fn take_held_ring(&mut self) -> Option<HeldRing> {
+        self.held.take()
     }
 
     /// Whether these maps are shared with other processes (handed over by fd).
@@ -291,6 +316,7 @@ impl FastPath {
         let socks: SockHash<MapData, Cookie> = take_map(&mut ebpf, fast_path::SOCKS)?;
         let peers = take_map(&mut ebpf, fast_path::PEERS)?;
         let counters = take_map(&mut ebpf, fast_path::COUNTERS)?;
+        let held = take_map(&mut ebpf, fast_path::HELD)?;
         let name = fast_path::PROG_VERDICT;
         let prog: &mut SkSkb = ebpf
             .program_mut(name)
@@ -305,6 +331,7 @@ impl FastPath {
             counters,
             attached: true,
             owner: Peer::PRIVATE,
+            held: Some(HeldRing(held)),
             _ebpf: Some(ebpf),
         })
     }
@@ -321,6 +348,19 @@ impl FastPath {
         client: BorrowedFd<'_>,
         upstream: BorrowedFd<'_>,
     ) -> Result<(Cookie, Cookie)> {
+        self.insert_pair_with(client, upstream, u64::MAX, u64::MAX)
+    }
+
+    /// [`FastPath::insert_pair`] with flow control: each socket's verdict redirects at most
+    /// `allow` bytes before user space must move it on ([`FastPath::set_flow`]), and says so
+    /// when it passes `warn_at`.
+    pub fn insert_pair_with(
+        &mut self,
+        client: BorrowedFd<'_>,
+        upstream: BorrowedFd<'_>,
+        allow: u64,
+        warn_at: u64,
+    ) -> Result<(Cookie, Cookie)> {
         if !self.attached {
             return Err(EbpfError::NotAttached);
         }
@@ -329,7 +369,7 @@ impl FastPath {
         if c == u {
             return Err(EbpfError::SamePeer);
         }
-        let inserted = self.try_insert(c, client, u, upstream);
+        let inserted = self.try_insert(c, client, u, upstream, (allow, warn_at));
         if let Err(err) = inserted {
             // Best effort: the first error is the one worth reporting.
             let _ = self.remove_pair((c, u));
@@ -344,6 +384,7 @@ impl FastPath {
         client: BorrowedFd<'_>,
         u: Cookie,
         upstream: BorrowedFd<'_>,
+        (allow, warn_at): (u64, u64),
     ) -> Result<()> {
         let zero = ConnCounters::default();
         for cookie in [c, u] {
@@ -355,6 +396,9 @@ impl FastPath {
             cookie,
             owner: self.owner,
             reserved: 0,
+            allow,
+            released: 0,
+            warn_at,
         };
         self.peers
             .insert(c, peer(u), 0)
@@ -412,6 +456,29 @@ impl FastPath {
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(map_err(fast_path::COUNTERS)(e)),
         }
+    }
+
+    /// Flow control of socket `cookie` (see [`Peer::allow`]): the verdict may redirect until its
+    /// `bytes` counter reaches `allow`, and user space has taken every held byte up to
+    /// `released` (a value of its `held` counter).
+    pub fn set_flow(
+        &mut self,
+        cookie: Cookie,
+        allow: u64,
+        warn_at: u64,
+        released: u64,
+    ) -> Result<()> {
+        let mut peer = self
+            .peers
+            .get(&cookie, 0)
+            .map_err(map_err(fast_path::PEERS))?;
+        peer.allow = allow;
+        peer.warn_at = warn_at;
+        peer.released = released;
+        // Replaces the whole value at once: the verdict reads either the old one or this one.
+        self.peers
+            .insert(cookie, peer, 0)
+            .map_err(map_err(fast_path::PEERS))
     }
 
     /// Takes every pair `owner` inserted off the fast path (a dead worker's, with shared maps:
@@ -475,7 +542,34 @@ impl FastPath {
     }
 }
 
-/// The programs of the object, pinned by [`pin_all`] next to the maps.
+/// The verdict's flow-control events ([`fast_path::HELD`]): each names a socket whose verdict
+/// started holding bytes for user space.
+pub struct HeldRing(RingBuf<MapData>);
+
+impl HeldRing {
+    /// Readable (POLLIN) when events wait.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+
+    /// Moves the waiting events to `out`.
+    pub fn drain(&mut self, out: &mut Vec<HeldEvent>) {
+        while let Some(item) = self.0.next() {
+            // A `#[repr(C)]` HeldEvent in the host's byte order: cookie (8 bytes), owner (4),
+            // kind (4).
+            if let (Some(cookie), Some(owner), Some(kind)) =
+                (item.get(0..8), item.get(8..12), item.get(12..16))
+            {
+                out.push(HeldEvent {
+                    cookie: u64::from_ne_bytes(cookie.try_into().expect("8 bytes")),
+                    owner: u32::from_ne_bytes(owner.try_into().expect("4 bytes")),
+                    kind: u32::from_ne_bytes(kind.try_into().expect("4 bytes")),
+                });
+            }
+        }
+    }
+}
+
 const ALL_PROGRAMS: [&str; 2] = [fast_path::PROG_VERDICT, admission::PROG_XDP_DENY];
 
 /// Where bpffs is mounted on every distribution; [`pin_all`] mounts it there when missing.

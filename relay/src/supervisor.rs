@@ -81,6 +81,8 @@ enum Event {
     Resolved(u64, Table),
     /// `sluicectl reload`: the answer goes back on the channel.
     Reload(mpsc::Sender<ReloadAnswer>),
+    /// The shared fast path's verdict started holding bytes of a worker's socket.
+    Held(sluice_common::HeldEvent),
     /// Time to look whether certificate files changed.
     CheckFiles,
     /// `sluicectl allow|deny|dest ...` from the control socket.
@@ -369,6 +371,9 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         xdp_interfaces,
     };
     sup.start_resolver(resolved, resolved_ok, failing)?;
+    if let Some(ring) = sup.shared_fast.as_mut().and_then(|f| f.take_held_ring()) {
+        spawn_held_relay(ring, sup.tx.clone())?;
+    }
     sup.watch_cert_files()?;
     for i in 0..nworkers {
         let p = sup.spawn(i)?;
@@ -398,6 +403,18 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
             }
             Event::Reload(reply) => {
                 let _ = reply.send(sup.reload());
+            }
+            Event::Held(e) => {
+                let msg = ControlMsg::Held {
+                    cookie: e.cookie,
+                    kind: e.kind,
+                }
+                .encode();
+                if let Some(Some(p)) = sup.procs.get_mut(e.owner as usize)
+                    && let Err(err) = p.stdin.write_all(msg.as_bytes())
+                {
+                    tracing::debug!("cannot reach a worker's control pipe: {err}");
+                }
             }
             Event::CheckFiles => sup.reload_tls(false),
             Event::Admission(cmd, reply) => {
@@ -1190,6 +1207,35 @@ fn admission_handler(
         reply.workers_applied = applied(generation);
         Some(serde_json::to_value(&reply).unwrap_or_default())
     })
+}
+
+/// Reads the shared fast path's event ring on a thread of its own (the verdict the supervisor
+/// attached writes there) and hands each event to the main loop, which tells the worker that
+/// owns the socket.
+fn spawn_held_relay(
+    mut ring: crate::ebpf::HeldRing,
+    tx: mpsc::Sender<Event>,
+) -> std::io::Result<()> {
+    let epoll = sys::Epoll::new()?;
+    epoll.add(ring.fd(), libc::EPOLLIN as u32, 0)?;
+    std::thread::Builder::new()
+        .name("fast-held".into())
+        .spawn(move || {
+            let mut ready = [sys::epoll_event_zeroed(); 1];
+            let mut events = Vec::new();
+            loop {
+                if epoll.wait(&mut ready, 1000).is_err() {
+                    return;
+                }
+                ring.drain(&mut events);
+                for e in events.drain(..) {
+                    if tx.send(Event::Held(e)).is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+        .map(drop)
 }
 
 fn spawn_signal_thread(tx: mpsc::Sender<Event>) -> std::io::Result<()> {

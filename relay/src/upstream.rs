@@ -51,6 +51,9 @@ pub enum ControlMsg {
     /// same listeners in the same order; the address lists, certificates and admission lists
     /// that go with it follow in the next lines.
     Config { toml: String },
+    /// The sockmap verdict started holding bytes of socket `cookie` (flow control; relayed by
+    /// the supervisor when it reads the event ring of maps shared through pins).
+    Held { cookie: u64, kind: u32 },
     /// Close every live connection whose client (its peer address now) is in one of `cidrs`
     /// (`sluicectl deny add --kill-existing`), then report `generation`.
     Kill { generation: u64, cidrs: Vec<Cidr> },
@@ -89,6 +92,7 @@ impl ControlMsg {
                 key_pem,
             } => format!("tls {listener} {} {}\n", hex(chain_pem), hex(key_pem)),
             ControlMsg::Ready => "ready\n".to_string(),
+            ControlMsg::Held { cookie, kind } => format!("held {cookie} {kind}\n"),
             ControlMsg::Config { toml } => format!("config {}\n", hex(toml)),
             ControlMsg::Admission {
                 generation,
@@ -149,6 +153,10 @@ impl ControlMsg {
             }
             "drain" => Some(ControlMsg::Drain),
             "ready" => Some(ControlMsg::Ready),
+            "held" => Some(ControlMsg::Held {
+                cookie: parts.next()?.parse().ok()?,
+                kind: parts.next()?.parse().ok()?,
+            }),
             "config" => Some(ControlMsg::Config {
                 toml: unhex(parts.next()?)?,
             }),
@@ -453,6 +461,10 @@ mod tests {
     fn control_messages_round_trip() {
         check(ControlMsg::Drain);
         check(ControlMsg::Ready);
+        check(ControlMsg::Held {
+            cookie: 1 << 40,
+            kind: 1,
+        });
         check(ControlMsg::Config {
             toml: "[[listen]]\nname = \"a b\"\n".into(),
         });

@@ -26,6 +26,11 @@ pub mod fast_path {
     pub const PEERS: &str = "SLUICE_PEERS";
     /// `HashMap<Cookie, ConnCounters>`: what the verdict program did with a socket's bytes.
     pub const COUNTERS: &str = "SLUICE_COUNTERS";
+    /// `RingBuf` of [`crate::HeldEvent`]: the verdict tells user space that a socket's flow
+    /// control started holding bytes (poll can not: a sockmap socket reads as always readable).
+    pub const HELD: &str = "SLUICE_HELD";
+    /// Bytes of [`HELD`] (a page multiple; thousands of events).
+    pub const HELD_BYTES: u32 = 64 * 1024;
     /// The `sk_skb/stream_verdict` program, attached to [`SOCKS`].
     pub const PROG_VERDICT: &str = "sluice_verdict";
     /// Default capacity of each fast-path map (sockets, not connections: two per connection).
@@ -68,11 +73,43 @@ pub struct Peer {
     /// process uses.
     pub owner: u32,
     pub reserved: u32,
+    /// Flow control, written by user space only. The verdict redirects an skb of the key's socket
+    /// only while `ConnCounters::bytes` (redirected so far) plus its length stays within
+    /// `allow`, and every byte it ever left on the socket (`ConnCounters::held`) was taken by
+    /// user space (`released` equals it). Otherwise it leaves the skb on the socket (charged to
+    /// its receive buffer, so TCP's window closes when user space does not read): user space
+    /// forwards those bytes in order once the peer caught up, then moves `allow` on.
+    /// `u64::MAX` means no limit.
+    pub allow: u64,
+    /// `ConnCounters::held` as of the last time user space had taken every byte left on the
+    /// socket.
+    pub released: u64,
+    /// When `ConnCounters::bytes` passes this, the verdict tells user space ([`HeldEvent::LOW`]),
+    /// which moves `allow` on if the peer keeps up, so a fast stream is never held.
+    pub warn_at: u64,
 }
 
 impl Peer {
     /// [`Peer::owner`] of an entry in maps private to one process.
     pub const PRIVATE: u32 = u32::MAX;
+}
+
+/// Record of [`fast_path::HELD`]: socket `cookie` (inserted by worker `owner`) started holding
+/// bytes for user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeldEvent {
+    pub cookie: Cookie,
+    pub owner: u32,
+    /// [`HeldEvent::HELD`] or [`HeldEvent::LOW`].
+    pub kind: u32,
+}
+
+impl HeldEvent {
+    /// The socket's verdict started holding bytes.
+    pub const HELD: u32 = 0;
+    /// The socket's redirected bytes passed [`Peer::warn_at`]: its allowance runs low.
+    pub const LOW: u32 = 1;
 }
 
 /// Value of [`fast_path::COUNTERS`]: what the verdict program did with the skbs that arrived on
@@ -93,6 +130,9 @@ pub struct ConnCounters {
     /// CLOCK_MONOTONIC (ns, `bpf_ktime_get_ns`) of the first skb redirected; 0 = none yet. The
     /// upstream socket's is the connection's first upstream byte (for the histograms).
     pub first_ns: u64,
+    /// Payload bytes left on the socket for user space (flow control held them, or the peer was
+    /// gone), in all.
+    pub held: u64,
 }
 
 /// Identifies the rule that put an entry in an allow/deny/destination map (for listing and per-rule
@@ -161,8 +201,9 @@ pub struct XdpStats {
 
 // Layouts are part of the contract with already-pinned maps: any change must be deliberate.
 const _: () = assert!(size_of::<Cookie>() == 8);
-const _: () = assert!(size_of::<Peer>() == 16);
-const _: () = assert!(size_of::<ConnCounters>() == 40);
+const _: () = assert!(size_of::<Peer>() == 40);
+const _: () = assert!(size_of::<HeldEvent>() == 16);
+const _: () = assert!(size_of::<ConnCounters>() == 48);
 const _: () = assert!(size_of::<ClientKeyV4>() == 8);
 const _: () = assert!(size_of::<ClientKeyV6>() == 20);
 const _: () = assert!(size_of::<DestKey>() == 20);
@@ -173,11 +214,13 @@ const _: () = assert!(size_of::<RuleId>() == 4);
 mod pod {
     //! `aya::Pod` for every map key and value: they are `#[repr(C)]`, `Copy`, and every bit
     //! pattern is valid (only integers and byte arrays, no padding), which is what `Pod` requires.
-    use super::{ClientKeyV4, ClientKeyV6, ConnCounters, DestKey, Peer, XdpStats};
+    use super::{ClientKeyV4, ClientKeyV6, ConnCounters, DestKey, HeldEvent, Peer, XdpStats};
 
     // SAFETY: `#[repr(C)]` structs of integers and byte arrays without padding (the size asserts
     // above pin the layout); any bit pattern is a valid value.
     unsafe impl aya::Pod for Peer {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for HeldEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ConnCounters {}
     // SAFETY: as above.

@@ -6,12 +6,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray, SockHash, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
 };
 use sluice_common::{
     ClientKeyV4, ClientKeyV6, ConnCounters, Cookie, DestKey, Peer, RuleId, XdpStats,
     admission::{MAX_CLIENT_RULES, MAX_DESTS},
-    fast_path::MAX_SOCKETS,
+    fast_path::{HELD_BYTES, MAX_SOCKETS},
 };
 
 // The client tries are keyed by aya's `Key<[u8; N]>`; `sluice-common` documents the same layout.
@@ -31,6 +31,10 @@ pub(crate) static PEERS: HashMap<Cookie, Peer> =
 #[map(name = "SLUICE_COUNTERS")]
 pub(crate) static COUNTERS: HashMap<Cookie, ConnCounters> =
     HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// Sockets whose flow control started holding bytes, for user space to forward them.
+#[map(name = "SLUICE_HELD")]
+pub(crate) static HELD: RingBuf = RingBuf::with_byte_size(HELD_BYTES, 0);
 
 /// IPv4 clients that may connect (read by the relay at accept).
 #[map(name = "SLUICE_ALLOW_V4")]

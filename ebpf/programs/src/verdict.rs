@@ -6,6 +6,12 @@
 //!   the socket and shuts the peer's write side once every byte is delivered;
 //! - no peer, or the peer already left the sockmap: `SK_PASS`, the bytes stay on the socket's own
 //!   receive queue for user space (never dropped);
+//! - flow control ([`sluice_common::Peer::allow`]): past the bytes user space allowed, or while
+//!   bytes it left on the socket before are not all taken by user space, `SK_PASS` too: the skb
+//!   stays on the socket, charged to its receive buffer, so the sender's window closes when the
+//!   destination does not read (redirected skbs are charged to nobody while they wait for the
+//!   peer's send buffer: without this, a destination that never reads lets the kernel queue
+//!   without limit);
 //! - every outcome is counted in `SLUICE_COUNTERS` if the relay created an entry for the socket.
 
 use core::mem::offset_of;
@@ -17,9 +23,9 @@ use aya_ebpf::{
     macros::stream_verdict,
     programs::SkBuffContext,
 };
-use sluice_common::{ConnCounters, Cookie};
+use sluice_common::{ConnCounters, Cookie, HeldEvent};
 
-use crate::maps::{COUNTERS, PEERS, SOCKS};
+use crate::maps::{COUNTERS, HELD, PEERS, SOCKS};
 
 #[stream_verdict]
 pub fn sluice_verdict(ctx: SkBuffContext) -> u32 {
@@ -39,25 +45,69 @@ fn try_sluice_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         return Err(SK_DROP);
     }
     let Some(peer) = PEERS.get_ptr(cookie) else {
-        count(counters, offset_of!(ConnCounters, passed_skbs), 1);
-        return Ok(SK_PASS);
+        return Ok(pass(counters, len));
     };
     // SAFETY: the pointer came from a successful lookup and map values stay valid for the whole
     // program run (RCU); `Peer` is plain old data, and the map is not preallocated, so a concurrent
-    // delete cannot make the slot alias another entry.
-    let mut peer_cookie: Cookie = unsafe { (*peer).cookie };
+    // delete or update (user space replaces the whole value) cannot make it alias another entry.
+    let (mut peer_cookie, allow, released, owner, warn_at): (Cookie, u64, u64, u32, u64) = unsafe {
+        (
+            (*peer).cookie,
+            (*peer).allow,
+            (*peer).released,
+            (*peer).owner,
+            (*peer).warn_at,
+        )
+    };
+    if let Some(c) = counters {
+        // SAFETY: as in `count`: a live value of this socket, written only by its serialized runs.
+        let (bytes, held) = unsafe { ((*c).bytes, (*c).held) };
+        if held != released {
+            // Already holding (user space was told): in order behind the held bytes.
+            return Ok(pass(counters, len));
+        }
+        if bytes.saturating_add(u64::from(len)) > allow {
+            // Start holding only if user space can be told; if the ring is full, redirect this
+            // one (nothing is held yet, so order is kept) and try again with the next skb.
+            let event = HeldEvent {
+                cookie,
+                owner,
+                kind: HeldEvent::HELD,
+            };
+            if HELD.output::<HeldEvent>(&event, 0).is_ok() {
+                return Ok(pass(counters, len));
+            }
+        } else if bytes < warn_at && bytes.saturating_add(u64::from(len)) >= warn_at {
+            // Half the allowance used: user space may move it on before it runs out (a lost
+            // event only means this direction is held at `allow` instead).
+            let event = HeldEvent {
+                cookie,
+                owner,
+                kind: HeldEvent::LOW,
+            };
+            let _ = HELD.output::<HeldEvent>(&event, 0);
+        }
+    }
     // Egress redirect (flags 0): the skb is sent out of the peer socket.
     let verdict = SOCKS.redirect_skb(ctx, &mut peer_cookie, 0);
     if verdict == i64::from(SK_PASS) {
         count(counters, offset_of!(ConnCounters, bytes), u64::from(len));
         count(counters, offset_of!(ConnCounters, skbs), 1);
         first_seen(counters);
+        Ok(SK_PASS)
     } else {
         // The peer left the sockmap between the two lookups: keep the bytes here, user space
         // forwards them.
-        count(counters, offset_of!(ConnCounters, passed_skbs), 1);
+        Ok(pass(counters, len))
     }
-    Ok(SK_PASS)
+}
+
+/// Leaves the skb on its own socket for user space, counted as held.
+#[inline(always)]
+fn pass(counters: Option<*mut ConnCounters>, len: u32) -> u32 {
+    count(counters, offset_of!(ConnCounters, passed_skbs), 1);
+    count(counters, offset_of!(ConnCounters, held), u64::from(len));
+    SK_PASS
 }
 
 /// Stamps `first_ns` with the time of the first redirected skb, if the entry exists and has none.

@@ -29,6 +29,11 @@ pub struct Config {
     /// How often upstream host names are resolved again, in seconds.
     #[serde(default = "defaults::resolve_interval_s")]
     pub resolve_interval_s: u32,
+    /// Sockmap engine: MiB the kernel may queue for one direction of a connection whose
+    /// destination does not keep up, beyond its socket buffers (flow control of the fast path;
+    /// 0 = no limit). Lower bounds kernel memory tighter and costs fast streams throughput.
+    #[serde(default = "defaults::sockmap_queue_limit_mib")]
+    pub sockmap_queue_limit_mib: u32,
     /// After binding and loading eBPF, run as this user (its primary group too), keeping only
     /// the capabilities the engine still needs. None: stay as started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -426,6 +431,9 @@ mod defaults {
     pub fn resolve_interval_s() -> u32 {
         300
     }
+    pub fn sockmap_queue_limit_mib() -> u32 {
+        256
+    }
     pub fn connect_ms() -> u32 {
         5_000
     }
@@ -494,6 +502,7 @@ impl Config {
             engine: EngineChoice::Auto,
             max_connections: defaults::max_connections(),
             resolve_interval_s: defaults::resolve_interval_s(),
+            sockmap_queue_limit_mib: defaults::sockmap_queue_limit_mib(),
             timeouts: Timeouts::default(),
             resolve: Default::default(),
             admission: AdmissionSettings::default(),

@@ -132,6 +132,8 @@ pub struct WorkerCtx<'a> {
     pending_kill: Option<(u64, Vec<Cidr>)>,
     /// Per-listener latency and size histograms ([`crate::histo`]).
     pub histos: crate::histo::Histos,
+    /// Fast-path sockets whose verdict started holding bytes, as the supervisor relayed them.
+    pending_held: Vec<(u64, u32)>,
 }
 
 /// Why a new connection was not admitted.
@@ -167,6 +169,7 @@ impl<'a> WorkerCtx<'a> {
             rules: Rules::default(),
             pending_kill: None,
             histos: crate::histo::Histos::disabled(),
+            pending_held: Vec::new(),
         }
     }
 
@@ -242,6 +245,11 @@ impl<'a> WorkerCtx<'a> {
         ok
     }
 
+    /// Flow-control events the supervisor relayed, for the engine to act on now.
+    pub fn take_held(&mut self) -> Vec<(u64, u32)> {
+        std::mem::take(&mut self.pending_held)
+    }
+
     /// A `kill` the supervisor sent, to be carried out by the engine now (it closes every live
     /// connection whose client [`WorkerCtx::kills`], then calls [`WorkerCtx::killed`]).
     pub fn take_kill(&mut self) -> Option<(u64, Vec<Cidr>)> {
@@ -300,6 +308,7 @@ impl<'a> WorkerCtx<'a> {
                     }
                 }
                 Some(ControlMsg::Ready) => {}
+                Some(ControlMsg::Held { cookie, kind }) => self.pending_held.push((cookie, kind)),
                 Some(ControlMsg::Config { toml }) => self.reload(&toml, upstreams),
                 Some(ControlMsg::Admission {
                     generation,

@@ -21,7 +21,7 @@
 //! only when that count is back to zero — its connect address, pipes and lent buffers with it.
 #![allow(unsafe_code)]
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -56,6 +56,8 @@ const FAST_SNDBUF: usize = 4 << 20;
 /// Re-check delays (ms) while waiting for a fast-path direction's bytes to reach the
 /// destination's send queue before forwarding its FIN; the last one repeats.
 const DRAIN_WAITS_MS: [u32; 6] = [1, 2, 4, 8, 16, 32];
+/// Bytes flow control moves per event before yielding to other connections.
+const FORWARD_ROUNDS: usize = 16;
 /// `tcpi_state` of a socket that was reset or fully closed.
 const TCP_CLOSE: u8 = 7;
 /// Slot value meaning "no connection" (listener, control, timer, cancel operations).
@@ -81,6 +83,11 @@ enum Op {
     HeaderPoll,
     /// Fast path: the timer before re-checking that a direction's bytes all left.
     Drain,
+    /// Fast path, flow control: the timer before re-checking that a direction's redirected
+    /// bytes all reached the destination, so held ones may follow.
+    Forward,
+    /// Fast path, flow control: the verdict's ring of "started holding" events is readable.
+    HeldPoll,
 }
 
 impl Op {
@@ -101,6 +108,8 @@ impl Op {
             12 => Send,
             13 => HeaderPoll,
             14 => Drain,
+            15 => Forward,
+            16 => HeldPoll,
             _ => return None,
         })
     }
@@ -253,6 +262,36 @@ struct FastConn {
     /// Bytes moved and acknowledged, summed, at the last idle check (the kernel moves the bytes,
     /// so activity is read from its counters only when the idle limit is reached).
     seen: u64,
+    /// Flow control, per direction: the `released` value last given to the verdict (bytes it
+    /// held that user space has taken), bytes taken but not yet accepted by the destination,
+    /// and whether a re-check (timer or POLLOUT) is in flight instead of the source's watch.
+    released: [u64; 2],
+    pending: [Vec<u8>; 2],
+    waiting: [bool; 2],
+    /// How many forward re-checks direction `d` had in a row (picks the next delay).
+    forward_waits: [u8; 2],
+    /// Bytes user space read from direction `d`'s source since insertion: every one of them was
+    /// held by the verdict, so flow control releases only when this equals its `held` count
+    /// (held bytes the kernel has not yet made readable would otherwise be overtaken).
+    taken: [u64; 2],
+    /// Whether direction `d`'s source has a POLLRDHUP watch in flight.
+    watching: [bool; 2],
+    /// Flow control: bytes the verdict may redirect on a direction past the point where user
+    /// space last caught up ([`sluice_common::Peer::allow`]; `sockmap_queue_limit_mib`,
+    /// `u64::MAX` for none). A destination that stops reading gets at most this much queued in
+    /// the kernel beyond its send buffer; then the source socket's receive buffer fills with
+    /// held bytes and TCP closes the sender's window. Half-way the verdict says so and the
+    /// allowance moves on if the destination kept up; when it runs out, user space waits for
+    /// the destination, forwards what was held meanwhile (a copy), and lets the verdict go on.
+    budget: u64,
+}
+
+/// Where a flow-control step of a fast-path direction ended.
+enum Forward {
+    /// Every held byte went on; the source may be watched again.
+    Done,
+    /// A re-check (timer or POLLOUT) is in flight.
+    Waiting,
 }
 
 /// TLS termination of one connection: the session and the bytes waiting to be sent each way.
@@ -305,6 +344,11 @@ pub struct Worker<'a> {
     fast: Option<FastPath>,
     /// Bytes a kick returns (`sockmap` only).
     kick_buf: Vec<u8>,
+    /// Fast-path sockets by cookie (the slot of their connection), for flow-control events.
+    fast_cookies: HashMap<Cookie, u32>,
+    /// Whether the poll on the fast path's event ring is in flight.
+    held_armed: bool,
+    held_events: Vec<sluice_common::HeldEvent>,
     /// Pairs inserted so far, and how many of them the last audit of the maps came after.
     fast_pairs: u64,
     fast_audited: u64,
@@ -320,6 +364,16 @@ pub struct Worker<'a> {
     active: u64,
     now_ms: u64,
     cqes: Vec<(u64, i32, u32)>,
+}
+
+/// Where the verdict warns that a direction's allowance runs low: half-way through the budget
+/// from `bytes` (never, without a limit).
+fn warn_at(bytes: u64, budget: u64) -> u64 {
+    if budget == u64::MAX {
+        u64::MAX
+    } else {
+        bytes + budget / 2
+    }
 }
 
 /// The LINK_TIMEOUT of an upstream connect.
@@ -390,6 +444,9 @@ impl<'a> Worker<'a> {
                 Vec::new()
             },
             fast,
+            fast_cookies: HashMap::new(),
+            held_armed: false,
+            held_events: Vec::new(),
             fast_pairs: 0,
             fast_audited: 0,
             drain_waits: Box::new(
@@ -414,6 +471,7 @@ impl<'a> Worker<'a> {
         self.ctx.row.set(Counter::Engine, self.kind.id());
         self.arm_accepts();
         self.arm_control();
+        self.arm_held();
         let e = opcode::Timeout::new(&*self.tick)
             .flags(types::TimeoutFlags::MULTISHOT)
             .build()
@@ -498,6 +556,51 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Polls the fast path's event ring (when this worker attached the verdict itself).
+    fn arm_held(&mut self) {
+        let Some(fd) = self.fast.as_ref().and_then(|f| f.held_fd()) else {
+            return;
+        };
+        if self.held_armed {
+            return;
+        }
+        self.held_armed = true;
+        let e = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(UserData::global(Op::HeldPoll, 0));
+        self.push(e);
+    }
+
+    /// Flow-control events: each names a socket whose verdict started holding bytes; its
+    /// direction forwards them now, unless a re-check is already in flight.
+    fn on_held(&mut self, events: impl IntoIterator<Item = sluice_common::HeldEvent>) {
+        for sluice_common::HeldEvent { cookie, kind, .. } in events {
+            let Some(&slot) = self.fast_cookies.get(&cookie) else {
+                continue; // gone meanwhile
+            };
+            let Some(c) = self.slots[slot as usize].conn.as_ref() else {
+                continue;
+            };
+            let Some(f) = c.fast.as_ref() else { continue };
+            let d = if f.cookies.0 == cookie {
+                TO_UPSTREAM
+            } else {
+                TO_CLIENT
+            };
+            if c.phase == Phase::Closing || c.dirs[d].done || f.waiting[d] {
+                continue;
+            }
+            if kind == sluice_common::HeldEvent::LOW {
+                if let Err((errno, at_source)) = self.fast_extend(slot, d) {
+                    self.fail(slot, d, errno, at_source);
+                }
+            } else {
+                self.fast_step(slot, d);
+            }
+            self.maybe_free(slot);
+        }
+    }
+
     fn arm_control(&mut self) {
         let e = opcode::Read::new(
             types::Fd(self.control.as_raw_fd()),
@@ -544,6 +647,15 @@ impl<'a> Worker<'a> {
             }
             Op::PollIn => self.on_poll_in(u.slot, d, res),
             Op::Drain => self.on_drain(u.slot, d),
+            Op::Forward => self.on_forward(u.slot, d),
+            Op::PollOut
+                if self.slots[u.slot as usize]
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.fast.is_some()) =>
+            {
+                self.on_forward(u.slot, d)
+            }
             Op::PollOut => self.on_poll_out(u.slot, d, res),
             Op::SpliceIn => self.on_splice_in(u.slot, d, res),
             Op::SpliceOut => self.on_splice_out(u.slot, d, res),
@@ -558,7 +670,7 @@ impl<'a> Worker<'a> {
             }
             Op::Send => self.on_send(u.slot, d, res),
             Op::HeaderPoll => self.on_header_poll(u.slot, res),
-            Op::AcceptMulti | Op::ControlRead | Op::Tick | Op::Cancel => {}
+            Op::AcceptMulti | Op::ControlRead | Op::Tick | Op::Cancel | Op::HeldPoll => {}
         }
         self.maybe_free(u.slot);
         true
@@ -594,6 +706,16 @@ impl<'a> Worker<'a> {
                 self.on_control(&buf);
                 self.arm_control();
             }
+            Op::HeldPoll => {
+                self.held_armed = false;
+                let mut events = std::mem::take(&mut self.held_events);
+                if let Some(fast) = self.fast.as_mut() {
+                    fast.held_events(&mut events);
+                }
+                self.on_held(events.drain(..));
+                self.held_events = events;
+                self.arm_held();
+            }
             Op::Tick => {
                 if !cqueue::more(flags) {
                     let e = opcode::Timeout::new(&*self.tick)
@@ -627,6 +749,17 @@ impl<'a> Worker<'a> {
         if let Some((generation, cidrs)) = self.ctx.take_kill() {
             self.kill_clients(generation, &cidrs);
         }
+        // Flow-control events the supervisor relayed (maps shared through pins).
+        let held = self.ctx.take_held();
+        let owner = self.ctx.index as u32;
+        self.on_held(
+            held.into_iter()
+                .map(|(cookie, kind)| sluice_common::HeldEvent {
+                    cookie,
+                    owner,
+                    kind,
+                }),
+        );
     }
 
     /// `sluicectl deny add --kill-existing`: closes (RST) every connection whose client is in
@@ -1043,6 +1176,10 @@ impl<'a> Worker<'a> {
         // sent again: whatever is queued now is moved here first, and only whole skbs arrive
         // after insertion.
         let partly_read = listener.accept_proxy || listener.route == Route::Sni;
+        let budget = match self.ctx.config.sockmap_queue_limit_mib {
+            0 => u64::MAX,
+            mib => u64::from(mib) << 20,
+        };
         let buf = &mut self.kick_buf;
         let row = &self.ctx.row;
         let inserted = (|| {
@@ -1056,7 +1193,7 @@ impl<'a> Worker<'a> {
                 let _ = socket2::SockRef::from(&fd).set_send_buffer_size(FAST_SNDBUF);
             }
             let cookies = fast
-                .insert_pair(c.client.as_fd(), up.as_fd())
+                .insert_pair_with(c.client.as_fd(), up.as_fd(), budget, warn_at(0, budget))
                 .map_err(io::Error::other)?;
             Ok::<_, io::Error>((cookies, written))
         })();
@@ -1068,7 +1205,16 @@ impl<'a> Worker<'a> {
                     fin: [false; 2],
                     waits: [0; 2],
                     seen: 0,
+                    released: [0; 2],
+                    pending: [Vec::new(), Vec::new()],
+                    waiting: [false; 2],
+                    forward_waits: [0; 2],
+                    taken: [0; 2],
+                    watching: [false; 2],
+                    budget,
                 }));
+                self.fast_cookies.insert(cookies.0, slot);
+                self.fast_cookies.insert(cookies.1, slot);
                 self.ctx.row.inc(Counter::FastPathPairs);
                 self.fast_pairs += 1;
             }
@@ -1081,21 +1227,233 @@ impl<'a> Worker<'a> {
                 return;
             }
         }
-        for d in [TO_UPSTREAM, TO_CLIENT] {
-            if let Err((errno, at_source)) = self.fast_kick(slot, d) {
-                return self.fail(slot, d, errno, at_source);
-            }
-        }
+        // The kick: a read of each source runs the verdict over what was queued before
+        // insertion; what it left on the socket is forwarded here, in order.
         for d in [TO_UPSTREAM, TO_CLIENT] {
             if self.conn(slot).phase == Phase::Closing {
                 return;
             }
-            if self.fast_conn(slot).fin[d] {
-                self.fast_drain(slot, d);
-            } else {
-                self.fast_watch(slot, d, libc::POLLRDHUP as u32);
-            }
+            self.fast_step(slot, d);
         }
+    }
+
+    /// Takes held bytes of direction `d` on (see [`Worker::fast_forward`]), then watches the
+    /// source again, or starts forwarding its FIN, unless a re-check is in flight.
+    fn fast_step(&mut self, slot: u32, d: usize) {
+        match self.fast_forward(slot, d) {
+            Err((errno, at_source)) => self.fail(slot, d, errno, at_source),
+            Ok(Forward::Waiting) => {}
+            Ok(Forward::Done) if self.fast_conn(slot).fin[d] => {
+                if !self.conn(slot).dirs[d].done {
+                    self.fast_drain(slot, d)
+                }
+            }
+            // Only POLLRDHUP: a sockmap socket always polls readable (its read sequence stays
+            // behind what the verdict redirected), so held bytes are announced by the verdict's
+            // event ring instead.
+            Ok(Forward::Done) if !self.fast_conn(slot).watching[d] => {
+                self.fast_watch(slot, d, libc::POLLRDHUP as u32)
+            }
+            Ok(Forward::Done) => {}
+        }
+    }
+
+    /// Flow control of direction `d`: the verdict leaves an skb on the source socket when the
+    /// direction used its allowance or earlier held bytes are not all taken. Those bytes are
+    /// forwarded here, in order: only once every redirected byte reached the destination's send
+    /// queue (else a timer re-checks), and only as fast as the destination takes them (else
+    /// POLLOUT on it). Once the source has nothing left, the verdict gets the new `released`
+    /// point and a fresh allowance and redirects again. While this waits, the source is not
+    /// read: its receive buffer fills and TCP closes the sender's window (backpressure).
+    fn fast_forward(&mut self, slot: u32, d: usize) -> Result<Forward, (i32, bool)> {
+        let errno = |e: io::Error| e.raw_os_error().unwrap_or(libc::EIO);
+        for _ in 0..FORWARD_ROUNDS {
+            let s = &mut self.slots[slot as usize];
+            let c = s.conn.as_mut().expect("live slot");
+            let up = c.upstream.as_ref().expect("connected upstream");
+            let (src, dst) = if d == TO_UPSTREAM {
+                (c.client.as_fd(), up.as_fd())
+            } else {
+                (up.as_fd(), c.client.as_fd())
+            };
+            let f = c.fast.as_mut().expect("fast");
+            if !f.pending[d].is_empty() {
+                let sent =
+                    match sys::send(dst, &f.pending[d], libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                        Err(e) => return Err((errno(e), false)),
+                    };
+                f.pending[d].drain(..sent);
+                f.written[d] += sent as u64;
+                if !f.pending[d].is_empty() {
+                    return Ok(self.fast_wait(slot, d, true));
+                }
+                self.moved(slot, d, sent as u64);
+                continue;
+            }
+            let cookie = if d == TO_UPSTREAM {
+                f.cookies.0
+            } else {
+                f.cookies.1
+            };
+            let fast = self.fast.as_mut().expect("sockmap engine");
+            let counters = fast
+                .counters(cookie)
+                .map_err(|e| (errno(io::Error::other(e)), true))?
+                .unwrap_or_default();
+            // Held bytes may only follow the redirected ones.
+            if counters.held != f.released[d] {
+                let redirected = counters.bytes;
+                match sent_total(dst) {
+                    Ok(total) if total >= f.written[d] + redirected => {}
+                    Ok(_) => return Ok(self.fast_wait(slot, d, false)),
+                    Err(e) if e.raw_os_error().is_none() => {
+                        return Ok(self.fast_wait(slot, d, false));
+                    }
+                    Err(e) => return Err((errno(e), false)),
+                }
+            }
+            let n = match ebpf::kick(src, &mut self.kick_buf) {
+                Ok(Kick::Data(n)) => n,
+                Ok(end @ (Kick::Empty | Kick::Eof)) => {
+                    if matches!(end, Kick::Eof) {
+                        f.fin[d] = true;
+                    }
+                    if counters.held == f.released[d] {
+                        f.forward_waits[d] = 0;
+                        return Ok(Forward::Done);
+                    }
+                    if f.taken[d] < counters.held {
+                        // Held bytes the kernel has yet to make readable (its own backlog).
+                        return Ok(self.fast_wait(slot, d, false));
+                    }
+                    // Everything held up to `counters.held` was taken and sent: the verdict may
+                    // redirect again, a budget past what it redirected so far.
+                    f.released[d] = counters.held;
+                    fast.set_flow(
+                        cookie,
+                        counters.bytes.saturating_add(f.budget),
+                        warn_at(counters.bytes, f.budget),
+                        counters.held,
+                    )
+                    .map_err(|e| (errno(io::Error::other(e)), true))?;
+                    // An skb held after `counters` was read came without an event (the verdict
+                    // was holding already): look again before going back to waiting for one.
+                    let now = fast
+                        .counters(cookie)
+                        .map_err(|e| (errno(io::Error::other(e)), true))?
+                        .unwrap_or_default();
+                    if now.held != counters.held {
+                        continue;
+                    }
+                    f.forward_waits[d] = 0;
+                    return Ok(Forward::Done);
+                }
+                Err(e) => return Err((errno(e), true)),
+            };
+            f.taken[d] += n as u64;
+            let sent = match sys::send(
+                dst,
+                &self.kick_buf[..n],
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            ) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err((errno(e), false)),
+            };
+            let f = self.slots[slot as usize]
+                .conn
+                .as_mut()
+                .and_then(|c| c.fast.as_mut())
+                .expect("fast");
+            f.written[d] += sent as u64;
+            if sent < n {
+                f.pending[d].extend_from_slice(&self.kick_buf[sent..n]);
+            }
+            self.moved(slot, d, sent as u64);
+        }
+        // Moving bytes: yield to other connections, and come back right after them (a NOP
+        // completes at once, behind what is already queued).
+        self.fast_conn(slot).forward_waits[d] = 0;
+        self.fast_conn(slot).waiting[d] = true;
+        let e = opcode::Nop::new()
+            .build()
+            .user_data(self.ud(slot, Op::Forward, d));
+        self.conn(slot).inflight += 1;
+        self.push(e);
+        Ok(Forward::Waiting)
+    }
+
+    /// Direction `d` used half its allowance: if its destination keeps up (what the verdict
+    /// redirected is mostly in the destination's send queue already), the allowance moves on
+    /// now, so a fast stream is never held; otherwise it stays, and the verdict holds at it.
+    fn fast_extend(&mut self, slot: u32, d: usize) -> Result<(), (i32, bool)> {
+        let errno = |e: io::Error| e.raw_os_error().unwrap_or(libc::EIO);
+        let c = self.slots[slot as usize].conn.as_ref().expect("live slot");
+        let f = c.fast.as_ref().expect("fast");
+        let up = c.upstream.as_ref().expect("connected upstream");
+        let (dst, cookie) = if d == TO_UPSTREAM {
+            (up.as_fd(), f.cookies.0)
+        } else {
+            (c.client.as_fd(), f.cookies.1)
+        };
+        let fast = self.fast.as_mut().expect("sockmap engine");
+        let counters = fast
+            .counters(cookie)
+            .map_err(|e| (errno(io::Error::other(e)), true))?
+            .unwrap_or_default();
+        if counters.held != f.released[d] {
+            return Ok(()); // holding: its own event takes it from here
+        }
+        let total = match sent_total(dst) {
+            Ok(t) => t,
+            Err(e) if e.raw_os_error().is_none() => return Ok(()),
+            Err(e) => return Err((errno(e), false)),
+        };
+        let queued = (f.written[d] + counters.bytes).saturating_sub(total);
+        if queued <= f.budget / 4 * 3 {
+            fast.set_flow(
+                cookie,
+                counters.bytes.saturating_add(f.budget),
+                warn_at(counters.bytes, f.budget),
+                f.released[d],
+            )
+            .map_err(|e| (errno(io::Error::other(e)), true))?;
+        }
+        Ok(())
+    }
+
+    /// Arms the re-check of direction `d`'s flow control: POLLOUT on the destination when it is
+    /// full (`writable`), else a short timer (growing while the destination lags).
+    fn fast_wait(&mut self, slot: u32, d: usize, writable: bool) -> Forward {
+        let f = self.fast_conn(slot);
+        f.waiting[d] = true;
+        let e = if writable {
+            let (_, dst) = self.fds(slot, d);
+            opcode::PollAdd::new(types::Fd(dst), libc::POLLOUT as u32)
+                .build()
+                .user_data(self.ud(slot, Op::PollOut, d))
+        } else {
+            let f = self.fast_conn(slot);
+            let wait = usize::from(f.forward_waits[d]).min(DRAIN_WAITS_MS.len() - 1);
+            f.forward_waits[d] = f.forward_waits[d].saturating_add(1);
+            opcode::Timeout::new(&self.drain_waits[wait])
+                .build()
+                .user_data(self.ud(slot, Op::Forward, d))
+        };
+        self.conn(slot).inflight += 1;
+        self.push(e);
+        Forward::Waiting
+    }
+
+    /// A flow-control re-check of direction `d` is due (timer, or the destination is writable).
+    fn on_forward(&mut self, slot: u32, d: usize) {
+        if self.conn(slot).phase == Phase::Closing || self.conn(slot).dirs[d].done {
+            return;
+        }
+        self.fast_conn(slot).waiting[d] = false;
+        self.fast_step(slot, d);
     }
 
     fn fast_conn(&mut self, slot: u32) -> &mut FastConn {
@@ -1105,47 +1463,9 @@ impl<'a> Worker<'a> {
             .expect("a fast-path connection")
     }
 
-    /// One non-blocking read of direction `d`'s source: the kernel runs the verdict over what
-    /// was queued before insertion. Bytes it left to the socket itself are written to the peer
-    /// here (rare: only if the peer left the maps). Err carries (errno, at the source).
-    fn fast_kick(&mut self, slot: u32, d: usize) -> Result<(), (i32, bool)> {
-        let errno = |e: io::Error| e.raw_os_error().unwrap_or(libc::EIO);
-        for _ in 0..64 {
-            let s = &mut self.slots[slot as usize];
-            let c = s.conn.as_mut().expect("live slot");
-            let up = c.upstream.as_ref().expect("connected upstream");
-            let (src, dst) = if d == TO_UPSTREAM {
-                (c.client.as_fd(), up.as_fd())
-            } else {
-                (up.as_fd(), c.client.as_fd())
-            };
-            let n = match ebpf::kick(src, &mut self.kick_buf) {
-                Ok(Kick::Empty) => return Ok(()),
-                Ok(Kick::Eof) => {
-                    c.fast.as_mut().expect("fast").fin[d] = true;
-                    return Ok(());
-                }
-                Ok(Kick::Data(n)) => n,
-                Err(e) => return Err((errno(e), true)),
-            };
-            let sent = sys::send(
-                dst,
-                &self.kick_buf[..n],
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-            .map_err(|e| (errno(e), false))?;
-            if sent != n {
-                // A fresh send buffer of 4 MiB took less than one read: not a state to recover.
-                return Err((libc::ENOBUFS, false));
-            }
-            c.fast.as_mut().expect("fast").written[d] += n as u64;
-            self.moved(slot, d, n as u64);
-        }
-        Ok(())
-    }
-
     /// Polls direction `d`'s source for `mask` (POLLERR and POLLHUP always come too).
     fn fast_watch(&mut self, slot: u32, d: usize, mask: u32) {
+        self.fast_conn(slot).watching[d] = true;
         let (src, _) = self.fds(slot, d);
         let e = opcode::PollAdd::new(types::Fd(src), mask)
             .build()
@@ -1154,14 +1474,16 @@ impl<'a> Worker<'a> {
         self.push(e);
     }
 
-    /// A watch on direction `d`'s source fired: FIN (start draining) or an error (reset). The
-    /// watch is not re-armed after a FIN: io_uring always reports POLLRDHUP, so it would fire at
-    /// once forever; the tick checks a half-closed socket for a reset instead
+    /// A watch on direction `d`'s source fired: held bytes to forward (POLLIN: flow control left
+    /// skbs on the socket), FIN (forward what is held, then start draining) or an error (reset).
+    /// The watch is not re-armed after a FIN: io_uring always reports POLLRDHUP, so it would fire
+    /// at once forever; the tick checks a half-closed socket for a reset instead
     /// ([`Worker::fast_check_half_closed`]).
     fn on_fast_poll(&mut self, slot: u32, d: usize, res: i32) {
         if self.conn(slot).phase == Phase::Closing {
             return;
         }
+        self.fast_conn(slot).watching[d] = false;
         if res < 0 {
             return self.fail(slot, d, -res, true);
         }
@@ -1175,12 +1497,11 @@ impl<'a> Worker<'a> {
                 .unwrap_or(libc::ECONNRESET);
             return self.fail(slot, d, errno, true);
         }
-        if ev & (libc::POLLRDHUP | libc::POLLHUP) as u32 == 0 {
-            return self.fast_watch(slot, d, libc::POLLRDHUP as u32);
+        if ev & (libc::POLLRDHUP | libc::POLLHUP) as u32 != 0 {
+            self.fast_conn(slot).fin[d] = true;
         }
-        self.fast_conn(slot).fin[d] = true;
         self.touch(slot);
-        self.fast_drain(slot, d);
+        self.fast_step(slot, d);
     }
 
     /// On the tick: a fast-path socket whose FIN was seen still receives the other direction,
@@ -1231,8 +1552,12 @@ impl<'a> Worker<'a> {
     }
 
     fn on_drain(&mut self, slot: u32, d: usize) {
-        if self.conn(slot).phase != Phase::Closing && !self.conn(slot).dirs[d].done {
-            self.fast_drain(slot, d);
+        if self.conn(slot).phase != Phase::Closing
+            && !self.conn(slot).dirs[d].done
+            && !self.fast_conn(slot).waiting[d]
+        {
+            // Held bytes (if any) go first; the FIN follows once they are all out.
+            self.fast_step(slot, d);
         }
     }
 
@@ -1244,10 +1569,16 @@ impl<'a> Worker<'a> {
     ///   plus what the verdict redirected: the redirect backlog (the peer's psock queue, retried
     ///   by a kernel worker when the peer's send buffer was full) is empty.
     ///
+    /// - flow control left nothing behind: no byte taken but not yet sent, every held byte
+    ///   taken.
+    ///
     /// Every read errs towards "not yet": `sent_total` never over-counts.
     fn fast_drained(&mut self, slot: u32, d: usize) -> io::Result<bool> {
         let c = self.slots[slot as usize].conn.as_ref().expect("live slot");
         let f = c.fast.as_ref().expect("fast");
+        if !f.pending[d].is_empty() || f.waiting[d] {
+            return Ok(false);
+        }
         let up = c.upstream.as_ref().expect("connected upstream");
         let (src, dst, cookie) = if d == TO_UPSTREAM {
             (c.client.as_fd(), up.as_fd(), f.cookies.0)
@@ -1258,10 +1589,14 @@ impl<'a> Worker<'a> {
             return Ok(false);
         }
         let fast = self.fast.as_ref().expect("sockmap engine");
-        let redirected = fast
+        let counters = fast
             .counters(cookie)
             .map_err(io::Error::other)?
-            .map_or(0, |c| c.bytes);
+            .unwrap_or_default();
+        if counters.held != f.released[d] {
+            return Ok(false);
+        }
+        let redirected = counters.bytes;
         match sent_total(dst) {
             Ok(total) => Ok(total >= f.written[d] + redirected),
             // Kept moving (ACKs streaming in): not settled, look again later.
@@ -1961,6 +2296,8 @@ impl<'a> Worker<'a> {
         }
         let mut conn = s.conn.take().expect("checked above");
         if let (Some(f), Some(fast)) = (conn.fast.take(), self.fast.as_mut()) {
+            self.fast_cookies.remove(&f.cookies.0);
+            self.fast_cookies.remove(&f.cookies.1);
             // Out of the maps before the sockets close; what the kernel moved is counted now.
             match fast.remove_pair(f.cookies) {
                 Ok((from_client, from_upstream)) => {

@@ -245,7 +245,17 @@ fn with_pinned_maps_the_daemon_relays_through_them() {
     assert!(out.status.success(), "sluicectl load: {}", out.text());
 
     let echo = EchoServer::start(Host::new().addr());
-    let relay = Sluice::forward(Host::new().addr(), echo.addr())
+    let stream = StreamServer::start(Host::new().addr());
+    let stream_addr = Host::new().addr();
+    // A 1 MiB fast-path allowance: the stream below makes the verdict hold, and the supervisor
+    // (which reads the shared maps' event ring) tells the worker.
+    let config = Config {
+        sockmap_queue_limit_mib: Some(1),
+        ..Config::new()
+    }
+    .listen("echo", Host::new().addr(), &[&echo.addr().to_string()])
+    .listen("stream", stream_addr, &[&stream.addr().to_string()]);
+    let relay = Sluice::run_config(&config)
         .engine("sockmap")
         .workers(2)
         .arg("--bpf-pin-dir")
@@ -277,6 +287,23 @@ fn with_pinned_maps_the_daemon_relays_through_them() {
         "every relayed connection's two sockets in the pinned maps: {seen:?}"
     );
     assert_eq!(relay.counter("fast_path_pairs"), Some(CONNS as u64));
+
+    // Flow control through the shared maps: 16 MiB each way, byte-exact.
+    let spec = StreamSpec::new(seed(), 16 << 20, 16 << 20, Mode::Concurrent);
+    let client = client::run_stream(stream_addr, spec);
+    let server = stream.result(spec.seed, HUNG);
+    assert!(
+        client.is_ok() && server.is_ok(),
+        "held and forwarded through the shared maps: client {client:?}, server {server:?}\n{}",
+        relay.stderr_log()
+    );
+    assert!(
+        wait_until(HUNG, || {
+            seen = pinned.occupancy().unwrap();
+            seen == entries(2 * CONNS)
+        }),
+        "the stream's entries left the pinned maps: {seen:?}"
+    );
 
     // Kill one worker: its sockets close, the supervisor clears its peers and counters.
     let victim = workers[0];
