@@ -17,6 +17,7 @@ pub mod error;
 pub mod health;
 pub mod histo;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod proto;
 pub mod share;

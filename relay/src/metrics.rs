@@ -82,6 +82,10 @@ pub enum Counter {
     /// Supervisor row: reloads refused (the file did not parse or validate, or it changed what
     /// needs a restart); the running configuration was kept.
     ReloadsFailed,
+    /// Refused: `max_connections_per_client` connections of that client were open.
+    RefusedClientConnections,
+    /// Refused: the client opened `new_connections_per_second_per_client` already this second.
+    RefusedClientRate,
 }
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
@@ -112,6 +116,11 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::FastPathRefused, "fast_path_refused"),
     (Counter::FastPathEntries, "fast_path_entries"),
     (Counter::FastPathAuditedPairs, "fast_path_audited_pairs"),
+    (
+        Counter::RefusedClientConnections,
+        "refused_client_connections",
+    ),
+    (Counter::RefusedClientRate, "refused_client_rate"),
 ];
 
 /// The shared counter table.
@@ -120,13 +129,22 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub const BYTES: usize = MAX_WORKERS * ROW * 8;
+    /// Every row, then the per-client limits' sketches ([`crate::limits`]).
+    pub const BYTES: usize = (MAX_WORKERS * ROW + crate::limits::ATOMICS) * 8;
 
-    /// A new zeroed table (the supervisor makes it once).
+    /// A new zeroed table (the supervisor makes it once), with the per-client limits' hash key
+    /// drawn.
     pub fn new() -> io::Result<Shared> {
-        Ok(Shared {
+        let shared = Shared {
             map: SharedMap::new("sluice-metrics", Self::BYTES)?,
-        })
+        };
+        crate::limits::ClientTable::new(shared.client_cells()).init_key()?;
+        Ok(shared)
+    }
+
+    /// The atomics of the per-client limits ([`crate::limits::ClientTable`]).
+    pub fn client_cells(&self) -> &[AtomicU64] {
+        &self.map.atomics()[MAX_WORKERS * ROW..]
     }
 
     /// Maps the table a supervisor passed down as an fd.

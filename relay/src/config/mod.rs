@@ -205,6 +205,13 @@ pub struct Listener {
     /// Per-listener cap on relayed connections (HAProxy's frontend maxconn); 0 = the global cap.
     #[serde(default)]
     pub max_connections: u32,
+    /// Connections one client IP may hold open on this listener at once; 0 = no limit. With
+    /// `accept_proxy`, the client is the PROXY header's source ([`crate::limits`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_connections_per_client: u32,
+    /// New connections one client IP may open on this listener per second; 0 = no limit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub new_connections_per_second_per_client: u32,
     /// Local addresses the upstream connections leave from, in turn (each gives another ~28k
     /// source ports toward one upstream address); empty = the kernel's choice.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -517,6 +524,8 @@ impl Config {
                 route: Route::Static,
                 send_proxy: SendProxy::None,
                 max_connections: 0,
+                max_connections_per_client: 0,
+                new_connections_per_second_per_client: 0,
                 source_addresses: Vec::new(),
                 fallback: Vec::new(),
                 health: None,
@@ -785,6 +794,11 @@ fn find_key_line(text: &str, key: &str) -> Option<usize> {
         }
     }
     header_line
+}
+
+/// Leaves a zero (off) per-client limit out of the printed configuration.
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 #[cfg(test)]

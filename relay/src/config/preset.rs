@@ -124,6 +124,8 @@ fn whatsapp() -> Config {
                     route: Route::Static,
                     send_proxy,
                     max_connections: 27_495,
+                    max_connections_per_client: 0,
+                    new_connections_per_second_per_client: 0,
                     source_addresses: Vec::new(),
                     fallback: Vec::new(),
                     // check inter 60s fastinter 1s downinter 3s rise 2 fall 3
@@ -171,6 +173,8 @@ fn signal() -> Config {
             route: Route::Sni,
             send_proxy: SendProxy::None,
             max_connections: 0,
+            max_connections_per_client: 0,
+            new_connections_per_second_per_client: 0,
             source_addresses: Vec::new(),
             fallback: Vec::new(),
             health: None,

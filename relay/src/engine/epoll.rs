@@ -51,6 +51,8 @@ struct Dir {
 struct Conn {
     listener: usize,
     phase: Phase,
+    /// Where the client counts against its per-client limits, if one is set.
+    client_slot: Option<crate::limits::ClientSlot>,
     client: TcpStream,
     upstream: Option<TcpStream>,
     last_active_ms: u64,
@@ -260,19 +262,23 @@ impl<'a> Worker<'a> {
                 }
             };
             self.ctx.row.inc(Counter::Accepted);
-            if let Err(r) = self.ctx.admit(listener, &self.upstreams, client.as_fd()) {
-                self.ctx.count_refusal(r);
-                super::set_reset_on_close(&client);
-                continue;
-            }
+            let client_slot = match self.ctx.admit(listener, &self.upstreams, client.as_fd()) {
+                Ok(s) => s,
+                Err(r) => {
+                    self.ctx.count_refusal(r);
+                    super::set_reset_on_close(&client);
+                    continue;
+                }
+            };
             if client.set_nonblocking(true).is_err() {
-                self.ctx.release();
+                self.ctx.release(client_slot);
                 continue;
             }
             super::tune_socket(client.as_fd());
             let conn = Conn {
                 listener,
                 phase: Phase::Connecting,
+                client_slot,
                 client: TcpStream::from(OwnedFd::from(client)),
                 upstream: None,
                 last_active_ms: self.now_ms,
@@ -382,9 +388,10 @@ impl<'a> Worker<'a> {
                     HeaderStep::More => {}
                     HeaderStep::Done(h) => {
                         inbound.acc = Vec::new();
-                        let admitted = self.ctx.admit_proxied(&h);
+                        let admitted = self.ctx.admit_proxied(conn.listener, &h);
                         inbound.header = Some(h);
-                        if admitted {
+                        if let Ok(client_slot) = admitted {
+                            conn.client_slot = client_slot;
                             self.after_header(slot);
                         } else {
                             self.end(
@@ -791,7 +798,7 @@ impl<'a> Worker<'a> {
         self.free.push(slot);
         self.active -= 1;
         self.ctx.row.listener_close(conn.listener);
-        self.ctx.release();
+        self.ctx.release(conn.client_slot);
         self.ctx.row.inc(Counter::Closed);
         self.ctx
             .histos

@@ -23,6 +23,7 @@ use socket2::SockRef;
 use crate::admission::{Rules, Verdict};
 use crate::config::{Config, EngineChoice, Listener, SendProxy};
 use crate::ebpf::Cidr;
+use crate::limits::{ClientSlot, ClientTable, Over};
 use crate::metrics::{Counter, Row, Shared};
 use crate::proto::proxy::{self, Parsed, ProxyHeader};
 use crate::proto::sni::{self, SniResult};
@@ -145,6 +146,10 @@ pub enum Refusal {
     Denied,
     /// Upstream addresses are known, but none is on the destination allowlist.
     Dest,
+    /// The client has `max_connections_per_client` connections open on the listener.
+    ClientConnections,
+    /// The client opened `new_connections_per_second_per_client` already this second.
+    ClientRate,
 }
 
 impl<'a> WorkerCtx<'a> {
@@ -178,23 +183,30 @@ impl<'a> WorkerCtx<'a> {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Admission of a client just accepted on `listener`: the client lists (its peer address is
-    /// looked up only while a list is non-empty, and not kept), global and per-listener caps
-    /// (summed over every worker's row), and an upstream address that may be connected to.
+    /// Admission of a client just accepted on `listener`: the client lists and per-client
+    /// limits (its peer address is looked up only while a list is non-empty or a limit is set,
+    /// and not kept), global and per-listener caps (summed over every worker's row), and an
+    /// upstream address that may be connected to. The client's per-client slot, if a limit
+    /// counted it, goes back with [`WorkerCtx::release`].
     pub fn admit(
         &self,
         listener: usize,
         upstreams: &Upstreams,
         client: BorrowedFd<'_>,
-    ) -> Result<(), Refusal> {
-        if self.rules.checks_clients() {
+    ) -> Result<Option<ClientSlot>, Refusal> {
+        let l = &self.config.listeners[listener];
+        // Behind a load balancer the client is the PROXY header's source: limited there.
+        let limited = !l.accept_proxy
+            && (l.max_connections_per_client > 0 || l.new_connections_per_second_per_client > 0);
+        let mut peer_ip = None;
+        if self.rules.checks_clients() || limited {
             // A socket without a peer address (already reset) is refused too.
             let peer = SockRef::from(&client)
                 .peer_addr()
                 .ok()
                 .and_then(|a| a.as_socket());
             match peer {
-                Some(p) if self.rules.client(p.ip()) == Verdict::Admit => {}
+                Some(p) if self.rules.client(p.ip()) == Verdict::Admit => peer_ip = Some(p.ip()),
                 _ => return Err(Refusal::Denied),
             }
         }
@@ -216,33 +228,75 @@ impl<'a> WorkerCtx<'a> {
         if !upstream_known {
             return Err(Refusal::NoUpstream);
         }
+        let slot = match peer_ip.filter(|_| limited) {
+            Some(ip) => Some(self.limit_client(listener, ip)?),
+            None => None,
+        };
         // Last, since it takes a place: one atomic shared by every worker, so workers admitting
         // at the same moment cannot both take the last place. Released by `release`.
         if !self.shared.reserve(u64::from(c.max_connections)) {
+            if let Some(s) = slot {
+                self.clients().release(s);
+            }
             return Err(Refusal::Full);
         }
-        Ok(())
+        Ok(slot)
     }
 
-    /// Gives back the daemon-wide place an admitted connection held.
-    pub fn release(&self) {
+    fn clients(&self) -> ClientTable<'_> {
+        ClientTable::new(self.shared.client_cells())
+    }
+
+    /// Counts a new connection of client `ip` on `listener` against its per-client limits.
+    fn limit_client(&self, listener: usize, ip: std::net::IpAddr) -> Result<ClientSlot, Refusal> {
+        let l = &self.config.listeners[listener];
+        let t = self.clients();
+        let slot = t.slot(listener, ip);
+        let now_s = sys::monotonic_ns() / 1_000_000_000;
+        match t.admit(
+            slot,
+            l.max_connections_per_client,
+            l.new_connections_per_second_per_client,
+            now_s,
+        ) {
+            Ok(()) => Ok(slot),
+            Err(Over::Connections) => Err(Refusal::ClientConnections),
+            Err(Over::Rate) => Err(Refusal::ClientRate),
+        }
+    }
+
+    /// Gives back the daemon-wide place an admitted connection held, and its client's count.
+    pub fn release(&self, client: Option<ClientSlot>) {
         self.shared.release(1);
+        if let Some(s) = client {
+            self.clients().release(s);
+        }
     }
 
     /// Whether the client named in a PROXY header may connect (the header's source address,
-    /// checked like a peer address; a header without one — `LOCAL`, `UNKNOWN` — is left to the
-    /// peer-address check done at accept). Counts a refusal.
-    pub fn admit_proxied(&self, header: &ProxyHeader) -> bool {
-        let ok = match header.source {
-            Some(src) if self.rules.checks_clients() => {
-                self.rules.client(src.ip()) == Verdict::Admit
-            }
-            _ => true,
+    /// checked like a peer address and counted against the listener's per-client limits; a
+    /// header without one — `LOCAL`, `UNKNOWN` — is left to the checks done at accept). Counts
+    /// a refusal (the Err is already counted). Ok carries the client's per-client slot, for
+    /// [`WorkerCtx::release`].
+    pub fn admit_proxied(
+        &self,
+        listener: usize,
+        header: &ProxyHeader,
+    ) -> Result<Option<ClientSlot>, Refusal> {
+        let Some(src) = header.source else {
+            return Ok(None);
         };
-        if !ok {
+        if self.rules.checks_clients() && self.rules.client(src.ip()) != Verdict::Admit {
             self.row.inc(Counter::RefusedDenied);
+            return Err(Refusal::Denied);
         }
-        ok
+        let l = &self.config.listeners[listener];
+        if l.max_connections_per_client == 0 && l.new_connections_per_second_per_client == 0 {
+            return Ok(None);
+        }
+        self.limit_client(listener, src.ip())
+            .map(Some)
+            .inspect_err(|&r| self.count_refusal(r))
     }
 
     /// Flow-control events the supervisor relayed, for the engine to act on now.
@@ -405,6 +459,8 @@ impl<'a> WorkerCtx<'a> {
             Refusal::NoUpstream => Counter::RefusedNoUpstream,
             Refusal::Denied => Counter::RefusedDenied,
             Refusal::Dest => Counter::RefusedDest,
+            Refusal::ClientConnections => Counter::RefusedClientConnections,
+            Refusal::ClientRate => Counter::RefusedClientRate,
         });
     }
 }

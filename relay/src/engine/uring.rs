@@ -221,6 +221,8 @@ impl Dir {
 struct Conn {
     listener: u16,
     phase: Phase,
+    /// Where the client counts against its per-client limits, if one is set.
+    client_slot: Option<crate::limits::ClientSlot>,
     client: OwnedFd,
     upstream: Option<OwnedFd>,
     /// Submissions whose completion has not arrived (multishot ones count once).
@@ -860,11 +862,14 @@ impl<'a> Worker<'a> {
 
     fn on_accept(&mut self, listener: usize, client: OwnedFd) {
         self.ctx.row.inc(Counter::Accepted);
-        if let Err(r) = self.ctx.admit(listener, &self.upstreams, client.as_fd()) {
-            self.ctx.count_refusal(r);
-            super::set_reset_on_close(&client);
-            return; // dropping `client` closes it: the refusal the client sees
-        }
+        let client_slot = match self.ctx.admit(listener, &self.upstreams, client.as_fd()) {
+            Ok(s) => s,
+            Err(r) => {
+                self.ctx.count_refusal(r);
+                super::set_reset_on_close(&client);
+                return; // dropping `client` closes it: the refusal the client sees
+            }
+        };
         super::tune_socket(client.as_fd());
         let mode = match self.kind {
             EngineKind::Copy | EngineKind::Epoll => Mode::Copy,
@@ -873,6 +878,7 @@ impl<'a> Worker<'a> {
         let conn = Conn {
             listener: listener as u16,
             phase: Phase::Connecting,
+            client_slot,
             client,
             upstream: None,
             inflight: 0,
@@ -944,10 +950,13 @@ impl<'a> Worker<'a> {
             HeaderStep::Done(h) => {
                 inbound.acc = Vec::new();
                 inbound.header = Some(h);
-                if self.ctx.admit_proxied(&h) {
-                    self.after_header(slot);
-                } else {
-                    self.close(slot, true);
+                let listener = c.listener as usize;
+                match self.ctx.admit_proxied(listener, &h) {
+                    Ok(client_slot) => {
+                        self.conn(slot).client_slot = client_slot;
+                        self.after_header(slot);
+                    }
+                    Err(_) => self.close(slot, true),
                 }
             }
             HeaderStep::Bad => {
@@ -2324,7 +2333,7 @@ impl<'a> Worker<'a> {
         self.free.push(slot);
         self.active -= 1;
         self.ctx.row.listener_close(conn.listener as usize);
-        self.ctx.release();
+        self.ctx.release(conn.client_slot);
         self.ctx.row.inc(Counter::Closed);
         self.ctx
             .histos

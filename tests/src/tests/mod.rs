@@ -46,6 +46,7 @@ mod fallback;
 mod faults;
 mod half_close;
 mod health;
+mod limits;
 mod observability;
 mod operator;
 mod peers;
