@@ -10,6 +10,7 @@
 pub mod admission;
 pub mod config;
 pub mod control;
+pub mod decoy;
 pub mod doctor;
 pub mod ebpf;
 pub mod engine;

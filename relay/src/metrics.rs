@@ -86,6 +86,8 @@ pub enum Counter {
     RefusedClientConnections,
     /// Refused: the client opened `new_connections_per_second_per_client` already this second.
     RefusedClientRate,
+    /// Sent to the listener's decoy: the first bytes were not what the port expects.
+    Decoyed,
 }
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
@@ -121,6 +123,7 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
         "refused_client_connections",
     ),
     (Counter::RefusedClientRate, "refused_client_rate"),
+    (Counter::Decoyed, "decoyed"),
 ];
 
 /// The shared counter table.

@@ -284,6 +284,19 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         }
         None => None,
     };
+    // The built-in decoy site, when a listener asks for it (bound before privileges go).
+    let builtin_decoy = if config
+        .listeners
+        .iter()
+        .any(|l| l.decoy == crate::config::Decoy::Builtin)
+    {
+        let l = crate::decoy::bind()?;
+        let addr = l.local_addr()?;
+        crate::decoy::spawn(l)?;
+        Some(addr)
+    } else {
+        None
+    };
     // After binding, so a port in use is reported before seconds of key generation.
     let tls = load_tls(&config, None)?;
     // Before the resolver thread starts: its health checks skip addresses not on the
@@ -345,6 +358,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         resolver_epoch: 0,
         resolver_stop: Arc::new(AtomicBool::new(false)),
         cert_watch: false,
+        builtin_decoy,
         shared_fast_fds: match &shared_fast {
             Some(fast) => fast
                 .map_fds()
@@ -491,6 +505,8 @@ struct Supervisor {
     resolver_stop: Arc<AtomicBool>,
     /// Whether the thread that looks at certificate files runs.
     cert_watch: bool,
+    /// The built-in decoy site's address, once a listener asked for it ([`crate::decoy`]).
+    builtin_decoy: Option<SocketAddr>,
     /// The sockmap fast path's pinned maps, with the verdict this process attached to them;
     /// handed to every worker. None: each worker has maps of its own (or another engine).
     shared_fast: Option<crate::ebpf::FastPath>,
@@ -556,6 +572,7 @@ impl Supervisor {
         for listener in 0..self.tls.len() {
             start.push_str(&self.tls_message(listener));
         }
+        start.push_str(&self.decoy_message());
         start.push_str(&self.admission_message());
         start.push_str(&ControlMsg::Ready.encode());
         p.stdin.write_all(start.as_bytes())?;
@@ -731,6 +748,18 @@ impl Supervisor {
         for listener in 0..self.tls.len() {
             msg.push_str(&self.tls_message(listener));
         }
+        if self.builtin_decoy.is_none()
+            && self
+                .config
+                .listeners
+                .iter()
+                .any(|l| l.decoy == crate::config::Decoy::Builtin)
+        {
+            let l = crate::decoy::bind().map_err(|e| format!("the built-in decoy site: {e}"))?;
+            self.builtin_decoy = l.local_addr().ok();
+            crate::decoy::spawn(l).map_err(|e| format!("the built-in decoy site: {e}"))?;
+        }
+        msg.push_str(&self.decoy_message());
         msg.push_str(&self.admission_message());
         self.broadcast(&msg);
         {
@@ -796,6 +825,29 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Where each listener's decoy is, as control lines: the built-in site, or the decoy site's
+    /// `HOST:PORT` resolved now (one that does not resolve is said in the log; such probes are
+    /// closed).
+    fn decoy_message(&self) -> String {
+        use crate::config::Decoy;
+        let mut out = String::new();
+        for (listener, l) in self.config.listeners.iter().enumerate() {
+            let addr = match &l.decoy {
+                Decoy::Off => None,
+                Decoy::Builtin => self.builtin_decoy,
+                Decoy::Site(hp) => match upstream::resolve_one(&self.config, hp) {
+                    Ok(addrs) => addrs.first().copied(),
+                    Err(e) => {
+                        tracing::warn!(listener = %l.name, "decoy {hp} does not resolve ({e}); probes are closed instead");
+                        None
+                    }
+                },
+            };
+            out.push_str(&ControlMsg::Decoy { listener, addr }.encode());
+        }
+        out
     }
 
     /// The whole lists as one control line, at the current generation.

@@ -54,6 +54,12 @@ pub enum ControlMsg {
     /// The sockmap verdict started holding bytes of socket `cookie` (flow control; relayed by
     /// the supervisor when it reads the event ring of maps shared through pins).
     Held { cookie: u64, kind: u32 },
+    /// Where listener `listener`'s decoy is (the built-in site, or its `HOST:PORT` resolved);
+    /// None: off, or the name does not resolve (then such connections are closed).
+    Decoy {
+        listener: usize,
+        addr: Option<SocketAddr>,
+    },
     /// Close every live connection whose client (its peer address now) is in one of `cidrs`
     /// (`sluicectl deny add --kill-existing`), then report `generation`.
     Kill { generation: u64, cidrs: Vec<Cidr> },
@@ -92,6 +98,10 @@ impl ControlMsg {
                 key_pem,
             } => format!("tls {listener} {} {}\n", hex(chain_pem), hex(key_pem)),
             ControlMsg::Ready => "ready\n".to_string(),
+            ControlMsg::Decoy { listener, addr } => match addr {
+                Some(a) => format!("decoy {listener} {a}\n"),
+                None => format!("decoy {listener} -\n"),
+            },
             ControlMsg::Held { cookie, kind } => format!("held {cookie} {kind}\n"),
             ControlMsg::Config { toml } => format!("config {}\n", hex(toml)),
             ControlMsg::Admission {
@@ -153,6 +163,13 @@ impl ControlMsg {
             }
             "drain" => Some(ControlMsg::Drain),
             "ready" => Some(ControlMsg::Ready),
+            "decoy" => Some(ControlMsg::Decoy {
+                listener: number(&mut parts)?,
+                addr: match parts.next()? {
+                    "-" => None,
+                    a => Some(a.parse().ok()?),
+                },
+            }),
             "held" => Some(ControlMsg::Held {
                 cookie: parts.next()?.parse().ok()?,
                 kind: parts.next()?.parse().ok()?,
@@ -173,6 +190,11 @@ impl ControlMsg {
 /// What the resolver thread reports to the supervisor's main loop: for each listener, for each
 /// of its upstream entries, the addresses in order.
 pub type Table = Vec<Vec<Vec<SocketAddr>>>;
+
+/// Resolves one `HOST:PORT` as upstreams are resolved (IP literals and `[resolve]` first).
+pub fn resolve_one(config: &Config, hp: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
+    resolve(config, hp)
+}
 
 /// Resolves one name; IP literals need no lookup.
 fn resolve(config: &Config, hp: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
@@ -461,6 +483,14 @@ mod tests {
     fn control_messages_round_trip() {
         check(ControlMsg::Drain);
         check(ControlMsg::Ready);
+        check(ControlMsg::Decoy {
+            listener: 3,
+            addr: Some("127.0.0.1:4321".parse().unwrap()),
+        });
+        check(ControlMsg::Decoy {
+            listener: 0,
+            addr: None,
+        });
         check(ControlMsg::Held {
             cookie: 1 << 40,
             kind: 1,

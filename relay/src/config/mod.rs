@@ -226,6 +226,64 @@ pub struct Listener {
     /// plaintext).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSettings>,
+    /// Where a connection goes whose first bytes are not what this port expects (an HTTP
+    /// request, a ClientHello for another name, not TLS on a TLS port): `off` (closed, the
+    /// default), `builtin` (an ordinary static page) or a web site's `HOST:PORT`
+    /// ([`crate::decoy`]).
+    #[serde(default, skip_serializing_if = "Decoy::is_off")]
+    pub decoy: Decoy,
+}
+
+/// A listener's anti-probing decoy ([`crate::decoy`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Decoy {
+    #[default]
+    Off,
+    Builtin,
+    Site(HostPort),
+}
+
+impl Decoy {
+    pub fn is_off(&self) -> bool {
+        *self == Decoy::Off
+    }
+}
+
+impl FromStr for Decoy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Decoy::Off),
+            "builtin" => Ok(Decoy::Builtin),
+            _ => s.parse().map(Decoy::Site).map_err(|e| {
+                format!("`{s}` is neither `off`, `builtin` nor a web site's HOST:PORT ({e})")
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Decoy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Decoy::Off => f.write_str("off"),
+            Decoy::Builtin => f.write_str("builtin"),
+            Decoy::Site(hp) => write!(f, "{hp}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Decoy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Decoy {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// Health checks of a listener's upstream addresses (HAProxy's `check inter fastinter
@@ -526,6 +584,7 @@ impl Config {
                 max_connections: 0,
                 max_connections_per_client: 0,
                 new_connections_per_second_per_client: 0,
+                decoy: Decoy::Off,
                 source_addresses: Vec::new(),
                 fallback: Vec::new(),
                 health: None,

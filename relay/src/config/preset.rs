@@ -6,7 +6,7 @@
 //! connect 5 s, client/server 200 s, client-fin/server-fin 1 s. Binds are IPv4, like theirs.
 
 use super::{
-    Config, EngineChoice, HealthSettings, HostPort, Listener, Route, SendProxy, Timeouts,
+    Config, Decoy, EngineChoice, HealthSettings, HostPort, Listener, Route, SendProxy, Timeouts,
     TlsSettings,
 };
 use crate::proto::sni::SIGNAL_HOSTS;
@@ -126,6 +126,11 @@ fn whatsapp() -> Config {
                     max_connections: 27_495,
                     max_connections_per_client: 0,
                     new_connections_per_second_per_client: 0,
+                    decoy: if accept_proxy {
+                        Decoy::Off
+                    } else {
+                        Decoy::Builtin
+                    },
                     source_addresses: Vec::new(),
                     fallback: Vec::new(),
                     // check inter 60s fastinter 1s downinter 3s rise 2 fall 3
@@ -175,6 +180,7 @@ fn signal() -> Config {
             max_connections: 0,
             max_connections_per_client: 0,
             new_connections_per_second_per_client: 0,
+            decoy: Decoy::Builtin,
             source_addresses: Vec::new(),
             fallback: Vec::new(),
             health: None,

@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use socket2::{SockAddr, Socket};
 
-use super::{HeaderStep, Inbound, SniStep, WorkerCtx};
+use super::{HeaderStep, Inbound, SniStep, Sniff, WorkerCtx};
 use crate::config::Route;
 use crate::metrics::Counter;
 use crate::proto::tls::TlsConn;
@@ -53,6 +53,10 @@ struct Conn {
     phase: Phase,
     /// Where the client counts against its per-client limits, if one is set.
     client_slot: Option<crate::limits::ClientSlot>,
+    /// Going to the listener's decoy instead of its upstream ([`crate::decoy`]).
+    decoy: bool,
+    /// A TLS port with a decoy: the first byte was seen to start a TLS handshake.
+    sniffed: bool,
     client: TcpStream,
     upstream: Option<TcpStream>,
     last_active_ms: u64,
@@ -279,6 +283,8 @@ impl<'a> Worker<'a> {
                 listener,
                 phase: Phase::Connecting,
                 client_slot,
+                decoy: false,
+                sniffed: false,
                 client: TcpStream::from(OwnedFd::from(client)),
                 upstream: None,
                 last_active_ms: self.now_ms,
@@ -320,10 +326,15 @@ impl<'a> Worker<'a> {
     fn connect_next(&mut self, slot: usize) {
         let generation = self.slots[slot].0;
         let conn = self.slots[slot].1.as_mut().expect("live slot");
-        let Some(addr) =
+        let picked = if conn.decoy {
+            self.ctx
+                .decoy_addr(conn.listener)
+                .filter(|_| conn.attempt == 0)
+        } else {
             self.upstreams
                 .pick(conn.listener, conn.entry, conn.addr_start, conn.attempt)
-        else {
+        };
+        let Some(addr) = picked else {
             self.ctx.row.inc(
                 if conn.attempt == 0 && self.upstreams.dest_refused(conn.listener, conn.entry) {
                     Counter::RefusedDest
@@ -449,7 +460,11 @@ impl<'a> Worker<'a> {
                 conn.last_active_ms = self.now_ms;
                 self.ctx.histos.connected(conn.listener, &mut conn.times);
                 super::tune_socket(up.as_fd());
-                let send = self.ctx.config.listeners[conn.listener].send_proxy;
+                let send = if conn.decoy {
+                    crate::config::SendProxy::None
+                } else {
+                    self.ctx.config.listeners[conn.listener].send_proxy
+                };
                 let inbound = conn.inbound.take().map(|i| *i).unwrap_or_default();
                 // The ClientHello read for SNI routing (plain port) goes out first.
                 if !inbound.acc.is_empty() {
@@ -483,13 +498,45 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// A plain port routed by SNI: reads the ClientHello (kept, to go upstream first) until its
-    /// server name picks the upstream.
+    /// The first bytes decide (plain ports routed by SNI, and ports with a decoy): they are read
+    /// (kept, to go first) until the ClientHello's name picks the upstream, or they show a
+    /// probe, which goes to the decoy. A TLS port with a decoy only peeks at the first byte: a
+    /// TLS handshake goes on to the handshake, anything else to the decoy.
     fn plain_sni(&mut self, slot: usize) {
+        let config = self.ctx.config.clone();
         let conn = self.slots[slot].1.as_mut().expect("live slot");
+        let listener = &config.listeners[conn.listener];
+        if listener.tls.is_some() {
+            match super::peek_tls_start(conn.client.as_fd()) {
+                Ok(None) => {}
+                Ok(Some(true)) => {
+                    conn.sniffed = true;
+                    self.after_header(slot);
+                }
+                Ok(Some(false)) => {
+                    let acc = &mut conn.inbound.get_or_insert_with(Box::default).acc;
+                    let _ = super::read_available(conn.client.as_fd(), acc, super::SNI_PEEK_MAX);
+                    self.go_decoy(slot);
+                }
+                Err(_) => self.end(slot, End::Graceful),
+            }
+            return;
+        }
         let acc = &mut conn.inbound.get_or_insert_with(Box::default).acc;
         let closed = super::read_available(conn.client.as_fd(), acc, super::SNI_PEEK_MAX);
-        let listener = &self.ctx.config.listeners[conn.listener];
+        if listener.route == Route::Static {
+            let ended = !matches!(closed, Ok(false));
+            match super::sniff(acc, ended) {
+                Sniff::Decoy => self.go_decoy(slot),
+                Sniff::More => {}
+                Sniff::Relay if ended && acc.is_empty() => self.end(slot, End::Graceful),
+                Sniff::Relay => {
+                    conn.phase = Phase::Connecting;
+                    self.connect_next(slot);
+                }
+            }
+            return;
+        }
         match (super::route_by_sni(listener, acc), closed) {
             (SniStep::Entry(e), _) => {
                 conn.entry = Some(e);
@@ -497,6 +544,7 @@ impl<'a> Worker<'a> {
                 self.connect_next(slot);
             }
             (SniStep::More, Ok(false)) => {}
+            _ if !listener.decoy.is_off() => self.go_decoy(slot),
             _ => {
                 self.ctx.row.inc(Counter::RefusedBadSni);
                 self.end(
@@ -510,19 +558,39 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// The connection is a probe: it goes to the listener's decoy with the bytes it sent so far
+    /// (no PROXY header), or is closed when there is no decoy to go to.
+    fn go_decoy(&mut self, slot: usize) {
+        self.ctx.row.inc(Counter::Decoyed);
+        let conn = self.slots[slot].1.as_mut().expect("live slot");
+        conn.decoy = true;
+        conn.entry = None;
+        conn.attempt = 0;
+        conn.phase = Phase::Connecting;
+        self.connect_next(slot);
+    }
+
     /// The PROXY header (if any) is read: TLS handshake first on a TLS port, else connect.
     fn after_header(&mut self, slot: usize) {
         let conn = self.slots[slot].1.as_mut().expect("live slot");
         let listener = conn.listener;
         let l = &self.ctx.config.listeners[listener];
+        let decoy = !l.decoy.is_off();
         if l.tls.is_none() {
-            if l.route == Route::Sni {
+            if l.route == Route::Sni || decoy {
                 conn.phase = Phase::Sni;
                 self.plain_sni(slot);
             } else {
                 conn.phase = Phase::Connecting;
                 self.connect_next(slot);
             }
+            return;
+        }
+        if decoy && !conn.sniffed {
+            // Is it TLS at all? Looked at before the handshake, so a probe's bytes can still go
+            // to the decoy as they came.
+            conn.phase = Phase::Sni;
+            self.plain_sni(slot);
             return;
         }
         let session = self.ctx.tls[listener].as_ref().map(|s| s.accept());
@@ -572,9 +640,22 @@ impl<'a> Worker<'a> {
             }
             if !tls.is_handshaking() {
                 let listener = &self.ctx.config.listeners[conn.listener];
+                let decoy = !listener.decoy.is_off();
                 if listener.route == Route::Static {
-                    conn.phase = Phase::Connecting;
-                    self.connect_next(slot);
+                    // With a decoy, what the client sends first inside TLS decides.
+                    let step = if decoy {
+                        super::sniff(&conn.dirs[0].pending, false)
+                    } else {
+                        Sniff::Relay
+                    };
+                    match step {
+                        Sniff::More => conn.phase = Phase::Sni,
+                        Sniff::Decoy => self.go_decoy(slot),
+                        Sniff::Relay => {
+                            conn.phase = Phase::Connecting;
+                            self.connect_next(slot);
+                        }
+                    }
                     return Ok(());
                 }
                 // The inner ClientHello is the start of the plaintext.
@@ -587,6 +668,10 @@ impl<'a> Worker<'a> {
                         return Ok(());
                     }
                     SniStep::More if conn.dirs[0].pending.len() < super::SNI_PEEK_MAX => {}
+                    _ if decoy => {
+                        self.go_decoy(slot);
+                        return Ok(());
+                    }
                     _ => {
                         self.ctx.row.inc(Counter::RefusedBadSni);
                         return Err(End::Graceful);

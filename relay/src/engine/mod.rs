@@ -135,6 +135,8 @@ pub struct WorkerCtx<'a> {
     pub histos: crate::histo::Histos,
     /// Fast-path sockets whose verdict started holding bytes, as the supervisor relayed them.
     pending_held: Vec<(u64, u32)>,
+    /// Each listener's decoy address ([`crate::decoy`]), as the supervisor said.
+    decoys: Vec<Option<std::net::SocketAddr>>,
 }
 
 /// Why a new connection was not admitted.
@@ -175,6 +177,7 @@ impl<'a> WorkerCtx<'a> {
             pending_kill: None,
             histos: crate::histo::Histos::disabled(),
             pending_held: Vec::new(),
+            decoys: Vec::new(),
         }
     }
 
@@ -299,6 +302,17 @@ impl<'a> WorkerCtx<'a> {
             .inspect_err(|&r| self.count_refusal(r))
     }
 
+    /// Whether listener `l` sends probes to a decoy (then a connection's first bytes are looked
+    /// at before its upstream is chosen).
+    pub fn decoy_on(&self, l: usize) -> bool {
+        !self.config.listeners[l].decoy.is_off()
+    }
+
+    /// Listener `l`'s decoy address, if it has one that resolved.
+    pub fn decoy_addr(&self, l: usize) -> Option<std::net::SocketAddr> {
+        self.decoys.get(l).copied().flatten()
+    }
+
     /// Flow-control events the supervisor relayed, for the engine to act on now.
     pub fn take_held(&mut self) -> Vec<(u64, u32)> {
         std::mem::take(&mut self.pending_held)
@@ -363,6 +377,12 @@ impl<'a> WorkerCtx<'a> {
                 }
                 Some(ControlMsg::Ready) => {}
                 Some(ControlMsg::Held { cookie, kind }) => self.pending_held.push((cookie, kind)),
+                Some(ControlMsg::Decoy { listener, addr }) => {
+                    if self.decoys.len() <= listener {
+                        self.decoys.resize(listener + 1, None);
+                    }
+                    self.decoys[listener] = addr;
+                }
                 Some(ControlMsg::Config { toml }) => self.reload(&toml, upstreams),
                 Some(ControlMsg::Admission {
                     generation,
@@ -492,6 +512,39 @@ pub fn tune_socket(fd: BorrowedFd<'_>) {
 /// Closes with RST instead of FIN when the fd is dropped (reset propagation, refusals).
 pub fn set_reset_on_close(fd: impl AsFd) {
     let _ = SockRef::from(&fd.as_fd()).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Whether a TLS port's client starts with a TLS handshake record (its first byte, peeked, not
+/// consumed): None while nothing has arrived; Err on EOF or an error.
+pub fn peek_tls_start(client: BorrowedFd<'_>) -> std::io::Result<Option<bool>> {
+    let mut first = [0u8; 1];
+    match sys::peek(client, &mut first) {
+        Ok(0) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        Ok(_) => Ok(Some(first[0] == 0x16)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// What the first plaintext bytes of a static-route connection whose listener has a decoy say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniff {
+    /// Not enough bytes yet.
+    More,
+    /// An HTTP request: a probe, for the decoy.
+    Decoy,
+    /// Anything else: relayed as usual.
+    Relay,
+}
+
+/// Classifies a connection's first plaintext bytes (`closed`: the client sent FIN after them).
+pub fn sniff(first: &[u8], closed: bool) -> Sniff {
+    match crate::decoy::looks_like_http(first) {
+        Some(true) => Sniff::Decoy,
+        Some(false) => Sniff::Relay,
+        None if closed => Sniff::Relay,
+        None => Sniff::More,
+    }
 }
 
 /// Half-closes the write side (FIN after every queued byte).

@@ -30,7 +30,7 @@ use socket2::SockAddr;
 
 use super::copy::{self, Bid, BufRing};
 use super::splice::{self, Pipe, PipePool};
-use super::{EngineKind, HeaderStep, Inbound, SniStep, WorkerCtx};
+use super::{EngineKind, HeaderStep, Inbound, SniStep, Sniff, WorkerCtx};
 use crate::config::Route;
 use crate::ebpf::{self, Cookie, FastPath, Kick};
 use crate::metrics::Counter;
@@ -223,6 +223,10 @@ struct Conn {
     phase: Phase,
     /// Where the client counts against its per-client limits, if one is set.
     client_slot: Option<crate::limits::ClientSlot>,
+    /// Going to the listener's decoy instead of its upstream ([`crate::decoy`]).
+    decoy: bool,
+    /// A TLS port with a decoy: the first byte was seen to start a TLS handshake.
+    sniffed: bool,
     client: OwnedFd,
     upstream: Option<OwnedFd>,
     /// Submissions whose completion has not arrived (multishot ones count once).
@@ -879,6 +883,8 @@ impl<'a> Worker<'a> {
             listener: listener as u16,
             phase: Phase::Connecting,
             client_slot,
+            decoy: false,
+            sniffed: false,
             client,
             upstream: None,
             inflight: 0,
@@ -966,22 +972,68 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// A plain port routed by SNI: the ClientHello's bytes are read (kept to be sent upstream
-    /// first) until its server name is known.
+    /// The first bytes decide (plain ports routed by SNI, and ports with a decoy): they are
+    /// read (kept, to be sent first) until the ClientHello's name picks the upstream, or they
+    /// show a probe, which goes to the decoy. A TLS port with a decoy only peeks at the first
+    /// byte: a TLS handshake goes on to the handshake, anything else to the decoy.
     fn on_sni_readable(&mut self, slot: u32) {
         let config = self.ctx.config.clone();
+        let listener = self.conn(slot).listener as usize;
+        let l = &config.listeners[listener];
+        if l.tls.is_some() {
+            let c = self.conn(slot);
+            match super::peek_tls_start(c.client.as_fd()) {
+                Ok(None) => self.poll_header(slot),
+                Ok(Some(true)) => {
+                    c.sniffed = true;
+                    self.after_header(slot);
+                }
+                Ok(Some(false)) => {
+                    let acc = &mut c.inbound.get_or_insert_with(Box::default).acc;
+                    let _ = super::read_available(c.client.as_fd(), acc, super::SNI_PEEK_MAX);
+                    self.go_decoy(slot);
+                }
+                Err(_) => self.close(slot, false),
+            }
+            return;
+        }
         let c = self.conn(slot);
         let acc = &mut c.inbound.get_or_insert_with(Box::default).acc;
         let closed = super::read_available(c.client.as_fd(), acc, super::SNI_PEEK_MAX);
-        let step = super::route_by_sni(&config.listeners[c.listener as usize], acc);
-        match (step, closed) {
+        if l.route == Route::Static {
+            let ended = !matches!(closed, Ok(false));
+            match super::sniff(acc, ended) {
+                Sniff::Decoy => self.go_decoy(slot),
+                Sniff::More => self.poll_header(slot),
+                Sniff::Relay if ended && acc.is_empty() => self.close(slot, false),
+                Sniff::Relay => {
+                    self.conn(slot).phase = Phase::Connecting;
+                    self.connect_next(slot);
+                }
+            }
+            return;
+        }
+        match (super::route_by_sni(l, acc), closed) {
             (SniStep::Entry(e), _) => self.connect_entry(slot, e),
             (SniStep::More, Ok(false)) => self.poll_header(slot),
+            _ if !l.decoy.is_off() => self.go_decoy(slot),
             _ => {
                 self.ctx.row.inc(Counter::RefusedBadSni);
                 self.close(slot, true);
             }
         }
+    }
+
+    /// The connection is a probe: it goes to the listener's decoy with the bytes it sent so far
+    /// (no PROXY header), or is closed when there is no decoy to go to.
+    fn go_decoy(&mut self, slot: u32) {
+        self.ctx.row.inc(Counter::Decoyed);
+        let c = self.conn(slot);
+        c.decoy = true;
+        c.entry = None;
+        c.attempt = 0;
+        c.phase = Phase::Connecting;
+        self.connect_next(slot);
     }
 
     /// SNI routing chose entry `e`: connect to its addresses.
@@ -992,15 +1044,28 @@ impl<'a> Worker<'a> {
         self.connect_next(slot);
     }
 
-    /// A TLS port routed by SNI: the inner ClientHello is the start of the plaintext.
+    /// A TLS port routed by SNI, or with a decoy: the start of the plaintext (the inner
+    /// ClientHello, or what the client sends first) picks the upstream or the decoy.
     fn tls_route(&mut self, slot: u32) {
         let config = self.ctx.config.clone();
         let c = self.conn(slot);
         let listener = &config.listeners[c.listener as usize];
         let hello = &c.tls.as_ref().expect("a TLS connection").out[TO_UPSTREAM].pending;
+        if listener.route == Route::Static {
+            match super::sniff(hello, false) {
+                Sniff::Decoy => self.go_decoy(slot),
+                Sniff::Relay => {
+                    c.phase = Phase::Connecting;
+                    self.connect_next(slot);
+                }
+                Sniff::More => {}
+            }
+            return;
+        }
         match super::route_by_sni(listener, hello) {
             SniStep::Entry(e) => self.connect_entry(slot, e),
             SniStep::More if hello.len() < super::SNI_PEEK_MAX => {}
+            _ if !listener.decoy.is_off() => self.go_decoy(slot),
             _ => {
                 self.ctx.row.inc(Counter::RefusedBadSni);
                 self.close(slot, false);
@@ -1012,14 +1077,22 @@ impl<'a> Worker<'a> {
     fn after_header(&mut self, slot: u32) {
         let listener = self.conn(slot).listener as usize;
         let l = &self.ctx.config.listeners[listener];
+        let decoy = !l.decoy.is_off();
         if l.tls.is_none() {
-            if l.route == Route::Sni {
+            if l.route == Route::Sni || decoy {
                 self.conn(slot).phase = Phase::Sni;
                 self.poll_header(slot);
             } else {
                 self.conn(slot).phase = Phase::Connecting;
                 self.connect_next(slot);
             }
+            return;
+        }
+        if decoy && !self.conn(slot).sniffed {
+            // Is it TLS at all? Looked at before the handshake, so a probe's bytes can still go
+            // to the decoy as they came.
+            self.conn(slot).phase = Phase::Sni;
+            self.poll_header(slot);
             return;
         }
         let Some(server) = self.ctx.tls[listener].as_ref() else {
@@ -1072,7 +1145,12 @@ impl<'a> Worker<'a> {
             (c.listener as usize, c.addr_start, c.attempt)
         };
         let entry = self.conn(slot).entry.map(usize::from);
-        let Some(addr) = self.upstreams.pick(listener, entry, start, attempt) else {
+        let picked = if self.conn(slot).decoy {
+            self.ctx.decoy_addr(listener).filter(|_| attempt == 0)
+        } else {
+            self.upstreams.pick(listener, entry, start, attempt)
+        };
+        let Some(addr) = picked else {
             self.ctx.row.inc(
                 if attempt == 0 && self.upstreams.dest_refused(listener, entry) {
                     Counter::RefusedDest
@@ -1136,7 +1214,11 @@ impl<'a> Worker<'a> {
         }
         let now = self.now_ms;
         let listener = self.conn(slot).listener as usize;
-        let send_proxy = self.ctx.config.listeners[listener].send_proxy;
+        let send_proxy = if self.conn(slot).decoy {
+            crate::config::SendProxy::None
+        } else {
+            self.ctx.config.listeners[listener].send_proxy
+        };
         self.record_connected(slot);
         let c = self.conn(slot);
         c.phase = Phase::Relaying;
@@ -1184,7 +1266,8 @@ impl<'a> Worker<'a> {
         // SNI). The kernel hands a partly read skb to the verdict whole, so those bytes would be
         // sent again: whatever is queued now is moved here first, and only whole skbs arrive
         // after insertion.
-        let partly_read = listener.accept_proxy || listener.route == Route::Sni;
+        let partly_read =
+            listener.accept_proxy || listener.route == Route::Sni || !listener.decoy.is_off();
         let budget = match self.ctx.config.sockmap_queue_limit_mib {
             0 => u64::MAX,
             mib => u64::from(mib) << 20,
@@ -2076,7 +2159,8 @@ impl<'a> Worker<'a> {
         }
         if self.conn(slot).phase == Phase::Handshake && !self.tls(slot).conn.is_handshaking() {
             let listener = self.conn(slot).listener as usize;
-            if self.ctx.config.listeners[listener].route == Route::Sni {
+            let l = &self.ctx.config.listeners[listener];
+            if l.route == Route::Sni || !l.decoy.is_off() {
                 self.conn(slot).phase = Phase::Sni;
             } else {
                 self.conn(slot).phase = Phase::Connecting;

@@ -10,8 +10,10 @@
 //! ClientHello whose SNI names a canary, `localhost` or a private address; HTTP `CONNECT` and
 //! absolute-URI `GET` requests for canaries by address and by a name that resolves to
 //! 127.0.0.1, and for private addresses. Each probe must either reach the listener's configured
-//! upstream (its tag comes back, then the probe's bytes, echoed) or be closed with nothing from
-//! any upstream and the matching refusal counter one higher; no canary may ever accept.
+//! upstream (its tag comes back, then the probe's bytes, echoed), be answered by the preset's
+//! built-in decoy site (on a client-facing port: an HTTP request, or not TLS on a TLS port;
+//! `decoyed` one higher), or be closed with nothing from any upstream and the matching refusal
+//! counter one higher; no canary may ever accept.
 //!
 //! The Signal preset is probed twice: in plaintext (refused by TLS) and inside the outer TLS
 //! (socat, as the Signal app does), where the inner SNI picks the upstream.
@@ -224,6 +226,20 @@ enum Outcome {
     /// Only the relay's own TLS handshake came back (the probe was a ClientHello on a TLS
     /// port); nothing from an upstream.
     TlsServer,
+    /// The built-in decoy site answered (an ordinary web server's reply), `decoyed` one higher;
+    /// nothing from an upstream.
+    Decoy,
+}
+
+/// The `decoyed` counter now.
+fn decoyed(relay: &Sluice) -> u64 {
+    relay.status()["totals"]["decoyed"].as_u64().unwrap_or(0)
+}
+
+/// Whether a probe's bytes start with an HTTP request line (what the presets' decoys catch on
+/// a plain port).
+fn is_http(bytes: &[u8]) -> bool {
+    sluice::decoy::looks_like_http(bytes) == Some(true)
 }
 
 /// Sends `probe` through `send` (which returns what came back), then waits until either the
@@ -236,6 +252,7 @@ fn outcome(
     other_tags: &[&str],
 ) -> Outcome {
     let before = refusals(relay);
+    let decoyed_before = decoyed(relay);
     let got = send();
     for other in other_tags.iter().filter(|o| **o != tag) {
         assert!(
@@ -250,6 +267,14 @@ fn outcome(
     // hangs up mid-handshake, which is the client leaving, not a refusal.
     if got.starts_with(&[0x16, 0x03]) {
         return Outcome::TlsServer;
+    }
+    if got.starts_with(b"HTTP/1.1 ") && got.windows(13).any(|w| w == b"Server: nginx") {
+        assert!(
+            wait_until(Duration::from_secs(3), || decoyed(relay)
+                == decoyed_before + 1),
+            "{what}: the decoy answered but `decoyed` did not count it"
+        );
+        return Outcome::Decoy;
     }
     // Otherwise nothing, or a TLS alert from the relay's own TLS server.
     assert!(
@@ -341,6 +366,9 @@ fn whatsapp_preset_connects_only_to_its_upstreams() {
                 || send_and_read_to_end(addr, None, bytes).1,
                 &tags,
             );
+            // The preset's client-facing ports (no PROXY header expected) have the built-in
+            // decoy: what a probe sends there that is not the port's protocol gets a web page.
+            let decoy = !accept_proxy;
             let want = if accept_proxy && !has_header {
                 Outcome::Refused("refused_bad_header")
             } else if port == 8443 && !what.contains("then") {
@@ -348,9 +376,14 @@ fn whatsapp_preset_connects_only_to_its_upstreams() {
                 Outcome::Closed
             } else if tls && what.contains("ClientHello") {
                 Outcome::TlsServer
+            } else if tls && decoy {
+                // Not TLS on a TLS port: the decoy answers.
+                Outcome::Decoy
             } else if tls {
                 // Plaintext, or a ClientHello alone (the handshake cannot finish): TLS refuses.
                 Outcome::Refused("refused_bad_tls")
+            } else if decoy && is_http(bytes) {
+                Outcome::Decoy
             } else {
                 Outcome::Upstream
             };
@@ -412,10 +445,11 @@ fn signal_preset_connects_only_to_its_upstreams() {
             || send_and_read_to_end(bind, None, bytes).1,
             &[],
         );
+        // Not TLS on the preset's TLS port: its decoy answers.
         let want = if what.starts_with("ClientHello") {
             Outcome::TlsServer
         } else {
-            Outcome::Refused("refused_bad_tls")
+            Outcome::Decoy
         };
         assert_eq!(got, want, "plain: {what}");
         // Inside the outer TLS: only a ClientHello for one of Signal's names reaches it.
@@ -427,10 +461,11 @@ fn signal_preset_connects_only_to_its_upstreams() {
             || send_and_read_to_end(via, None, bytes).1,
             &[],
         );
+        // Anything else inside the TLS goes to the decoy, which answers as a web server.
         let want = if what.ends_with("chat.signal.org") {
             Outcome::Upstream
         } else {
-            Outcome::Refused("refused_bad_sni")
+            Outcome::Decoy
         };
         assert_eq!(got, want, "inside TLS: {what}");
     }

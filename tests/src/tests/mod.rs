@@ -38,6 +38,7 @@ mod bulk;
 mod capacity;
 mod concurrency;
 mod config;
+mod decoy;
 mod destination_safety;
 mod dist;
 mod ebpf;
