@@ -372,6 +372,21 @@ pub struct Worker<'a> {
     cqes: Vec<(u64, i32, u32)>,
 }
 
+/// A fast-path socket's counters (zero before the verdict saw it); Err as (errno, at the
+/// source), like the other fast-path steps.
+fn counters_of(
+    fast: &FastPath,
+    cookie: Cookie,
+) -> Result<sluice_common::ConnCounters, (i32, bool)> {
+    match fast.counters(cookie) {
+        Ok(c) => Ok(c.unwrap_or_default()),
+        Err(e) => Err((
+            io::Error::other(e).raw_os_error().unwrap_or(libc::EIO),
+            true,
+        )),
+    }
+}
+
 /// Where the verdict warns that a direction's allowance runs low: half-way through the budget
 /// from `bytes` (never, without a limit).
 fn warn_at(bytes: u64, budget: u64) -> u64 {
@@ -1390,10 +1405,7 @@ impl<'a> Worker<'a> {
                 f.cookies.1
             };
             let fast = self.fast.as_mut().expect("sockmap engine");
-            let counters = fast
-                .counters(cookie)
-                .map_err(|e| (errno(io::Error::other(e)), true))?
-                .unwrap_or_default();
+            let counters = counters_of(fast, cookie)?;
             // Held bytes may only follow the redirected ones.
             if counters.held != f.released[d] {
                 let redirected = counters.bytes;
@@ -1432,10 +1444,7 @@ impl<'a> Worker<'a> {
                     .map_err(|e| (errno(io::Error::other(e)), true))?;
                     // An skb held after `counters` was read came without an event (the verdict
                     // was holding already): look again before going back to waiting for one.
-                    let now = fast
-                        .counters(cookie)
-                        .map_err(|e| (errno(io::Error::other(e)), true))?
-                        .unwrap_or_default();
+                    let now = counters_of(fast, cookie)?;
                     if now.held != counters.held {
                         continue;
                     }
@@ -1491,10 +1500,7 @@ impl<'a> Worker<'a> {
             (c.client.as_fd(), f.cookies.1)
         };
         let fast = self.fast.as_mut().expect("sockmap engine");
-        let counters = fast
-            .counters(cookie)
-            .map_err(|e| (errno(io::Error::other(e)), true))?
-            .unwrap_or_default();
+        let counters = counters_of(fast, cookie)?;
         if counters.held != f.released[d] {
             return Ok(()); // holding: its own event takes it from here
         }

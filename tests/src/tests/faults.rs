@@ -353,7 +353,52 @@ fn slowloris_is_cut_at_the_header_timeout() {
 /// Streams on `conns` until `stop`: each round writes 16 KiB of the connection's pattern and
 /// reads its echo back. A connection that errs or ends is dropped from the loop. Returns each
 /// connection's index with `Ok(bytes verified)` or `Err(what happened)`.
-pub(super) fn stream_rounds(
+/// A connection's index and `Ok(bytes verified)` or `Err(what happened)`.
+pub(super) type StreamOutcome = (usize, Result<u64, String>);
+
+/// Connections streaming [`stream_rounds`] on threads of their own until [`Streams::finish`].
+pub(super) struct Streams {
+    pub stop: Arc<AtomicBool>,
+    /// Rounds done, summed over the threads.
+    pub rounds: Arc<AtomicU64>,
+    threads: Vec<thread::JoinHandle<Vec<StreamOutcome>>>,
+}
+
+impl Streams {
+    /// Starts `conns` streaming on `threads` threads (connection `i` on thread `i % threads`),
+    /// each with the pattern of `seed_base + i`.
+    pub(super) fn start(conns: Vec<TcpStream>, threads: usize, seed_base: u64) -> Streams {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(0));
+        let mut groups: Vec<Vec<(usize, TcpStream)>> = (0..threads).map(|_| Vec::new()).collect();
+        for (i, c) in conns.into_iter().enumerate() {
+            groups[i % threads].push((i, c));
+        }
+        let threads = groups
+            .into_iter()
+            .map(|g| {
+                let (stop, rounds) = (stop.clone(), rounds.clone());
+                thread::spawn(move || stream_rounds(g, seed_base, stop, rounds))
+            })
+            .collect();
+        Streams {
+            stop,
+            rounds,
+            threads,
+        }
+    }
+
+    /// Stops the streams; each connection's index with `Ok(bytes verified)` or `Err(what)`.
+    pub(super) fn finish(self) -> Vec<StreamOutcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    }
+}
+
+fn stream_rounds(
     conns: Vec<(usize, TcpStream)>,
     seed_base: u64,
     stop: Arc<AtomicBool>,
@@ -454,20 +499,8 @@ fn sigkill_of_a_worker_under_load_ends_only_its_connections() {
         owners.iter().any(|o| *o != victim),
         "every connection on one worker: {owners:?}"
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(AtomicU64::new(0));
-    let base = seed();
-    let mut groups: Vec<Vec<(usize, TcpStream)>> = (0..THREADS).map(|_| Vec::new()).collect();
-    for (i, c) in conns.into_iter().enumerate() {
-        groups[i % THREADS].push((i, c));
-    }
-    let threads: Vec<_> = groups
-        .into_iter()
-        .map(|g| {
-            let (stop, rounds) = (stop.clone(), rounds.clone());
-            thread::spawn(move || stream_rounds(g, base, stop, rounds))
-        })
-        .collect();
+    let streams = Streams::start(conns, THREADS, seed());
+    let rounds = streams.rounds.clone();
     // Kill it mid-stream: every thread has done a few rounds.
     assert!(wait_until(HUNG, || rounds.load(Ordering::Relaxed)
         >= 3 * THREADS as u64));
@@ -485,10 +518,9 @@ fn sigkill_of_a_worker_under_load_ends_only_its_connections() {
     assert!(wait_until(HUNG, || {
         rounds.load(Ordering::Relaxed) >= after + 3 * THREADS as u64
     }));
-    stop.store(true, Ordering::Relaxed);
     let mut ended = 0;
-    for t in threads {
-        for (i, result) in t.join().unwrap() {
+    {
+        for (i, result) in streams.finish() {
             if owners[i] == victim {
                 assert!(
                     result.is_err(),

@@ -12,8 +12,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::Instant;
 
@@ -104,20 +103,8 @@ fn reload_under_load(engine: &str) {
     assert_eq!(reached(probe_addr).unwrap(), b"A");
 
     let conns = client::open_many(stream_addr, None, CONNS).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(AtomicU64::new(0));
-    let base = seed();
-    let mut groups: Vec<Vec<(usize, TcpStream)>> = (0..THREADS).map(|_| Vec::new()).collect();
-    for (i, c) in conns.into_iter().enumerate() {
-        groups[i % THREADS].push((i, c));
-    }
-    let streams: Vec<_> = groups
-        .into_iter()
-        .map(|g| {
-            let (stop, rounds) = (stop.clone(), rounds.clone());
-            thread::spawn(move || super::faults::stream_rounds(g, base, stop, rounds))
-        })
-        .collect();
+    let streams = super::faults::Streams::start(conns, THREADS, seed());
+    let (stop, rounds) = (streams.stop.clone(), streams.rounds.clone());
     // New connections all through the reloads (bounded in count and time): none may fail.
     let connector = {
         let stop = stop.clone();
@@ -161,16 +148,14 @@ fn reload_under_load(engine: &str) {
             >= before + THREADS as u64));
     }
     stop.store(true, Ordering::Relaxed);
-    for t in streams {
-        for (i, result) in t.join().unwrap() {
-            let bytes = result.unwrap_or_else(|e| {
-                panic!(
-                    "stream {i} through the reloads: {e}\n{}",
-                    relay.stderr_log()
-                )
-            });
-            assert!(bytes > 0, "stream {i} moved nothing");
-        }
+    for (i, result) in streams.finish() {
+        let bytes = result.unwrap_or_else(|e| {
+            panic!(
+                "stream {i} through the reloads: {e}\n{}",
+                relay.stderr_log()
+            )
+        });
+        assert!(bytes > 0, "stream {i} moved nothing");
     }
     let (ok, failed) = connector.join().unwrap();
     assert!(
