@@ -210,11 +210,23 @@ impl Host {
         }
     }
 
-    /// A port that is free on this address now (the kernel picks it). Nothing else in this
-    /// process binds this address, so it stays free until the test uses it.
+    /// A port that is free on this address now (the kernel picks it), never one handed out
+    /// before in this process: the kernel may pick the same free port for two probes in a row,
+    /// and a test that takes two addresses of one host before binding either would get it
+    /// twice. Nothing else in this process binds this address, so it stays free until the test
+    /// uses it.
     pub fn addr(&self) -> SocketAddr {
-        let l = TcpListener::bind((self.ip, 0)).expect("bind a free port on a test address");
-        l.local_addr().unwrap()
+        static GIVEN: std::sync::Mutex<Vec<SocketAddr>> = std::sync::Mutex::new(Vec::new());
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        for _ in 0..1000 {
+            let l = TcpListener::bind((self.ip, 0)).expect("bind a free port on a test address");
+            let addr = l.local_addr().unwrap();
+            if !given.contains(&addr) {
+                given.push(addr);
+                return addr;
+            }
+        }
+        panic!("no new free port on {} after 1000 tries", self.ip);
     }
 }
 

@@ -248,6 +248,12 @@ fn a_refused_reload_keeps_the_running_configuration() {
         "after SIGHUP new connections should reach B\n{}",
         relay.stderr_log()
     );
+    // The probes above count against max_connections until the relay has closed them.
+    assert!(
+        wait_until(HUNG, || relay.counter("active") == Some(0)),
+        "probe connections still open: {}",
+        relay.status()
+    );
     let held: Vec<TcpStream> = (0..3)
         .map(|_| {
             let mut s = client::connect(stream_addr);
