@@ -88,6 +88,9 @@ enum Op {
     Forward,
     /// Fast path, flow control: the verdict's ring of "started holding" events is readable.
     HeldPoll,
+    /// An upstream connect the kernel is still completing (CONNECT answered EINPROGRESS):
+    /// POLLOUT, linked to the connect timeout, then SO_ERROR says how it ended.
+    ConnectPoll,
 }
 
 impl Op {
@@ -110,6 +113,7 @@ impl Op {
             14 => Drain,
             15 => Forward,
             16 => HeldPoll,
+            17 => ConnectPoll,
             _ => return None,
         })
     }
@@ -657,6 +661,7 @@ impl<'a> Worker<'a> {
         let d = u.dir as usize;
         match u.op {
             Op::Connect => self.on_connect(u.slot, res),
+            Op::ConnectPoll => self.on_connect_poll(u.slot, res),
             Op::LinkTimeout => {}
             Op::PollIn
                 if self.slots[u.slot as usize]
@@ -1213,6 +1218,14 @@ impl<'a> Worker<'a> {
         if self.conn(slot).phase == Phase::Closing {
             return;
         }
+        if res == -libc::EINPROGRESS || res == -libc::EALREADY {
+            // io_uring handed the connect to an io-wq thread (it does under load, when it could
+            // not arm its own poll), where the nonblocking socket answers "in progress" while
+            // the handshake goes on: wait for it to end instead of calling it a failure.
+            tracing::debug!("upstream connect still in progress after io-wq; waiting for it");
+            self.wait_connected(slot);
+            return;
+        }
         if res < 0 {
             let now = self.now_ms;
             tracing::debug!(
@@ -1264,6 +1277,49 @@ impl<'a> Worker<'a> {
                 self.start_read(slot, d);
             }
         }
+    }
+
+    /// POLLOUT on an upstream socket whose connect is still in progress, under the connect
+    /// timeout again (a second wait at most).
+    fn wait_connected(&mut self, slot: u32) {
+        let fd = self
+            .conn(slot)
+            .upstream
+            .as_ref()
+            .map_or(-1, |u| u.as_raw_fd());
+        let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(self.ud(slot, Op::ConnectPoll, 0));
+        let timeout = opcode::LinkTimeout::new(&*self.connect_timeout)
+            .build()
+            .user_data(self.ud(slot, Op::LinkTimeout, 0));
+        self.conn(slot).inflight += 2;
+        self.push(poll);
+        self.push(timeout);
+    }
+
+    /// The end of a connect that was in progress: SO_ERROR is its result.
+    fn on_connect_poll(&mut self, slot: u32, res: i32) {
+        if self.conn(slot).phase == Phase::Closing {
+            return;
+        }
+        let res = if res == -libc::ECANCELED {
+            -libc::ETIMEDOUT
+        } else if res < 0 {
+            res
+        } else {
+            let up = self
+                .conn(slot)
+                .upstream
+                .as_ref()
+                .expect("connecting upstream");
+            match socket2::SockRef::from(up).take_error() {
+                Ok(None) => 0,
+                Ok(Some(e)) | Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+            }
+        };
+        self.on_connect(slot, res);
     }
 
     // ---- sockmap fast path ----
