@@ -102,12 +102,17 @@ fn main() -> Result<()> {
             (false, Some(_)) => md.clone(),
         };
         std::fs::write(&path, doc)?;
-        plot::write_all(&r, &docs.join("bench"))?;
-        eprintln!(
-            "bench: saved {} and {}/*.svg",
-            docs.join("BENCHMARKS.md").display(),
-            docs.join("bench").display()
-        );
+        if scale_only {
+            // The plots show the other workloads: a scale run leaves the saved ones alone.
+            eprintln!("bench: saved {} (scale section)", path.display());
+        } else {
+            plot::write_all(&r, &docs.join("bench"))?;
+            eprintln!(
+                "bench: saved {} and {}/*.svg",
+                path.display(),
+                docs.join("bench").display()
+            );
+        }
     }
     Ok(())
 }
