@@ -431,8 +431,9 @@ pub fn scale_section(r: &Report) -> Option<String> {
          `--max-connections` 10 % above the connections and one `--source-address` per 25 000 \
          upstream connections; the supervisor chose the worker count from the fd limit. Idle \
          connections come from 127.77.1.x (15 000 per load generator process), each proven \
-         relayed by one echoed byte; then {} more connections exchange 64-byte messages at the \
-         rate shown while the idle ones stay open. User memory is the relay's whole process \
+         relayed by one echoed byte; then {} more connections, each also proven relayed by one \
+         echoed message first, exchange 64-byte messages at the rate shown while the idle ones \
+         stay open. User memory is the relay's whole process \
          tree (after − before) / held. Kernel figures are the machine's, for four sockets per \
          relayed connection (the client's, the relay's two, the upstream's): TCP buffer memory \
          (`TCP: mem` in /proc/net/sockstat; idle sockets hold no buffer) and slab memory \
@@ -611,8 +612,9 @@ fn method(out: &mut String, r: &Report) {
         out,
         "- **bulk**: `iperf3 -c <relay> -J -t {} [-P 8]`; Gbit/s is iperf3's `sum_received`; \
          CPU-s per GB = relay CPU in the window / bytes received.\n\
-         - **request/response**: {} persistent connections, 64-byte messages echoed by the \
-         upstream, open loop: message k of a phase is due at start + k/rate on connection k mod \
+         - **request/response**: {} persistent connections, each first proven relayed by one \
+         echoed message (so a connection's setup is not counted as a message's latency), then \
+         64-byte messages echoed by the upstream, open loop: message k of a phase is due at start + k/rate on connection k mod \
          {}; latency runs from the due time to the full echo, so a stalled relay shows up as \
          latency. {} ms warm-up then {} ms measured per rate; answers still missing after a 2 s \
          drain are counted at 2 s. CPU µs per message = relay CPU / messages sent in the window.\n\
