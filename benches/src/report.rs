@@ -437,14 +437,17 @@ pub fn scale_section(r: &Report) -> Option<String> {
          tree (after − before) / held. Kernel figures are the machine's, for four sockets per \
          relayed connection (the client's, the relay's two, the upstream's): TCP buffer memory \
          (`TCP: mem` in /proc/net/sockstat; idle sockets hold no buffer) and slab memory \
-         (`Slab` in /proc/meminfo, where the sockets themselves live).\n",
+         (`Slab` in /proc/meminfo, where the sockets themselves live). Idle relay CPU: the \
+         relay's whole process tree, CPU ms per second of wall time over 5 s in which only the \
+         idle connections were held (workers wake for their timer tick, 4 per second, and \
+         nothing else).\n",
         r.started, r.params.rr_conns
     );
     let _ = writeln!(
         out,
-        "| candidate | held / attempted | workers | time to establish | user memory per conn, RSS / PSS | kernel slab per relayed conn | kernel TCP buffers, before → held | TCP sockets, before → held | active conns: rate, p50 / p99 / p99.9, answered |"
+        "| candidate | held / attempted | workers | time to establish | user memory per conn, RSS / PSS | kernel slab per relayed conn | kernel TCP buffers, before → held | TCP sockets, before → held | idle relay CPU | active conns: rate, p50 / p99 / p99.9, answered |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     for (cand, s) in rows {
         let per = |v: Option<f64>| v.map_or("–".into(), |v| format!("{:.2} KB", v));
         let lat = s.active_latency.as_ref().map_or("–".into(), |l| {
@@ -457,7 +460,7 @@ pub fn scale_section(r: &Report) -> Option<String> {
         });
         let _ = writeln!(
             out,
-            "| {cand} | {} / {} | {} | {:.1} s | {} / {} | {} | {:.0} MB → {:.0} MB | {} → {} | {} msg/s, {lat}, {}/{} |",
+            "| {cand} | {} / {} | {} | {:.1} s | {} / {} | {} | {:.0} MB → {:.0} MB | {} → {} | {} | {} msg/s, {lat}, {}/{} |",
             s.held,
             s.attempted,
             s.workers,
@@ -470,6 +473,8 @@ pub fn scale_section(r: &Report) -> Option<String> {
             s.tcp_mem_kb_after as f64 / 1024.0,
             s.tcp_inuse_before,
             s.tcp_inuse_after,
+            s.idle_cpu_ms_per_s
+                .map_or("–".into(), |c| format!("{c:.1} ms/s")),
             s.active_rate,
             s.active_received,
             s.active_sent,

@@ -22,6 +22,8 @@ use crate::wire::{Latency, LoadResult};
 
 /// Message rate of the active connections while the idle ones are held.
 const ACTIVE_RATE: u32 = 5_000;
+/// How long the relay's CPU time is measured while it holds only idle connections.
+const IDLE_CPU_WINDOW: Duration = Duration::from_secs(5);
 /// Upstream connections one relay source address carries at most (ephemeral ports ~28k).
 const PER_SOURCE: usize = 25_000;
 
@@ -48,6 +50,10 @@ pub struct Scale {
     pub slab_kb_before: u64,
     #[serde(default)]
     pub slab_kb_after: u64,
+    /// The relay's CPU time (whole process tree) per second of wall time while only the idle
+    /// connections were held, over [`IDLE_CPU_WINDOW`]: what holding them costs.
+    #[serde(default)]
+    pub idle_cpu_ms_per_s: Option<f64>,
     /// The active connections' latency at [`ACTIVE_RATE`] while the idle ones are held.
     pub active_rate: u32,
     pub active_conns: usize,
@@ -132,6 +138,10 @@ impl Suite {
         let after = procstat::tree_mem(relay.pid());
         let (inuse_after, tcp_mem_after) = sockstat();
         let slab_after = slab_kb();
+        let cpu_before = procstat::tree_runtime_s(relay.pid());
+        std::thread::sleep(IDLE_CPU_WINDOW);
+        let idle_cpu_ms_per_s = (procstat::tree_runtime_s(relay.pid()) - cpu_before) * 1e3
+            / IDLE_CPU_WINDOW.as_secs_f64();
         let refusals = relay.status().map_or(String::new(), |s| {
             [
                 "refused_full",
@@ -146,7 +156,7 @@ impl Suite {
             .join(", ")
         });
         self.progress(&format!(
-            "{}: scale: {held}/{attempted} idle held in {setup_secs:.1} s by {workers} workers ({refusals})",
+            "{}: scale: {held}/{attempted} idle held in {setup_secs:.1} s by {workers} workers ({refusals}); relay CPU while they idle: {idle_cpu_ms_per_s:.1} ms/s",
             cand.name
         ));
 
@@ -189,6 +199,7 @@ impl Suite {
             tcp_mem_kb_after: tcp_mem_after,
             slab_kb_before: slab_before,
             slab_kb_after: slab_after,
+            idle_cpu_ms_per_s: (held > 0).then_some(idle_cpu_ms_per_s),
             active_rate: ACTIVE_RATE,
             ..Scale::default()
         };
