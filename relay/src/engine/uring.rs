@@ -1198,19 +1198,24 @@ impl<'a> Worker<'a> {
         let sa = Box::new(SockAddr::from(addr));
         let connect = opcode::Connect::new(types::Fd(sock.as_raw_fd()), sa.as_ptr(), sa.len())
             .build()
-            .flags(squeue::Flags::IO_LINK)
             .user_data(self.ud(slot, Op::Connect, 0));
-        let timeout = opcode::LinkTimeout::new(&*self.connect_timeout)
-            .build()
-            .user_data(self.ud(slot, Op::LinkTimeout, 0));
         {
             let c = self.conn(slot);
             c.upstream = Some(sock);
             c.connect_addr = Some(sa);
-            c.inflight += 2;
             c.last_active_ms = now;
         }
-        self.push(connect);
+        self.push_under_connect_timeout(slot, connect);
+    }
+
+    /// Submits a connect step linked to a LINK_TIMEOUT of the connect timeout (two operations
+    /// in flight for the slot).
+    fn push_under_connect_timeout(&mut self, slot: u32, e: squeue::Entry) {
+        let timeout = opcode::LinkTimeout::new(&*self.connect_timeout)
+            .build()
+            .user_data(self.ud(slot, Op::LinkTimeout, 0));
+        self.conn(slot).inflight += 2;
+        self.push(e.flags(squeue::Flags::IO_LINK));
         self.push(timeout);
     }
 
@@ -1289,14 +1294,8 @@ impl<'a> Worker<'a> {
             .map_or(-1, |u| u.as_raw_fd());
         let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
             .build()
-            .flags(squeue::Flags::IO_LINK)
             .user_data(self.ud(slot, Op::ConnectPoll, 0));
-        let timeout = opcode::LinkTimeout::new(&*self.connect_timeout)
-            .build()
-            .user_data(self.ud(slot, Op::LinkTimeout, 0));
-        self.conn(slot).inflight += 2;
-        self.push(poll);
-        self.push(timeout);
+        self.push_under_connect_timeout(slot, poll);
     }
 
     /// The end of a connect that was in progress: SO_ERROR is its result.
