@@ -210,25 +210,41 @@ impl Host {
         }
     }
 
-    /// A port that is free on this address now (the kernel picks it), never one handed out
-    /// before in this process: the kernel may pick the same free port for two probes in a row,
-    /// and a test that takes two addresses of one host before binding either would get it
-    /// twice. Nothing else in this process binds this address, so it stays free until the test
-    /// uses it.
+    /// A port that is free on this address now and never handed out before in this process,
+    /// taken from outside the kernel's ephemeral range (`ip_local_port_range`): a port the
+    /// kernel picked would be free only until some client socket bound to this address is
+    /// given the same port for a connection, and the test's later bind then fails with
+    /// "address in use". Ports in turn from one process-wide counter, each checked by a bind.
     pub fn addr(&self) -> SocketAddr {
-        static GIVEN: std::sync::Mutex<Vec<SocketAddr>> = std::sync::Mutex::new(Vec::new());
-        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-        for _ in 0..1000 {
-            let l = TcpListener::bind((self.ip, 0)).expect("bind a free port on a test address");
-            let addr = l.local_addr().unwrap();
-            if !given.contains(&addr) {
-                given.push(addr);
-                return addr;
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let (first, last) = *FIXED_PORTS;
+        let span = last - first + 1;
+        for _ in 0..span.min(5000) {
+            let port = first + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+            if let Ok(l) = TcpListener::bind((self.ip, port as u16)) {
+                return l.local_addr().unwrap();
             }
         }
-        panic!("no new free port on {} after 1000 tries", self.ip);
+        panic!("no free port on {} in {first}-{last}", self.ip);
     }
 }
+
+/// The ports [`Host::addr`] hands out: below the ephemeral range when it leaves room there
+/// (the default 32768-60999 does), else above it.
+static FIXED_PORTS: std::sync::LazyLock<(u32, u32)> = std::sync::LazyLock::new(|| {
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = range
+        .split_whitespace()
+        .filter_map(|w| w.parse::<u32>().ok());
+    let (lo, hi) = (it.next().unwrap_or(32768), it.next().unwrap_or(60999));
+    if lo > 12_000 {
+        (10_000, lo - 1)
+    } else if hi < 63_000 {
+        (hi + 1, 65_535)
+    } else {
+        panic!("ip_local_port_range {lo}-{hi} leaves no room for the tests' fixed ports")
+    }
+});
 
 // ---------------------------------------------------------------------------------------------
 // Files and processes
