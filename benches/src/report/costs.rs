@@ -186,6 +186,39 @@ pub fn section(out: &mut String, v: &View) {
             }
         ));
     }
+    if let Some(d) = v.get("direct", &rr_w)
+        && let (Some(rr), Some(c)) = (d.rr.as_ref(), d.cpu.as_ref())
+    {
+        let busy = |c: &crate::suite::Window| c.machine_busy_s / c.machine_capacity_s * 100.0;
+        let d_p99 = rr.latency.p99_us / 1e3;
+        let d_busy = busy(c);
+        let mut seen: Vec<(&str, f64)> = Vec::new();
+        let mut shown = Vec::new();
+        for n in relays(v) {
+            let Some(m) = v.get(n, &rr_w) else { continue };
+            let (Some(r), Some(mc)) = (m.rr.as_ref(), m.cpu.as_ref()) else {
+                continue;
+            };
+            seen.push((n, r.latency.p99_us / 1e3 / d_p99));
+            shown.push((n, busy(mc)));
+        }
+        let fits = seen.iter().filter(|s| s.1 <= 2.0).count();
+        let none_fits = fits == 0 && !seen.is_empty();
+        rows.push(format!(
+            "| p99 ≤ 2× direct ({judged} msg/s) | direct's p99 {d_p99:.3} ms with the machine \
+             {d_busy:.0} % busy; the relay's own CPU time per message (row above) comes on top, \
+             on the same two cores | p99 / direct's: {}; machine busy, %: {} | {} |",
+            listing(seen, 2),
+            listing(shown, 0),
+            if none_fits {
+                "no relay of this run fits: each adds its kernel work per message to a machine \
+                 the load generator and the echo server already share, and the tail is the \
+                 queueing behind it"
+            } else {
+                ""
+            }
+        ));
+    }
     if let (Some(d), Some(h)) = (v.get("direct", "connrate"), v.get("haproxy", "connrate"))
         && let (Some(dc), Some(c), Some(hc)) =
             (d.connrate.as_ref(), d.cpu.as_ref(), h.connrate.as_ref())
