@@ -397,8 +397,9 @@ fn targets(out: &mut String, v: &View) {
     let _ = writeln!(
         out,
         "\nRatios are Sluice's value over the peer's (for latency, CPU and memory lower is \
-         better). Idle capacity is bounded by the run's connection count, so \"100 000\" can only \
-         be met by a full run with enough connections.\n"
+         better). Idle capacity here is bounded by the run's connection count (the same for \
+         every candidate, so HAProxy's and nginx's own limits show); the 100 000 target is \
+         measured by `cargo xtask bench --only scale`, in the Scale section below.\n"
     );
 }
 
