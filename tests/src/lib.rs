@@ -26,7 +26,7 @@ pub mod sys;
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Once;
@@ -215,14 +215,24 @@ impl Host {
     /// kernel picked would be free only until some client socket bound to this address is
     /// given the same port for a connection, and the test's later bind then fails with
     /// "address in use". Ports in turn from one process-wide counter, each checked by a bind.
+    ///
+    /// The check binds with SO_REUSEADDR and never listens: a process another test forks at
+    /// that moment inherits the probe socket until its exec, and a *listening* probe would hold
+    /// the port against the test's own bind for that long (the "address in use" flake of
+    /// `max_connections_refuses_the_extra_client`); a bound, non-listening SO_REUSEADDR socket
+    /// does not stand in the way of the SO_REUSEADDR binds of the tests, the relay and the peers.
     pub fn addr(&self) -> SocketAddr {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let (first, last) = *FIXED_PORTS;
         let span = last - first + 1;
         for _ in 0..span.min(5000) {
             let port = first + NEXT.fetch_add(1, Ordering::Relaxed) % span;
-            if let Ok(l) = TcpListener::bind((self.ip, port as u16)) {
-                return l.local_addr().unwrap();
+            let addr = SocketAddr::new(self.ip.into(), port as u16);
+            let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("a probe socket");
+            probe.set_reuse_address(true).expect("SO_REUSEADDR");
+            if probe.bind(&addr.into()).is_ok() {
+                return addr;
             }
         }
         panic!("no free port on {} in {first}-{last}", self.ip);
