@@ -99,6 +99,8 @@ pub struct Worker<'a> {
     now_ms: u64,
     /// Connections that spent their per-event budget before the kernel said WouldBlock.
     again: Vec<u64>,
+    /// Whether the next tick scans the slab for timeouts.
+    scan: super::ScanGate,
 }
 
 fn token(slot: usize, generation: u32, upstream: bool) -> u64 {
@@ -136,6 +138,7 @@ impl<'a> Worker<'a> {
             draining: false,
             now_ms: 0,
             again: Vec::new(),
+            scan: super::ScanGate::default(),
         })
     }
 
@@ -150,6 +153,9 @@ impl<'a> Worker<'a> {
             let wait = if self.again.is_empty() { TICK_MS } else { 0 };
             let n = self.epoll.wait(&mut events, wait)?;
             self.now_ms = self.ctx.now_ms();
+            if n > 0 || !self.again.is_empty() {
+                self.scan.touch();
+            }
             for ev in &events[..n] {
                 let (tok, bits) = (ev.u64, ev.events);
                 if tok & TOKEN_LISTENER != 0 {
@@ -822,7 +828,11 @@ impl<'a> Worker<'a> {
         }
         self.ctx.histos.tick();
         let t = self.ctx.config.timeouts;
-        for slot in 0..self.slots.len() {
+        let scan = self.scan.due(self.now_ms);
+        if scan {
+            self.scan.begin();
+        }
+        for slot in 0..if scan { self.slots.len() } else { 0 } {
             let Some(conn) = self.slots[slot].1.as_ref() else {
                 continue;
             };
@@ -832,9 +842,12 @@ impl<'a> Worker<'a> {
                 Phase::Relaying if conn.dirs.iter().any(|d| d.done) => u64::from(t.fin_ms),
                 Phase::Relaying => u64::from(t.idle_ms),
             };
+            self.scan
+                .deadline(conn.last_active_ms.saturating_add(limit));
             if self.now_ms.saturating_sub(conn.last_active_ms) < limit {
                 continue;
             }
+            self.scan.touch();
             if conn.phase == Phase::Connecting {
                 // This address timed out: drop it and try the next one.
                 let conn = self.slots[slot].1.as_mut().expect("live");

@@ -86,6 +86,50 @@ impl EngineKind {
 /// released on the next tick.
 pub const SLAB_KEEP: usize = 1024;
 
+/// Whether a worker's timer tick has to look over its connections for timeouts. A scan notes
+/// the earliest moment any connection it saw can time out; until then, a tick with nothing
+/// having happened since the last scan (no completion, no readiness, no control line: so no
+/// connection was added, changed phase or saw bytes) skips it. An idle worker holding
+/// thousands of connections then costs a timer wake-up and a comparison per tick, not a pass
+/// over its slab.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanGate {
+    dirty: bool,
+    next_ms: u64,
+}
+
+impl Default for ScanGate {
+    fn default() -> ScanGate {
+        ScanGate {
+            dirty: true,
+            next_ms: 0,
+        }
+    }
+}
+
+impl ScanGate {
+    /// Something happened that may have added a connection or moved a deadline earlier.
+    pub fn touch(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Whether this tick must scan.
+    pub fn due(&self, now_ms: u64) -> bool {
+        self.dirty || now_ms >= self.next_ms
+    }
+
+    /// A scan starts: what it sees sets the next deadline.
+    pub fn begin(&mut self) {
+        self.dirty = false;
+        self.next_ms = u64::MAX;
+    }
+
+    /// A connection the scan saw times out at `at_ms` unless it moves.
+    pub fn deadline(&mut self, at_ms: u64) {
+        self.next_ms = self.next_ms.min(at_ms);
+    }
+}
+
 /// Fds one relayed connection costs at most: client, upstream, and two pipes' ends per
 /// direction while splicing.
 pub const FDS_PER_CONN: u64 = 2;
@@ -701,6 +745,24 @@ pub fn send_proxy_header(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scan_gate_skips_quiet_ticks_until_the_earliest_deadline() {
+        let mut g = ScanGate::default();
+        assert!(g.due(0), "the first tick scans");
+        g.begin();
+        g.deadline(5_000);
+        g.deadline(3_000);
+        assert!(
+            !g.due(2_999),
+            "nothing happened and nothing can time out yet"
+        );
+        assert!(g.due(3_000), "the earliest deadline is reached");
+        g.touch();
+        assert!(g.due(0), "an event since the scan means scanning again");
+        g.begin();
+        assert!(!g.due(u64::MAX - 1), "no connection: no deadline");
+    }
 
     #[test]
     fn auto_prefers_uring_and_falls_back_to_epoll() {

@@ -370,6 +370,8 @@ pub struct Worker<'a> {
     connect_timeout: Box<types::Timespec>,
     accept_armed: Vec<bool>,
     accept_paused: bool,
+    /// Whether the next tick scans the slab for timeouts.
+    scan: super::ScanGate,
     draining: bool,
     active: u64,
     now_ms: u64,
@@ -463,6 +465,7 @@ impl<'a> Worker<'a> {
             slots: Vec::new(),
             free: Vec::new(),
             pipes: PipePool::new(),
+            scan: super::ScanGate::default(),
             kick_buf: if fast.is_some() {
                 vec![0; 64 * 1024]
             } else {
@@ -642,6 +645,9 @@ impl<'a> Worker<'a> {
         let Some(u) = UserData::decode(ud) else {
             return true;
         };
+        if u.op != Op::Tick {
+            self.scan.touch();
+        }
         if u.slot == NO_SLOT {
             return self.handle_global(u, res, flags);
         }
@@ -810,13 +816,19 @@ impl<'a> Worker<'a> {
         self.ctx.histos.tick();
         let now = self.now_ms;
         let t = self.ctx.config.timeouts;
-        for i in 0..self.slots.len() {
+        let scan = self.scan.due(now);
+        if scan {
+            self.scan.begin();
+        }
+        for i in 0..if scan { self.slots.len() } else { 0 } {
             let Some(conn) = self.slots[i].conn.as_ref() else {
                 continue;
             };
             if conn.phase == Phase::Relaying
                 && conn.fast.as_ref().is_some_and(|f| f.fin.iter().any(|&x| x))
             {
+                // Watched every tick until its bytes are out.
+                self.scan.deadline(now);
                 self.fast_check_half_closed(i as u32);
                 self.maybe_free(i as u32);
             }
@@ -831,7 +843,10 @@ impl<'a> Worker<'a> {
                 Phase::Relaying if conn.dirs.iter().any(|d| d.done) => u64::from(t.fin_ms),
                 Phase::Relaying => u64::from(t.idle_ms),
             };
+            self.scan
+                .deadline(conn.last_active_ms.saturating_add(limit));
             if now.saturating_sub(conn.last_active_ms) >= limit {
+                self.scan.touch();
                 if conn.fast.is_some() && self.fast_moved(i as u32) {
                     self.conn(i as u32).last_active_ms = now;
                     continue;
