@@ -75,7 +75,9 @@ pub fn fuzz(root: &Path, flags: &FuzzFlags) -> Result<()> {
         let (mut executions, mut seconds) = (None, None);
         for line in BufReader::new(stderr).lines() {
             let line = line?;
-            eprintln!("{line}");
+            if !is_progress(&line) {
+                eprintln!("{line}");
+            }
             if let Some(n) = line.strip_prefix("stat::number_of_executed_units:") {
                 executions = n.trim().parse::<u64>().ok();
             }
@@ -105,6 +107,16 @@ pub fn fuzz(root: &Path, flags: &FuzzFlags) -> Result<()> {
     Ok(())
 }
 
+/// libFuzzer's progress lines (`#123 NEW cov: …`) and its recommended dictionary (`"\001" # Uses: 9`):
+/// thousands of lines a minute that would push everything else out of a CI log's tail. What it
+/// prints about a crash is neither.
+fn is_progress(line: &str) -> bool {
+    let counter = line
+        .strip_prefix('#')
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+    counter || (line.starts_with('"') && line.contains("# Uses:"))
+}
+
 /// `cargo +nightly …` with the toolchain variables of the outer cargo removed.
 fn nightly_cargo() -> Command {
     let mut cmd = Command::new("cargo");
@@ -129,4 +141,21 @@ fn install_cargo_fuzz() -> Result<()> {
     }
     eprintln!("xtask: installing cargo-fuzz (crates.io, a minute or two)");
     run(nightly_cargo().args(["install", "cargo-fuzz", "--locked"]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_progress;
+
+    #[test]
+    fn progress_lines_are_dropped_and_crash_reports_kept() {
+        assert!(is_progress(
+            "#12010543\tREDUCE cov: 704 ft: 2153 corp: 681/60Kb lim: 4096 exec/s: 230971"
+        ));
+        assert!(is_progress(r#""\001\000\000\000" # Uses: 14730"#));
+        assert!(!is_progress("==1234== ERROR: libFuzzer: deadly signal"));
+        assert!(!is_progress("###### Recommended dictionary. ######"));
+        assert!(!is_progress("stat::number_of_executed_units: 12617073"));
+        assert!(!is_progress("Done 12617073 runs in 61 second(s)"));
+    }
 }

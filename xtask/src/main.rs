@@ -13,6 +13,7 @@ mod bench;
 mod dist;
 mod fuzz;
 mod setup;
+mod testrun;
 #[cfg(test)]
 mod tidy;
 
@@ -85,10 +86,13 @@ fn main() -> Result<()> {
             build_ebpf(&root)?;
             // Release: the suite moves gigabytes through the relay; debug builds would crawl.
             run(cargo().args(["build", "--release", "--package", "sluice", "--bins"]))?;
-            let tests = run(cargo()
-                .args(["test", "--release", "--workspace", "--no-fail-fast"])
-                .args(&args)
-                .env("SLUICE_BIN_DIR", root.join("target/release")));
+            let failures = testrun::run(
+                cargo()
+                    .args(["test", "--release", "--workspace", "--no-fail-fast"])
+                    .args(&args)
+                    .env("SLUICE_BIN_DIR", root.join("target/release")),
+                &root,
+            )?;
             // CI (which sets `CI`) also fuzzes every target for a minute, after the tests
             // either way, so one failure does not hide the other.
             let fuzzing = if std::env::var_os("CI").is_some() {
@@ -104,7 +108,19 @@ fn main() -> Result<()> {
             } else {
                 Ok(())
             };
-            tests.and(fuzzing)
+            // The failed tests are named last, after the fuzzers' report, where a log's tail
+            // shows them.
+            match failures {
+                Some(f) => {
+                    if let Err(e) = fuzzing {
+                        eprintln!("xtask: {e:#}");
+                    }
+                    // Printed, not returned: an error's backtrace would push it out of the tail.
+                    eprintln!("xtask: {}", f.summary());
+                    std::process::exit(1)
+                }
+                None => fuzzing,
+            }
         }
         Cmd::Bench(flags) => bench::bench(flags),
         Cmd::Fuzz(flags) => {
