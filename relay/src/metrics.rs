@@ -88,7 +88,13 @@ pub enum Counter {
     RefusedClientRate,
     /// Sent to the listener's decoy: the first bytes were not what the port expects.
     Decoyed,
+    /// Bytes the sockmap engine forwarded through user space instead of the kernel: what was
+    /// queued on a socket before it entered the sockmap, and what flow control held back.
+    FastPathUserBytes,
 }
+
+// Every counter has its slot in a row (the last variant is the highest).
+const _: () = assert!((Counter::FastPathUserBytes as usize) < COUNTERS);
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::Active, "active"),
@@ -124,6 +130,7 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     ),
     (Counter::RefusedClientRate, "refused_client_rate"),
     (Counter::Decoyed, "decoyed"),
+    (Counter::FastPathUserBytes, "fast_path_user_bytes"),
 ];
 
 /// The shared counter table.

@@ -1363,6 +1363,7 @@ impl<'a> Worker<'a> {
             if partly_read {
                 let n = move_queued(c.client.as_fd(), up.as_fd(), buf)?;
                 row.add(Counter::BytesClientToUpstream, n);
+                row.add(Counter::FastPathUserBytes, n);
             }
             // Exact now: nothing but this thread has written to either socket yet.
             let written = [sent_total(up.as_fd())?, sent_total(c.client.as_fd())?];
@@ -1524,6 +1525,7 @@ impl<'a> Worker<'a> {
                 Err(e) => return Err((errno(e), true)),
             };
             f.taken[d] += n as u64;
+            self.ctx.row.add(Counter::FastPathUserBytes, n as u64);
             let sent = match sys::send(
                 dst,
                 &self.kick_buf[..n],

@@ -5,8 +5,8 @@
 //! Here:
 //! - bytes a client sent while the upstream connect was still pending (queued on the socket
 //!   before it entered the sockmap) all arrive;
-//! - the relay's own CPU for a gigabyte on the fast path is a small fraction of `copy`'s
-//!   (a ratio measured in one run, never a time);
+//! - a gigabyte on the fast path, without flow control, passes through user space not at all
+//!   (`fast_path_user_bytes` stays 0: counted, never timed);
 //! - 10 000 connections churned leave no entry in the worker's maps;
 //! - without CAP_BPF the daemon says so once and splices.
 //! - with maps pinned by `sluicectl load`, the daemon relays through them, and a killed
@@ -18,7 +18,7 @@ use std::thread;
 use sluice::ebpf::{FastPath, Occupancy};
 use sluice_tests::servers::{BlackHole, EchoServer, Mode, StreamServer, StreamSpec};
 use sluice_tests::sluice::Config;
-use sluice_tests::{HUNG, Host, Sluice, client, exclusive, require_program, wait_until};
+use sluice_tests::{HUNG, Host, Sluice, client, require_program, wait_until};
 
 use super::{assert_engine, engine_ok, seed};
 
@@ -84,42 +84,62 @@ fn worker_cpu_ticks(relay: &Sluice) -> u64 {
         .sum()
 }
 
-/// CPU the relay's workers spend moving `len` bytes one way with `engine`.
-fn relay_cpu_for(engine: &str, len: u64) -> u64 {
+#[test]
+fn a_gib_on_the_fast_path_never_passes_through_user_space() {
+    if !engine_ok("sockmap") {
+        return;
+    }
+    // Without flow control (`sockmap_queue_limit_mib = 0`) the verdict redirects every skb, so
+    // the worker forwards nothing itself: the property that makes the fast path cheap, counted
+    // in bytes rather than timed. (With a limit, how much is held depends on how far the
+    // reader lags, which is scheduling: faults.rs and `flow_control_*` test that part.)
     let host = Host::new();
     let server = StreamServer::start(host.addr());
-    let relay = Sluice::forward(host.addr(), server.addr())
-        .engine(engine)
+    let config = Config {
+        sockmap_queue_limit_mib: Some(0),
+        ..Config::new()
+    }
+    .listen("bulk", host.addr(), &[&server.addr().to_string()]);
+    let relay = Sluice::run_config(&config)
+        .engine("sockmap")
         .workers(1)
         .start();
-    assert_engine(&relay, engine);
-    let before = worker_cpu_ticks(&relay);
-    let spec = StreamSpec::new(seed(), len, 0, Mode::ReplyAfterEof);
+    assert_engine(&relay, "sockmap");
+    let ticks_before = worker_cpu_ticks(&relay);
+    const LEN: u64 = 1 << 30;
+    let spec = StreamSpec::new(seed(), LEN, 0, Mode::ReplyAfterEof);
     let client = client::run_stream(relay.addr(), spec);
     let server = server.result(spec.seed, HUNG);
     assert!(
         client.is_ok() && server.is_ok(),
-        "{engine}: client {client:?}, server {server:?}"
-    );
-    worker_cpu_ticks(&relay) - before
-}
-
-#[test]
-fn fast_path_costs_the_relay_little_cpu() {
-    if !engine_ok("sockmap") {
-        return;
-    }
-    // Alone on the machine, so other tests' load does not land in either measurement.
-    let _x = exclusive();
-    let copy = relay_cpu_for("copy", 1 << 30);
-    let sockmap = relay_cpu_for("sockmap", 1 << 30);
-    assert!(
-        copy >= 10,
-        "copy used only {copy} ticks for 1 GiB: the measurement is not meaningful"
+        "client {client:?}, server {server:?}"
     );
     assert!(
-        sockmap * 20 < copy,
-        "sockmap worker CPU {sockmap} ticks is not under 5 % of copy's {copy} for 1 GiB"
+        relay.wait_counter("closed", 1, HUNG) >= 1,
+        "the connection never closed: {}",
+        relay.status()
+    );
+    assert_eq!(
+        relay.counter("fast_path_pairs"),
+        Some(1),
+        "{}",
+        relay.status()
+    );
+    assert_eq!(
+        relay.counter("fast_path_user_bytes"),
+        Some(0),
+        "the worker forwarded bytes itself: {}",
+        relay.status()
+    );
+    assert!(
+        relay.counter("bytes_client_to_upstream").unwrap_or(0) >= LEN,
+        "the kernel's bytes were not counted: {}",
+        relay.status()
+    );
+    // For the log only (never a pass/fail timing): the worker's CPU for the whole GiB.
+    eprintln!(
+        "sockmap worker CPU for 1 GiB: {} ticks",
+        worker_cpu_ticks(&relay) - ticks_before
     );
 }
 
