@@ -89,7 +89,8 @@ pub enum Counter {
     /// Sent to the listener's decoy: the first bytes were not what the port expects.
     Decoyed,
     /// Bytes the sockmap engine forwarded through user space instead of the kernel: what was
-    /// queued on a socket before it entered the sockmap, and what flow control held back.
+    /// queued on a socket before it entered the sockmap (read on the kick, or moved first
+    /// behind a PROXY header or ClientHello), and what flow control held back.
     FastPathUserBytes,
 }
 

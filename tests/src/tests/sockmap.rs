@@ -5,8 +5,8 @@
 //! Here:
 //! - bytes a client sent while the upstream connect was still pending (queued on the socket
 //!   before it entered the sockmap) all arrive;
-//! - a gigabyte on the fast path, without flow control, passes through user space not at all
-//!   (`fast_path_user_bytes` stays 0: counted, never timed);
+//! - a gigabyte on the fast path, without flow control, passes through user space only what
+//!   was queued before insertion (`fast_path_user_bytes`: counted, never timed);
 //! - 10 000 connections churned leave no entry in the worker's maps;
 //! - without CAP_BPF the daemon says so once and splices.
 //! - with maps pinned by `sluicectl load`, the daemon relays through them, and a killed
@@ -85,14 +85,16 @@ fn worker_cpu_ticks(relay: &Sluice) -> u64 {
 }
 
 #[test]
-fn a_gib_on_the_fast_path_never_passes_through_user_space() {
+fn a_gib_on_the_fast_path_passes_through_user_space_only_what_came_before_insertion() {
     if !engine_ok("sockmap") {
         return;
     }
-    // Without flow control (`sockmap_queue_limit_mib = 0`) the verdict redirects every skb, so
-    // the worker forwards nothing itself: the property that makes the fast path cheap, counted
-    // in bytes rather than timed. (With a limit, how much is held depends on how far the
-    // reader lags, which is scheduling: faults.rs and `flow_control_*` test that part.)
+    // Without flow control (`sockmap_queue_limit_mib = 0`) the verdict redirects every skb that
+    // arrives after insertion, so the worker forwards itself only what the client got queued
+    // on its socket before (at most one receive buffer: the kernel's `tcp_rmem` maximum): the
+    // property that makes the fast path cheap, counted in bytes rather than timed. How much
+    // that is depends on scheduling (0 on a quiet machine, 251 KiB seen with a busy core); how
+    // much flow control holds depends on how far the reader lags: `faults::slow_reader_*`.
     let host = Host::new();
     let server = StreamServer::start(host.addr());
     let config = Config {
@@ -125,12 +127,19 @@ fn a_gib_on_the_fast_path_never_passes_through_user_space() {
         "{}",
         relay.status()
     );
-    assert_eq!(
-        relay.counter("fast_path_user_bytes"),
-        Some(0),
-        "the worker forwarded bytes itself: {}",
+    let rmem_max: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+        .expect("tcp_rmem")
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .expect("tcp_rmem's maximum");
+    let user = relay.counter("fast_path_user_bytes").unwrap_or(u64::MAX);
+    assert!(
+        user <= rmem_max,
+        "the worker forwarded {user} bytes itself, more than one receive buffer ({rmem_max}): {}",
         relay.status()
     );
+    eprintln!("bytes the sockmap worker forwarded itself: {user} of {LEN}");
     assert!(
         relay.counter("bytes_client_to_upstream").unwrap_or(0) >= LEN,
         "the kernel's bytes were not counted: {}",
