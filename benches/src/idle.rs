@@ -50,6 +50,21 @@ struct Conn {
     started: Instant,
 }
 
+/// Why connections failed, for the log (the report counts only how many did).
+#[derive(Default)]
+struct Failures {
+    /// The connect could not even start (e.g. no source port): the last error.
+    not_started: usize,
+    last_start_error: Option<io::Error>,
+    /// Refused, reset or closed before the echoed byte came back.
+    closed_before_echo: usize,
+    /// Neither connected nor echoed within the connection timeout.
+    timed_out_connecting: usize,
+    timed_out_echo: usize,
+    /// Held, then closed by the relay.
+    closed_after_held: usize,
+}
+
 pub fn run(p: &Params) -> io::Result<()> {
     let nofile = crate::net::raise_nofile()?;
     if p.count as u64 + 64 > nofile {
@@ -66,6 +81,10 @@ pub fn run(p: &Params) -> io::Result<()> {
     let deadline = start + p.setup_max;
     let mut buf = [0u8; 64];
     let mut last_progress = Instant::now();
+    let mut why = Failures::default();
+    // Connections not yet proven relayed, in the order they started (so in deadline order: one
+    // timeout for all): timeouts are found at the front, without walking every connection.
+    let mut unproven: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
     while held + failed < p.count && Instant::now() < deadline {
         // Nothing became held for a while although connections failed: the relay is full.
         if failed > 0 && last_progress.elapsed() > p.patience {
@@ -91,11 +110,14 @@ pub fn run(p: &Params) -> io::Result<()> {
                         state: State::Connecting,
                         started: Instant::now(),
                     }));
+                    unproven.push_back(i);
                     in_flight += 1;
                 }
-                Err(_) => {
+                Err(e) => {
                     conns.push(None);
                     failed += 1;
+                    why.not_started += 1;
+                    why.last_start_error = Some(e);
                 }
             }
         }
@@ -119,8 +141,10 @@ pub fn run(p: &Params) -> io::Result<()> {
                     if conn.state == State::Held {
                         // The relay closed a connection it had accepted.
                         held -= 1;
+                        why.closed_after_held += 1;
                     } else {
                         in_flight -= 1;
+                        why.closed_before_echo += 1;
                     }
                     failed += 1;
                     conns[i] = None;
@@ -129,15 +153,48 @@ pub fn run(p: &Params) -> io::Result<()> {
             }
         }
         let now = Instant::now();
-        for c in conns.iter_mut() {
-            if c.as_ref().is_some_and(|c| {
-                c.state != State::Held && now.duration_since(c.started) > p.conn_timeout
-            }) {
-                *c = None;
-                failed += 1;
-                in_flight -= 1;
+        while let Some(&i) = unproven.front() {
+            let c = &mut conns[i];
+            match c.as_ref() {
+                // Proven, or failed and counted already.
+                None => {}
+                Some(conn) if conn.state == State::Held => {}
+                Some(conn) if now.duration_since(conn.started) > p.conn_timeout => {
+                    if conn.state == State::Connecting {
+                        why.timed_out_connecting += 1;
+                    } else {
+                        why.timed_out_echo += 1;
+                    }
+                    *c = None;
+                    failed += 1;
+                    in_flight -= 1;
+                }
+                // The oldest unproven one has time left, so every later one has too.
+                Some(_) => break,
             }
+            unproven.pop_front();
         }
+    }
+    if held < p.count {
+        eprintln!(
+            "idle: {held} of {} held; failed: {} could not start (last: {:?}), {} closed before \
+             the echo, {} still connecting and {} connected but not echoed after {} ms, {} closed \
+             after being held, {} in flight and {} never tried when setup time ran out",
+            p.count,
+            why.not_started,
+            why.last_start_error,
+            why.closed_before_echo,
+            why.timed_out_connecting,
+            why.timed_out_echo,
+            p.conn_timeout.as_millis(),
+            why.closed_after_held,
+            conns
+                .iter()
+                .flatten()
+                .filter(|c| c.state != State::Held)
+                .count(),
+            p.count - conns.len(),
+        );
     }
     wire::result(&LoadResult::Idle {
         attempted: p.count,
