@@ -188,11 +188,7 @@ pub fn run(p: &Params) -> io::Result<()> {
             why.timed_out_echo,
             p.conn_timeout.as_millis(),
             why.closed_after_held,
-            conns
-                .iter()
-                .flatten()
-                .filter(|c| c.state != State::Held)
-                .count(),
+            in_flight,
             p.count - conns.len(),
         );
     }

@@ -25,6 +25,15 @@ impl Failures {
     /// A short account for the end of the log: names first, then at most `PER_TEST` lines of each
     /// panic.
     pub fn summary(&self) -> String {
+        if self.names.is_empty() {
+            // cargo failed before or outside libtest's report: a build error, or a test binary
+            // that crashed or was killed. What it printed is above, on stderr.
+            return format!(
+                "cargo test failed ({}) without naming a failed test: a build error or a test \
+                 binary that crashed; see cargo's error above",
+                self.status
+            );
+        }
         let mut s = format!(
             "cargo test failed ({}); {} failed test(s):\n",
             self.status,
@@ -270,6 +279,16 @@ test result: ok. 1 passed; 0 failed
             "{summary}"
         );
         assert!(summary.contains("boom"), "{summary}");
+        let unnamed = Failures {
+            status: f.status,
+            names: Vec::new(),
+            excerpts: Vec::new(),
+        };
+        assert!(
+            unnamed.summary().contains("without naming a failed test"),
+            "{}",
+            unnamed.summary()
+        );
         let saved = std::fs::read_to_string(root.join("target/xtask-test-failures.txt")).unwrap();
         assert!(saved.contains("---- t::x stdout ----"));
         std::fs::remove_dir_all(&root).unwrap();
