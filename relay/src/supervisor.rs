@@ -178,6 +178,8 @@ fn bind(addr: SocketAddr) -> Result<OwnedFd, StartError> {
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
+    sys::no_core_dumps()
+        .map_err(|e| std::io::Error::other(format!("cannot turn core dumps off: {e}")))?;
     // The user to become is looked up first, so a missing one stops the start before binding.
     let run_as = match &config.user {
         Some(name) => Some((
@@ -195,7 +197,24 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         false
     } else {
         match engine::uring::probe() {
-            Ok(()) => true,
+            Ok(features) => {
+                let degraded = features.degraded();
+                if !degraded.is_empty() {
+                    tracing::info!(
+                        "io_uring runs without {} (this kernel lacks them, or {} says so)",
+                        degraded.join(" and "),
+                        engine::features::ENV_DISABLE
+                    );
+                }
+                true
+            }
+            // The kernel lacks what the io_uring engines are built on: nothing the operator
+            // can change but the kernel, so every engine choice falls back, as sockmap
+            // falls back to splice.
+            Err(e @ engine::features::Unusable::Lacks(_)) => {
+                tracing::warn!("{e}; using the epoll engine");
+                false
+            }
             Err(e) => {
                 if config.engine != EngineChoice::Auto {
                     return Err(StartError::UringRefused(e));
@@ -1080,24 +1099,38 @@ fn drop_privileges(
     if let Some(path) = control.filter(|p| p.exists()) {
         // Our own runtime directory (/run/sluice) too, so the group can reach the socket.
         if let Some(dir) = path.parent().filter(|d| d.ends_with("sluice")) {
-            std::os::unix::fs::chown(dir, Some(0), Some(ids.gid))?;
-            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o750))?;
+            give_to_group(dir, name, ids.gid, 0o750)?;
         }
-        std::os::unix::fs::chown(path, Some(0), Some(ids.gid))?;
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
+        give_to_group(path, name, ids.gid, 0o660)?;
     }
     let keep = capabilities_needed(kind);
-    sys::become_user(ids, keep).map_err(|e| {
-        std::io::Error::other(format!(
-            "cannot become user `{name}`: {e} (start sluice as root)"
-        ))
-    })?;
+    sys::become_user(ids, keep)
+        .map_err(|e| std::io::Error::other(format!("dropping privileges to user `{name}`: {e}")))?;
     tracing::info!(
         user = name,
         capabilities = keep.len(),
         "running unprivileged"
     );
     Ok(())
+}
+
+/// Makes `path` root's and `gid`'s with `mode`. Changing a file's group needs CAP_CHOWN unless
+/// the process already runs with that group: the systemd unit starts the daemon with
+/// `Group=sluice` (its bounding set has no CAP_CHOWN), so systemd's /run/sluice and the socket
+/// the daemon creates there already belong to the group and nothing needs changing.
+fn give_to_group(path: &std::path::Path, user: &str, gid: u32, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(path)?;
+    if (meta.uid(), meta.gid()) != (0, gid) {
+        std::os::unix::fs::chown(path, Some(0), Some(gid)).map_err(|e| {
+            std::io::Error::other(format!(
+                "cannot give {} to the group of `{user}`: {e} (needs CAP_CHOWN, or start \
+                 with that group, as the systemd unit's Group={user} does)",
+                path.display()
+            ))
+        })?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 /// Makes an XDP program's tries hold exactly the daemon's deny list (pinned ones may hold an

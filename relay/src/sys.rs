@@ -581,13 +581,133 @@ struct CapData {
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
+/// Capability names as `capabilities(7)` spells them, by bit number (0..=40), for messages.
+const CAP_NAMES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// The name of capability `cap` (`CAP_BPF`), or `capability N` for one newer than this list.
+pub fn cap_name(cap: u32) -> String {
+    CAP_NAMES
+        .get(cap as usize)
+        .map_or_else(|| format!("capability {cap}"), |n| (*n).to_owned())
+}
+
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
+const CAP_SETPCAP: u32 = 8;
+
+/// The capability sets of this thread, read from /proc/thread-self/status (bit masks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CapSets {
+    pub effective: u64,
+    pub permitted: u64,
+    pub inheritable: u64,
+    pub bounding: u64,
+    pub ambient: u64,
+}
+
+impl CapSets {
+    pub fn of_this_thread() -> io::Result<CapSets> {
+        let status = std::fs::read_to_string("/proc/thread-self/status")?;
+        let field = |name: &str| -> io::Result<u64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .ok_or_else(|| io::Error::other(format!("no {name} in /proc/thread-self/status")))
+        };
+        Ok(CapSets {
+            effective: field("CapEff:")?,
+            permitted: field("CapPrm:")?,
+            inheritable: field("CapInh:")?,
+            bounding: field("CapBnd:")?,
+            ambient: field("CapAmb:")?,
+        })
+    }
+}
+
+/// Why [`become_user`] failed: the step, and what is missing for it.
+#[derive(Debug, thiserror::Error)]
+pub enum DropError {
+    #[error("cannot read this thread's capabilities: {0}")]
+    Read(io::Error),
+    #[error(
+        "cannot keep {cap}: not in the bounding set (a systemd unit's CapabilityBoundingSet, or \
+         the container's capabilities, must include it for this engine)"
+    )]
+    NotBounded { cap: String },
+    #[error("cannot become the user: {cap} is not in the bounding set")]
+    NoSetid { cap: String },
+    #[error("cannot drop {cap} from the bounding set: {source}")]
+    BoundingSet { cap: String, source: io::Error },
+    #[error("cannot {step}: {source}")]
+    Step {
+        step: &'static str,
+        source: io::Error,
+    },
+    #[error(
+        "capabilities after the drop are not what was asked: permitted {got:#x}, expected {want:#x}"
+    )]
+    Mismatch { got: u64, want: u64 },
+}
+
 /// Becomes `user` for good, keeping only the capabilities in `keep` (bit numbers, e.g.
 /// `CAP_BPF` = 39): effective, permitted, inheritable and ambient, so processes this thread
-/// starts (workers) have exactly them too. Every other capability leaves the bounding set.
+/// starts (workers) have exactly them too.
+///
+/// Every other capability also leaves the bounding set when this thread may do that
+/// (CAP_SETPCAP). Inside a systemd unit whose `CapabilityBoundingSet` leaves CAP_SETPCAP out,
+/// what the unit allows stays in the bounding set: harmless once the process is not root and
+/// holds none of it (a bounding set only caps what an execve can gain, and the relay executes
+/// only itself, with no file capabilities and no setuid bit). Permitted, effective, inheritable
+/// and ambient are checked afterwards, in /proc, so a drop that did less than asked is an error.
 ///
 /// Call it from the thread that will start processes: capability sets are per thread (the uid
-/// change itself reaches every thread, glibc makes sure of that).
-pub fn become_user(user: UserIds, keep: &[u32]) -> io::Result<()> {
+/// change itself reaches every thread, glibc makes sure of that, and the other threads lose
+/// every capability with it).
+pub fn become_user(user: UserIds, keep: &[u32]) -> Result<(), DropError> {
+    let step = |step: &'static str| move |source: io::Error| DropError::Step { step, source };
     let check = |r: libc::c_int| {
         if r < 0 {
             Err(io::Error::last_os_error())
@@ -595,32 +715,44 @@ pub fn become_user(user: UserIds, keep: &[u32]) -> io::Result<()> {
             Ok(())
         }
     };
-    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40);
-    // SAFETY: prctl with integer arguments only.
-    unsafe {
-        for cap in 0..=last {
-            if !keep.contains(&cap) {
-                check(libc::prctl(
-                    libc::PR_CAPBSET_DROP,
-                    cap as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ))?;
+    let before = CapSets::of_this_thread().map_err(DropError::Read)?;
+    let has = |set: u64, cap: u32| set & (1u64 << cap) != 0;
+    for &cap in keep {
+        if !has(before.bounding, cap) {
+            return Err(DropError::NotBounded { cap: cap_name(cap) });
+        }
+    }
+    for cap in [CAP_SETUID, CAP_SETGID] {
+        if !has(before.effective, cap) {
+            return Err(DropError::NoSetid { cap: cap_name(cap) });
+        }
+    }
+    if has(before.effective, CAP_SETPCAP) {
+        for cap in 0..64u32 {
+            if has(before.bounding, cap) && !keep.contains(&cap) {
+                // SAFETY: prctl with integer arguments only.
+                check(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) })
+                    .map_err(|source| DropError::BoundingSet {
+                        cap: cap_name(cap),
+                        source,
+                    })?;
             }
         }
-        check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0))?;
     }
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) }).map_err(step(
+        "keep capabilities across the uid change (PR_SET_KEEPCAPS)",
+    ))?;
     let groups = [user.gid];
-    // SAFETY: one gid from a valid array; glibc applies these to every thread.
-    unsafe {
-        check(libc::setgroups(1, groups.as_ptr()))?;
-        check(libc::setresgid(user.gid, user.gid, user.gid))?;
-        check(libc::setresuid(user.uid, user.uid, user.uid))?;
-    }
+    // SAFETY: one gid from a valid array; glibc applies it to every thread.
+    check(unsafe { libc::setgroups(1, groups.as_ptr()) })
+        .map_err(step("set the supplementary groups"))?;
+    // SAFETY: integer arguments; glibc applies these to every thread.
+    check(unsafe { libc::setresgid(user.gid, user.gid, user.gid) })
+        .map_err(step("change the group id"))?;
+    // SAFETY: as above.
+    check(unsafe { libc::setresuid(user.uid, user.uid, user.uid) })
+        .map_err(step("change the user id"))?;
     let mut mask = 0u64;
     for &cap in keep {
         mask |= 1 << cap;
@@ -642,18 +774,53 @@ pub fn become_user(user: UserIds, keep: &[u32]) -> io::Result<()> {
         },
     ];
     // SAFETY: capset reads one header and two data structs (version 3), both valid here.
-    unsafe {
-        check(libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) as libc::c_int)?;
-        check(libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0))?;
-        for &cap in keep {
-            check(libc::prctl(
+    check(unsafe { libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) as libc::c_int })
+        .map_err(step("set the capabilities to keep (capset)"))?;
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) })
+        .map_err(step("clear PR_SET_KEEPCAPS"))?;
+    for &cap in keep {
+        // SAFETY: prctl with integer arguments only.
+        check(unsafe {
+            libc::prctl(
                 libc::PR_CAP_AMBIENT,
                 libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
                 cap as libc::c_ulong,
                 0,
                 0,
-            ))?;
-        }
+            )
+        })
+        .map_err(step("raise the kept capabilities into the ambient set"))?;
+    }
+    let after = CapSets::of_this_thread().map_err(DropError::Read)?;
+    if after.permitted != mask
+        || after.effective != mask
+        || after.inheritable != mask
+        || after.ambient != mask
+    {
+        return Err(DropError::Mismatch {
+            got: after.permitted | after.effective | after.inheritable | after.ambient,
+            want: mask,
+        });
+    }
+    Ok(())
+}
+
+/// No core dumps from this process or what it executes: RLIMIT_CORE 0 (inherited across
+/// execve) and not dumpable (PR_SET_DUMPABLE 0, reset by execve, so each process calls this).
+/// A dump would hold client addresses, connection state and the TLS private key.
+pub fn no_core_dumps() -> io::Result<()> {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads one valid rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -64,6 +64,9 @@ impl Identity {
 /// Entry point of a worker process (`sluice __worker`).
 pub fn main() -> Result<(), StartError> {
     sys::die_with_parent()?;
+    // Dumpable comes back with every execve: each worker turns it off again.
+    sys::no_core_dumps()
+        .map_err(|e| std::io::Error::other(format!("cannot turn core dumps off: {e}")))?;
     let id = std::env::var(ENV_WORKER)
         .ok()
         .and_then(|s| Identity::decode(&s))

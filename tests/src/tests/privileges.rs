@@ -4,6 +4,11 @@
 //! path), and its
 //! control socket is 0660 to the `sluice` group. Checked in /proc/PID/status of every process.
 //! A user that does not exist stops the start with a message saying how to create it.
+//!
+//! The same drop also runs inside the shipped systemd unit's limits: `setpriv` gives the daemon
+//! the unit's `CapabilityBoundingSet` and `NoNewPrivileges`, read from
+//! `dist/systemd/sluice.service` itself, so the unit and the code cannot drift apart (the drop
+//! once needed CAP_SETPCAP, which the unit leaves out, and every start failed).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
@@ -67,16 +72,59 @@ fn identity(pid: u32) -> (u32, u32, u64) {
     (uids[0].parse().unwrap(), uids[1].parse().unwrap(), cap_eff)
 }
 
+/// `setpriv` arguments that give a process what `dist/systemd/sluice.service` gives it: its
+/// `CapabilityBoundingSet` (root's permitted set is then that, as under systemd) and
+/// `NoNewPrivileges`.
+fn unit_limits() -> Vec<String> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/systemd/sluice.service");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let key = |k: &str| {
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix(k)?.strip_prefix('='))
+            .next_back()
+            .unwrap_or_else(|| panic!("no {k}= in {}", path.display()))
+            .trim()
+            .to_owned()
+    };
+    let mut bounding = String::from("-all");
+    for cap in key("CapabilityBoundingSet").split_whitespace() {
+        let name = cap.strip_prefix("CAP_").expect("CAP_ names").to_lowercase();
+        bounding.push_str(&format!(",+{name}"));
+    }
+    let mut args = vec!["setpriv".to_owned(), format!("--bounding-set={bounding}")];
+    // systemd starts the daemon as root with the unit's Group= (no supplementary groups).
+    if let Some(group) = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Group="))
+        .next_back()
+    {
+        args.push(format!("--regid={}", group.trim()));
+        args.push("--clear-groups".to_owned());
+    }
+    if key("NoNewPrivileges") == "yes" {
+        args.push("--no-new-privs".to_owned());
+    }
+    args.push("--".to_owned());
+    args
+}
+
 fn drops_to_user(engine: &str, caps: u64) {
+    drops_to_user_under(engine, caps, &[]);
+}
+
+fn drops_to_user_under(engine: &str, caps: u64, wrapper: &[String]) {
     if !engine_ok(engine) || !require_root() {
         return;
     }
     let (uid, gid) = sluice_user();
     let host = Host::new();
     let server = StreamServer::start(host.addr());
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let relay = Sluice::forward(Host::new().addr(), server.addr())
         .engine(engine)
         .workers(2)
+        .wrap(&wrapper)
         .arg("--user")
         .arg(USER)
         .start();
@@ -140,6 +188,109 @@ fn sockmap_keeps_only_bpf_perfmon_and_net_admin() {
         "sockmap",
         (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN),
     );
+}
+
+#[test]
+fn splice_drops_to_sluice_inside_the_units_bounding_set() {
+    if !sluice_tests::require_program("setpriv") {
+        return;
+    }
+    drops_to_user_under("splice", 0, &unit_limits());
+}
+
+#[test]
+fn sockmap_drops_to_sluice_inside_the_units_bounding_set() {
+    if !sluice_tests::require_program("setpriv") {
+        return;
+    }
+    drops_to_user_under(
+        "sockmap",
+        (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN),
+        &unit_limits(),
+    );
+}
+
+/// Without CAP_SETUID in the bounding set the drop cannot happen: the start stops with the step
+/// and the missing capability named, not a bare `Operation not permitted`.
+#[test]
+fn a_drop_without_setuid_names_the_missing_capability() {
+    if !require_root() || !sluice_tests::require_program("setpriv") {
+        return;
+    }
+    sluice_user();
+    let out = Sluice::forward(Host::new().addr(), Host::new().addr())
+        .engine("splice")
+        .wrap(&["setpriv", "--bounding-set=-setuid", "--no-new-privs", "--"])
+        .arg("--user")
+        .arg(USER)
+        .run_to_exit(Duration::from_secs(30));
+    assert!(
+        !out.status.success()
+            && out.stderr.contains("dropping privileges to user `sluice`")
+            && out.stderr.contains("CAP_SETUID is not in the bounding set"),
+        "start without CAP_SETUID: {}",
+        out.text()
+    );
+}
+
+/// A relay that drops to `sluice` keeps the capability its engine needs only if the bounding set
+/// has it; without CAP_NET_ADMIN the sockmap engine's drop says which one is missing.
+#[test]
+fn a_drop_that_cannot_keep_a_needed_capability_names_it() {
+    if !engine_ok("sockmap") || !require_root() || !sluice_tests::require_program("setpriv") {
+        return;
+    }
+    sluice_user();
+    let out = Sluice::forward(Host::new().addr(), Host::new().addr())
+        .engine("sockmap")
+        .wrap(&["setpriv", "--bounding-set=-net_admin", "--"])
+        .arg("--user")
+        .arg(USER)
+        .run_to_exit(Duration::from_secs(30));
+    assert!(
+        !out.status.success() && out.stderr.contains("CAP_NET_ADMIN"),
+        "sockmap start without CAP_NET_ADMIN: {}",
+        out.text()
+    );
+}
+
+/// No process of the relay can leave a core dump (it would hold client addresses and the TLS
+/// key): RLIMIT_CORE is 0 in the supervisor and every worker, which are not dumpable either
+/// (their /proc entries then belong to root).
+#[test]
+fn no_process_of_the_relay_dumps_core() {
+    if !require_root() {
+        return;
+    }
+    let (uid, _) = sluice_user();
+    let server = StreamServer::start(Host::new().addr());
+    let relay = Sluice::forward(Host::new().addr(), server.addr())
+        .workers(2)
+        .arg("--user")
+        .arg(USER)
+        .start();
+    let mut pids = vec![relay.pid()];
+    pids.extend(relay.worker_pids());
+    for pid in pids {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let core = limits
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .unwrap();
+        let fields: Vec<&str> = core.split_whitespace().collect();
+        assert_eq!(
+            &fields[4..6],
+            &["0", "0"],
+            "process {pid}: soft and hard core limits: {core}"
+        );
+        // A non-dumpable process's private /proc files are root's, whatever its uid (the
+        // directory itself keeps the euid, for ps).
+        let owner = std::fs::metadata(format!("/proc/{pid}/environ"))
+            .unwrap()
+            .uid();
+        let (ruid, _, _) = identity(pid);
+        assert_eq!((ruid, owner), (uid, 0), "process {pid} is not dumpable");
+    }
 }
 
 #[test]
