@@ -124,7 +124,28 @@ pub fn render(checks: &[Check]) -> String {
 
 fn io_uring() -> Check {
     match engine::uring::probe() {
-        Ok(()) => check("io_uring", Level::Ok, "io_uring_setup works", ""),
+        Ok(f) if f.degraded().is_empty() => check(
+            "io_uring",
+            Level::Ok,
+            "every operation the engines use, buffer rings, multishot accept and receive, \
+             SINGLE_ISSUER and COOP_TASKRUN",
+            "",
+        ),
+        Ok(f) => check(
+            "io_uring",
+            Level::Ok,
+            format!(
+                "every operation the engines use; without {} (slightly more CPU per operation)",
+                f.degraded().join(" and ")
+            ),
+            "",
+        ),
+        Err(e @ engine::features::Unusable::Lacks(_)) => check(
+            "io_uring",
+            Level::Warn,
+            format!("{e}: the relay runs on the slower epoll engine"),
+            "a kernel of 6.0 or later has everything (Debian 12's 6.1; Ubuntu 22.04's HWE kernel)",
+        ),
         Err(e) => check(
             "io_uring",
             Level::Warn,

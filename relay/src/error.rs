@@ -36,7 +36,7 @@ pub enum StartError {
         source: io::Error,
     },
     #[error("io_uring is refused by this host ({0}); use --engine epoll or auto")]
-    UringRefused(io::Error),
+    UringRefused(crate::engine::features::Unusable),
     #[error("{0}")]
     Io(#[from] io::Error),
 }

@@ -334,6 +334,7 @@ pub struct SluiceCmd {
     workers: Option<usize>,
     env: Vec<(String, String)>,
     block_io_uring: bool,
+    refuse_buffer_rings: bool,
     /// A program (and its arguments) that execs the daemon: see [`SluiceCmd::wrap`].
     wrapper: Vec<String>,
     dir: TempDir,
@@ -347,6 +348,7 @@ impl SluiceCmd {
             workers: None,
             env: Vec::new(),
             block_io_uring: false,
+            refuse_buffer_rings: false,
             wrapper: Vec::new(),
             dir,
         }
@@ -420,6 +422,13 @@ impl SluiceCmd {
         self
     }
 
+    /// Runs the daemon under a seccomp filter that refuses provided-buffer rings with EINVAL,
+    /// as a kernel older than 5.19 does.
+    pub fn refuse_buffer_rings(mut self) -> SluiceCmd {
+        self.refuse_buffer_rings = true;
+        self
+    }
+
     fn command(&self) -> Command {
         let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
@@ -439,6 +448,9 @@ impl SluiceCmd {
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if self.refuse_buffer_rings {
+            sys::refuse_buffer_rings(&mut cmd);
         }
         if self.block_io_uring {
             sys::block_io_uring(&mut cmd);

@@ -196,9 +196,37 @@ static IO_URING_BLOCK: [libc::sock_filter; 8] = [
     insn(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
 ];
 
+/// IORING_REGISTER_PBUF_RING: io_uring_register's opcode for a provided-buffer ring (5.19).
+const IORING_REGISTER_PBUF_RING: u32 = 22;
+
+/// A kernel before 5.19 in miniature: io_uring_register(fd, IORING_REGISTER_PBUF_RING, ..)
+/// fails with EINVAL, as it does there; everything else runs. `args[1]` (the opcode) is at
+/// offset 24 of `seccomp_data` (low word first on these little-endian machines).
+static PBUF_RING_REFUSE: [libc::sock_filter; 8] = [
+    insn(BPF_LD_W_ABS, 0, 0, 4),
+    insn(BPF_JEQ_K, 0, 5, AUDIT_ARCH), // another arch: allow (index 7)
+    insn(BPF_LD_W_ABS, 0, 0, 0),
+    insn(BPF_JEQ_K, 0, 3, NR_IO_URING_REGISTER),
+    insn(BPF_LD_W_ABS, 0, 0, 24),
+    insn(BPF_JEQ_K, 0, 1, IORING_REGISTER_PBUF_RING),
+    insn(BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | libc::EINVAL as u32),
+    insn(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+];
+
 /// Makes `cmd`'s process (and everything it forks) get EPERM from io_uring_setup: sets
 /// PR_SET_NO_NEW_PRIVS and installs [`IO_URING_BLOCK`] between fork and exec.
 pub fn block_io_uring(cmd: &mut Command) {
+    install_filter(cmd, &IO_URING_BLOCK);
+}
+
+/// Makes `cmd`'s process (and everything it forks) get EINVAL when it registers a provided
+/// buffer ring, as on a kernel older than 5.19 ([`PBUF_RING_REFUSE`]).
+pub fn refuse_buffer_rings(cmd: &mut Command) {
+    install_filter(cmd, &PBUF_RING_REFUSE);
+}
+
+/// Sets PR_SET_NO_NEW_PRIVS and installs the seccomp `filter` between fork and exec.
+fn install_filter(cmd: &mut Command, filter: &'static [libc::sock_filter]) {
     // SAFETY: the closure only calls prctl (async-signal-safe) with a pointer to a static
     // filter; it allocates nothing and touches no lock.
     unsafe {
@@ -207,8 +235,8 @@ pub fn block_io_uring(cmd: &mut Command) {
                 return Err(io::Error::last_os_error());
             }
             let prog = libc::sock_fprog {
-                len: IO_URING_BLOCK.len() as u16,
-                filter: IO_URING_BLOCK.as_ptr().cast_mut(),
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
             };
             if libc::prctl(
                 libc::PR_SET_SECCOMP,

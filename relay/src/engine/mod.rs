@@ -11,6 +11,7 @@
 
 pub mod copy;
 pub mod epoll;
+pub mod features;
 pub mod splice;
 pub mod uring;
 

@@ -410,10 +410,10 @@ fn connect_timespec(ms: u32) -> types::Timespec {
         .nsec((ms % 1000) * 1_000_000)
 }
 
-/// Tries to make a ring; the error is what `auto` falls back on (EPERM under seccomp, ENOSYS
-/// on old kernels).
-pub fn probe() -> io::Result<()> {
-    IoUring::new(2).map(drop)
+/// Asks the kernel whether the io_uring engines can run here ([`super::features::detect`]);
+/// the error is what the supervisor falls back to epoll on.
+pub fn probe() -> Result<super::features::Features, super::features::Unusable> {
+    super::features::detect()
 }
 
 impl<'a> Worker<'a> {
@@ -425,11 +425,9 @@ impl<'a> Worker<'a> {
         upstreams: Upstreams,
         shared_fast: Option<[OwnedFd; 3]>,
     ) -> io::Result<Worker<'a>> {
-        let ring = IoUring::builder()
-            .setup_cqsize(RING_ENTRIES * 4)
-            .setup_single_issuer()
-            .setup_coop_taskrun()
-            .build(RING_ENTRIES)?;
+        // The supervisor's probe found the kernel has what this engine needs; the setup flags
+        // that are only optimisations are left out where the kernel lacks them.
+        let (ring, _) = super::features::build_ring(RING_ENTRIES, RING_ENTRIES * 4)?;
         let mut max = IOWQ_MAX_WORKERS;
         let _ = ring.submitter().register_iowq_max_workers(&mut max);
         let bufs = BufRing::register(&ring)?;
