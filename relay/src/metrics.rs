@@ -95,10 +95,14 @@ pub enum Counter {
     /// Refused at accept: the peer of an `accept_proxy` listener is not in its
     /// `trusted_proxies`, so its PROXY header would not be believed.
     RefusedUntrustedProxy,
+    /// Supervisor row: addresses a DNS answer gave for an upstream or decoy name that are not
+    /// dialled (loopback, private, link-local, ...: [`crate::upstream::refused_kind`]), one per
+    /// address per lookup.
+    UpstreamAddressesRefused,
 }
 
 // Every counter has its slot in a row (the last variant is the highest).
-const _: () = assert!((Counter::RefusedUntrustedProxy as usize) < COUNTERS);
+const _: () = assert!((Counter::UpstreamAddressesRefused as usize) < COUNTERS);
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::Active, "active"),

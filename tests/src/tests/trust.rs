@@ -1,20 +1,24 @@
-//! Trust boundaries: whom the relay believes.
+//! Trust boundaries: whom the relay believes, and where it lets itself be sent.
 //!
 //! - PROXY headers: an `accept_proxy` listener takes a header only from its `trusted_proxies`.
 //!   A trusted source's header is believed (its address goes upstream with `send_proxy`); any
 //!   other source is reset at accept, before a byte is read (a silent connection is refused
 //!   long before `header_ms`), counted in `refused_untrusted_proxy`, and never reaches the
 //!   upstream. A range with host bits set is refused by `check-config`, naming the key.
+//! - Upstream addresses: a name whose DNS answer is a loopback (or private, link-local, ...)
+//!   address is not dialled (`localhost` through the system resolver: counted in
+//!   `upstream_addresses_refused`, said in the log with the name and the address), while the
+//!   same address written as a literal is relayed to as before.
 //!
 //! Clients come from test addresses of their own (127.x.y.z), so "trusted" and "untrusted" are
 //! two loopback sources.
 
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 
 use sluice_tests::client::{proxy_v1, read_all, send_and_read_to_end, try_connect};
-use sluice_tests::servers::{CaptureServer, Ended};
-use sluice_tests::{HUNG, Host, Sluice, init, mentions_number};
+use sluice_tests::servers::{CaptureServer, EchoServer, Ended};
+use sluice_tests::{HUNG, Host, Sluice, init, mentions_number, wait_until};
 
 use super::engine_ok;
 
@@ -170,5 +174,68 @@ fn check_config_refuses_host_bits_and_prints_the_default_trust() {
             "100.64.0.0/10",
             "fc00::/7"
         ]
+    );
+}
+
+/// An upstream named `localhost` (a DNS answer of 127.0.0.1) is not dialled: connections are
+/// refused as having no upstream, the refused address is counted and logged with its name.
+/// The same address written as a literal is relayed to.
+#[test]
+fn a_dns_answer_may_not_point_the_relay_at_loopback() {
+    init();
+    // A server on 127.0.0.1, where `localhost` points.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port on 127.0.0.1")
+        .port();
+    let echo = EchoServer::start(SocketAddr::from(([127, 0, 0, 1], port)));
+    let host = Host::new();
+    let (by_name, literal) = (host.addr(), host.addr());
+    let text = format!(
+        "workers = 1\n\
+         [[listen]]\nname = \"by-name\"\nbind = \"{by_name}\"\nupstream = [\"localhost:{port}\"]\n\
+         [[listen]]\nname = \"literal\"\nbind = \"{literal}\"\nupstream = [\"{}\"]\n",
+        echo.addr()
+    );
+    let relay = Sluice::run_config_text(&text, vec![by_name, literal]).start();
+
+    let (_, got, _) = send_and_read_to_end(literal, None, b"ping");
+    assert_eq!(got, b"ping", "a literal loopback upstream is relayed to");
+
+    let (got, ended) = exchange(by_name, IpAddr::V4(Host::new().ip), b"ping");
+    assert!(
+        got.is_empty() && ended.is_some(),
+        "`localhost` was dialled: got {got:?}, ended {ended:?}"
+    );
+    assert!(relay.wait_counter("refused_no_upstream", 1, HUNG) >= 1);
+    assert!(
+        relay.counter("upstream_addresses_refused").unwrap_or(0) >= 1,
+        "status: {}",
+        relay.status()
+    );
+    let refusals = || -> Vec<String> {
+        relay
+            .stderr_log()
+            .lines()
+            .filter(|l| l.contains("upstream address refused"))
+            .map(String::from)
+            .collect()
+    };
+    assert!(
+        wait_until(HUNG, || !refusals().is_empty()),
+        "no log line of the refused address:\n{}",
+        relay.stderr_log()
+    );
+    let lines = refusals();
+    assert_eq!(lines.len(), 1, "said once: {lines:?}");
+    assert!(
+        lines[0].contains(&format!("localhost:{port} ->"))
+            && lines[0].contains("127.0.0.1 (loopback)"),
+        "the line names the upstream and its address: {lines:?}"
+    );
+    assert_eq!(
+        echo.accepted(),
+        1,
+        "only the literal's connection reached 127.0.0.1"
     );
 }
