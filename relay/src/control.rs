@@ -134,6 +134,10 @@ impl Status {
             (Counter::UpstreamsDown, "upstreams_down"),
             (Counter::Reloads, "reloads"),
             (Counter::ReloadsFailed, "reloads_failed"),
+            (
+                Counter::UpstreamAddressesRefused,
+                "upstream_addresses_refused",
+            ),
         ] {
             self.totals
                 .insert(name.to_string(), shared.supervisor_get(c));

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
+use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::config::{Config, HostPort};
@@ -89,6 +90,7 @@ pub fn run(opts: &Options) -> Vec<Check> {
         .filter_map(|l| Some(l.get("bind")?.as_str()?.to_string()))
         .collect();
     out.extend(ports(&opts.config, &held_by_sluice));
+    out.extend(proxy_trust(&opts.config));
     out.extend(upstreams(&opts.config, opts.timeout));
     out.push(clock());
     out.extend(sysctls());
@@ -360,6 +362,84 @@ fn ports(config: &Config, held_by_sluice: &BTreeSet<String>) -> Vec<Check> {
         .collect()
 }
 
+/// Whether `net` lies wholly in loopback, a private, CGNAT, unique local or link-local range:
+/// where a load balancer may be, and no one on the internet is.
+fn is_internal(net: &IpNet) -> bool {
+    const INTERNAL: &[&str] = &[
+        "127.0.0.0/8",
+        "::1/128",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "169.254.0.0/16",
+        "fc00::/7",
+        "fe80::/10",
+    ];
+    INTERNAL
+        .iter()
+        .filter_map(|r| r.parse::<IpNet>().ok())
+        .any(|r| r.contains(net))
+}
+
+/// One check per `accept_proxy` listener: a PROXY header lets its sender name any client
+/// address (and with it, get past per-client limits and the allow/deny lists), so a listener
+/// reachable from the internet must believe headers only from its balancers' private ranges.
+fn proxy_trust(config: &Config) -> Vec<Check> {
+    config
+        .listeners
+        .iter()
+        .filter(|l| l.accept_proxy)
+        .map(|l| {
+            let name = format!("proxy trust {}", l.name);
+            let trusted = l.trusted_proxies();
+            let list = trusted
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let public: Vec<String> = trusted
+                .iter()
+                .filter(|n| !is_internal(n))
+                .map(|n| n.to_string())
+                .collect();
+            let bind_ip = l.bind.ip().to_canonical();
+            let bound_publicly = bind_ip.is_unspecified() || !is_internal(&IpNet::from(bind_ip));
+            match (bound_publicly, public.is_empty()) {
+                (true, false) => check(
+                    name,
+                    Level::Warn,
+                    format!(
+                        "{} is reachable from outside and believes PROXY headers from {}, \
+                         public range{}: a host there can claim to be any client",
+                        l.bind,
+                        public.join(", "),
+                        if public.len() == 1 { "" } else { "s" }
+                    ),
+                    "narrow `trusted_proxies` to the load balancers' own addresses, or bind \
+                     the listener to a private address only the balancers reach",
+                ),
+                (true, true) => check(
+                    name,
+                    Level::Ok,
+                    format!(
+                        "{} is reachable from outside; PROXY headers are believed only from \
+                         {list}, every other source is refused",
+                        l.bind
+                    ),
+                    "",
+                ),
+                (false, _) => check(
+                    name,
+                    Level::Ok,
+                    format!("{} is internal; PROXY headers from {list}", l.bind),
+                    "",
+                ),
+            }
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Upstreams
 
@@ -435,7 +515,29 @@ fn check_upstream(u: &HostPort, fixed: Option<std::net::IpAddr>, timeout: Durati
         (vec![SocketAddr::new(ip, u.port)], "set by [resolve]")
     } else {
         match (u.host.as_str(), u.port).to_socket_addrs() {
-            Ok(a) => (a.collect(), "resolved"),
+            Ok(a) => {
+                // What the daemon would refuse to dial ([`crate::upstream::refused_kind`]).
+                let (refused, dialled): (Vec<SocketAddr>, Vec<SocketAddr>) =
+                    a.partition(|a| crate::upstream::refused_kind(a.ip()).is_some());
+                if dialled.is_empty() && !refused.is_empty() {
+                    let found = crate::upstream::Lookup {
+                        addrs: Vec::new(),
+                        refused,
+                    };
+                    return check(
+                        name,
+                        Level::Fail,
+                        format!(
+                            "`{}` resolves only to addresses the relay does not dial: {}",
+                            u.host,
+                            found.describe_refused()
+                        ),
+                        "if that address is meant, write it in the config or point the name \
+                         at it with [resolve] / --resolve HOST=IP",
+                    );
+                }
+                (dialled, "resolved")
+            }
             Err(e) => {
                 return check(
                     name,
@@ -626,6 +728,37 @@ mod tests {
         assert_eq!(ports(&c, &mine)[0].level, Level::Ok);
         assert!(!passed(&p));
         assert!(render(&p).contains("fail  port"));
+    }
+
+    #[test]
+    fn a_public_proxy_listener_trusting_a_public_range_warns() {
+        let listener = |bind: &str, trusted: &str| {
+            let text = format!(
+                "[[listen]]\nname = \"lb\"\nbind = \"{bind}\"\nupstream = [\"127.0.0.1:9\"]\n\
+                 accept_proxy = true\n{trusted}"
+            );
+            proxy_trust(&Config::from_toml(&text, "t").unwrap())
+        };
+        let default = listener("0.0.0.0:8080", "");
+        assert_eq!(default[0].level, Level::Ok, "{default:?}");
+        assert!(default[0].detail.contains("10.0.0.0/8"), "{default:?}");
+        let public = listener(
+            "0.0.0.0:8080",
+            "trusted_proxies = [\"10.0.0.0/8\", \"0.0.0.0/0\"]",
+        );
+        assert_eq!(public[0].level, Level::Warn, "{public:?}");
+        assert!(public[0].detail.contains("0.0.0.0/0"), "{public:?}");
+        assert!(!public[0].detail.contains("10.0.0.0/8,"), "{public:?}");
+        let v6 = listener("[::]:8080", "trusted_proxies = [\"2001:db8::/32\"]");
+        assert_eq!(v6[0].level, Level::Warn, "{v6:?}");
+        let internal = listener("10.1.2.3:8080", "trusted_proxies = [\"198.51.100.0/24\"]");
+        assert_eq!(internal[0].level, Level::Ok, "{internal:?}");
+        let plain = Config::from_toml(
+            "[[listen]]\nname = \"a\"\nbind = \"0.0.0.0:1\"\nupstream = [\"127.0.0.1:9\"]\n",
+            "t",
+        )
+        .unwrap();
+        assert!(proxy_trust(&plain).is_empty(), "no accept_proxy, no check");
     }
 
     #[test]

@@ -185,6 +185,12 @@ pub fn stats_json(src: &Source) -> serde_json::Value {
                 "reloads_failed".to_string(),
                 src.shared.supervisor_get(Counter::ReloadsFailed).into(),
             ),
+            (
+                "upstream_addresses_refused".to_string(),
+                src.shared
+                    .supervisor_get(Counter::UpstreamAddressesRefused)
+                    .into(),
+            ),
         ])
         .collect();
     let m = src.stats.fresh();
@@ -301,6 +307,12 @@ fn encode_all(src: &Source, mut e: DescriptorEncoder) -> Result<(), std::fmt::Er
             Counter::ReloadsFailed,
             "sluice_reloads_failed",
             "Configuration reloads refused; the running configuration was kept",
+        ),
+        (
+            Counter::UpstreamAddressesRefused,
+            "sluice_upstream_addresses_refused",
+            "Loopback, private, link-local, unspecified or multicast addresses in DNS answers for \
+             upstream or decoy names, not dialled",
         ),
     ] {
         let ctr = ConstCounter::new(src.shared.supervisor_get(c));

@@ -92,10 +92,17 @@ pub enum Counter {
     /// queued on a socket before it entered the sockmap (read on the kick, or moved first
     /// behind a PROXY header or ClientHello), and what flow control held back.
     FastPathUserBytes,
+    /// Refused at accept: the peer of an `accept_proxy` listener is not in its
+    /// `trusted_proxies`, so its PROXY header would not be believed.
+    RefusedUntrustedProxy,
+    /// Supervisor row: addresses a DNS answer gave for an upstream or decoy name that are not
+    /// dialled (loopback, private, link-local, ...: [`crate::upstream::refused_kind`]), one per
+    /// address per lookup.
+    UpstreamAddressesRefused,
 }
 
 // Every counter has its slot in a row (the last variant is the highest).
-const _: () = assert!((Counter::FastPathUserBytes as usize) < COUNTERS);
+const _: () = assert!((Counter::UpstreamAddressesRefused as usize) < COUNTERS);
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::Active, "active"),
@@ -132,6 +139,7 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::RefusedClientRate, "refused_client_rate"),
     (Counter::Decoyed, "decoyed"),
     (Counter::FastPathUserBytes, "fast_path_user_bytes"),
+    (Counter::RefusedUntrustedProxy, "refused_untrusted_proxy"),
 ];
 
 /// The shared counter table.

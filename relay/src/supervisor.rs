@@ -11,7 +11,6 @@
 //! established ones go on and the listening sockets stay open (see [`Supervisor::reload`]). Workers die with the supervisor (PR_SET_PDEATHSIG
 //! and EOF on their control pipe).
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -25,7 +24,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Socket, Type};
 
 use crate::admission::{self, Rules};
-use crate::config::{Config, EngineChoice, HostPort, TlsSettings};
+use crate::config::{Config, EngineChoice, TlsSettings};
 use crate::control::{self, Status, WorkerStatus};
 use crate::ebpf::XdpDeny;
 use crate::engine::{self, EngineKind};
@@ -323,8 +322,11 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     let rules = initial_rules(&config);
     admission::publish_dests(&rules.dests);
 
-    let mut failing = HashMap::new();
-    let (resolved, resolved_ok) = upstream::resolve_all(&config, &mut failing);
+    let mut names = upstream::Names::default();
+    let (resolved, resolved_ok) = upstream::resolve_all(&config, &mut names);
+    shared
+        .supervisor()
+        .add(Counter::UpstreamAddressesRefused, names.take_refused());
     let (tx, rx) = mpsc::channel::<Event>();
     // What workers start with: every address counts as up until checked.
     let table = crate::health::Checker::new().filter(&config, &resolved);
@@ -403,7 +405,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         xdp,
         xdp_interfaces,
     };
-    sup.start_resolver(resolved, resolved_ok, failing)?;
+    sup.start_resolver(resolved, resolved_ok, names)?;
     if let Some(ring) = sup.shared_fast.as_mut().and_then(|f| f.take_held_ring()) {
         spawn_held_relay(ring, sup.tx.clone())?;
     }
@@ -626,18 +628,19 @@ impl Supervisor {
         &mut self,
         first: Table,
         ok: bool,
-        failing: HashMap<HostPort, bool>,
+        names: upstream::Names,
     ) -> std::io::Result<()> {
         self.resolver_stop.store(true, Ordering::Relaxed);
         self.resolver_stop = Arc::new(AtomicBool::new(false));
         self.resolver_epoch += 1;
         let epoch = self.resolver_epoch;
         let health_row = self.shared.clone();
+        let refused_row = self.shared.clone();
         upstream::spawn_resolver(
             self.config.clone(),
             first,
             ok,
-            failing,
+            names,
             self.tx.clone(),
             move |table| Event::Resolved(epoch, table),
             self.resolver_stop.clone(),
@@ -648,6 +651,11 @@ impl Supervisor {
                     u64::from(changes.went_down + changes.went_up),
                 );
                 row.set(Counter::UpstreamsDown, down as u64);
+            }),
+            Box::new(move |n| {
+                refused_row
+                    .supervisor()
+                    .add(Counter::UpstreamAddressesRefused, n);
             }),
         )
     }
@@ -701,7 +709,11 @@ impl Supervisor {
     fn try_reload(&mut self) -> ReloadAnswer {
         let Some(from) = self.reload_from.clone() else {
             // Started from a preset or the command line: what can be refreshed is.
-            let (table, _) = upstream::resolve_all(&self.config, &mut HashMap::new());
+            let mut names = upstream::Names::default();
+            let (table, _) = upstream::resolve_all(&self.config, &mut names);
+            self.shared
+                .supervisor()
+                .add(Counter::UpstreamAddressesRefused, names.take_refused());
             self.table = table;
             for i in 0..self.nworkers {
                 self.send_table(i);
@@ -748,10 +760,13 @@ impl Supervisor {
                 }
             }
         }
-        let mut failing = HashMap::new();
-        let (resolved, ok) = upstream::resolve_all(&self.config, &mut failing);
+        let mut names = upstream::Names::default();
+        let (resolved, ok) = upstream::resolve_all(&self.config, &mut names);
+        self.shared
+            .supervisor()
+            .add(Counter::UpstreamAddressesRefused, names.take_refused());
         self.table = crate::health::Checker::new().filter(&self.config, &resolved);
-        self.start_resolver(resolved, ok, failing)
+        self.start_resolver(resolved, ok, names)
             .map_err(|e| format!("cannot start the resolver thread: {e}"))?;
         self.watch_cert_files()
             .map_err(|e| format!("cannot start the certificate watch: {e}"))?;
@@ -857,7 +872,21 @@ impl Supervisor {
                 Decoy::Off => None,
                 Decoy::Builtin => self.builtin_decoy,
                 Decoy::Site(hp) => match upstream::resolve_one(&self.config, hp) {
-                    Ok(addrs) => addrs.first().copied(),
+                    Ok(found) => {
+                        if !found.refused.is_empty() {
+                            self.shared.supervisor().add(
+                                Counter::UpstreamAddressesRefused,
+                                found.refused.len() as u64,
+                            );
+                            tracing::warn!(
+                                listener = %l.name,
+                                "decoy address refused: {hp} -> {}; {}",
+                                found.describe_refused(),
+                                upstream::REFUSED_WHY
+                            );
+                        }
+                        found.addrs.first().copied()
+                    }
                     Err(e) => {
                         tracing::warn!(listener = %l.name, "decoy {hp} does not resolve ({e}); probes are closed instead");
                         None

@@ -5,9 +5,14 @@
 //! change down every worker's control pipe as one line ([`ControlMsg`]). A name that cannot be
 //! resolved is said once in the log; connections to a listener with no address are refused and
 //! counted (`refused_no_upstream`) until it resolves. Workers never block on DNS.
+//!
+//! A DNS answer is not trusted to name any address: loopback, private, link-local, unspecified
+//! and multicast addresses in it are left out, counted (`upstream_addresses_refused`) and said
+//! once per change in the log ([`refused_kind`]). Only the operator's own words may name such
+//! an address: an IP literal in the config, or `[resolve]` / `--resolve HOST=IP`.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
@@ -191,34 +196,135 @@ impl ControlMsg {
 /// of its upstream entries, the addresses in order.
 pub type Table = Vec<Vec<Vec<SocketAddr>>>;
 
+/// Why an address a DNS answer gave is not dialled, or None when it may be: loopback,
+/// private (RFC 1918), shared (CGNAT, 100.64.0.0/10), link-local (169.254.0.0/16 holds cloud
+/// metadata services, fe80::/10), unique local (fc00::/7), unspecified (0.0.0.0/8, which Linux
+/// connects to this host, and ::), multicast and broadcast. A spoofed or poisoned answer for
+/// an upstream name must not turn the relay into a way into the host or its network. An
+/// IPv4-mapped IPv6 address is judged as the IPv4 address it carries.
+pub fn refused_kind(ip: IpAddr) -> Option<&'static str> {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => {
+            let [first, second, ..] = a.octets();
+            if first == 0 {
+                Some("unspecified")
+            } else if a.is_loopback() {
+                Some("loopback")
+            } else if a.is_private() {
+                Some("private")
+            } else if first == 100 && second & 0xc0 == 64 {
+                Some("shared (CGNAT)")
+            } else if a.is_link_local() {
+                Some("link-local")
+            } else if a.is_multicast() {
+                Some("multicast")
+            } else if a.is_broadcast() {
+                Some("broadcast")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(a) => {
+            if a.is_unspecified() {
+                Some("unspecified")
+            } else if a.is_loopback() {
+                Some("loopback")
+            } else if a.is_unique_local() {
+                Some("unique local")
+            } else if a.is_unicast_link_local() {
+                Some("link-local")
+            } else if a.is_multicast() {
+                Some("multicast")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// What one name resolved to: the addresses to dial, and those a DNS answer gave that are not
+/// dialled ([`refused_kind`]). An IP literal and a `[resolve]` / `--resolve` address are the
+/// operator's own words and always dialled.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lookup {
+    pub addrs: Vec<SocketAddr>,
+    pub refused: Vec<SocketAddr>,
+}
+
+impl Lookup {
+    /// The refused addresses for a log line: `ADDRESS (kind)`, comma-separated.
+    pub fn describe_refused(&self) -> String {
+        self.refused
+            .iter()
+            .map(|a| format!("{} ({})", a.ip(), refused_kind(a.ip()).unwrap_or("refused")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// What a log line says after the refused addresses of a name.
+pub const REFUSED_WHY: &str = "not dialled: a DNS answer may not point the relay at a loopback, \
+     private, link-local, unspecified or multicast address (write such an address in the config, \
+     [resolve] or --resolve HOST=IP if it is meant)";
+
 /// Resolves one `HOST:PORT` as upstreams are resolved (IP literals and `[resolve]` first).
-pub fn resolve_one(config: &Config, hp: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
+pub fn resolve_one(config: &Config, hp: &HostPort) -> std::io::Result<Lookup> {
     resolve(config, hp)
 }
 
-/// Resolves one name; IP literals need no lookup.
-fn resolve(config: &Config, hp: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
+/// Resolves one name; IP literals need no lookup. Err when DNS gives no address at all; an
+/// answer whose every address is refused is an Ok with no address to dial.
+fn resolve(config: &Config, hp: &HostPort) -> std::io::Result<Lookup> {
+    let fixed = |sa| Lookup {
+        addrs: vec![sa],
+        refused: Vec::new(),
+    };
     if let Some(sa) = hp.literal() {
-        return Ok(vec![sa]);
+        return Ok(fixed(sa));
     }
     if let Some(&ip) = config.resolve.get(&hp.host) {
-        return Ok(vec![SocketAddr::new(ip, hp.port)]);
+        return Ok(fixed(SocketAddr::new(ip, hp.port)));
     }
-    let addrs: Vec<SocketAddr> = (hp.host.as_str(), hp.port).to_socket_addrs()?.collect();
-    if addrs.is_empty() {
+    let (mut refused, addrs): (Vec<SocketAddr>, Vec<SocketAddr>) = (hp.host.as_str(), hp.port)
+        .to_socket_addrs()?
+        .partition(|a| refused_kind(a.ip()).is_some());
+    // Sorted, so the same answer in another order is not a change to log.
+    refused.sort();
+    if addrs.is_empty() && refused.is_empty() {
         return Err(std::io::Error::other("no address"));
     }
-    Ok(addrs)
+    Ok(Lookup { addrs, refused })
 }
 
-/// Resolves every listener's upstreams once. Returns the table and whether every name resolved.
-/// `failing` remembers which names failed last time so each change of state is logged once.
-pub fn resolve_all(config: &Config, failing: &mut HashMap<HostPort, bool>) -> (Table, bool) {
+/// What the resolver remembers of each name from one round to the next, so each change of
+/// state is logged once, and the refused addresses not yet counted.
+#[derive(Debug, Default)]
+pub struct Names {
+    /// Names whose last lookup failed.
+    failing: HashMap<HostPort, bool>,
+    /// Each name's refused addresses at its last lookup.
+    refused: HashMap<HostPort, Vec<SocketAddr>>,
+    /// Refused addresses of lookups since [`Names::take_refused`] (one per address per lookup).
+    uncounted: u64,
+}
+
+impl Names {
+    /// Refused addresses since the last call, for `upstream_addresses_refused`.
+    pub fn take_refused(&mut self) -> u64 {
+        std::mem::take(&mut self.uncounted)
+    }
+}
+
+/// Resolves every listener's upstreams once. Returns the table and whether every name has an
+/// address to dial. `names` remembers what each name gave last time, so each change of state is
+/// logged once, and counts the refused addresses.
+pub fn resolve_all(config: &Config, names: &mut Names) -> (Table, bool) {
     let mut all_ok = true;
     let mut cache: HashMap<&HostPort, Vec<SocketAddr>> = HashMap::new();
     let mut newly_failing: Vec<String> = Vec::new();
     let mut last_error = String::new();
     let mut recovered: Vec<String> = Vec::new();
+    let mut newly_refused: Vec<String> = Vec::new();
     let table = config
         .listeners
         .iter()
@@ -226,15 +332,21 @@ pub fn resolve_all(config: &Config, failing: &mut HashMap<HostPort, bool>) -> (T
             let mut out = Vec::new();
             for hp in l.upstream.iter().chain(&l.fallback) {
                 let addrs = cache.entry(hp).or_insert_with(|| {
-                    let was_failing = failing.get(hp).copied().unwrap_or(false);
+                    let was_failing = names.failing.get(hp).copied().unwrap_or(false);
                     let result = resolve(config, hp);
-                    failing.insert(hp.clone(), result.is_err());
+                    names.failing.insert(hp.clone(), result.is_err());
                     match result {
-                        Ok(a) => {
+                        Ok(found) => {
                             if was_failing {
                                 recovered.push(hp.to_string());
                             }
-                            a
+                            names.uncounted += found.refused.len() as u64;
+                            let before = names.refused.insert(hp.clone(), found.refused.clone());
+                            if !found.refused.is_empty() && before.as_ref() != Some(&found.refused)
+                            {
+                                newly_refused.push(format!("{hp} -> {}", found.describe_refused()));
+                            }
+                            found.addrs
                         }
                         Err(e) => {
                             if !was_failing {
@@ -258,6 +370,12 @@ pub fn resolve_all(config: &Config, failing: &mut HashMap<HostPort, bool>) -> (T
             newly_failing.join(", ")
         );
     }
+    if !newly_refused.is_empty() {
+        tracing::warn!(
+            "upstream address refused: {}; {REFUSED_WHY}",
+            newly_refused.join("; ")
+        );
+    }
     if !recovered.is_empty() {
         tracing::info!("upstream names resolve again: {}", recovered.join(", "));
     }
@@ -267,17 +385,19 @@ pub fn resolve_all(config: &Config, failing: &mut HashMap<HostPort, bool>) -> (T
 /// Runs on its own thread until `stop` is set (a reload replaced its configuration) or the
 /// receiver is gone: resolves names when due, runs health checks when due ([`crate::health`]),
 /// and sends the table workers should use whenever it changes. `on_health` is told each round's
-/// state changes and how many addresses are down.
+/// state changes and how many addresses are down; `on_refused` how many addresses of DNS
+/// answers were refused in a round that refused some.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_resolver<E: Send + 'static>(
     config: Config,
     first: Table,
     first_ok: bool,
-    mut failing: HashMap<HostPort, bool>,
+    mut names: Names,
     tx: Sender<E>,
     wrap: impl Fn(Table) -> E + Send + 'static,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     on_health: Box<dyn Fn(Changes, usize) + Send>,
+    on_refused: Box<dyn Fn(u64) + Send>,
 ) -> std::io::Result<()> {
     let stopped = move || stop.load(std::sync::atomic::Ordering::Relaxed);
     std::thread::Builder::new()
@@ -296,7 +416,11 @@ pub fn spawn_resolver<E: Send + 'static>(
                 }
                 let now = Instant::now();
                 if now >= next_resolve {
-                    let (table, now_ok) = resolve_all(&config, &mut failing);
+                    let (table, now_ok) = resolve_all(&config, &mut names);
+                    let refused = names.take_refused();
+                    if refused > 0 {
+                        on_refused(refused);
+                    }
                     ok = now_ok;
                     if table != resolved {
                         checker.track(&config, &table, now);
@@ -596,14 +720,95 @@ mod tests {
     }
 
     #[test]
+    fn dns_answers_for_internal_addresses_are_classified_refused() {
+        let kind = |s: &str| refused_kind(s.parse().unwrap());
+        for (ip, want) in [
+            ("127.0.0.1", "loopback"),
+            ("127.255.0.9", "loopback"),
+            ("::1", "loopback"),
+            ("10.1.2.3", "private"),
+            ("172.16.0.1", "private"),
+            ("172.31.255.255", "private"),
+            ("192.168.1.1", "private"),
+            ("100.64.0.1", "shared (CGNAT)"),
+            ("100.127.255.255", "shared (CGNAT)"),
+            ("169.254.169.254", "link-local"),
+            ("fe80::1", "link-local"),
+            ("fc00::1", "unique local"),
+            ("fd12:3456::1", "unique local"),
+            ("0.0.0.0", "unspecified"),
+            ("0.1.2.3", "unspecified"),
+            ("::", "unspecified"),
+            ("224.0.0.1", "multicast"),
+            ("239.255.255.250", "multicast"),
+            ("ff02::1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+            ("::ffff:169.254.169.254", "link-local"),
+            ("::ffff:127.0.0.1", "loopback"),
+        ] {
+            assert_eq!(kind(ip), Some(want), "{ip}");
+        }
+        for ip in [
+            "157.240.1.53",
+            "8.8.8.8",
+            "100.63.255.255",
+            "100.128.0.0",
+            "172.32.0.1",
+            "172.15.255.255",
+            "192.169.0.1",
+            "169.255.0.1",
+            "2a03:2880:f10c::1",
+            "fec0::1",
+            "::ffff:157.240.1.53",
+        ] {
+            assert_eq!(kind(ip), None, "{ip} is dialled");
+        }
+    }
+
+    #[test]
+    fn only_the_operator_may_name_an_internal_upstream_address() {
+        let cfg = Config::from_toml(
+            "[[listen]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n\
+             upstream = [\"localhost:80\", \"127.0.0.5:9\", \"meta.example:80\"]\n\
+             [resolve]\n\"meta.example\" = \"169.254.169.254\"\n",
+            "t",
+        )
+        .unwrap();
+        // `localhost` through the system resolver: a DNS answer, so refused.
+        let found = resolve_one(&cfg, &cfg.listeners[0].upstream[0]).unwrap();
+        assert!(found.addrs.is_empty(), "{found:?}");
+        assert!(!found.refused.is_empty(), "{found:?}");
+        assert!(found.describe_refused().contains("(loopback)"), "{found:?}");
+        let mut names = Names::default();
+        let (table, ok) = resolve_all(&cfg, &mut names);
+        assert!(!ok, "a name with nothing to dial is not resolved");
+        assert_eq!(
+            table,
+            vec![vec![
+                vec![],
+                vec!["127.0.0.5:9".parse().unwrap()],
+                vec!["169.254.169.254:80".parse().unwrap()],
+            ]],
+            "a literal and a [resolve] address are the operator's words"
+        );
+        assert_eq!(names.take_refused(), found.refused.len() as u64);
+        assert_eq!(names.take_refused(), 0, "counted once");
+        resolve_all(&cfg, &mut names);
+        assert_eq!(
+            names.take_refused(),
+            found.refused.len() as u64,
+            "every lookup counts"
+        );
+    }
+
+    #[test]
     fn unresolvable_name_gives_an_empty_list_not_an_error() {
         let cfg = Config::from_toml(
             "[[listen]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nupstream = [\"does-not-exist.invalid:80\", \"127.0.0.5:9\"]\n",
             "t",
         )
         .unwrap();
-        let mut failing = HashMap::new();
-        let (table, ok) = resolve_all(&cfg, &mut failing);
+        let (table, ok) = resolve_all(&cfg, &mut Names::default());
         assert!(!ok);
         assert_eq!(
             table,

@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::str::FromStr;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub mod preset;
@@ -195,6 +196,13 @@ pub struct Listener {
     /// Expect a PROXY protocol header (v1 or v2) from the client before its bytes.
     #[serde(default)]
     pub accept_proxy: bool,
+    /// On an `accept_proxy` listener, the sources a PROXY header is required from and believed
+    /// from (CIDRs without host bits, or single addresses): a connection from anywhere else is
+    /// refused at accept, before a byte is read (`refused_untrusted_proxy`). Absent: loopback
+    /// and the private and CGNAT ranges a load balancer lives in ([`DEFAULT_TRUSTED_PROXIES`]),
+    /// filled in when the configuration is read, so `check-config` prints the effective list.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "cidr_list")]
+    pub trusted_proxies: Option<Vec<IpNet>>,
     /// How a connection picks its upstream: `static` (the `upstream` list in turn) or `sni` (the
     /// entry whose host is the TLS ClientHello's server name; other names are refused).
     #[serde(default)]
@@ -232,6 +240,70 @@ pub struct Listener {
     /// ([`crate::decoy`]).
     #[serde(default, skip_serializing_if = "Decoy::is_off")]
     pub decoy: Decoy,
+}
+
+/// What `trusted_proxies` is on an `accept_proxy` listener that does not say: loopback, the
+/// RFC 1918 ranges, CGNAT (100.64.0.0/10) and IPv6 unique local addresses, where a load
+/// balancer in front of the relay lives (HAProxy's `expect-proxy layer4 if { src -f trusted }`,
+/// nginx's `set_real_ip_from`). A balancer reaching the relay from a public address has to be
+/// named.
+pub const DEFAULT_TRUSTED_PROXIES: &[&str] = &[
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "fc00::/7",
+];
+
+/// [`DEFAULT_TRUSTED_PROXIES`], parsed.
+pub fn default_trusted_proxies() -> Vec<IpNet> {
+    DEFAULT_TRUSTED_PROXIES
+        .iter()
+        .map(|s| s.parse().expect("the default trusted proxies are CIDRs"))
+        .collect()
+}
+
+impl Listener {
+    /// The sources whose PROXY headers this listener believes (its `trusted_proxies`, or the
+    /// default when it has none); empty when it does not take PROXY headers.
+    pub fn trusted_proxies(&self) -> std::borrow::Cow<'_, [IpNet]> {
+        match (&self.trusted_proxies, self.accept_proxy) {
+            (_, false) => std::borrow::Cow::Borrowed(&[]),
+            (Some(list), true) => std::borrow::Cow::Borrowed(list),
+            (None, true) => std::borrow::Cow::Owned(default_trusted_proxies()),
+        }
+    }
+}
+
+/// `trusted_proxies`: a list of `ADDRESS/PREFIX` (or a bare address, one host) strings. Host
+/// bits are kept as written, so validation can refuse them by key and line.
+mod cidr_list {
+    use ipnet::IpNet;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::net::IpAddr;
+
+    pub fn parse(s: &str) -> Result<IpNet, String> {
+        if let Ok(net) = s.parse::<IpNet>() {
+            return Ok(net);
+        }
+        s.parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| format!("`{s}` is not a CIDR (ADDRESS/PREFIX)"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| parse(s).map_err(serde::de::Error::custom))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<IpNet>>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().flatten().map(|n| n.to_string()))
+    }
 }
 
 /// A listener's anti-probing decoy ([`crate::decoy`]).
@@ -544,7 +616,7 @@ impl Config {
 
     /// Parses and validates TOML text; `origin` names it in errors (a path or "preset whatsapp").
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
             origin: origin.to_string(),
             message: describe_toml_error(text, &e),
         })?;
@@ -557,7 +629,18 @@ impl Config {
                     None => format!("`{key}`: {message}"),
                 },
             })?;
+        config.fill_defaults();
         Ok(config)
+    }
+
+    /// Writes out what a key left to its default means where the default is not a constant:
+    /// each `accept_proxy` listener's `trusted_proxies`.
+    pub fn fill_defaults(&mut self) {
+        for l in &mut self.listeners {
+            if l.accept_proxy && l.trusted_proxies.is_none() {
+                l.trusted_proxies = Some(default_trusted_proxies());
+            }
+        }
     }
 
     /// One port relayed to one upstream with the default timeouts (`sluice forward`).
@@ -579,6 +662,7 @@ impl Config {
                 bind: listen,
                 upstream: vec![upstream],
                 accept_proxy: false,
+                trusted_proxies: None,
                 route: Route::Static,
                 send_proxy: SendProxy::None,
                 max_connections: 0,
@@ -713,6 +797,36 @@ impl Config {
                     return err(
                         &format!("listen[{i}].health"),
                         "`rise` and `fall` must be at least 1".into(),
+                    );
+                }
+            }
+            if let Some(list) = &l.trusted_proxies {
+                let key = format!("listen[{i}].trusted_proxies");
+                if !l.accept_proxy {
+                    return err(
+                        &key,
+                        "is where PROXY headers may come from: it needs `accept_proxy = true`"
+                            .into(),
+                    );
+                }
+                if list.is_empty() {
+                    return err(
+                        &key,
+                        "is empty, so every connection would be refused: name the load \
+                         balancers' addresses, or leave the key out for loopback and the \
+                         private ranges"
+                            .into(),
+                    );
+                }
+                if let Some(net) = list.iter().find(|n| n.trunc() != **n) {
+                    return err(
+                        &key,
+                        format!(
+                            "`{net}` has host bits set (the range is {}): write the network \
+                             address, or the single host as /{}",
+                            net.trunc(),
+                            net.max_prefix_len()
+                        ),
                     );
                 }
             }
@@ -964,6 +1078,64 @@ mod tests {
         check_err(
             &format!("[admission]\n\nxdp_interfaces = [\"\"]\n{ONE}"),
             "line 3: `admission.xdp_interfaces[0]`",
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_default_print_and_refuse_host_bits() {
+        let proxied = "[[listen]]\nname = \"lb\"\nbind = \"0.0.0.0:8080\"\nupstream = [\"h:1\"]\naccept_proxy = true\n";
+        let c = Config::from_toml(proxied, "t").unwrap();
+        assert_eq!(
+            c.listeners[0].trusted_proxies,
+            Some(default_trusted_proxies()),
+            "absent = the default, written out"
+        );
+        let printed = c.to_toml();
+        assert!(
+            printed.contains("trusted_proxies = [") && printed.contains("\"100.64.0.0/10\""),
+            "check-config prints the effective list: {printed}"
+        );
+        assert_eq!(Config::from_toml(&printed, "t").unwrap(), c);
+        let plain = Config::from_toml(ONE, "t").unwrap();
+        assert_eq!(plain.listeners[0].trusted_proxies, None);
+        assert!(plain.listeners[0].trusted_proxies().is_empty());
+        assert!(!plain.to_toml().contains("trusted_proxies"));
+
+        let given = Config::from_toml(
+            &format!("{proxied}trusted_proxies = [\"192.0.2.0/24\", \"2001:db8::7\"]\n"),
+            "t",
+        )
+        .unwrap();
+        let list: Vec<String> = given.listeners[0]
+            .trusted_proxies()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            list,
+            ["192.0.2.0/24", "2001:db8::7/128"],
+            "a bare address is one host"
+        );
+
+        check_err(
+            &format!("{proxied}trusted_proxies = [\"10.0.0.0/8\", \"10.1.2.3/8\"]\n"),
+            "line 6: `listen[0].trusted_proxies`: `10.1.2.3/8` has host bits set (the range is 10.0.0.0/8)",
+        );
+        check_err(
+            &format!("{proxied}trusted_proxies = [\"2001:db8::1/32\"]\n"),
+            "`listen[0].trusted_proxies`: `2001:db8::1/32` has host bits set",
+        );
+        check_err(
+            &format!("{proxied}trusted_proxies = []\n"),
+            "line 6: `listen[0].trusted_proxies`: is empty",
+        );
+        check_err(
+            &format!("{proxied}trusted_proxies = [\"lb.example\"]\n"),
+            "line 6: `[\"lb.example\"]`: `lb.example` is not a CIDR",
+        );
+        check_err(
+            &format!("{ONE}trusted_proxies = [\"10.0.0.0/8\"]\n"),
+            "line 5: `listen[0].trusted_proxies`: is where PROXY headers may come from: it needs `accept_proxy = true`",
         );
     }
 

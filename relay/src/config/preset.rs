@@ -2,8 +2,9 @@
 //!
 //! `whatsapp` is WhatsApp/proxy's HAProxy configuration (proxy/src/proxy_config.cfg): the same
 //! ports, TLS on 443 and 8443 with a generated certificate, PROXY headers accepted on the
-//! `*-proxied` ports and sent upstream as v1, maxconn 27500 (27495 per frontend), timeouts
-//! connect 5 s, client/server 200 s, client-fin/server-fin 1 s. Binds are IPv4, like theirs.
+//! `*-proxied` ports (from loopback and private ranges only: `trusted_proxies`) and sent upstream
+//! as v1, maxconn 27500 (27495 per frontend), timeouts connect 5 s, client/server 200 s,
+//! client-fin/server-fin 1 s. Binds are IPv4, like theirs.
 
 use super::{
     Config, Decoy, EngineChoice, HealthSettings, HostPort, Listener, Route, SendProxy, Timeouts,
@@ -121,6 +122,9 @@ fn whatsapp() -> Config {
                     bind: std::net::SocketAddr::from(([0, 0, 0, 0], port)),
                     upstream: vec![hp(upstream)],
                     accept_proxy,
+                    // The `*-proxied` ports bind 0.0.0.0 like WhatsApp's: only a balancer on
+                    // loopback or a private range may send their PROXY headers.
+                    trusted_proxies: accept_proxy.then(super::default_trusted_proxies),
                     route: Route::Static,
                     send_proxy,
                     max_connections: 27_495,
@@ -175,6 +179,7 @@ fn signal() -> Config {
                 .map(|h| hp(&format!("{h}:443")))
                 .collect(),
             accept_proxy: false,
+            trusted_proxies: None,
             route: Route::Sni,
             send_proxy: SendProxy::None,
             max_connections: 0,
@@ -213,6 +218,10 @@ mod tests {
             .map(|l| l.bind.port())
             .collect();
         assert_eq!(accept, [8080, 8443, 8222]);
+        for l in &c.listeners {
+            let want = l.accept_proxy.then(crate::config::default_trusted_proxies);
+            assert_eq!(l.trusted_proxies, want, "trusted_proxies of {}", l.name);
+        }
         for l in &c.listeners {
             let media = matches!(l.bind.port(), 587 | 7777);
             assert_eq!(

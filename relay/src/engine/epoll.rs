@@ -405,7 +405,9 @@ impl<'a> Worker<'a> {
                     HeaderStep::More => {}
                     HeaderStep::Done(h) => {
                         inbound.acc = Vec::new();
-                        let admitted = self.ctx.admit_proxied(conn.listener, &h);
+                        let admitted =
+                            self.ctx
+                                .admit_proxied(conn.listener, &h, conn.client.as_fd());
                         inbound.header = Some(h);
                         if let Ok(client_slot) = admitted {
                             conn.client_slot = client_slot;

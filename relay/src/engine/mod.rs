@@ -197,6 +197,8 @@ pub enum Refusal {
     ClientConnections,
     /// The client opened `new_connections_per_second_per_client` already this second.
     ClientRate,
+    /// The peer of an `accept_proxy` listener is not in its `trusted_proxies`.
+    UntrustedProxy,
 }
 
 impl<'a> WorkerCtx<'a> {
@@ -231,11 +233,12 @@ impl<'a> WorkerCtx<'a> {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Admission of a client just accepted on `listener`: the client lists and per-client
-    /// limits (its peer address is looked up only while a list is non-empty or a limit is set,
-    /// and not kept), global and per-listener caps (summed over every worker's row), and an
-    /// upstream address that may be connected to. The client's per-client slot, if a limit
-    /// counted it, goes back with [`WorkerCtx::release`].
+    /// Admission of a client just accepted on `listener`: on an `accept_proxy` listener, a
+    /// peer in its `trusted_proxies` (before a byte is read); the client lists and per-client
+    /// limits (the peer address is looked up only while a list is non-empty, a limit is set or
+    /// the listener takes PROXY headers, and not kept), global and per-listener caps (summed
+    /// over every worker's row), and an upstream address that may be connected to. The
+    /// client's per-client slot, if a limit counted it, goes back with [`WorkerCtx::release`].
     pub fn admit(
         &self,
         listener: usize,
@@ -247,16 +250,18 @@ impl<'a> WorkerCtx<'a> {
         let limited = !l.accept_proxy
             && (l.max_connections_per_client > 0 || l.new_connections_per_second_per_client > 0);
         let mut peer_ip = None;
-        if self.rules.checks_clients() || limited {
+        if self.rules.checks_clients() || limited || l.accept_proxy {
             // A socket without a peer address (already reset) is refused too.
-            let peer = SockRef::from(&client)
-                .peer_addr()
-                .ok()
-                .and_then(|a| a.as_socket());
-            match peer {
-                Some(p) if self.rules.client(p.ip()) == Verdict::Admit => peer_ip = Some(p.ip()),
-                _ => return Err(Refusal::Denied),
+            let Some(ip) = peer_ip_of(client) else {
+                return Err(Refusal::Denied);
+            };
+            if l.accept_proxy && !trusts(l, ip) {
+                return Err(Refusal::UntrustedProxy);
             }
+            if self.rules.client(ip) != Verdict::Admit {
+                return Err(Refusal::Denied);
+            }
+            peer_ip = Some(ip);
         }
         let upstream_known = upstreams.count(listener) > 0;
         if !upstream_known && upstreams.dest_refused(listener, None) {
@@ -322,27 +327,46 @@ impl<'a> WorkerCtx<'a> {
     }
 
     /// Whether the client named in a PROXY header may connect (the header's source address,
-    /// checked like a peer address and counted against the listener's per-client limits; a
-    /// header without one — `LOCAL`, `UNKNOWN` — is left to the checks done at accept). Counts
-    /// a refusal (the Err is already counted). Ok carries the client's per-client slot, for
-    /// [`WorkerCtx::release`].
+    /// checked like a peer address and counted against the listener's per-client limits).
+    /// Counts a refusal (the Err is already counted). Ok carries the client's per-client slot,
+    /// for [`WorkerCtx::release`].
+    ///
+    /// A header that names no client (v2 `LOCAL`, v1 `UNKNOWN`) is counted against the
+    /// connecting peer: the balancer, looked up again now and not kept. The protocol says
+    /// the receiver then uses the connection's own endpoints, so the balancer is the client;
+    /// the allow/deny lists already checked it at accept. A shared per-listener "unknown"
+    /// cell was the other choice: it would let one balancer's health checks use up the limit
+    /// of every other balancer in front of the same listener, and never counting such
+    /// headers at all would let a trusted source open connections past every per-client limit.
     pub fn admit_proxied(
         &self,
         listener: usize,
         header: &ProxyHeader,
+        client: BorrowedFd<'_>,
     ) -> Result<Option<ClientSlot>, Refusal> {
-        let Some(src) = header.source else {
-            return Ok(None);
-        };
-        if self.rules.checks_clients() && self.rules.client(src.ip()) != Verdict::Admit {
-            self.row.inc(Counter::RefusedDenied);
-            return Err(Refusal::Denied);
-        }
         let l = &self.config.listeners[listener];
-        if l.max_connections_per_client == 0 && l.new_connections_per_second_per_client == 0 {
+        let limited =
+            l.max_connections_per_client > 0 || l.new_connections_per_second_per_client > 0;
+        let ip = match header.source {
+            Some(src) => {
+                let ip = src.ip().to_canonical();
+                if self.rules.checks_clients() && self.rules.client(ip) != Verdict::Admit {
+                    self.row.inc(Counter::RefusedDenied);
+                    return Err(Refusal::Denied);
+                }
+                ip
+            }
+            None if !limited => return Ok(None),
+            // The peer reset meanwhile: nothing to count, and nothing to relay either.
+            None => peer_ip_of(client).ok_or_else(|| {
+                self.row.inc(Counter::RefusedDenied);
+                Refusal::Denied
+            })?,
+        };
+        if !limited {
             return Ok(None);
         }
-        self.limit_client(listener, src.ip())
+        self.limit_client(listener, ip)
             .map(Some)
             .inspect_err(|&r| self.count_refusal(r))
     }
@@ -526,8 +550,24 @@ impl<'a> WorkerCtx<'a> {
             Refusal::Dest => Counter::RefusedDest,
             Refusal::ClientConnections => Counter::RefusedClientConnections,
             Refusal::ClientRate => Counter::RefusedClientRate,
+            Refusal::UntrustedProxy => Counter::RefusedUntrustedProxy,
         });
     }
+}
+
+/// The peer address of a connected socket, IPv4-mapped IPv6 as IPv4 (a dual-stack listener's
+/// IPv4 clients); None once the socket was reset.
+fn peer_ip_of(client: BorrowedFd<'_>) -> Option<std::net::IpAddr> {
+    SockRef::from(&client)
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.ip().to_canonical())
+}
+
+/// Whether listener `l` believes a PROXY header from `peer` (its `trusted_proxies`).
+pub fn trusts(l: &Listener, peer: std::net::IpAddr) -> bool {
+    l.trusted_proxies().iter().any(|net| net.contains(&peer))
 }
 
 /// A nonblocking, close-on-exec socket for a connection to `addr`, leaving from `source` when

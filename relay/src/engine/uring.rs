@@ -990,7 +990,14 @@ impl<'a> Worker<'a> {
                 inbound.acc = Vec::new();
                 inbound.header = Some(h);
                 let listener = c.listener as usize;
-                match self.ctx.admit_proxied(listener, &h) {
+                // The fields apart, so the connection's socket is lent while `ctx` is read.
+                let client = self.slots[slot as usize]
+                    .conn
+                    .as_ref()
+                    .expect("a live slot has a connection")
+                    .client
+                    .as_fd();
+                match self.ctx.admit_proxied(listener, &h, client) {
                     Ok(client_slot) => {
                         self.conn(slot).client_slot = client_slot;
                         self.after_header(slot);

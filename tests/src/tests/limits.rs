@@ -2,8 +2,9 @@
 //! counted across worker processes: a client over a limit is reset without a byte relayed and
 //! counted, other clients are served, a closed connection makes room again, and nothing leaks
 //! when hundreds churn. Behind a load balancer (`accept_proxy`) the client is the PROXY header's
-//! source, so two users behind one balancer are limited separately. Clients come from test
-//! addresses of their own (127.x.y.z), so no other test's connections count.
+//! source, so two users behind one balancer are limited separately; a header naming no client
+//! (`LOCAL`, `UNKNOWN`) counts against the balancer. Clients come from test addresses of their
+//! own (127.x.y.z), so no other test's connections count.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -181,6 +182,42 @@ fn behind_a_load_balancer_each_proxied_client_has_its_own_limit() {
         .map(|_| relayed(dst, balancer, &user(2)).expect("user 2 is limited on its own"))
         .collect();
     drop((first, second));
+}
+
+/// A header that names no client (v2 `LOCAL`, v1 `UNKNOWN`: a balancer's health check, or a
+/// balancer hiding its clients) is counted against the balancer itself, so it gets no way past
+/// `max_connections_per_client`; another balancer has a count of its own, and the clients a
+/// balancer names in headers keep theirs.
+#[test]
+fn behind_a_load_balancer_headers_without_a_client_count_against_the_balancer() {
+    init();
+    let (relay, _echo) = relay_with("splice", 2, 0, true);
+    let (balancer, other) = (IpAddr::V4(Host::new().ip), IpAddr::V4(Host::new().ip));
+    let dst = relay.addr();
+    let local = client::proxy_v2_raw(0x20, 0x00, &[]);
+    let unknown = b"PROXY UNKNOWN\r\n".to_vec();
+    let first = [
+        relayed(dst, balancer, &local).expect("a LOCAL header within the balancer's limit"),
+        relayed(dst, balancer, &unknown).expect("an UNKNOWN header within the balancer's limit"),
+    ];
+    for (what, header) in [("LOCAL", &local), ("UNKNOWN", &unknown)] {
+        if let Err(e) = refused(dst, balancer, header) {
+            panic!(
+                "a third header without a client ({what}) from one balancer: {e}
+{}",
+                relay.stderr_log()
+            );
+        }
+    }
+    assert!(counter(&relay, "refused_client_connections") >= 2);
+    let others = [
+        relayed(dst, other, &local).expect("another balancer has its own count"),
+        relayed(dst, other, &unknown).expect("another balancer has its own count"),
+    ];
+    let user = proxy_header(SocketAddr::from(([203, 0, 113, 9], 40000)), dst);
+    let named =
+        relayed(dst, balancer, &user).expect("a client the balancer names is not limited by it");
+    drop((first, others, named));
 }
 
 fn proxy_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {

@@ -59,6 +59,7 @@ mod sni;
 mod sockmap;
 mod supervisor;
 mod tls;
+mod trust;
 
 /// The `holder` helper binary built with this test.
 pub fn holder_exe() -> &'static Path {
