@@ -554,7 +554,8 @@ pub fn build(root: &Path, bin_dir: &Path, out: &Path) -> Result<PathBuf> {
         )?;
     }
 
-    // Depends: what the binaries link (dpkg-shlibdeps), and adduser for the postinst.
+    // Depends: what the binaries link (dpkg-shlibdeps), adduser for the postinst, procps for
+    // the unit's `ExecReload=/bin/kill`.
     let mut shlibdeps = Command::new("dpkg-shlibdeps");
     shlibdeps.current_dir(&work).arg("-O");
     for bin in BINARIES {
@@ -567,7 +568,7 @@ pub fn build(root: &Path, bin_dir: &Path, out: &Path) -> Result<PathBuf> {
         .context("dpkg-shlibdeps printed no shlibs:Depends")?
         .trim()
         .to_string();
-    let depends = format!("{shlibs}, adduser");
+    let depends = format!("{shlibs}, adduser, procps");
 
     // Every directory 0755, every file 0644 unless made executable above; sizes and md5sums.
     let mut entries = Vec::new();
