@@ -705,6 +705,48 @@ fn debian_package_passes_lintian_and_installs_runs_and_purges_in_bookworm() {
     assert!(left.is_empty(), "left after purge: {left:#?}");
     let user = in_root(&root, &["getent", "passwd", "sluice"]);
     assert!(user.status.success(), "the user is kept after purge");
+
+    // The postinst's other way to the user, where systemd-sysusers is missing: adduser.
+    let userdel = in_root(&root, &["userdel", "sluice"]);
+    assert!(userdel.status.success(), "userdel: {}", userdel.text());
+    let hide = in_root(
+        &root,
+        &["sh", "-c", "mv \"$(command -v systemd-sysusers)\" /root/"],
+    );
+    assert!(
+        hide.status.success(),
+        "hide systemd-sysusers: {}",
+        hide.text()
+    );
+    let out = in_root(
+        &root,
+        &[
+            "apt-get",
+            "install",
+            "-y",
+            "-o",
+            "Dpkg::Use-Pty=0",
+            &deb_in_root,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "apt-get install with adduser: {}",
+        out.text()
+    );
+    let user = in_root(&root, &["getent", "passwd", "sluice"]);
+    assert!(
+        user.status.success() && user.stdout.contains(":/nonexistent:/usr/sbin/nologin"),
+        "adduser made no system user sluice: {}",
+        user.text()
+    );
+    eprintln!("deb: user (adduser) {}", user.stdout.trim());
+    let out = in_root(
+        &root,
+        &["apt-get", "purge", "-y", "-o", "Dpkg::Use-Pty=0", "sluice"],
+    );
+    assert!(out.status.success(), "apt-get purge: {}", out.text());
+    assert!(!root.join("etc/sluice").exists() && !root.join("usr/bin/sluice").exists());
     eprintln!(
         "deb: built in {:.1} s, lintian {:.1} s, root ready {:.1} s, installed {:.1} s, \
          all done in {:.1} s",
