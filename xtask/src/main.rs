@@ -7,12 +7,11 @@
 //! - `test`       builds and runs every test: unit, integration, eBPF, house rules
 //! - `bench`      Sluice beside HAProxy, nginx, socat and a direct connection (docs/BENCHMARKS.md)
 //! - `fuzz`       the libFuzzer targets of `fuzz/` (cargo-fuzz, nightly), each for `--time` seconds
-//! - `dist`       release binaries, the systemd unit, Docker and Helm files, docs: one tarball
+//! - `dist`       release binaries, the systemd unit, Docker and Helm files, docs: a tarball, and
+//!   a Debian package (`sluice_VERSION_ARCH.deb`, checked with lintian)
 
 mod bench;
-mod dist;
 mod fuzz;
-mod setup;
 mod testrun;
 #[cfg(test)]
 mod tidy;
@@ -20,8 +19,10 @@ mod tidy;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use xtask::{deb, dist, setup};
+pub use xtask::{project_root, run};
 
 #[derive(Parser)]
 #[command(
@@ -54,9 +55,10 @@ enum Cmd {
     /// Run the fuzz targets (cargo-fuzz on nightly; installed when missing), each for --time s.
     Fuzz(fuzz::FuzzFlags),
     /// Build release binaries and pack them with the systemd unit, an example config, the Docker
-    /// and Helm files and the docs into target/dist/sluice-VERSION-ARCH-linux.tar.gz.
+    /// and Helm files and the docs into target/dist/sluice-VERSION-ARCH-linux.tar.gz, and build
+    /// the Debian package target/dist/sluice_VERSION_ARCH.deb (checked with lintian).
     Dist {
-        /// Directory the tarball is written to.
+        /// Directory the tarball and the .deb are written to.
         #[arg(long, default_value = "target/dist")]
         out: PathBuf,
     },
@@ -131,10 +133,21 @@ fn main() -> Result<()> {
         }
         Cmd::Dist { out } => {
             setup::ebpf_toolchain()?;
+            setup::apt(deb::TOOLS)?;
             build_ebpf(&root)?;
             run(cargo().args(["build", "--release", "--package", "sluice", "--bins"]))?;
-            let tarball = dist::package(&root, &root.join("target/release"), &root.join(out))?;
+            let bins = root.join("target/release");
+            let out = root.join(out);
+            let tarball = dist::package(&root, &bins, &out)?;
+            let package = deb::build(&root, &bins, &out)?;
+            let report = deb::lintian(&package)?;
+            eprint!("xtask: lintian {}:\n{report}", package.display());
+            let errors = deb::lintian_errors(&report);
+            if !errors.is_empty() {
+                anyhow::bail!("lintian found {} error(s) in the package", errors.len());
+            }
             println!("{}", tarball.display());
+            println!("{}", package.display());
             Ok(())
         }
     }
@@ -162,25 +175,8 @@ fn cargo() -> Command {
     cmd
 }
 
-pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
-}
-
 fn exec(mut cmd: Command) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let err = cmd.exec();
     Err(err).context("cannot exec sluice")
-}
-
-pub fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
 }

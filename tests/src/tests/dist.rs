@@ -5,6 +5,10 @@
 //! values.yaml must be valid YAML describing a PROXY-v2 LoadBalancer in front of listeners that
 //! accept PROXY, with probes on those ports).
 //!
+//! The Debian package `cargo xtask dist` builds: lintian finds no error in it, and it installs,
+//! runs and purges cleanly in a throwaway Debian 12 root (mmdebstrap, cached under
+//! `target/deb-rootfs/`).
+//!
 //! Docker is not run here. That the relay still works where a seccomp profile refuses io_uring
 //! (Docker's default) is `fallback::auto_falls_back_to_epoll_when_io_uring_is_blocked`.
 //! `cargo xtask dist`'s tarball is checked by the unit test in `xtask/src/dist.rs`.
@@ -519,4 +523,318 @@ fn helm_chart_renders_to_valid_manifests_for_proxy_v2_behind_a_load_balancer() {
         );
         assert!(out.status.success(), "helm lint: {}", out.text());
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Debian package
+
+/// What the throwaway Debian 12 root holds beyond mmdebstrap's `apt` variant: the package's
+/// dependencies the variant lacks (adduser; procps for the unit's /bin/kill), so installing needs
+/// no network, and systemd, as on a server: the postinst then creates the user with
+/// systemd-sysusers, and `systemd-analyze verify --root` finds the units it checks against.
+const ROOTFS_PACKAGES: &[&str] = &["adduser", "procps", "systemd"];
+
+/// The host tools this test needs, installed when missing.
+const DEB_TEST_TOOLS: &[&str] = &["dpkg-dev", "lintian", "mmdebstrap", "systemd"];
+
+/// FNV-1a: a hash that stays the same across Rust versions, for the cache's file name.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The cached root's tarball, made by mmdebstrap when missing (keyed by the package list).
+fn bookworm_rootfs() -> PathBuf {
+    let cache = repo().join("target/deb-rootfs");
+    std::fs::create_dir_all(&cache).unwrap();
+    let key = format!("bookworm apt {}", ROOTFS_PACKAGES.join(","));
+    let tarball = cache.join(format!("bookworm-apt-{:016x}.tar", fnv1a(&key)));
+    if tarball.is_file() {
+        return tarball;
+    }
+    let partial = tarball.with_extension("tar.partial");
+    let started = Instant::now();
+    let out = run_with_timeout(
+        Command::new("mmdebstrap")
+            .args(["--variant=apt", "--quiet"])
+            .arg(format!("--include={}", ROOTFS_PACKAGES.join(",")))
+            .args(["--format=tar", "bookworm"])
+            .arg(&partial),
+        Duration::from_secs(600),
+    );
+    assert!(out.status.success(), "mmdebstrap: {}", out.text());
+    std::fs::rename(&partial, &tarball).unwrap();
+    eprintln!(
+        "deb: built the bookworm root {} in {:.1} s",
+        tarball.display(),
+        started.elapsed().as_secs_f64()
+    );
+    tarball
+}
+
+/// /proc mounted in the chroot, unmounted on drop (lazily if busy), before its TempDir goes.
+struct ProcMount(PathBuf);
+
+impl ProcMount {
+    fn new(root: &Path) -> ProcMount {
+        let target = root.join("proc");
+        let out = run_with_timeout(
+            Command::new("mount")
+                .args(["-t", "proc", "proc"])
+                .arg(&target),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "mount proc: {}", out.text());
+        ProcMount(target)
+    }
+}
+
+impl Drop for ProcMount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+/// Runs `args` in the chroot with a plain environment; returns its output.
+fn in_root(root: &Path, args: &[&str]) -> sluice_tests::Output {
+    run_with_timeout(
+        Command::new("chroot")
+            .arg(root)
+            .args([
+                "env",
+                "-i",
+                "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                "LC_ALL=C.UTF-8",
+            ])
+            .arg("DEBIAN_FRONTEND=noninteractive")
+            .args(args),
+        Duration::from_secs(300),
+    )
+}
+
+/// Every path under `root` (not /proc), relative, sorted.
+fn tree(root: &Path) -> BTreeSet<PathBuf> {
+    fn walk(dir: &Path, root: &Path, out: &mut BTreeSet<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            if rel == Path::new("proc") {
+                continue;
+            }
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            out.insert(rel);
+            if meta.is_dir() {
+                walk(&path, root, out);
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// Paths an install-and-purge may leave that are not the package's: dpkg's and apt's records
+/// and logs, and the user's traces (the backups adduser and systemd-sysusers write of the
+/// files they change, adduser's lock). The user itself stays, as Debian policy wants.
+fn bookkeeping(rel: &Path) -> bool {
+    [
+        "var/lib/dpkg",
+        "var/lib/apt",
+        "var/cache",
+        "var/log",
+        "tmp",
+        "run/adduser",
+        "etc/passwd-",
+        "etc/group-",
+        "etc/shadow-",
+        "etc/gshadow-",
+        "etc/.pwd.lock",
+    ]
+    .iter()
+    .any(|p| rel.starts_with(p))
+}
+
+#[test]
+fn debian_package_passes_lintian_and_installs_runs_and_purges_in_bookworm() {
+    init();
+    if !sluice_tests::require_root() {
+        return;
+    }
+    let started = Instant::now();
+    xtask::setup::apt(DEB_TEST_TOOLS).expect("install the packaging tools");
+    let dir = TempDir::new();
+    let deb = xtask::deb::build(&repo(), &sluice_tests::sluice::bin_dir(), &dir.join("out"))
+        .expect("build the .deb");
+    let built = started.elapsed();
+
+    // (a) lintian: no error; every tag printed.
+    let report = xtask::deb::lintian(&deb).unwrap();
+    eprintln!("deb: lintian {}:\n{report}", deb.display());
+    let errors = xtask::deb::lintian_errors(&report);
+    assert!(errors.is_empty(), "lintian errors: {errors:#?}");
+    let linted = started.elapsed();
+
+    // (b) install, run, purge in a throwaway Debian 12 root.
+    let tarball = bookworm_rootfs();
+    let cached = started.elapsed();
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let out = run_with_timeout(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&root),
+        Duration::from_secs(300),
+    );
+    assert!(out.status.success(), "untar the root: {}", out.text());
+    let name = deb.file_name().unwrap().to_str().unwrap().to_string();
+    std::fs::copy(&deb, root.join("tmp").join(&name)).unwrap();
+    let before = tree(&root);
+    let _proc = ProcMount::new(&root);
+    let deb_in_root = format!("/tmp/{name}");
+    let out = in_root(
+        &root,
+        &[
+            "apt-get",
+            "install",
+            "-y",
+            "-o",
+            "Dpkg::Use-Pty=0",
+            &deb_in_root,
+        ],
+    );
+    eprintln!("deb: apt-get install:\n{}", out.text());
+    assert!(out.status.success(), "apt-get install failed");
+    let installed_at = started.elapsed();
+
+    let user = in_root(&root, &["getent", "passwd", "sluice"]);
+    assert!(user.status.success(), "no user sluice: {}", user.text());
+    eprintln!("deb: user {}", user.stdout.trim());
+    assert!(root.join("etc/sluice/sluice.toml").is_file());
+    // Enabled like Debian's services; not started, since systemd does not run in a chroot. (The
+    // link is absolute, to the root's unit: read it, do not follow it from here.)
+    assert!(
+        std::fs::symlink_metadata(
+            root.join("etc/systemd/system/multi-user.target.wants/sluice.service")
+        )
+        .is_ok_and(|m| m.file_type().is_symlink()),
+        "the postinst did not enable sluice.service"
+    );
+    let check = in_root(
+        &root,
+        &["sluice", "check-config", "/etc/sluice/sluice.toml"],
+    );
+    assert!(check.status.success(), "check-config: {}", check.text());
+    let help = in_root(&root, &["sluicectl", "--help"]);
+    assert!(
+        help.status.success() && help.stdout.contains("doctor"),
+        "sluicectl --help: {}",
+        help.text()
+    );
+    let unit = std::fs::read_to_string(root.join("usr/lib/systemd/system/sluice.service")).unwrap();
+    let service = unit_section(&unit, "Service");
+    assert!(
+        service["ExecStart"].starts_with("/usr/bin/sluice run "),
+        "{}",
+        service["ExecStart"]
+    );
+    // The unit as installed, against the root's own systemd units and binaries.
+    let verify = run_with_timeout(
+        Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(format!("--root={}", root.display()))
+            .arg("/usr/lib/systemd/system/sluice.service"),
+        Duration::from_secs(60),
+    );
+    assert!(
+        verify.status.success() && verify.text().trim().is_empty(),
+        "systemd-analyze verify --root: {}",
+        verify.text()
+    );
+
+    // Purge: nothing the package put there stays, only the user.
+    let listed = in_root(&root, &["dpkg", "-L", "sluice"]);
+    assert!(listed.status.success(), "dpkg -L: {}", listed.text());
+    let out = in_root(
+        &root,
+        &["apt-get", "purge", "-y", "-o", "Dpkg::Use-Pty=0", "sluice"],
+    );
+    eprintln!("deb: apt-get purge:\n{}", out.text());
+    assert!(out.status.success(), "apt-get purge failed");
+    let after = tree(&root);
+    let mut left: Vec<String> = listed
+        .stdout
+        .lines()
+        .map(|l| PathBuf::from(l.trim_start_matches('/')))
+        .filter(|rel| !rel.as_os_str().is_empty() && !before.contains(rel) && after.contains(rel))
+        .map(|rel| rel.display().to_string())
+        .collect();
+    left.extend(
+        after
+            .difference(&before)
+            .filter(|rel| !bookkeeping(rel))
+            .map(|rel| rel.display().to_string()),
+    );
+    assert!(left.is_empty(), "left after purge: {left:#?}");
+    let user = in_root(&root, &["getent", "passwd", "sluice"]);
+    assert!(user.status.success(), "the user is kept after purge");
+
+    // The postinst's other way to the user, where systemd-sysusers is missing: adduser.
+    let userdel = in_root(&root, &["userdel", "sluice"]);
+    assert!(userdel.status.success(), "userdel: {}", userdel.text());
+    let hide = in_root(
+        &root,
+        &["sh", "-c", "mv \"$(command -v systemd-sysusers)\" /root/"],
+    );
+    assert!(
+        hide.status.success(),
+        "hide systemd-sysusers: {}",
+        hide.text()
+    );
+    let out = in_root(
+        &root,
+        &[
+            "apt-get",
+            "install",
+            "-y",
+            "-o",
+            "Dpkg::Use-Pty=0",
+            &deb_in_root,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "apt-get install with adduser: {}",
+        out.text()
+    );
+    let user = in_root(&root, &["getent", "passwd", "sluice"]);
+    assert!(
+        user.status.success() && user.stdout.contains(":/nonexistent:/usr/sbin/nologin"),
+        "adduser made no system user sluice: {}",
+        user.text()
+    );
+    eprintln!("deb: user (adduser) {}", user.stdout.trim());
+    let out = in_root(
+        &root,
+        &["apt-get", "purge", "-y", "-o", "Dpkg::Use-Pty=0", "sluice"],
+    );
+    assert!(out.status.success(), "apt-get purge: {}", out.text());
+    assert!(!root.join("etc/sluice").exists() && !root.join("usr/bin/sluice").exists());
+    eprintln!(
+        "deb: built in {:.1} s, lintian {:.1} s, root ready {:.1} s, installed {:.1} s, \
+         all done in {:.1} s",
+        built.as_secs_f64(),
+        (linted - built).as_secs_f64(),
+        (cached - linted).as_secs_f64(),
+        (installed_at - cached).as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
 }
