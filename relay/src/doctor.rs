@@ -365,19 +365,11 @@ fn ports(config: &Config, held_by_sluice: &BTreeSet<String>) -> Vec<Check> {
 /// Whether `net` lies wholly in loopback, a private, CGNAT, unique local or link-local range:
 /// where a load balancer may be, and no one on the internet is.
 fn is_internal(net: &IpNet) -> bool {
-    const INTERNAL: &[&str] = &[
-        "127.0.0.0/8",
-        "::1/128",
-        "10.0.0.0/8",
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "100.64.0.0/10",
-        "169.254.0.0/16",
-        "fc00::/7",
-        "fe80::/10",
-    ];
-    INTERNAL
+    // The default trusted ranges are where balancers live; link-local is internal too.
+    const LINK_LOCAL: &[&str] = &["169.254.0.0/16", "fe80::/10"];
+    crate::config::DEFAULT_TRUSTED_PROXIES
         .iter()
+        .chain(LINK_LOCAL)
         .filter_map(|r| r.parse::<IpNet>().ok())
         .any(|r| r.contains(net))
 }
