@@ -1738,8 +1738,11 @@ impl<'a> Worker<'a> {
 
     /// Whether every byte that arrived on direction `d`'s source is in its destination's send
     /// queue (then a FIN sent after them cannot cut them off):
-    /// - the source's receive queue is empty (SIOCINQ): the verdict ran over every byte — the
-    ///   kernel advances the read sequence only after the verdict, under the socket lock;
+    /// - nothing on the source is readable: a peek (which takes the socket lock, so no verdict
+    ///   is half-way through an skb) finds neither an skb the verdict has yet to see nor held
+    ///   bytes. Not SIOCINQ: on 6.1 (Debian 12) the kernel's read sequence lags bytes the
+    ///   verdict redirected or user space took from the psock, so SIOCINQ stays above 0 after
+    ///   the last byte moved and a FIN waiting on it was never forwarded;
     /// - the destination's written total (acknowledged + SIOCOUTQ) covers what user space wrote
     ///   plus what the verdict redirected: the redirect backlog (the peer's psock queue, retried
     ///   by a kernel worker when the peer's send buffer was full) is empty.
@@ -1760,8 +1763,11 @@ impl<'a> Worker<'a> {
         } else {
             (up.as_fd(), c.client.as_fd(), f.cookies.1)
         };
-        if sys::socket_queue(src, true)? > 0 {
-            return Ok(false);
+        match sys::recv(src, &mut [0u8; 1], libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+            Ok(0) => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
         }
         let fast = self.fast.as_ref().expect("sockmap engine");
         let counters = fast
