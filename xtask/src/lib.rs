@@ -6,6 +6,7 @@
 pub mod deb;
 pub mod dist;
 pub mod setup;
+pub mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -7,6 +7,8 @@
 //! - `test`       builds and runs every test: unit, integration, eBPF, house rules
 //! - `bench`      Sluice beside HAProxy, nginx, socat and a direct connection (docs/BENCHMARKS.md)
 //! - `fuzz`       the libFuzzer targets of `fuzz/` (cargo-fuzz, nightly), each for `--time` seconds
+//! - `vm`         the acceptance suite in Debian 12 VMs on Debian's own kernels (QEMU, systemd,
+//!   the .deb installed as an operator does; `tests/tests/vm.rs`); also part of `test`
 //! - `dist`       release binaries, the systemd unit, Docker and Helm files, docs: a tarball, and
 //!   a Debian package (`sluice_VERSION_ARCH.deb`, checked with lintian)
 
@@ -21,7 +23,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use xtask::{deb, dist, setup};
+use xtask::{deb, dist, setup, vm};
 pub use xtask::{project_root, run};
 
 #[derive(Parser)]
@@ -54,6 +56,12 @@ enum Cmd {
     Bench(bench::BenchFlags),
     /// Run the fuzz targets (cargo-fuzz on nightly; installed when missing), each for --time s.
     Fuzz(fuzz::FuzzFlags),
+    /// Build the .deb and a Debian 12 VM image, then run the acceptance suite in QEMU on
+    /// bookworm's 6.1 and backports' 6.12 kernels (tests/tests/vm.rs); extra arguments go to it.
+    Vm {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build release binaries and pack them with the systemd unit, an example config, the Docker
     /// and Helm files and the docs into target/dist/sluice-VERSION-ARCH-linux.tar.gz, and build
     /// the Debian package target/dist/sluice_VERSION_ARCH.deb (checked with lintian).
@@ -95,6 +103,8 @@ fn main() -> Result<()> {
                     .env("SLUICE_BIN_DIR", root.join("target/release")),
                 &root,
             )?;
+            // The VM suite after the host's: a failure of either is named at the end.
+            let vm_failures = vm_suite(&root, &[]);
             // CI (which sets `CI`) also fuzzes every target for a minute, after the tests
             // either way, so one failure does not hide the other.
             let fuzzing = if std::env::var_os("CI").is_some() {
@@ -112,6 +122,17 @@ fn main() -> Result<()> {
             };
             // The failed tests are named last, after the fuzzers' report, where a log's tail
             // shows them.
+            let vm_failed = match vm_failures {
+                Ok(None) => false,
+                Ok(Some(f)) => {
+                    eprintln!("xtask: the VM suite: {}", f.summary());
+                    true
+                }
+                Err(e) => {
+                    eprintln!("xtask: the VM suite could not run: {e:#}");
+                    true
+                }
+            };
             match failures {
                 Some(f) => {
                     if let Err(e) = fuzzing {
@@ -121,8 +142,25 @@ fn main() -> Result<()> {
                     eprintln!("xtask: {}", f.summary());
                     std::process::exit(1)
                 }
+                None if vm_failed => {
+                    if let Err(e) = fuzzing {
+                        eprintln!("xtask: {e:#}");
+                    }
+                    eprintln!("xtask: the host's tests passed; the VM suite failed (above)");
+                    std::process::exit(1)
+                }
                 None => fuzzing,
             }
+        }
+        Cmd::Vm { args } => {
+            setup::ebpf_toolchain()?;
+            build_ebpf(&root)?;
+            run(cargo().args(["build", "--release", "--package", "sluice", "--bins"]))?;
+            if let Some(f) = vm_suite(&root, &args)? {
+                eprintln!("xtask: the VM suite: {}", f.summary());
+                std::process::exit(1)
+            }
+            Ok(())
         }
         Cmd::Bench(flags) => bench::bench(flags),
         Cmd::Fuzz(flags) => {
@@ -151,6 +189,63 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The VM acceptance suite (`tests/tests/vm.rs`) on the release binaries already built: the
+/// image, the .deb, the `integration` binary the guest runs its engine checks with.
+fn vm_suite(root: &Path, args: &[String]) -> Result<Option<testrun::Failures>> {
+    setup::apt(vm::TOOLS)?;
+    setup::apt(deb::TOOLS)?;
+    let image = vm::image(root)?;
+    let bins = root.join("target/release");
+    let work = root.join("target/vm");
+    let package = deb::build(root, &bins, &work.join("deb"))?;
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "sluice-tests",
+            "--test",
+            "integration",
+        ])
+        .args(["--no-run", "--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot build the integration tests for the guest")?;
+    if !out.status.success() {
+        anyhow::bail!("building the integration tests for the guest failed");
+    }
+    let integration = vm::test_executable(&String::from_utf8_lossy(&out.stdout), "integration")
+        .context("cargo named no `integration` test executable")?;
+    let guest = work.join("guest");
+    std::fs::create_dir_all(&guest)?;
+    std::fs::copy(&integration, guest.join("integration"))?;
+    std::fs::copy(bins.join("holder"), guest.join("holder"))?;
+    eprintln!(
+        "xtask: the VM suite on {} (QEMU TCG: minutes per kernel)",
+        image.kernels.join(", ")
+    );
+    testrun::run(
+        cargo()
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "sluice-tests",
+                "--test",
+                "vm",
+                "--",
+            ])
+            .args(["--test-threads=1"])
+            .args(args)
+            .env("SLUICE_VM_DIR", &image.dir)
+            .env("SLUICE_VM_KERNELS", image.kernels.join(","))
+            .env("SLUICE_VM_DEB", &package)
+            .env("SLUICE_VM_GUEST", &guest),
+        root,
+    )
 }
 
 /// Builds the eBPF object; the relay embeds it from `target/bpfel-unknown-none/release/`.
