@@ -33,6 +33,11 @@ pub struct Status {
     pub totals: std::collections::BTreeMap<String, u64>,
     #[serde(default)]
     pub active: u64,
+    /// Daemon-wide `max_connections` places taken now ([`Shared::reserve`]): `active` plus
+    /// connections between admission and their first count, so 0 once every connection is
+    /// closed (a place an error path did not give back stays counted here).
+    #[serde(default)]
+    pub places: u64,
     /// Connections this daemon can hold: `max_connections`, or less when the workers' fd limits
     /// allow less.
     #[serde(default)]
@@ -103,6 +108,7 @@ impl Status {
                 .collect(),
             totals: Default::default(),
             active: 0,
+            places: 0,
             capacity: 0,
             per_worker_capacity: 0,
             admission: AdmissionStatus::default(),
@@ -129,6 +135,7 @@ impl Status {
             .map(|&(c, name)| (name.to_string(), shared.total(n, c)))
             .collect();
         self.active = shared.total(n, Counter::Active);
+        self.places = shared.supervisor_get(Counter::Active);
         for (c, name) in [
             (Counter::UpstreamStateChanges, "upstream_state_changes"),
             (Counter::UpstreamsDown, "upstreams_down"),
