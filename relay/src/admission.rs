@@ -45,6 +45,21 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
 
+/// A range written in IPv4-mapped IPv6 (`::ffff:a.b.c.d/len`, `len` from 96 to 128) as the IPv4
+/// range it is (`a.b.c.d/len-96`); any other range as written. Client addresses are compared
+/// as IPv4 ([`canonical`]), so every rule side (allow/deny, `trusted_proxies`) goes through
+/// this too, or a `::ffff:` rule would match no client. A shorter IPv6 range (`::/0`) stays
+/// IPv6 and matches IPv6 clients only.
+pub fn canonical_range(addr: IpAddr, len: u8) -> (IpAddr, u8) {
+    match addr {
+        IpAddr::V6(a) if (96..=128).contains(&len) => match a.to_ipv4_mapped() {
+            Some(v4) => (IpAddr::V4(v4), len - 96),
+            None => (addr, len),
+        },
+        _ => (addr, len),
+    }
+}
+
 impl CidrSet {
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
@@ -453,6 +468,24 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv4_mapped_rules_are_ipv4_rules() {
+        let mapped = cidr("::ffff:10.0.0.0/104");
+        assert_eq!(mapped, cidr("10.0.0.0/8"));
+        assert_eq!(cidr("::ffff:192.0.2.7"), cidr("192.0.2.7/32"));
+        assert_eq!(cidr("::ffff:0:0/96"), cidr("0.0.0.0/0"));
+        let set = CidrSet::from_rules([mapped]);
+        assert!(set.contains(ip("10.1.2.3")));
+        assert!(set.contains(ip("::ffff:10.1.2.3")));
+        assert!(!set.contains(ip("11.0.0.1")));
+        assert!(CidrSet::from_rules([cidr("10.0.0.0/8")]).contains(ip("::ffff:10.9.9.9")));
+        // A shorter IPv6 range stays IPv6, for IPv6 clients.
+        let all6 = cidr("::/0");
+        assert!(all6.addr().is_ipv6());
+        assert!(!CidrSet::from_rules([all6]).contains(ip("10.1.2.3")));
+        assert!(cidr("::ffff:10.0.0.0/8").addr().is_ipv6());
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Protocol: the client writes one command line (`status`, or an admission command such as
 //! `deny add 192.0.2.0/24 kill`, see [`crate::admission::Command`]), the server answers with one
 //! JSON document (`{"error": ...}` on failure) and closes. The socket file is created mode 0600: the control plane is for the
-//! operator (root), not for every local user. Nothing it returns contains a client address.
+//! operator (root), not for every local user. After a drop to `user` (0660 to that user's
+//! group), a peer running as that user itself, i.e. a worker, is refused ([`peer_allowed`]).
+//! Nothing it returns contains a client address.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -33,6 +35,11 @@ pub struct Status {
     pub totals: std::collections::BTreeMap<String, u64>,
     #[serde(default)]
     pub active: u64,
+    /// Daemon-wide `max_connections` places taken now ([`Shared::reserve`]): `active` plus
+    /// connections between admission and their first count, so 0 once every connection is
+    /// closed (a place an error path did not give back stays counted here).
+    #[serde(default)]
+    pub places: u64,
     /// Connections this daemon can hold: `max_connections`, or less when the workers' fd limits
     /// allow less.
     #[serde(default)]
@@ -103,6 +110,7 @@ impl Status {
                 .collect(),
             totals: Default::default(),
             active: 0,
+            places: 0,
             capacity: 0,
             per_worker_capacity: 0,
             admission: AdmissionStatus::default(),
@@ -129,6 +137,7 @@ impl Status {
             .map(|&(c, name)| (name.to_string(), shared.total(n, c)))
             .collect();
         self.active = shared.total(n, Counter::Active);
+        self.places = shared.supervisor_get(Counter::Active);
         for (c, name) in [
             (Counter::UpstreamStateChanges, "upstream_state_changes"),
             (Counter::UpstreamsDown, "upstreams_down"),
@@ -184,7 +193,12 @@ fn answer(
 ) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let line = read_request(&stream)?;
+    // Read first, so the refused client gets the answer instead of a broken pipe; the command
+    // itself is never looked at.
     let reply = match line.as_str() {
+        _ if !peer_allowed(&stream) => {
+            serde_json::json!({ "error": REFUSED_DAEMON_USER }).to_string()
+        }
         "status" => {
             let mut st = status.lock().expect("status lock");
             st.refresh(shared);
@@ -200,6 +214,25 @@ fn answer(
     };
     (&stream).write_all(reply.as_bytes())?;
     (&stream).write_all(b"\n")
+}
+
+/// The answer to a peer running as the daemon's own (non-root) user.
+pub const REFUSED_DAEMON_USER: &str =
+    "refused: the daemon's own user may not use the control socket (its workers run as it)";
+
+/// Whether the peer may use the control socket: not when it runs as the daemon's own uid and
+/// that uid is not root. After `user` dropped privileges, that uid is the workers' (and only
+/// theirs): a compromised worker cannot become another uid (no CAP_SETUID), and the kernel
+/// records the peer's uid at connect (SO_PEERCRED), so it cannot lie about it. The socket's
+/// mode (0660 to the user's group) still keeps every other user out; root and the group's
+/// other members get in. A peer whose credentials cannot be read is refused.
+fn peer_allowed(stream: &UnixStream) -> bool {
+    use std::os::fd::AsFd;
+    let own = crate::sys::effective_uid();
+    match crate::sys::peer_uid(stream.as_fd()) {
+        Ok(uid) => own == 0 || uid != own,
+        Err(_) => false,
+    }
 }
 
 /// Longest request line the server reads; the rest of a longer one is ignored.

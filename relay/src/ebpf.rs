@@ -637,8 +637,11 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    /// `addr/prefix_len`; fails if the prefix is longer than the address (32 or 128 bits).
+    /// `addr/prefix_len`; fails if the prefix is longer than the address (32 or 128 bits). An
+    /// IPv4-mapped range (`::ffff:10.0.0.0/104`) becomes the IPv4 one (`10.0.0.0/8`; see
+    /// [`crate::admission::canonical_range`]).
     pub fn new(addr: IpAddr, prefix_len: u8) -> Result<Self> {
+        let (addr, prefix_len) = crate::admission::canonical_range(addr, prefix_len);
         let addr = match addr {
             IpAddr::V4(a) => {
                 if prefix_len > 32 {

@@ -104,6 +104,38 @@ pub fn fd_is_open(fd: RawFd) -> bool {
 }
 
 /// Sets close-on-exec on an inherited fd, so workers do not pass it on.
+/// The uid of the process that connected Unix socket `fd` (SO_PEERCRED: the credentials the
+/// kernel recorded at its connect, which the peer cannot change afterwards).
+pub fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes for the call; the kernel writes at most
+    // `len` bytes, a `ucred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// This process's effective uid.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: fcntl flags on a borrowed, open fd.
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) })?;

@@ -335,6 +335,8 @@ pub struct SluiceCmd {
     env: Vec<(String, String)>,
     block_io_uring: bool,
     refuse_buffer_rings: bool,
+    /// Refuse EPOLL_CTL_ADD of fds from this number on ([`SluiceCmd::refuse_epoll_watches`]).
+    refuse_epoll_watches: Option<u32>,
     /// A program (and its arguments) that execs the daemon: see [`SluiceCmd::wrap`].
     wrapper: Vec<String>,
     dir: TempDir,
@@ -349,6 +351,7 @@ impl SluiceCmd {
             env: Vec::new(),
             block_io_uring: false,
             refuse_buffer_rings: false,
+            refuse_epoll_watches: None,
             wrapper: Vec::new(),
             dir,
         }
@@ -429,6 +432,14 @@ impl SluiceCmd {
         self
     }
 
+    /// Runs the daemon under a seccomp filter that refuses, with ENOSPC as a full
+    /// `fs.epoll.max_user_watches` does, every epoll_ctl(EPOLL_CTL_ADD) of an fd numbered
+    /// `from_fd` or above.
+    pub fn refuse_epoll_watches(mut self, from_fd: u32) -> SluiceCmd {
+        self.refuse_epoll_watches = Some(from_fd);
+        self
+    }
+
     fn command(&self) -> Command {
         let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
@@ -454,6 +465,9 @@ impl SluiceCmd {
         }
         if self.block_io_uring {
             sys::block_io_uring(&mut cmd);
+        }
+        if let Some(fd) = self.refuse_epoll_watches {
+            sys::refuse_epoll_watches(&mut cmd, fd);
         }
         cmd
     }

@@ -213,6 +213,39 @@ static PBUF_RING_REFUSE: [libc::sock_filter; 8] = [
     insn(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
 ];
 
+/// epoll_ctl's number in this architecture's own syscall table (not the unified one).
+#[cfg(target_arch = "x86_64")]
+const NR_EPOLL_CTL: u32 = 233;
+#[cfg(target_arch = "aarch64")]
+const NR_EPOLL_CTL: u32 = 21;
+const BPF_JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+
+/// A full `fs.epoll.max_user_watches` in miniature: epoll_ctl(_, EPOLL_CTL_ADD, fd, _) fails
+/// with ENOSPC, as it does at that limit, for every `fd >= from_fd`; smaller fds (a worker's
+/// listeners and control pipe) and every other call run. `args[1]` (op) is at offset 24 of
+/// `seccomp_data`, `args[2]` (fd) at 32, low words first.
+fn epoll_watch_refuse(from_fd: u32) -> [libc::sock_filter; 10] {
+    [
+        insn(BPF_LD_W_ABS, 0, 0, 4),
+        insn(BPF_JEQ_K, 0, 7, AUDIT_ARCH), // another arch: allow (index 9)
+        insn(BPF_LD_W_ABS, 0, 0, 0),
+        insn(BPF_JEQ_K, 0, 5, NR_EPOLL_CTL),
+        insn(BPF_LD_W_ABS, 0, 0, 24),
+        insn(BPF_JEQ_K, 0, 3, libc::EPOLL_CTL_ADD as u32),
+        insn(BPF_LD_W_ABS, 0, 0, 32),
+        insn(BPF_JGE_K, 0, 1, from_fd),
+        insn(BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | libc::ENOSPC as u32),
+        insn(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+    ]
+}
+
+/// Makes `cmd`'s process (and everything it forks) get ENOSPC when it adds an fd numbered
+/// `from_fd` or above to an epoll set ([`epoll_watch_refuse`]).
+pub fn refuse_epoll_watches(cmd: &mut Command, from_fd: u32) {
+    // Leaked on purpose: the filter must outlive the fork it is installed in; a few bytes a test.
+    install_filter(cmd, Box::leak(Box::new(epoll_watch_refuse(from_fd))));
+}
+
 /// Makes `cmd`'s process (and everything it forks) get EPERM from io_uring_setup: sets
 /// PR_SET_NO_NEW_PRIVS and installs [`IO_URING_BLOCK`] between fork and exec.
 pub fn block_io_uring(cmd: &mut Command) {

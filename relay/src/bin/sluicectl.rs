@@ -377,10 +377,11 @@ fn print_status(v: &serde_json::Value) {
         return;
     };
     println!(
-        "engine {}   active {} / max {}   capacity {} ({} workers x {})",
+        "engine {}   active {} / max {} ({} places taken)   capacity {} ({} workers x {})",
         st.engine,
         st.active,
         st.max_connections,
+        st.places,
         st.capacity,
         st.workers.len(),
         st.per_worker_capacity

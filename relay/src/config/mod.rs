@@ -284,13 +284,18 @@ mod cidr_list {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::net::IpAddr;
 
+    /// An IPv4-mapped range (`::ffff:10.0.0.0/104`) is read as the IPv4 one (`10.0.0.0/8`):
+    /// peers are compared as IPv4 ([`crate::admission::canonical_range`]).
     pub fn parse(s: &str) -> Result<IpNet, String> {
-        if let Ok(net) = s.parse::<IpNet>() {
-            return Ok(net);
-        }
-        s.parse::<IpAddr>()
-            .map(IpNet::from)
-            .map_err(|_| format!("`{s}` is not a CIDR (ADDRESS/PREFIX)"))
+        let net = match s.parse::<IpNet>() {
+            Ok(net) => net,
+            Err(_) => s
+                .parse::<IpAddr>()
+                .map(IpNet::from)
+                .map_err(|_| format!("`{s}` is not a CIDR (ADDRESS/PREFIX)"))?,
+        };
+        let (addr, len) = crate::admission::canonical_range(net.addr(), net.prefix_len());
+        IpNet::new(addr, len).map_err(|e| format!("`{s}`: {e}"))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>>, D::Error> {
@@ -1115,6 +1120,23 @@ mod tests {
             list,
             ["192.0.2.0/24", "2001:db8::7/128"],
             "a bare address is one host"
+        );
+        let mapped = Config::from_toml(
+            &format!(
+                "{proxied}trusted_proxies = [\"::ffff:10.0.0.0/104\", \"::ffff:192.0.2.9\"]\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        let list: Vec<String> = mapped.listeners[0]
+            .trusted_proxies()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            list,
+            ["10.0.0.0/8", "192.0.2.9/32"],
+            "an IPv4-mapped range is the IPv4 one"
         );
 
         check_err(

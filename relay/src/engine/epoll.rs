@@ -315,7 +315,14 @@ impl<'a> Worker<'a> {
                 .add(conn.client.as_fd(), EVENTS, token(slot, generation, false))
                 .is_err()
             {
+                // ENOSPC (`fs.epoll.max_user_watches` reached) or ENOMEM: the connection cannot
+                // be watched, so it is refused with a reset, counted, and its places (the
+                // daemon-wide `max_connections` one and the client's count) given back here,
+                // the only place: it never reaches the slab, so `end` never sees it.
                 self.free.push(slot);
+                self.ctx.release(conn.client_slot);
+                self.ctx.row.inc(Counter::RelayErrors);
+                super::set_reset_on_close(&conn.client);
                 continue;
             }
             s.1 = Some(conn);
@@ -368,6 +375,9 @@ impl<'a> Worker<'a> {
                     .add(s.as_fd(), EVENTS, token(slot, generation, true))
                     .is_err()
                 {
+                    // The upstream socket cannot be watched (as at accept): the connection
+                    // ends, and `end` gives its places back.
+                    self.ctx.row.inc(Counter::RelayErrors);
                     self.end(
                         slot,
                         End::Reset {

@@ -1,6 +1,6 @@
 //! Live admission lists through `sluicectl`, on real sockets: client deny and allow lists, the
 //! destination allowlist, `--kill-existing`, the `[admission]` config table, the PROXY header's
-//! source, and sluicectl's errors. Every change is checked on the same daemon process: nothing
+//! source, IPv4-mapped rules (`::ffff:a.b.c.d`) matching IPv4 clients, and sluicectl's errors. Every change is checked on the same daemon process: nothing
 //! is reloaded.
 //!
 //! Clients connect from 127.0.0.2 and 127.0.0.3 (no other test uses them as sources, and each
@@ -449,6 +449,103 @@ fn ipv6_clients_are_matched() {
     assert!(counter(&relay, "refused_denied") >= 1);
     ctl_ok(&relay, &["deny", "del", "::/1"]);
     try_new(listen, v6).expect("after deny del");
+}
+
+/// Whether a connection to `listen` from `src` that sends `header`, then a ping, is relayed
+/// (false: refused, by a reset or an end before the echo).
+fn relayed_after(listen: SocketAddr, src: IpAddr, header: &[u8]) -> bool {
+    let Ok(mut s) = client::try_connect(listen, Some(src)) else {
+        return false;
+    };
+    s.set_read_timeout(Some(HUNG)).unwrap();
+    s.write_all(header).is_ok() && echoes(&mut s).is_ok()
+}
+
+/// IPv4-mapped IPv6 rules (`::ffff:a.b.c.d`, what a dual-stack socket shows a v4 client as)
+/// match IPv4 clients, in every place an address is compared: a `deny` rule refuses the v4
+/// client it maps (and is listed, and deleted, as the IPv4 range it is); `trusted_proxies`
+/// believes the v4 balancer it maps; over a real IPv6 listener ([::1]), a PROXY header from a
+/// dual-stack balancer naming `::ffff:a.b.c.d` (TCP6) or a.b.c.d (v2, IPv4) is refused by a
+/// `::ffff:` rule and by the IPv4 rule alike. Before the fix, each `::ffff:` rule was an IPv6
+/// range no client address (compared as IPv4) ever fell in.
+#[test]
+fn ipv4_mapped_rules_match_ipv4_clients() {
+    if !engine_ok("epoll") {
+        return;
+    }
+    let echo = EchoServer::start(Host::new().addr());
+    let port = std::net::TcpListener::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let v6_lb: SocketAddr = SocketAddr::new("::1".parse().unwrap(), port);
+    let (plain, v4_lb) = (Host::new().addr(), Host::new().addr());
+    let toml = format!(
+        "workers = 1\nengine = \"epoll\"\n\n\
+         [[listen]]\nname = \"plain\"\nbind = \"{plain}\"\nupstream = [\"{up}\"]\n\n\
+         [[listen]]\nname = \"v4-lb\"\nbind = \"{v4_lb}\"\nupstream = [\"{up}\"]\n\
+         accept_proxy = true\ntrusted_proxies = [\"::ffff:{SERVED}/128\"]\n\n\
+         [[listen]]\nname = \"v6-lb\"\nbind = \"{v6_lb}\"\nupstream = [\"{up}\"]\n\
+         accept_proxy = true\n",
+        up = echo.addr()
+    );
+    // The harness waits for IPv4 listeners only; the [::1] one is bound in the same step.
+    let relay = Sluice::run_config_text(&toml, vec![plain, v4_lb])
+        .workers(1)
+        .start();
+
+    // A deny rule written as the mapped address refuses the IPv4 client.
+    assert_served(&relay, DENIED, "before the rule");
+    ctl_ok(&relay, &["deny", "add", "::ffff:127.0.0.3"]);
+    assert_refused(&relay, DENIED, "deny ::ffff:127.0.0.3");
+    assert_served(&relay, SERVED, "not denied");
+    let listed = ctl_ok(&relay, &["deny", "list"]);
+    assert_eq!(
+        listed.trim(),
+        "127.0.0.3/32",
+        "listed as the IPv4 rule it is"
+    );
+    ctl_ok(&relay, &["deny", "del", "::ffff:127.0.0.3/128"]);
+    assert_served(&relay, DENIED, "after deny del of the mapped form");
+
+    // trusted_proxies written as the mapped address believes the IPv4 balancer.
+    let src: SocketAddr = "198.51.100.7:4000".parse().unwrap();
+    assert!(
+        relayed_after(v4_lb, SERVED, &client::proxy_v1(src, v4_lb)),
+        "a balancer trusted as ::ffff:{SERVED} is believed"
+    );
+    assert!(
+        !relayed_after(v4_lb, DENIED, &client::proxy_v1(src, v4_lb)),
+        "another source is not"
+    );
+
+    // Over [::1]: a dual-stack balancer's IPv4 client, as ::ffff: (TCP6) or IPv4 (v2).
+    let v6: IpAddr = "::1".parse().unwrap();
+    let mapped: SocketAddr = "[::ffff:198.51.100.7]:4000".parse().unwrap();
+    let plain_v4: SocketAddr = "198.51.100.8:4000".parse().unwrap();
+    let v4_dst: SocketAddr = "192.0.2.1:443".parse().unwrap();
+    let tcp6 = client::proxy_v1(mapped, v6_lb);
+    let v2 = client::proxy_v2(plain_v4, v4_dst);
+    assert!(
+        relayed_after(v6_lb, v6, &tcp6),
+        "TCP6 ::ffff: before a rule"
+    );
+    assert!(relayed_after(v6_lb, v6, &v2), "v2 IPv4 before a rule");
+    for rule in ["::ffff:198.51.100.0/120", "198.51.100.0/24"] {
+        ctl_ok(&relay, &["deny", "add", rule]);
+        assert!(
+            !relayed_after(v6_lb, v6, &tcp6),
+            "TCP6 ::ffff: under {rule}"
+        );
+        assert!(!relayed_after(v6_lb, v6, &v2), "v2 IPv4 under {rule}");
+        ctl_ok(&relay, &["deny", "del", rule]);
+        assert!(
+            relayed_after(v6_lb, v6, &tcp6),
+            "TCP6 ::ffff: after del {rule}"
+        );
+    }
+    assert!(counter(&relay, "refused_denied") >= 5);
 }
 
 /// An interface XDP cannot attach to costs one clear log line; the workers still refuse.

@@ -16,6 +16,9 @@
 //!   `refused_bad_header`, while other clients are relayed byte-exact meanwhile.
 //! - SIGKILL of one of three workers while 200 connections stream: only its connections end,
 //!   the others stay byte-exact, a new worker replaces it.
+//! - epoll_ctl refused (ENOSPC, as at a full `fs.epoll.max_user_watches`) for later
+//!   connections of the epoll engine: they are reset and counted (`relay_errors`), and
+//!   `sluicectl status` counts 0 `max_connections` places once every client closed.
 //! - A SYN flood (hping3) against a listener, inside a network namespace of the test's own,
 //!   while 1000 established connections keep exchanging data without an error.
 
@@ -614,4 +617,95 @@ fn tcp_in_segments() -> u64 {
         .position(|n| n == "InSegs")
         .expect("an InSegs column");
     values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// The epoll engine gives a connection's daemon-wide `max_connections` place back on every
+/// error path after admission took it. epoll_ctl(EPOLL_CTL_ADD) fails for real, with ENOSPC as
+/// at a full `fs.epoll.max_user_watches` (a seccomp filter refuses fds numbered `from_fd` and
+/// up), so the first connections are relayed and the later ones are refused with a reset.
+/// Clients and upstreams take fds in turn, so one of the two thresholds (16, 17) makes the
+/// client socket the one that cannot be watched (refused at accept, never in the slab) and the
+/// other the upstream socket (ended after admission). Once every client closed, `sluicectl
+/// status` counts 0 places taken; before the fix, each connection refused at accept kept its
+/// place for the worker's life (`max_connections` slowly filled up).
+#[test]
+fn epoll_gives_back_the_place_when_epoll_ctl_fails() {
+    init();
+    const CONNS: u64 = 12;
+    let mut at_accept = 0;
+    for from_fd in [16, 17] {
+        let host = Host::new();
+        let echo = EchoServer::start(host.addr());
+        let relay = Sluice::forward(host.addr(), echo.addr())
+            .engine("epoll")
+            .workers(1)
+            .refuse_epoll_watches(from_fd)
+            .start();
+        let (mut relayed, mut refused) = (Vec::new(), 0u64);
+        for i in 0..CONNS {
+            let msg = format!("ping {i}\n");
+            let mut got = vec![0u8; msg.len()];
+            // A refused connection may be reset before the client's connect returns, or writes.
+            let answer = client::try_connect(relay.addr(), None).and_then(|mut c| {
+                c.set_read_timeout(Some(HUNG))?;
+                c.write_all(msg.as_bytes())?;
+                c.read_exact(&mut got)?;
+                Ok(c)
+            });
+            match answer {
+                Ok(c) => {
+                    assert_eq!(
+                        got,
+                        msg.as_bytes(),
+                        "fd {from_fd}, connection {i}: the echo"
+                    );
+                    relayed.push(c); // held open, so later connections get higher fds
+                }
+                Err(e) => {
+                    assert!(
+                        matches!(
+                            e.kind(),
+                            ErrorKind::ConnectionReset
+                                | ErrorKind::UnexpectedEof
+                                | ErrorKind::BrokenPipe
+                        ),
+                        "fd {from_fd}, connection {i}: refused, not hung: {e}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        assert!(
+            !relayed.is_empty() && refused > 0,
+            "fd {from_fd}: the filter lets the first connections through and refuses later \
+             ones: {} relayed, {refused} refused",
+            relayed.len()
+        );
+        drop(relayed);
+        let mut st = serde_json::Value::Null;
+        let settled = wait_until(HUNG, || {
+            st = relay.status();
+            st["totals"]["accepted"].as_u64() == Some(CONNS) && st["active"].as_u64() == Some(0)
+        });
+        assert!(
+            settled,
+            "fd {from_fd}: every connection accepted and closed: {st:#}"
+        );
+        assert_eq!(
+            st["places"].as_u64(),
+            Some(0),
+            "fd {from_fd}: no max_connections place left taken: {st:#}"
+        );
+        assert_eq!(
+            st["totals"]["relay_errors"].as_u64(),
+            Some(refused),
+            "fd {from_fd}: each refusal is counted: {st:#}"
+        );
+        // Refused at accept: accepted, never in the slab, so never `closed`.
+        at_accept += CONNS - st["totals"]["closed"].as_u64().unwrap_or(CONNS);
+    }
+    assert!(
+        at_accept > 0,
+        "one threshold refused client sockets at accept"
+    );
 }

@@ -306,3 +306,44 @@ fn a_missing_user_stops_the_start() {
         out.text()
     );
 }
+
+/// A compromised worker cannot reach the control plane: `sluicectl deny add` run with a
+/// worker's credentials (its uid and gid, read from /proc; the socket is 0660 to that group)
+/// is refused by the daemon (SO_PEERCRED: the daemon's own user), and the lists stay as they
+/// were; root still gets in. Before, the group's permission let it change the lists.
+#[test]
+fn a_worker_cannot_use_the_control_socket() {
+    if !engine_ok("epoll") || !require_root() || !sluice_tests::require_program("setpriv") {
+        return;
+    }
+    let (uid, gid) = sluice_user();
+    let server = StreamServer::start(Host::new().addr());
+    let relay = Sluice::forward(Host::new().addr(), server.addr())
+        .engine("epoll")
+        .workers(1)
+        .arg("--user")
+        .arg(USER)
+        .start();
+    let worker = relay.wait_workers(1, HUNG)[0];
+    let (ruid, euid, _) = identity(worker);
+    assert_eq!((ruid, euid), (uid, uid), "the worker runs as {USER}");
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        &format!("--reuid={uid}"),
+        &format!("--regid={gid}"),
+        "--clear-groups",
+    ])
+    .arg(sluice_tests::sluice::sluicectl_bin())
+    .arg("--control")
+    .arg(relay.control_path())
+    .args(["deny", "add", "127.0.0.3/32"]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(10));
+    assert!(
+        !out.status.success() && out.stderr.contains("refused"),
+        "with a worker's credentials: {}",
+        out.text()
+    );
+    let list = relay.ctl(&["deny", "list"]);
+    assert!(list.status.success(), "root still gets in: {}", list.text());
+    assert_eq!(list.stdout.trim(), "", "nothing was denied");
+}
