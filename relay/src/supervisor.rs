@@ -1621,6 +1621,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn restart_backoff_doubles_up_to_its_bound() {
+        let ms: Vec<u128> = (1..=9).map(|n| restart_backoff(n).as_millis()).collect();
+        assert_eq!(
+            ms,
+            [500, 1000, 2000, 4000, 8000, 16_000, 30_000, 30_000, 30_000]
+        );
+        assert_eq!(restart_backoff(u32::MAX), RESTART_BACKOFF_MAX);
+    }
+
+    #[test]
     fn a_listening_port_is_seen_as_in_use() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
