@@ -83,6 +83,13 @@ pub struct WorkerStatus {
     pub active: u64,
     #[serde(default)]
     pub accepted: u64,
+    /// Workers started in this slot to replace one that died.
+    #[serde(default)]
+    pub restarts: u64,
+    /// Why this slot has no process (its start failed; retried with back-off, its listening
+    /// sockets closed meanwhile); absent while a worker runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down: Option<String>,
 }
 
 impl Status {
@@ -106,6 +113,8 @@ impl Status {
                     engine: kind.name().to_string(),
                     active: 0,
                     accepted: 0,
+                    restarts: 0,
+                    down: None,
                 })
                 .collect(),
             totals: Default::default(),
@@ -147,6 +156,10 @@ impl Status {
                 Counter::UpstreamAddressesRefused,
                 "upstream_addresses_refused",
             ),
+            (Counter::WorkersDown, "workers_down"),
+            (Counter::WorkerRestarts, "worker_restarts"),
+            (Counter::WorkerStartFailures, "worker_start_failures"),
+            (Counter::WorkersKilledUnread, "workers_killed_unread"),
         ] {
             self.totals
                 .insert(name.to_string(), shared.supervisor_get(c));

@@ -92,6 +92,9 @@ pub fn run(opts: &Options) -> Vec<Check> {
     out.extend(ports(&opts.config, &held_by_sluice));
     out.extend(proxy_trust(&opts.config));
     out.extend(upstreams(&opts.config, opts.timeout));
+    if let Some(host) = &opts.config.public_host {
+        out.push(public_host(host, opts.timeout));
+    }
     out.push(clock());
     out.extend(sysctls());
     out
@@ -572,6 +575,125 @@ fn check_upstream(u: &HostPort, fixed: Option<std::net::IpAddr>, timeout: Durati
     )
 }
 
+/// `public_host` (what `sluicectl share` puts in the links) resolves, within `timeout`, to an
+/// address of this host: compared with its interfaces' addresses.
+fn public_host(host: &str, timeout: Duration) -> Check {
+    let name = host.to_string();
+    let (tx, rx) = mpsc::channel();
+    let lookup = name.clone();
+    let spawned = std::thread::Builder::new()
+        .name("doctor-public".into())
+        .spawn(move || {
+            let r = (lookup.as_str(), 0u16)
+                .to_socket_addrs()
+                .map(|a| a.map(|s| s.ip()).collect::<Vec<_>>());
+            let _ = tx.send(r);
+        });
+    let resolved = match spawned.map(|_| rx.recv_timeout(timeout)) {
+        Ok(Ok(Ok(a))) => Ok(a),
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Err(_)) => Err(format!("no answer within {timeout:?}")),
+        Err(e) => Err(format!("cannot start the lookup: {e}")),
+    };
+    let interfaces = crate::sys::interface_addrs().unwrap_or_default();
+    public_host_check(&name, resolved, &interfaces)
+}
+
+/// The verdict of [`public_host`], from what the name resolved to and the interfaces' addresses.
+fn public_host_check(
+    host: &str,
+    resolved: Result<Vec<std::net::IpAddr>, String>,
+    interfaces: &[(String, std::net::IpAddr)],
+) -> Check {
+    let name = format!("public_host {host}");
+    let addrs = match resolved {
+        Ok(a) if !a.is_empty() => a,
+        Ok(_) => {
+            return check(
+                name,
+                Level::Fail,
+                format!("`{host}` resolves to no address"),
+                "clients cannot use the shared links: fix the DNS record",
+            );
+        }
+        Err(e) => {
+            return check(
+                name,
+                Level::Fail,
+                format!("`{host}` does not resolve: {e}"),
+                "clients cannot use the shared links: create the DNS record, or set public_host \
+                 to the relay's public IP address",
+            );
+        }
+    };
+    let list = |v: &[std::net::IpAddr]| {
+        v.iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let found = list(&addrs);
+    let on: Vec<String> = addrs
+        .iter()
+        .filter_map(|a| {
+            interfaces
+                .iter()
+                .find(|(_, ip)| ip == a)
+                .map(|(ifname, _)| format!("{a} on {ifname}"))
+        })
+        .collect();
+    let internal = |a: &std::net::IpAddr| {
+        crate::upstream::refused_kind(*a).is_some() || is_internal(&IpNet::from(*a))
+    };
+    if !on.is_empty() {
+        if addrs.iter().all(internal) {
+            return check(
+                name,
+                Level::Warn,
+                format!(
+                    "resolves to {found}, this host's ({}), but not an internet address",
+                    on.join(", ")
+                ),
+                "clients on the internet cannot reach it: set public_host to the public name \
+                 or address",
+            );
+        }
+        return check(
+            name,
+            Level::Ok,
+            format!("resolves to {found}, this host's ({})", on.join(", ")),
+            "",
+        );
+    }
+    let mine: Vec<std::net::IpAddr> = interfaces
+        .iter()
+        .map(|(_, a)| *a)
+        .filter(|a| !a.is_loopback())
+        .collect();
+    let public_mine = mine.iter().any(|a| !internal(a));
+    let why = if public_mine {
+        "if a load balancer or NAT in front of this host owns that address and forwards the \
+         relay's ports here, this is right; otherwise the name points at another host"
+    } else {
+        "this host has only internal addresses, so it is likely behind NAT (a cloud's 1:1 NAT, \
+         a router forwarding ports): that is fine if that public address forwards the relay's \
+         ports to this host"
+    };
+    check(
+        name,
+        Level::Warn,
+        format!(
+            "resolves to {found}, which no interface of this host has (this host: {})",
+            if mine.is_empty() {
+                "no address but loopback".to_string()
+            } else {
+                list(&mine)
+            }
+        ),
+        why,
+    )
+}
+
 fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "es" }
 }
@@ -696,6 +818,51 @@ fn sysctls() -> Vec<Check> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn public_host_is_compared_with_the_interfaces() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let ifs = vec![
+            ("lo".to_string(), ip("127.0.0.1")),
+            ("eth0".to_string(), ip("10.0.0.4")),
+        ];
+        // Behind NAT: a public address on no interface, only internal ones here: warn.
+        let c = public_host_check("relay.example", Ok(vec![ip("203.0.113.5")]), &ifs);
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        assert!(
+            c.detail.contains("203.0.113.5") && c.detail.contains("10.0.0.4"),
+            "{c:?}"
+        );
+        assert!(c.fix.contains("NAT"), "{c:?}");
+        // On an interface with a public address: ok, naming it.
+        let mut public = ifs.clone();
+        public.push(("eth1".to_string(), ip("203.0.113.5")));
+        let c = public_host_check("relay.example", Ok(vec![ip("203.0.113.5")]), &public);
+        assert_eq!(c.level, Level::Ok, "{c:?}");
+        assert!(c.detail.contains("203.0.113.5 on eth1"), "{c:?}");
+        // Another host's public address while this host has one: warn, saying so.
+        let c = public_host_check("relay.example", Ok(vec![ip("198.51.100.7")]), &public);
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        assert!(c.fix.contains("another host"), "{c:?}");
+        // A private address on an interface: warn, not reachable from the internet.
+        let c = public_host_check("10.0.0.4", Ok(vec![ip("10.0.0.4")]), &ifs);
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        // No answer: fail.
+        let c = public_host_check("nx.example", Err("no such name".into()), &ifs);
+        assert_eq!(c.level, Level::Fail, "{c:?}");
+    }
+
+    #[test]
+    fn this_hosts_interfaces_are_read_and_loopback_is_found() {
+        let ifs = crate::sys::interface_addrs().unwrap();
+        assert!(
+            ifs.iter().any(|(_, a)| a.is_loopback()),
+            "interfaces: {ifs:?}"
+        );
+        let c = public_host("127.0.0.1", Duration::from_secs(5));
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        assert!(c.detail.contains("127.0.0.1 on lo"), "{c:?}");
+    }
 
     #[test]
     fn nofile_limits_are_read() {

@@ -155,7 +155,7 @@ fn respond(s: &mut TcpStream, status: &str, ctype: &str, body: &[u8]) -> std::io
 fn is_gauge(c: Counter) -> bool {
     matches!(
         c,
-        Counter::Active | Counter::PipesInUse | Counter::UpstreamsDown
+        Counter::Active | Counter::PipesInUse | Counter::UpstreamsDown | Counter::WorkersDown
     )
 }
 
@@ -189,6 +189,26 @@ pub fn stats_json(src: &Source) -> serde_json::Value {
                 "upstream_addresses_refused".to_string(),
                 src.shared
                     .supervisor_get(Counter::UpstreamAddressesRefused)
+                    .into(),
+            ),
+            (
+                "workers_down".to_string(),
+                src.shared.supervisor_get(Counter::WorkersDown).into(),
+            ),
+            (
+                "worker_restarts".to_string(),
+                src.shared.supervisor_get(Counter::WorkerRestarts).into(),
+            ),
+            (
+                "worker_start_failures".to_string(),
+                src.shared
+                    .supervisor_get(Counter::WorkerStartFailures)
+                    .into(),
+            ),
+            (
+                "workers_killed_unread".to_string(),
+                src.shared
+                    .supervisor_get(Counter::WorkersKilledUnread)
                     .into(),
             ),
         ])
@@ -314,6 +334,21 @@ fn encode_all(src: &Source, mut e: DescriptorEncoder) -> Result<(), std::fmt::Er
             "Loopback, private, link-local, unspecified or multicast addresses in DNS answers for \
              upstream or decoy names, not dialled",
         ),
+        (
+            Counter::WorkerRestarts,
+            "sluice_worker_restarts",
+            "Workers started to replace one that died",
+        ),
+        (
+            Counter::WorkerStartFailures,
+            "sluice_worker_start_failures",
+            "Tries to start a worker that failed (retried with back-off)",
+        ),
+        (
+            Counter::WorkersKilledUnread,
+            "sluice_workers_killed_unread",
+            "Workers killed because they did not read their control pipe",
+        ),
     ] {
         let ctr = ConstCounter::new(src.shared.supervisor_get(c));
         ctr.encode(e.encode_descriptor(name, help, None, ctr.metric_type())?)?;
@@ -327,6 +362,14 @@ fn encode_all(src: &Source, mut e: DescriptorEncoder) -> Result<(), std::fmt::Er
     )?)?;
     let g = ConstGauge::new(n as i64);
     g.encode(e.encode_descriptor("sluice_workers", "Worker processes", None, g.metric_type())?)?;
+    let g = ConstGauge::new(src.shared.supervisor_get(Counter::WorkersDown) as i64);
+    g.encode(e.encode_descriptor(
+        "sluice_workers_down",
+        "Worker slots with no process: its start failed and is retried with back-off, its \
+         listening sockets closed meanwhile",
+        None,
+        g.metric_type(),
+    )?)?;
     {
         // Bytes by engine: each worker runs one engine (they differ when one fell back).
         let mut me = e.encode_descriptor(

@@ -99,10 +99,21 @@ pub enum Counter {
     /// dialled (loopback, private, link-local, ...: [`crate::upstream::refused_kind`]), one per
     /// address per lookup.
     UpstreamAddressesRefused,
+    /// Supervisor row, gauge: worker slots with no process now (their replacement could not
+    /// start and is retried with back-off; their listening sockets are closed meanwhile).
+    WorkersDown,
+    /// Supervisor row: workers started to replace one that died.
+    WorkerRestarts,
+    /// Supervisor row: tries to start a worker that failed (the process could not be started,
+    /// or it kept exiting right after its start), one per try.
+    WorkerStartFailures,
+    /// Supervisor row: workers killed because they did not read their control pipe (bytes
+    /// waited and none were taken for [`crate::supervisor::CONTROL_STALL`]).
+    WorkersKilledUnread,
 }
 
 // Every counter has its slot in a row (the last variant is the highest).
-const _: () = assert!((Counter::UpstreamAddressesRefused as usize) < COUNTERS);
+const _: () = assert!((Counter::WorkersKilledUnread as usize) < COUNTERS);
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::Active, "active"),

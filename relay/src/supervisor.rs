@@ -6,10 +6,16 @@
 //! while the others keep their connections. It serves the control socket ([`crate::control`]).
 //!
 //! Signal contract: SIGTERM / SIGINT stop the workers (their connections close) and exit 0;
-//! SIGCHLD reaps and restarts dead workers; SIGHUP (or `sluicectl reload`) reloads the
+//! SIGCHLD reaps and restarts dead workers (see [`Supervisor::reap`] for a worker that cannot be
+//! started again); SIGHUP (or `sluicectl reload`) reloads the
 //! configuration file: the workers take the new configuration for their new connections while
 //! established ones go on and the listening sockets stay open (see [`Supervisor::reload`]). Workers die with the supervisor (PR_SET_PDEATHSIG
 //! and EOF on their control pipe).
+//!
+//! The main loop never waits on a worker: its control pipes are nonblocking, each with a queue
+//! of what the pipe did not take yet (a worker that takes nothing for [`CONTROL_STALL`] is
+//! killed and replaced), and restarts that are due are driven by the loop's receive timeout,
+//! never by a sleep.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -21,7 +27,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::admission::{self, Rules};
 use crate::config::{Config, EngineChoice, TlsSettings};
@@ -40,6 +46,28 @@ use crate::{histo, http};
 const BACKLOG: i32 = 65_535;
 /// A worker that dies sooner than this after its start counts as crash-looping.
 const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(2);
+/// Crash-looping: after this many quick deaths in a row the slot backs off like a failed start.
+const CRASH_LOOP_LIMIT: u32 = 3;
+/// Back-off of a worker that cannot be started: the first try after this, each next one twice
+/// as late, at most [`RESTART_BACKOFF_MAX`].
+const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A worker with control bytes waiting that took none for this long does not read its pipe
+/// (stopped, or stuck): it is killed and a new one starts with the whole state.
+pub const CONTROL_STALL: Duration = Duration::from_secs(5);
+/// Queued control bytes for one worker beyond which it is killed at once (a bound on the
+/// supervisor's memory; far above what the whole state takes).
+const CONTROL_QUEUE_MAX: usize = 256 << 20;
+/// While bytes wait for a worker's pipe, the loop tries the write again this often.
+const CONTROL_RETRY: Duration = Duration::from_millis(20);
+
+/// When the `attempt`th try (1-based) to start a worker in a slot comes after the last failure.
+fn restart_backoff(attempt: u32) -> Duration {
+    let factor = 1u32 << attempt.saturating_sub(1).min(16);
+    RESTART_BACKOFF_FIRST
+        .saturating_mul(factor)
+        .min(RESTART_BACKOFF_MAX)
+}
 
 /// How the daemon was asked to run, beyond the config file.
 #[derive(Debug, Clone, Default)]
@@ -96,8 +124,68 @@ const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
 struct WorkerProc {
     child: Child,
+    /// The control pipe, nonblocking.
     stdin: ChildStdin,
     started: Instant,
+    /// Control bytes the pipe did not take yet (`out[sent..]`), written as it drains.
+    out: Vec<u8>,
+    sent: usize,
+    /// When the pipe last took bytes, or bytes started waiting.
+    moved: Instant,
+    /// Killed for not reading its pipe (reaped like any dead worker).
+    killed: bool,
+}
+
+impl WorkerProc {
+    /// Bytes waiting for the pipe.
+    fn pending(&self) -> usize {
+        self.out.len() - self.sent
+    }
+
+    /// Queues control lines and writes what the pipe takes now; never waits.
+    fn send(&mut self, msg: &[u8]) {
+        if msg.is_empty() {
+            return;
+        }
+        if self.pending() == 0 {
+            self.moved = Instant::now();
+        }
+        self.out.extend_from_slice(msg);
+        self.flush();
+    }
+
+    /// Writes queued bytes until the pipe is full. A broken pipe (the worker is gone; SIGCHLD
+    /// follows) drops the queue.
+    fn flush(&mut self) {
+        while self.sent < self.out.len() {
+            match self.stdin.write(&self.out[self.sent..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.sent += n;
+                    self.moved = Instant::now();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!("cannot reach a worker's control pipe: {e}");
+                    self.sent = self.out.len();
+                }
+            }
+        }
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        } else if self.sent > (1 << 20) && self.sent * 2 > self.out.len() {
+            self.out.drain(..self.sent);
+            self.sent = 0;
+        }
+    }
+}
+
+/// A worker slot whose worker could not be started: why, and when the next try is.
+struct Down {
+    why: String,
+    retry_at: Instant,
 }
 
 /// Worker processes needed so `max_connections` fit under the per-process fd limit.
@@ -398,6 +486,10 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         shared,
         table,
         procs: Vec::new(),
+        down: (0..nworkers).map(|_| None).collect(),
+        failures: vec![0; nworkers],
+        paused: vec![false; nworkers],
+        restarts: vec![0; nworkers],
         status,
         crash_streak: vec![0; nworkers],
         rules,
@@ -421,7 +513,15 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         engine = kind.name(),
         "ready"
     );
-    for ev in rx {
+    loop {
+        let ev = match rx.recv_timeout(sup.next_wake()) {
+            Ok(ev) => ev,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                sup.tick();
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         match ev {
             Event::Resolved(epoch, table) => {
                 if epoch == sup.resolver_epoch {
@@ -445,10 +545,8 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
                     kind: e.kind,
                 }
                 .encode();
-                if let Some(Some(p)) = sup.procs.get_mut(e.owner as usize)
-                    && let Err(err) = p.stdin.write_all(msg.as_bytes())
-                {
-                    tracing::debug!("cannot reach a worker's control pipe: {err}");
+                if let Some(Some(p)) = sup.procs.get_mut(e.owner as usize) {
+                    p.send(msg.as_bytes());
                 }
             }
             Event::CheckFiles => sup.reload_tls(false),
@@ -461,6 +559,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
                 return Ok(());
             }
         }
+        sup.tick();
     }
     Ok(())
 }
@@ -546,6 +645,15 @@ struct Supervisor {
     tls: Vec<Option<PemIdentity>>,
     table: Table,
     procs: Vec<Option<WorkerProc>>,
+    /// Slots whose worker could not be started (`procs[i]` is None), retried with back-off.
+    down: Vec<Option<Down>>,
+    /// Failed tries in a row per slot (the back-off's exponent); reset when a worker of the
+    /// slot lived past [`CRASH_LOOP_WINDOW`].
+    failures: Vec<u32>,
+    /// Slots whose listening sockets are closed (shut down, out of the SO_REUSEPORT group).
+    paused: Vec<bool>,
+    /// Workers started in each slot to replace one that died.
+    restarts: Vec<u64>,
     status: Arc<Mutex<Status>>,
     crash_streak: Vec<u32>,
     /// The admission lists: the source of truth, pushed whole to every worker on each change.
@@ -583,10 +691,22 @@ impl Supervisor {
         sys::pass_fds(&mut cmd, fds, worker::FIRST_LISTENER_FD);
         let mut child = cmd.spawn()?;
         let stdin = child.stdin.take().expect("piped stdin");
+        if let Err(e) = sys::set_nonblocking(stdin.as_fd()) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other(format!(
+                "cannot make the control pipe nonblocking: {e}"
+            ))
+            .into());
+        }
         let mut p = WorkerProc {
             child,
             stdin,
             started: Instant::now(),
+            out: Vec::new(),
+            sent: 0,
+            moved: Instant::now(),
+            killed: false,
         };
         self.write_table(&mut p);
         let mut start = String::new();
@@ -596,14 +716,12 @@ impl Supervisor {
         start.push_str(&self.decoy_message());
         start.push_str(&self.admission_message());
         start.push_str(&ControlMsg::Ready.encode());
-        p.stdin.write_all(start.as_bytes())?;
+        p.send(start.as_bytes());
         Ok(p)
     }
 
     fn write_table(&self, p: &mut WorkerProc) {
-        if let Err(e) = p.stdin.write_all(self.table_message().as_bytes()) {
-            tracing::debug!("cannot reach a worker's control pipe: {e}");
-        }
+        p.send(self.table_message().as_bytes());
     }
 
     /// Every address list of the table, as control lines.
@@ -848,9 +966,7 @@ impl Supervisor {
                     self.tls[i] = Some(id);
                     let msg = self.tls_message(i);
                     for p in self.procs.iter_mut().flatten() {
-                        if let Err(e) = p.stdin.write_all(msg.as_bytes()) {
-                            tracing::debug!("cannot reach a worker's control pipe: {e}");
-                        }
+                        p.send(msg.as_bytes());
                     }
                     tracing::info!(listener = %l.name, "new certificate loaded; new connections use it");
                 }
@@ -911,9 +1027,7 @@ impl Supervisor {
 
     fn broadcast(&mut self, msg: &str) {
         for p in self.procs.iter_mut().flatten() {
-            if let Err(e) = p.stdin.write_all(msg.as_bytes()) {
-                tracing::debug!("cannot reach a worker's control pipe: {e}");
-            }
+            p.send(msg.as_bytes());
         }
     }
 
@@ -983,7 +1097,11 @@ impl Supervisor {
         }
     }
 
-    /// Reaps dead workers and starts their replacements.
+    /// Reaps dead workers and starts their replacements. A replacement that cannot be started
+    /// (the process cannot be made, or it keeps exiting right after its start) leaves the slot
+    /// down: its listening sockets are closed, so the kernel spreads new clients over the
+    /// living workers instead of queueing them where no one accepts, and the start is tried
+    /// again with back-off ([`Supervisor::tick`]).
     fn reap(&mut self) {
         for i in 0..self.procs.len() {
             let Some(p) = self.procs[i].as_mut() else {
@@ -993,6 +1111,8 @@ impl Supervisor {
                 continue;
             };
             let lived = p.started.elapsed();
+            let killed = p.killed;
+            self.procs[i] = None;
             self.shared.clear_gauges(i);
             // Its sockets left the shared sockmap as they closed; its peer and counter entries
             // go now, before a new worker takes its index.
@@ -1009,27 +1129,154 @@ impl Supervisor {
             if let Some(stats) = histo::installed() {
                 drop(stats.fresh());
             }
-            tracing::warn!(worker = i, "worker exited ({exit}); starting a new one");
-            self.crash_streak[i] = if lived < CRASH_LOOP_WINDOW {
-                self.crash_streak[i] + 1
+            if lived < CRASH_LOOP_WINDOW && !killed {
+                self.crash_streak[i] += 1;
             } else {
-                0
-            };
-            if self.crash_streak[i] > 3 {
-                // Crash-looping: back off, so a broken host does not spin the CPU.
-                std::thread::sleep(Duration::from_millis(
-                    500 * u64::from(self.crash_streak[i].min(10)),
-                ));
+                self.crash_streak[i] = 0;
+                self.failures[i] = 0;
             }
-            self.procs[i] = match self.spawn(i) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::error!(worker = i, "cannot start a worker: {e}");
-                    None
-                }
-            };
+            if self.crash_streak[i] > CRASH_LOOP_LIMIT {
+                // Crash-looping: back off, so a broken host does not spin the CPU.
+                let why = format!(
+                    "it exited within {} ms of its start {} times in a row, the last time {exit}",
+                    CRASH_LOOP_WINDOW.as_millis(),
+                    self.crash_streak[i]
+                );
+                self.mark_down(i, why);
+                continue;
+            }
+            tracing::warn!(worker = i, "worker exited ({exit}); starting a new one");
+            self.restart(i);
         }
         self.publish_status();
+    }
+
+    /// Starts a worker in slot `i` (its listening sockets listening again first, if they were
+    /// closed); on failure the slot is down until the next try.
+    fn restart(&mut self, i: usize) {
+        if self.paused[i] {
+            for (l, fd) in self.listeners[i].iter().enumerate() {
+                if let Err(e) = SockRef::from(fd).listen(BACKLOG) {
+                    let why = format!(
+                        "cannot listen again on {}: {e}",
+                        self.config.listeners[l].bind
+                    );
+                    self.mark_down(i, why);
+                    return;
+                }
+            }
+            self.paused[i] = false;
+        }
+        let was_down = self.down[i].take().is_some();
+        match self.spawn(i) {
+            Ok(p) => {
+                self.procs[i] = Some(p);
+                self.restarts[i] += 1;
+                self.shared.supervisor().inc(Counter::WorkerRestarts);
+                if was_down {
+                    tracing::info!(
+                        worker = i,
+                        "worker {i} started again; its listening sockets are open again"
+                    );
+                }
+            }
+            Err(e) => self.mark_down(i, e.to_string()),
+        }
+        self.count_down();
+    }
+
+    /// Slot `i` has no worker and cannot get one now: its listening sockets leave the port's
+    /// SO_REUSEPORT group (shut down, not closed: the fd keeps the socket bound, so listening
+    /// again needs no privilege the daemon dropped) and the next try is scheduled.
+    fn mark_down(&mut self, i: usize, why: String) {
+        self.failures[i] += 1;
+        let delay = restart_backoff(self.failures[i]);
+        if !self.paused[i] {
+            for (l, fd) in self.listeners[i].iter().enumerate() {
+                // A listening socket shut down for reading stops listening: the connections
+                // queued on it are reset, new ones go to the other sockets of the group.
+                if let Err(e) = SockRef::from(fd).shutdown(std::net::Shutdown::Read) {
+                    tracing::warn!(
+                        worker = i,
+                        "cannot close the listening socket on {}: {e}",
+                        self.config.listeners[l].bind
+                    );
+                }
+            }
+            self.paused[i] = true;
+        }
+        self.shared.supervisor().inc(Counter::WorkerStartFailures);
+        tracing::error!(
+            worker = i,
+            "cannot start worker {i}: {why}; its listening sockets are closed, so new clients \
+             go to the other workers; next try in {} ms",
+            delay.as_millis()
+        );
+        self.down[i] = Some(Down {
+            why,
+            retry_at: Instant::now() + delay,
+        });
+        self.count_down();
+    }
+
+    fn count_down(&self) {
+        let n = self.procs.iter().filter(|p| p.is_none()).count();
+        self.shared.supervisor().set(Counter::WorkersDown, n as u64);
+    }
+
+    /// How long the main loop may wait for an event: until the next restart is due, or a short
+    /// while when control bytes wait for a pipe.
+    fn next_wake(&self) -> Duration {
+        let now = Instant::now();
+        let mut wake = Duration::from_secs(3600);
+        for d in self.down.iter().flatten() {
+            wake = wake.min(d.retry_at.saturating_duration_since(now));
+        }
+        if self.procs.iter().flatten().any(|p| p.pending() > 0) {
+            wake = wake.min(CONTROL_RETRY);
+        }
+        wake
+    }
+
+    /// Runs after every event and timeout: writes what waits for the control pipes (a worker
+    /// that takes nothing for [`CONTROL_STALL`] is killed; its replacement starts with the whole
+    /// state), and tries the starts that are due.
+    fn tick(&mut self) {
+        for (i, slot) in self.procs.iter_mut().enumerate() {
+            let Some(p) = slot.as_mut() else {
+                continue;
+            };
+            if p.pending() == 0 || p.killed {
+                continue;
+            }
+            p.flush();
+            let waiting = p.pending();
+            if waiting > 0 && (p.moved.elapsed() >= CONTROL_STALL || waiting > CONTROL_QUEUE_MAX) {
+                tracing::error!(
+                    worker = i,
+                    pid = p.child.id(),
+                    "worker {i} does not read its control pipe ({waiting} bytes wait, none \
+                     taken for {} ms): killing it; a new one starts with the whole state",
+                    p.moved.elapsed().as_millis()
+                );
+                let _ = sys::kill(p.child.id(), libc::SIGKILL);
+                p.killed = true;
+                p.out = Vec::new();
+                p.sent = 0;
+                self.shared.supervisor().inc(Counter::WorkersKilledUnread);
+            }
+        }
+        let now = Instant::now();
+        let due: Vec<usize> = (0..self.procs.len())
+            .filter(|&i| self.procs[i].is_none())
+            .filter(|&i| self.down[i].as_ref().is_some_and(|d| d.retry_at <= now))
+            .collect();
+        if !due.is_empty() {
+            for i in due {
+                self.restart(i);
+            }
+            self.publish_status();
+        }
     }
 
     fn publish_status(&self) {
@@ -1050,6 +1297,8 @@ impl Supervisor {
                 engine: self.kind.name().to_string(),
                 active: 0,
                 accepted: 0,
+                restarts: self.restarts[i],
+                down: self.down[i].as_ref().map(|d| d.why.clone()),
             })
             .collect();
     }
@@ -1370,6 +1619,16 @@ fn spawn_signal_thread(tx: mpsc::Sender<Event>) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restart_backoff_doubles_up_to_its_bound() {
+        let ms: Vec<u128> = (1..=9).map(|n| restart_backoff(n).as_millis()).collect();
+        assert_eq!(
+            ms,
+            [500, 1000, 2000, 4000, 8000, 16_000, 30_000, 30_000, 30_000]
+        );
+        assert_eq!(restart_backoff(u32::MAX), RESTART_BACKOFF_MAX);
+    }
 
     #[test]
     fn a_listening_port_is_seen_as_in_use() {

@@ -25,7 +25,7 @@ const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// The `sluice` user, created the way the install step does if this machine lacks it.
-fn sluice_user() -> (u32, u32) {
+pub(super) fn sluice_user() -> (u32, u32) {
     let lookup = || {
         let out = run_with_timeout(
             Command::new("id").args(["-u", USER]),
