@@ -138,6 +138,7 @@ impl Status {
                 Counter::UpstreamAddressesRefused,
                 "upstream_addresses_refused",
             ),
+            (Counter::MetricsHttpRefused, "metrics_http_refused"),
         ] {
             self.totals
                 .insert(name.to_string(), shared.supervisor_get(c));

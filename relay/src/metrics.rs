@@ -99,10 +99,13 @@ pub enum Counter {
     /// dialled (loopback, private, link-local, ...: [`crate::upstream::refused_kind`]), one per
     /// address per lookup.
     UpstreamAddressesRefused,
+    /// Supervisor row: connections to the metrics listener answered `503` and closed because
+    /// [`crate::http::MAX_CONNS`] were open.
+    MetricsHttpRefused,
 }
 
 // Every counter has its slot in a row (the last variant is the highest).
-const _: () = assert!((Counter::UpstreamAddressesRefused as usize) < COUNTERS);
+const _: () = assert!((Counter::MetricsHttpRefused as usize) < COUNTERS);
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::Active, "active"),
