@@ -1095,7 +1095,10 @@ fn serving(shared: &Shared, status: &Mutex<Status>) -> Result<(), String> {
             return Err(format!("worker {} of {n} is not running", w.index));
         }
         if shared.get(w.index, Counter::Pid) != u64::from(w.pid) {
-            return Err(format!("worker {} of {n} is starting", w.index));
+            return Err(format!(
+                "worker {} of {n} is starting (or has just exited)",
+                w.index
+            ));
         }
     }
     if n == 0 {

@@ -47,6 +47,8 @@ fn idle_connections_held_open_do_not_delay_a_scrape() {
     let relay = Sluice::forward(Host::new().addr(), up.addr())
         .metrics(metrics)
         .start();
+    // Every worker up first (the relay may answer before its supervisor published them).
+    assert!(wait_until(HUNG, || get(metrics, "/healthz").0 == "HTTP/1.1 200 OK"));
     // Idle clients: four that send nothing, two that send half a request head.
     let mut held: Vec<TcpStream> = (0..6).map(|_| client::connect(metrics)).collect();
     for s in &mut held[4..] {
@@ -157,7 +159,9 @@ fn healthz_is_503_with_the_reason_while_a_worker_cannot_be_started() {
     assert!(
         wait_until(HUNG, || {
             last = get(metrics, "/healthz");
-            last.0 == "HTTP/1.1 503 Service Unavailable"
+            // "… is starting (or has just exited)" comes first, until the supervisor has
+            // reaped the worker and failed to start its replacement.
+            last.0 == "HTTP/1.1 503 Service Unavailable" && last.1.contains("not running")
         }),
         "{last:?}"
     );
