@@ -160,6 +160,7 @@ impl Status {
             (Counter::WorkerRestarts, "worker_restarts"),
             (Counter::WorkerStartFailures, "worker_start_failures"),
             (Counter::WorkersKilledUnread, "workers_killed_unread"),
+            (Counter::MetricsHttpRefused, "metrics_http_refused"),
         ] {
             self.totals
                 .insert(name.to_string(), shared.supervisor_get(c));

@@ -3,15 +3,21 @@
 //! - `/metrics`: Prometheus / OpenMetrics text (prometheus-client): counters and gauges from
 //!   [`crate::metrics`], histograms from [`crate::histo`] with fixed buckets.
 //! - `/stats.json`: the live numbers the stats page polls every second.
+//! - `/healthz`: `200 ok` while every worker runs and serves its listening sockets, else `503`
+//!   with a one-line reason (asked of the supervisor through [`Source::health`]).
 //! - `/`: the stats page (`stats.html`, self-contained: inline JS and canvas, no CDN).
 //!
-//! One thread, one request at a time, HTTP/1.1 with `Connection: close`. A request is read
-//! with a 2 s timeout and at most [`MAX_REQUEST`] bytes; a slow or hostile client can delay
-//! other scrapes by 2 s at most and never the supervisor's own work (it runs on its own thread).
-//! The peer's address is never read, logged or stored.
+//! One thread, one epoll set, nonblocking sockets: clients are served side by side, so an idle
+//! or slow one delays no one. Bounded: at most [`MAX_CONNS`] connections at once (one past that
+//! gets `503` and is closed; `metrics_http_refused`), each with [`DEADLINE`] from accept to the
+//! last byte of its answer, a request head of at most [`MAX_REQUEST`] bytes (`431` past it),
+//! HTTP/1.1 with `Connection: close`. Answers are built on the thread when the head is complete
+//! (a scrape is a few hundred microseconds of encoding); the supervisor's own work never waits
+//! for it. The peer's address is never read, logged or stored.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,12 +31,22 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::engine::EngineKind;
 use crate::histo::{KINDS, Kind, Stats};
 use crate::metrics::{ALL_COUNTERS, Counter, Shared};
+use crate::sys::{self, Epoll};
 
 /// Largest request head read.
 pub const MAX_REQUEST: usize = 8 * 1024;
-const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once; one more is answered `503` and closed.
+pub const MAX_CONNS: usize = 64;
+/// From accept to the last byte of the answer; a connection still open then is closed.
+pub const DEADLINE: Duration = Duration::from_secs(2);
+/// How long accepting pauses when accept(2) fails (EMFILE and the like), so it does not spin.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 const PAGE: &str = include_str!("stats.html");
+
+/// What `/healthz` asks: Ok when the relay serves every port, else the reason (one line, no
+/// address).
+pub type Health = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// What the HTTP thread reads.
 pub struct Source {
@@ -39,6 +55,7 @@ pub struct Source {
     pub workers: usize,
     pub engine: String,
     pub started: Instant,
+    pub health: Health,
 }
 
 /// Binds the listener (before the workers start, so a port in use fails the start).
@@ -48,59 +65,254 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Serves `listener` on a thread of its own.
 pub fn spawn(listener: TcpListener, src: Source) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let epoll = Epoll::new()?;
+    epoll.add(listener.as_fd(), libc::EPOLLIN as u32, LISTENER)?;
     let src = Arc::new(src);
     std::thread::Builder::new()
         .name("metrics-http".into())
         .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(s) => {
-                        if let Err(e) = answer(s, &src) {
-                            tracing::trace!("metrics http request failed: {}", e.kind());
-                        }
-                    }
-                    // EMFILE and the like: do not spin.
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
+            let mut server = Server {
+                listener,
+                epoll,
+                conns: (0..MAX_CONNS).map(|_| None).collect(),
+                accept_paused: None,
+                src,
+            };
+            server.run();
         })
         .map(drop)
 }
 
-fn answer(mut s: TcpStream, src: &Arc<Source>) -> std::io::Result<()> {
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    let deadline = Instant::now() + IO_TIMEOUT;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-        if buf.len() >= MAX_REQUEST {
-            return respond(
-                &mut s,
+/// The epoll token of the listening socket; a connection's is its slot + 1.
+const LISTENER: u64 = 0;
+
+/// One client: its request head so far, then its answer.
+struct Conn {
+    stream: TcpStream,
+    deadline: Instant,
+    head: Vec<u8>,
+    /// The answer, once the head is complete; `sent` bytes of it written.
+    out: Option<Vec<u8>>,
+    sent: usize,
+}
+
+struct Server {
+    listener: TcpListener,
+    epoll: Epoll,
+    conns: Vec<Option<Conn>>,
+    /// Accepting stopped until then (accept(2) failed).
+    accept_paused: Option<Instant>,
+    src: Arc<Source>,
+}
+
+/// What a connection wants next.
+enum Next {
+    Read,
+    Write,
+    Close,
+}
+
+impl Server {
+    fn run(&mut self) {
+        let mut events = vec![sys::epoll_event_zeroed(); MAX_CONNS + 1];
+        loop {
+            let now = Instant::now();
+            let wake = self
+                .conns
+                .iter()
+                .flatten()
+                .map(|c| c.deadline)
+                .chain(self.accept_paused)
+                .min();
+            let timeout = wake.map_or(-1, |w| {
+                w.saturating_duration_since(now).as_millis().min(60_000) as i32 + 1
+            });
+            let n = match self.epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!("metrics http: epoll_wait failed ({e}); serving stops");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let token = ev.u64;
+                if token == LISTENER {
+                    self.accept();
+                } else {
+                    self.step(token as usize - 1);
+                }
+            }
+            self.expire();
+        }
+    }
+
+    fn accept(&mut self) {
+        // Bounded: at most a backlog's worth per wake-up, then the others get their turn.
+        for _ in 0..2 * MAX_CONNS {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!("metrics http: accept failed: {}", e.kind());
+                    self.pause_accepting();
+                    return;
+                }
+            };
+            let Some(slot) = self.conns.iter().position(Option::is_none) else {
+                self.refuse(stream);
+                continue;
+            };
+            if stream.set_nonblocking(true).is_err()
+                || self
+                    .epoll
+                    .add(stream.as_fd(), libc::EPOLLIN as u32, slot as u64 + 1)
+                    .is_err()
+            {
+                continue;
+            }
+            self.conns[slot] = Some(Conn {
+                stream,
+                deadline: Instant::now() + DEADLINE,
+                head: Vec::new(),
+                out: None,
+                sent: 0,
+            });
+        }
+    }
+
+    /// Every place is taken: a short answer written as far as the socket takes it at once,
+    /// then closed. The answer fits an empty send buffer, so the client reads all of it.
+    fn refuse(&self, mut stream: TcpStream) {
+        self.src
+            .shared
+            .supervisor()
+            .inc(Counter::MetricsHttpRefused);
+        let _ = stream.set_nonblocking(true);
+        let _ = stream.write(&response(
+            "503 Service Unavailable",
+            "text/plain",
+            b"too many connections to the metrics listener\n",
+        ));
+    }
+
+    fn pause_accepting(&mut self) {
+        if self
+            .epoll
+            .modify(self.listener.as_fd(), 0, LISTENER)
+            .is_ok()
+        {
+            self.accept_paused = Some(Instant::now() + ACCEPT_PAUSE);
+        }
+    }
+
+    fn step(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let next = if conn.out.is_none() {
+            read_head(conn, &self.src)
+        } else {
+            Next::Write
+        };
+        let next = match next {
+            Next::Write => write_out(conn),
+            other => other,
+        };
+        match next {
+            Next::Read => {}
+            Next::Write => {
+                let _ =
+                    self.epoll
+                        .modify(conn.stream.as_fd(), libc::EPOLLOUT as u32, slot as u64 + 1);
+            }
+            Next::Close => self.close(slot),
+        }
+    }
+
+    fn close(&mut self, slot: usize) {
+        if let Some(conn) = self.conns[slot].take() {
+            let _ = self.epoll.delete(conn.stream.as_fd());
+        }
+    }
+
+    /// Closes connections past their deadline and resumes accepting after a pause.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        for slot in 0..self.conns.len() {
+            if self.conns[slot].as_ref().is_some_and(|c| c.deadline <= now) {
+                self.close(slot);
+            }
+        }
+        if self.accept_paused.is_some_and(|t| t <= now)
+            && self
+                .epoll
+                .modify(self.listener.as_fd(), libc::EPOLLIN as u32, LISTENER)
+                .is_ok()
+        {
+            self.accept_paused = None;
+        }
+    }
+}
+
+/// Reads what the client sent (nonblocking); once the head is complete, the answer goes to
+/// `conn.out`.
+fn read_head(conn: &mut Conn, src: &Arc<Source>) -> Next {
+    let mut chunk = [0u8; 2048];
+    // Bounded: the head is at most MAX_REQUEST bytes, read in chunks.
+    for _ in 0..=MAX_REQUEST / chunk.len() + 1 {
+        if head_complete(&conn.head) {
+            conn.out = Some(answer(&conn.head, src));
+            return Next::Write;
+        }
+        if conn.head.len() >= MAX_REQUEST {
+            conn.out = Some(response(
                 "431 Request Header Fields Too Large",
                 "text/plain",
                 b"",
-            );
+            ));
+            return Next::Write;
         }
-        if Instant::now() > deadline {
-            return Ok(());
+        match conn.stream.read(&mut chunk) {
+            Ok(0) => return Next::Close,
+            Ok(n) => conn.head.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Next::Read,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return Next::Close,
         }
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
     }
-    let head = String::from_utf8_lossy(&buf);
+    Next::Read
+}
+
+fn head_complete(buf: &[u8]) -> bool {
+    buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n")
+}
+
+/// Writes what the socket takes of the answer; closes once all of it is written.
+fn write_out(conn: &mut Conn) -> Next {
+    let Some(out) = conn.out.as_ref() else {
+        return Next::Close;
+    };
+    while conn.sent < out.len() {
+        match conn.stream.write(&out[conn.sent..]) {
+            Ok(0) => return Next::Close,
+            Ok(n) => conn.sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Next::Write,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return Next::Close,
+        }
+    }
+    Next::Close
+}
+
+/// The whole answer (head and body) to a complete request head.
+fn answer(buf: &[u8], src: &Arc<Source>) -> Vec<u8> {
+    let head = String::from_utf8_lossy(buf);
     let mut parts = head.lines().next().unwrap_or("").split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     if method != "GET" && method != "HEAD" {
-        return respond(
-            &mut s,
-            "405 Method Not Allowed",
-            "text/plain",
-            b"GET only\n",
-        );
+        return response("405 Method Not Allowed", "text/plain", b"GET only\n");
     }
     let path = target.split('?').next().unwrap_or("");
     let (status, ctype, body): (&str, &str, Vec<u8>) = match path {
@@ -109,6 +321,14 @@ fn answer(mut s: TcpStream, src: &Arc<Source>) -> std::io::Result<()> {
             "text/html; charset=utf-8",
             PAGE.as_bytes().to_vec(),
         ),
+        "/healthz" => match (src.health)() {
+            Ok(()) => ("200 OK", "text/plain", b"ok\n".to_vec()),
+            Err(why) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("{}\n", why.replace(['\r', '\n'], " ")).into_bytes(),
+            ),
+        },
         // OpenMetrics for scrapers that ask for it (Prometheus does), else the classic text
         // format (promtool, curl).
         "/metrics"
@@ -134,21 +354,26 @@ fn answer(mut s: TcpStream, src: &Arc<Source>) -> std::io::Result<()> {
         ),
         _ => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
     };
-    let body = if method == "HEAD" { &[][..] } else { &body[..] };
-    respond(&mut s, status, ctype, body)
+    if method == "HEAD" {
+        // The head says the body's length; the body is left out.
+        let mut out = response(status, ctype, &body);
+        out.truncate(out.len() - body.len());
+        return out;
+    }
+    response(status, ctype, &body)
 }
 
-fn respond(s: &mut TcpStream, status: &str, ctype: &str, body: &[u8]) -> std::io::Result<()> {
-    let head = format!(
+fn response(status: &str, ctype: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\
          Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\
          Content-Security-Policy: default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'\r\n\
          Connection: close\r\n\r\n",
         body.len()
-    );
-    s.write_all(head.as_bytes())?;
-    s.write_all(body)?;
-    s.flush()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
 }
 
 /// Counters that are gauges (values that go down).
@@ -209,6 +434,12 @@ pub fn stats_json(src: &Source) -> serde_json::Value {
                 "workers_killed_unread".to_string(),
                 src.shared
                     .supervisor_get(Counter::WorkersKilledUnread)
+                    .into(),
+            ),
+            (
+                "metrics_http_refused".to_string(),
+                src.shared
+                    .supervisor_get(Counter::MetricsHttpRefused)
                     .into(),
             ),
         ])
@@ -348,6 +579,11 @@ fn encode_all(src: &Source, mut e: DescriptorEncoder) -> Result<(), std::fmt::Er
             Counter::WorkersKilledUnread,
             "sluice_workers_killed_unread",
             "Workers killed because they did not read their control pipe",
+        ),
+        (
+            Counter::MetricsHttpRefused,
+            "sluice_metrics_http_refused",
+            "Connections to this listener answered 503 because too many were open",
         ),
     ] {
         let ctr = ConstCounter::new(src.shared.supervisor_get(c));

@@ -110,10 +110,13 @@ pub enum Counter {
     /// Supervisor row: workers killed because they did not read their control pipe (bytes
     /// waited and none were taken for [`crate::supervisor::CONTROL_STALL`]).
     WorkersKilledUnread,
+    /// Supervisor row: connections to the metrics listener answered `503` and closed because
+    /// [`crate::http::MAX_CONNS`] were open.
+    MetricsHttpRefused,
 }
 
 // Every counter has its slot in a row (the last variant is the highest).
-const _: () = assert!((Counter::WorkersKilledUnread as usize) < COUNTERS);
+const _: () = assert!((Counter::MetricsHttpRefused as usize) < COUNTERS);
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::Active, "active"),

@@ -452,6 +452,10 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
                 workers: nworkers,
                 engine: kind.name().to_string(),
                 started: Instant::now(),
+                health: {
+                    let (shared, status) = (shared.clone(), status.clone());
+                    Box::new(move || serving(&shared, &status))
+                },
             },
         )?;
         tracing::info!("metrics at http://{addr}/metrics, stats page at http://{addr}/");
@@ -1322,6 +1326,40 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// What `/healthz` answers ([`http::Source::health`]): Ok while every worker slot has a live
+/// process (published by [`Supervisor::publish_status`]) that started and serves its listening
+/// sockets (it wrote its pid into its counters row; [`Shared::clear_gauges`] clears it when it
+/// dies). The supervisor binds every listening socket before the first worker starts, so a
+/// running worker means its sockets are bound. The one place that reads worker state for it:
+/// a change to how workers are restarted needs to keep only this true.
+fn serving(shared: &Shared, status: &Mutex<Status>) -> Result<(), String> {
+    let st = status
+        .lock()
+        .map_err(|_| "the supervisor's status is poisoned")?;
+    let n = st.workers.len();
+    for w in &st.workers {
+        if let Some(why) = &w.down {
+            return Err(format!(
+                "worker {} of {n} is down (restart retried with back-off): {why}",
+                w.index
+            ));
+        }
+        if w.pid == 0 {
+            return Err(format!("worker {} of {n} is not running", w.index));
+        }
+        if shared.get(w.index, Counter::Pid) != u64::from(w.pid) {
+            return Err(format!(
+                "worker {} of {n} is starting (or has just exited)",
+                w.index
+            ));
+        }
+    }
+    if n == 0 {
+        return Err("no worker started yet".into());
+    }
+    Ok(())
 }
 
 /// The lists the daemon starts with, from `[admission]` (destination names resolved once here;

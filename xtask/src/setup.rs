@@ -31,13 +31,39 @@ const APT_PACKAGES: &[&str] = &[
     // systemd-analyze verifies the unit.
     "strace",
     "systemd",
+    // The Helm chart's check runs Helm's own lint and template engine from PyPI (below).
+    "python3-venv",
 ];
+
+/// Where [`helm_sdk`] installs `helm-python-sdk`: Helm 4's Go code (lint, template rendering)
+/// as a shared library, from PyPI. Helm's binary is in no registry this project uses.
+pub const HELM_SDK_DIR: &str = "/opt/sluice-tools/helm-sdk";
+const HELM_SDK: &str = "helm-python-sdk==0.2.2";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn all() -> Result<()> {
     apt(APT_PACKAGES)?;
+    helm_sdk()?;
     ebpf_toolchain()
+}
+
+/// A virtualenv at [`HELM_SDK_DIR`] with `helm-python-sdk` (tests/src/tests/dist.rs lints and
+/// renders the Helm chart with it).
+pub fn helm_sdk() -> Result<()> {
+    let python = format!("{HELM_SDK_DIR}/bin/python3");
+    let installed = Command::new(&python)
+        .args(["-c", "import helm_python"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if installed {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {HELM_SDK} into {HELM_SDK_DIR}");
+    run(Command::new("python3").args(["-m", "venv", HELM_SDK_DIR]))?;
+    run(Command::new(format!("{HELM_SDK_DIR}/bin/pip")).args(["install", "-q", HELM_SDK]))
+        .context("pip install helm-python-sdk failed")
 }
 
 /// The eBPF build chain: LLVM 22, nightly with rust-src, bpf-linker built against LLVM 22.

@@ -1,15 +1,18 @@
 //! The install paths in `dist/`: the systemd unit (verified by `systemd-analyze verify`, with
 //! the hardening keys present), the Docker seccomp profile (parses; allows io_uring; allows every
 //! system call the relay and `sluicectl` make, traced with strace on both the io_uring and the
-//! epoll engine), the Dockerfile's shape, and the Helm chart (templates rendered from
-//! values.yaml must be valid YAML describing a PROXY-v2 LoadBalancer in front of listeners that
-//! accept PROXY, with probes on those ports).
+//! epoll engine), the Dockerfile's shape (non-root user, /healthz HEALTHCHECK, dependencies
+//! fetched before the sources are copied), and the Helm chart, linted (`--strict`) and rendered
+//! by Helm's own code (`helm-python-sdk`, installed by `cargo xtask setup`): a PROXY-v2
+//! LoadBalancer in front of listeners that accept PROXY, non-root pods with every capability
+//! dropped, /healthz probes on the metrics port, a metrics Service and ServiceMonitor, a
+//! NetworkPolicy keeping the PROXY ports to the balancer's CIDRs, sockmap refused.
 //!
 //! The Debian package `cargo xtask dist` builds: lintian finds no error in it, and it installs,
 //! runs and purges cleanly in a throwaway Debian 12 root (mmdebstrap, cached under
 //! `target/deb-rootfs/`).
 //!
-//! Docker is not run here. That the relay still works where a seccomp profile refuses io_uring
+//! Docker is not run here (no daemon on the machines this runs on); the image is not built. That the relay still works where a seccomp profile refuses io_uring
 //! (Docker's default) is `fallback::auto_falls_back_to_epoll_when_io_uring_is_blocked`.
 //! `cargo xtask dist`'s tarball is checked by the unit test in `xtask/src/dist.rs`.
 
@@ -345,12 +348,22 @@ fn seccomp_profile_allows_io_uring_and_every_call_the_relay_makes() {
 fn dockerfile_is_multi_stage_with_a_slim_runtime() {
     let text = read("dist/docker/Dockerfile");
     let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
-    assert_eq!(froms.len(), 2, "{froms:?}");
-    assert!(froms[0].ends_with(" AS build"), "{froms:?}");
+    assert_eq!(froms.len(), 3, "{froms:?}");
+    assert!(froms[0].ends_with(" AS skeleton"), "{froms:?}");
+    assert!(froms[1].ends_with(" AS build"), "{froms:?}");
     assert!(
-        froms[1].contains("slim") || froms[1].contains("distroless"),
+        froms[2].contains("slim") || froms[2].contains("distroless"),
         "{froms:?}"
     );
+    // Dependencies fetched before the sources are copied (a cached layer).
+    let fetch = text.find("RUN cargo fetch --locked").expect("cargo fetch");
+    let copy = text[text.find(" AS build").unwrap()..]
+        .find("COPY . .")
+        .map(|i| i + text.find(" AS build").unwrap());
+    assert!(copy.is_some_and(|c| fetch < c), "fetch before COPY . .");
+    // Runs as the sluice user, checked through /healthz.
+    assert!(text.lines().any(|l| l == "USER sluice:sluice"));
+    assert!(text.contains("HEALTHCHECK") && text.contains("GET /healthz"));
     assert!(
         text.contains("cargo xtask build-ebpf"),
         "builds the eBPF object"
@@ -373,101 +386,159 @@ fn dockerfile_is_multi_stage_with_a_slim_runtime() {
 // ---------------------------------------------------------------------------------------------
 // Helm
 
-/// A value of values.yaml by dotted path, as template text.
-fn lookup(values: &serde_yaml::Value, path: &str) -> String {
-    let mut v = values;
-    for key in path.split('.') {
-        v = v
-            .get(key)
-            .unwrap_or_else(|| panic!(".Values.{path}: no `{key}` in values.yaml"));
-    }
-    match v {
-        serde_yaml::Value::String(s) => s.clone(),
-        serde_yaml::Value::Number(n) => n.to_string(),
-        serde_yaml::Value::Bool(b) => b.to_string(),
-        other => panic!(".Values.{path} is not a scalar: {other:?}"),
-    }
-}
+/// Each template's manifest by path, or why rendering failed.
+type Rendered = Result<BTreeMap<String, String>, String>;
 
-/// Renders a template the way helm would for these simple ones: `{{ .Values.a.b }}` and
-/// `{{ .Release.Name }}` only (anything else fails the test).
-fn render(template: &str, values: &serde_yaml::Value, release: &str) -> String {
-    let mut out = String::new();
-    let mut rest = template;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let end = rest[start..].find("}}").expect("unclosed {{") + start;
-        let expr = rest[start + 2..end].trim();
-        if expr == ".Release.Name" {
-            out.push_str(release);
-        } else if let Some(path) = expr.strip_prefix(".Values.") {
-            out.push_str(&lookup(values, path));
-        } else {
-            panic!("template expression `{expr}` is more than a value substitution");
-        }
-        rest = &rest[end + 2..];
+/// Helm's own lint and template engine (Helm 4 as a library, `helm-python-sdk` from PyPI,
+/// installed by `cargo xtask setup` at `xtask::setup::HELM_SDK_DIR`): lints the chart and
+/// renders it with `values` (JSON); returns the lint report and each template's manifest, or
+/// the render error.
+fn helm(values: &serde_json::Value) -> Option<(serde_json::Value, Rendered)> {
+    let python = Path::new(xtask::setup::HELM_SDK_DIR).join("bin/python3");
+    if !python.is_file() {
+        sluice_tests::skip("helm-python-sdk is not installed (cargo xtask setup)");
+        return None;
     }
-    out.push_str(rest);
-    out
+    const SCRIPT: &str = r#"
+import json, sys, helm_python as h
+chart, values = sys.argv[1], json.loads(sys.argv[2])
+out = {"lint": h.lint(chart, values, strict=True)}
+try:
+    out["manifests"] = h.Chart.load(chart).render(values, name="relay")
+except Exception as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"#;
+    let chart = repo().join("dist/helm/sluice");
+    let out = run_with_timeout(
+        Command::new(python)
+            .arg("-c")
+            .arg(SCRIPT)
+            .arg(&chart)
+            .arg(values.to_string()),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "helm: {}", out.text());
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let rendered = match v["error"].as_str() {
+        Some(e) => Err(e.to_string()),
+        None => Ok(serde_json::from_value(v["manifests"].clone()).unwrap()),
+    };
+    Some((v["lint"].clone(), rendered))
 }
 
 #[test]
 fn helm_chart_renders_to_valid_manifests_for_proxy_v2_behind_a_load_balancer() {
-    let chart = repo().join("dist/helm/sluice");
+    let Some((lint, rendered)) = helm(&serde_json::json!({})) else {
+        return;
+    };
+    // `helm lint --strict`: no error, no warning (an info, "icon is recommended", is fine).
+    assert!(lint["errors"].as_array().unwrap().is_empty(), "{lint}");
+    assert!(
+        lint["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["severity"].as_u64() < Some(2)),
+        "{lint}"
+    );
     let values: serde_yaml::Value =
         serde_yaml::from_str(&read("dist/helm/sluice/values.yaml")).unwrap();
-    let meta: serde_yaml::Value =
-        serde_yaml::from_str(&read("dist/helm/sluice/Chart.yaml")).unwrap();
-    assert_eq!(meta["apiVersion"].as_str(), Some("v2"));
-    assert_eq!(meta["name"].as_str(), Some("sluice"));
     let mut docs: BTreeMap<String, serde_yaml::Value> = BTreeMap::new();
-    for entry in std::fs::read_dir(chart.join("templates")).unwrap() {
-        let path = entry.unwrap().path();
-        let text = std::fs::read_to_string(&path).unwrap();
-        let rendered = render(&text, &values, "relay");
-        let doc: serde_yaml::Value = serde_yaml::from_str(&rendered)
-            .unwrap_or_else(|e| panic!("{} is not valid YAML ({e}):\n{rendered}", path.display()));
+    for (path, text) in rendered.unwrap() {
+        if text.trim().is_empty() {
+            continue;
+        }
+        let doc: serde_yaml::Value = serde_yaml::from_str(&text)
+            .unwrap_or_else(|e| panic!("{path} is not valid YAML ({e}):\n{text}"));
+        if doc.is_null() {
+            continue; // only comments: a template switched off by its values
+        }
         let kind = doc["kind"].as_str().expect("a kind").to_string();
-        docs.insert(kind, doc);
+        let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+        docs.insert(format!("{kind}/{name}"), doc);
     }
-    for kind in [
-        "ConfigMap",
-        "Deployment",
-        "Service",
-        "HorizontalPodAutoscaler",
+    for key in [
+        "ConfigMap/relay-config",
+        "Deployment/relay",
+        "Service/relay",
+        "Service/relay-metrics",
+        "HorizontalPodAutoscaler/relay",
+        "NetworkPolicy/relay",
     ] {
-        assert!(docs.contains_key(kind), "no {kind}: {:?}", docs.keys());
+        assert!(docs.contains_key(key), "no {key}: {:?}", docs.keys());
     }
-    // The relay's configuration: valid, every listener expects the balancer's PROXY header.
-    let toml = docs["ConfigMap"]["data"]["sluice.toml"].as_str().unwrap();
+    // The ServiceMonitor only where asked for (it needs the operator's CRD).
+    assert!(!docs.keys().any(|k| k.starts_with("ServiceMonitor/")));
+    // The relay's configuration: valid, every listener expects the balancer's PROXY header, the
+    // metrics listener on the pod's address.
+    let toml = docs["ConfigMap/relay-config"]["data"]["sluice.toml"]
+        .as_str()
+        .unwrap();
     let config = sluice::config::Config::from_toml(toml, "chart ConfigMap").unwrap();
     assert!(config.listeners.iter().all(|l| l.accept_proxy), "{toml}");
+    let metrics_port = u64::from(config.metrics.listen.0.expect("metrics on").port());
     let listener_ports: BTreeSet<u64> = config
         .listeners
         .iter()
         .map(|l| u64::from(l.bind.port()))
         .collect();
-    // Deployment: replicas from values, container ports and probes on the listeners.
-    let dep = &docs["Deployment"];
+    // Deployment: replicas from values, container ports, probes on /healthz of the metrics port.
+    let dep = &docs["Deployment/relay"];
     assert_eq!(dep["spec"]["replicas"], values["replicaCount"]);
-    let container = &dep["spec"]["template"]["spec"]["containers"][0];
-    let ports: BTreeSet<u64> = container["ports"]
+    let pod = &dep["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let ports: BTreeMap<String, u64> = container["ports"]
         .as_sequence()
         .unwrap()
         .iter()
-        .map(|p| p["containerPort"].as_u64().unwrap())
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["containerPort"].as_u64().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(ports, listener_ports);
+    assert_eq!(ports["metrics"], metrics_port);
+    let relay_ports: BTreeSet<u64> = ports
+        .iter()
+        .filter(|(n, _)| *n != "metrics")
+        .map(|(_, p)| *p)
+        .collect();
+    assert_eq!(relay_ports, listener_ports);
     for probe in ["readinessProbe", "livenessProbe"] {
-        let port = container[probe]["tcpSocket"]["port"].as_u64();
-        assert!(
-            port.is_some_and(|p| listener_ports.contains(&p)),
-            "{probe} is not a TCP probe on a listener: {:?}",
-            container[probe]
-        );
+        let get = &container[probe]["httpGet"];
+        assert_eq!(get["path"].as_str(), Some("/healthz"), "{probe}");
+        assert_eq!(get["port"].as_str(), Some("metrics"), "{probe}");
+        assert!(container[probe]["tcpSocket"].is_null(), "{probe}");
     }
+    // Least privilege.
+    let sc = &container["securityContext"];
+    assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true));
+    assert!(sc["runAsUser"].as_u64().is_some_and(|u| u > 0));
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(
+        sc["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    assert_eq!(sc["capabilities"]["drop"][0].as_str(), Some("ALL"));
+    assert!(
+        sc["capabilities"]["add"].is_null(),
+        "no port below 1024, no capability: {sc:?}"
+    );
+    assert!(
+        listener_ports
+            .iter()
+            .chain([&metrics_port])
+            .all(|p| *p >= 1024)
+    );
     // Service: a load balancer sending PROXY, publishing 443 and 587 for the share link.
-    let svc = &docs["Service"];
+    let svc = &docs["Service/relay"];
     assert_eq!(svc["spec"]["type"].as_str(), Some("LoadBalancer"));
     assert_eq!(
         svc["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-proxy-protocol"]
@@ -490,8 +561,55 @@ fn helm_chart_renders_to_valid_manifests_for_proxy_v2_behind_a_load_balancer() {
         "{published:?}"
     );
     assert!(published.contains_key(&443) && published.contains_key(&587));
+    let msvc = &docs["Service/relay-metrics"];
+    assert_eq!(msvc["spec"]["type"].as_str(), Some("ClusterIP"));
+    assert_eq!(
+        msvc["spec"]["ports"][0]["targetPort"].as_str(),
+        Some("metrics")
+    );
+    // NetworkPolicy: the relay ports only from the balancer's CIDRs, metrics from Prometheus.
+    let np = &docs["NetworkPolicy/relay"]["spec"];
+    let rules = np["ingress"].as_sequence().unwrap();
+    let proxy_rule = rules
+        .iter()
+        .find(|r| {
+            r["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|p| p["port"].as_u64() == Some(8222))
+        })
+        .expect("a rule for the PROXY ports");
+    let cidrs: Vec<&str> = proxy_rule["from"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|f| f["ipBlock"]["cidr"].as_str().unwrap())
+        .collect();
+    let wanted: Vec<&str> = values["networkPolicy"]["balancerCIDRs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(cidrs, wanted);
+    let proxy_ports: BTreeSet<u64> = proxy_rule["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(proxy_ports, listener_ports);
+    assert!(rules.iter().all(|r| {
+        !r["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"].as_u64() == Some(metrics_port))
+            || !r["from"][0]["ipBlock"].is_mapping()
+    }));
     // HPA scales this Deployment.
-    let hpa = &docs["HorizontalPodAutoscaler"];
+    let hpa = &docs["HorizontalPodAutoscaler/relay"];
     assert_eq!(
         hpa["spec"]["scaleTargetRef"]["name"],
         dep["metadata"]["name"]
@@ -515,14 +633,28 @@ fn helm_chart_renders_to_valid_manifests_for_proxy_v2_behind_a_load_balancer() {
         links[0].url,
         "https://wa.me/proxy?host=lb.example.org&chatPort=443&mediaPort=587&chatTLS=1"
     );
-    // helm itself, where it is installed (it is not in Debian's archive).
-    if sluice_tests::find_program("helm").is_some() {
-        let out = run_with_timeout(
-            Command::new("helm").arg("lint").arg(&chart),
-            Duration::from_secs(60),
-        );
-        assert!(out.status.success(), "helm lint: {}", out.text());
+
+    // With the ServiceMonitor asked for: it selects the metrics Service's labels.
+    let (_, rendered) = helm(&serde_json::json!({
+        "metrics": {"serviceMonitor": {"enabled": true, "labels": {"release": "kps"}}}
+    }))
+    .unwrap();
+    let rendered = rendered.unwrap();
+    let sm: serde_yaml::Value =
+        serde_yaml::from_str(&rendered["sluice/templates/servicemonitor.yaml"]).unwrap();
+    assert_eq!(sm["metadata"]["labels"]["release"].as_str(), Some("kps"));
+    assert_eq!(sm["spec"]["endpoints"][0]["port"].as_str(), Some("metrics"));
+    assert_eq!(
+        sm["spec"]["endpoints"][0]["path"].as_str(),
+        Some("/metrics")
+    );
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_mapping().unwrap() {
+        assert_eq!(&msvc["metadata"]["labels"][k], v, "{k:?}");
     }
+    // The sockmap engine is refused with the reason, not rendered without its capabilities.
+    let (_, rendered) = helm(&serde_json::json!({"engine": "sockmap"})).unwrap();
+    let err = rendered.expect_err("engine: sockmap must not render");
+    assert!(err.contains("CAP_BPF"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------

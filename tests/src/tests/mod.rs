@@ -48,6 +48,7 @@ mod faults;
 mod half_close;
 mod health;
 mod limits;
+mod metrics_http;
 mod observability;
 mod operator;
 mod peers;
