@@ -55,6 +55,7 @@ mod presets;
 mod privileges;
 mod proxy_protocol;
 mod reload;
+mod scanner;
 mod sni;
 mod sockmap;
 mod supervisor;
