@@ -2,10 +2,11 @@
 //! where a censor's probe does not speak the port's protocol, and real clients' bytes still
 //! reach the upstream byte-exact (every engine):
 //!
-//! - `decoy = "builtin"` on a plain port: `curl http://relay/` gets the built-in page (200), a
+//! - `decoy = "builtin"` on a plain port: `curl http://relay/` gets the built-in page (200,
+//!   Debian's nginx welcome page), a
 //!   WhatsApp-like stream (`WA` + bytes) reaches the upstream;
 //! - on a TLS port: `curl -k https://relay/` gets the page inside TLS, `curl http://` (plain
-//!   HTTP to the TLS port) gets an answer too, scanner garbage gets `400 Bad Request`, and
+//!   HTTP to the TLS port) gets nginx's "plain HTTP request was sent to HTTPS port", scanner garbage gets `400 Bad Request`, and
 //!   `openssl s_client -servername not-allowed.example` sending an HTTP request gets the page;
 //!   a WhatsApp-like stream inside TLS reaches the upstream;
 //! - `decoy = "HOST:PORT"`: the probe gets that site's page (a local nginx) instead;
@@ -88,7 +89,10 @@ fn probes_see_a_web_site(engine: &str) {
 
     // Plain port: curl gets the built-in page; a real client its upstream.
     let (ok, body) = curl(&format!("http://{plain}/"));
-    assert!(ok && body.contains("<title>Welcome</title>"), "{ok} {body}");
+    assert!(
+        ok && body.contains("<title>Welcome to nginx!</title>"),
+        "{ok} {body}"
+    );
     probes += 1;
     let (ok, body) = curl(&format!("http://{plain}/admin"));
     assert!(ok && body.contains("404 Not Found"), "{ok} {body}");
@@ -98,13 +102,13 @@ fn probes_see_a_web_site(engine: &str) {
     // TLS port: the page inside TLS, plain HTTP and garbage answered like a web server.
     let (ok, body) = curl(&format!("https://{tls}/"));
     assert!(
-        ok && body.contains("<title>Welcome</title>"),
+        ok && body.contains("<title>Welcome to nginx!</title>"),
         "https: {ok} {body}"
     );
     probes += 1;
     let (ok, body) = curl(&format!("http://{tls}/"));
     assert!(
-        ok && body.contains("<title>Welcome</title>"),
+        ok && body.contains("The plain HTTP request was sent to HTTPS port"),
         "http to the TLS port: {ok} {body}"
     );
     probes += 1;
@@ -124,7 +128,7 @@ fn probes_see_a_web_site(engine: &str) {
     let page = s.exchange(b"GET / HTTP/1.0\r\n\r\n".to_vec(), usize::MAX, HUNG);
     let page = String::from_utf8_lossy(&page);
     assert!(
-        page.contains("<title>Welcome</title>"),
+        page.contains("<title>Welcome to nginx!</title>"),
         "openssl: {page}\n{}",
         s.stderr()
     );
