@@ -30,9 +30,10 @@
 //!
 //! `builtin` serves Debian's `index.nginx-debian.html` (the page nginx's package installs,
 //! shipped byte for byte) at `/`; `dir:` serves the directory's files. Nothing about a request is
-//! logged or kept. Not imitated (ARCHITECTURE.md, "Decoy"): gzip (`gzip on` in Debian's
-//! nginx.conf compresses `text/html` for clients that accept it), multi-range requests,
-//! conditional requests (`304`), `Expect: 100-continue`, MSIE padding of error pages.
+//! logged or kept. `gzip on` (Debian's nginx.conf) is imitated with nginx's own compressed
+//! bytes of Debian's page and of the 404 and 403 pages; other files go out uncompressed. Not
+//! imitated (ARCHITECTURE.md, "Decoy"): compression of the operator's other files, multi-range
+//! requests, conditional requests (`304`), `Expect: 100-continue`, MSIE padding of error pages.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -239,6 +240,9 @@ pub struct Request {
     pub keepalive: bool,
     pub body: Body,
     pub range: Option<String>,
+    /// nginx's `gzip on` would compress the answer: HTTP/1.1 or later (`gzip_http_version`),
+    /// `Accept-Encoding` with `gzip` not at q=0, no `Via` (`gzip_proxied off`).
+    pub gzip: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,6 +367,7 @@ pub fn parse(buf: &[u8]) -> Parsed {
                 keepalive: false,
                 body: Body::None,
                 range: None,
+                gzip: false,
             },
             head_start,
         );
@@ -400,6 +405,8 @@ pub fn parse(buf: &[u8]) -> Parsed {
     let mut te = false;
     let mut connection = String::new();
     let mut range = None;
+    let mut accept_gzip = false;
+    let mut via = false;
     loop {
         let Some(n) = buf[at..].iter().position(|&c| c == b'\n') else {
             if buf.len() - at >= LARGE_BUFFER || buf.len() >= MAX_HEAD {
@@ -453,6 +460,8 @@ pub fn parse(buf: &[u8]) -> Parsed {
             }
             b"connection" => connection = value.to_ascii_lowercase(),
             b"range" => range = Some(value),
+            b"accept-encoding" => accept_gzip = accepts_gzip(&value),
+            b"via" => via = true,
             _ => {}
         }
     }
@@ -489,9 +498,65 @@ pub fn parse(buf: &[u8]) -> Parsed {
             keepalive,
             body,
             range,
+            gzip: http11 && accept_gzip && !via,
         },
         at,
     )
+}
+
+/// nginx's `ngx_http_gzip_accept_encoding`: `gzip` in the list, not with a q-value of 0.
+fn accepts_gzip(value: &str) -> bool {
+    let lower = value.to_ascii_lowercase();
+    let Some(at) = lower.find("gzip") else {
+        return false;
+    };
+    let rest = lower[at + 4..].trim_start();
+    let Some(params) = rest.strip_prefix(';') else {
+        return true;
+    };
+    let q = params.split(',').next().unwrap_or("").trim();
+    match q.strip_prefix("q=") {
+        Some(v) => v.trim().parse::<f32>().map_or(true, |q| q > 0.0),
+        None => true,
+    }
+}
+
+/// nginx's gzip output (level 1, as `gzip on` leaves it) of the bodies the builtin site sends,
+/// captured from Debian 12's nginx 1.22.1 (zlib 1.2.13): compressing them here with another
+/// deflate would give other bytes.
+const PAGE_GZ: &[u8] = include_bytes!("decoy_gz/page.gz");
+const NOT_FOUND_GZ: &[u8] = include_bytes!("decoy_gz/404.gz");
+const FORBIDDEN_GZ: &[u8] = include_bytes!("decoy_gz/403.gz");
+
+/// A gzip-encoded answer as nginx sends it: chunked (the length is not known in advance), one
+/// chunk; `extra` headers (`Last-Modified`, ...) go where nginx puts them.
+fn gzip_answer(
+    status: &str,
+    content_type: &str,
+    before_te: &str,
+    after_connection: &str,
+    keepalive: bool,
+    head_only: bool,
+    gz: &[u8],
+) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nServer: {SERVER}\r\nDate: {}\r\nContent-Type: {content_type}\r\n\
+         {before_te}{}Connection: {}\r\n{after_connection}Content-Encoding: gzip\r\n\r\n",
+        http_date(SystemTime::now()),
+        if head_only {
+            ""
+        } else {
+            "Transfer-Encoding: chunked\r\n"
+        },
+        if keepalive { "keep-alive" } else { "close" },
+    )
+    .into_bytes();
+    if !head_only {
+        out.extend_from_slice(format!("{:x}\r\n", gz.len()).as_bytes());
+        out.extend_from_slice(gz);
+        out.extend_from_slice(b"\r\n0\r\n\r\n");
+    }
+    out
 }
 
 /// An unfinished line: too long already (`too_long`), or more to come.
@@ -794,6 +859,15 @@ fn answer(site: &Site, req: &Request, https_port: bool) -> (Vec<u8>, Option<(Fou
     let found = match lookup(site, &req.path) {
         Ok(f) => f,
         Err(code) => {
+            let gz = match code {
+                404 => NOT_FOUND_GZ,
+                _ => FORBIDDEN_GZ,
+            };
+            if req.gzip {
+                let status = format!("{code} {}", reason(code));
+                let a = gzip_answer(&status, "text/html", "", "", req.keepalive, head_only, gz);
+                return (a, None);
+            }
             return (
                 error_answer(code, None, req.keepalive, head_only, req.http09),
                 None,
@@ -825,6 +899,19 @@ fn answer(site: &Site, req: &Request, https_port: bool) -> (Vec<u8>, Option<(Fou
             http_date(found.mtime),
         )
     };
+    if req.gzip && is_page(&found) {
+        // Ranges do not apply to a compressed answer: nginx sends all of it.
+        let a = gzip_answer(
+            "200 OK",
+            content_type(&found.name),
+            &format!("Last-Modified: {}\r\n", http_date(found.mtime)),
+            &format!("ETag: W/\"{mtime_s:x}-{len:x}\"\r\n"),
+            req.keepalive,
+            head_only,
+            PAGE_GZ,
+        );
+        return (a, None);
+    }
     let range = req.range.as_deref().and_then(|r| byte_range(r, len));
     let (head, start, end) = match range {
         Some(Ok((a, b))) => (
@@ -857,6 +944,17 @@ fn answer(site: &Site, req: &Request, https_port: bool) -> (Vec<u8>, Option<(Fou
         (head.into_bytes(), None)
     } else {
         (head.into_bytes(), Some((found, start, end)))
+    }
+}
+
+/// Whether a found file is Debian's page (whose gzip form is known, [`PAGE_GZ`]); other files
+/// go out uncompressed.
+fn is_page(f: &Found) -> bool {
+    match &f.body {
+        FileBody::Builtin => true,
+        FileBody::File(p) => {
+            f.len == PAGE.len() as u64 && std::fs::read(p).is_ok_and(|b| b == PAGE)
+        }
     }
 }
 

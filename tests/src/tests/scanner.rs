@@ -274,6 +274,64 @@ fn battery() -> Vec<Probe> {
             Plain,
             vec![send(&req("GET /nothing HTTP/1.1", "")), Read],
         ),
+        probe(
+            "gzip",
+            Plain,
+            vec![send(&req(
+                "GET / HTTP/1.1",
+                "Accept-Encoding: gzip, deflate\r\n",
+            ))],
+        ),
+        probe(
+            "gzip-head",
+            Plain,
+            vec![send(&req("HEAD / HTTP/1.1", "Accept-Encoding: gzip\r\n"))],
+        ),
+        probe(
+            "gzip-not-found",
+            Plain,
+            vec![send(&req(
+                "GET /nothing HTTP/1.1",
+                "Accept-Encoding: gzip\r\nConnection: close\r\n",
+            ))],
+        ),
+        probe(
+            "gzip-1.0",
+            Plain,
+            vec![send(&req("GET / HTTP/1.0", "Accept-Encoding: gzip\r\n"))],
+        ),
+        probe(
+            "gzip-q0",
+            Plain,
+            vec![send(&req(
+                "GET / HTTP/1.1",
+                "Accept-Encoding: gzip;q=0\r\nConnection: close\r\n",
+            ))],
+        ),
+        probe(
+            "gzip-range",
+            Plain,
+            vec![send(&req(
+                "GET / HTTP/1.1",
+                "Accept-Encoding: gzip\r\nRange: bytes=0-9\r\nConnection: close\r\n",
+            ))],
+        ),
+        probe(
+            "gzip-post",
+            Plain,
+            vec![send(&req(
+                "POST / HTTP/1.1",
+                "Accept-Encoding: gzip\r\nContent-Length: 0\r\nConnection: close\r\n",
+            ))],
+        ),
+        probe(
+            "gzip-via",
+            Plain,
+            vec![send(&req(
+                "GET / HTTP/1.1",
+                "Accept-Encoding: gzip\r\nVia: 1.1 proxy\r\nConnection: close\r\n",
+            ))],
+        ),
         probe("silent", Plain, vec![]),
         probe(
             "unfinished-header",
@@ -423,7 +481,15 @@ fn end_kind(reset: bool, after: Duration) -> End {
 /// The text compared: the bytes with `Date`/`ETag`/`Last-Modified` values and nginx's version
 /// replaced, then how it ended.
 fn normalised(seen: &Seen) -> String {
-    let text = String::from_utf8_lossy(&seen.bytes);
+    // Binary-safe: bytes outside printable ASCII are written as \xNN.
+    let text: String = seen
+        .bytes
+        .iter()
+        .map(|&b| match b {
+            b'\r' | b'\n' | b'\t' | 0x20..=0x7e => char::from(b).to_string(),
+            _ => format!("\\x{b:02x}"),
+        })
+        .collect();
     let mut out = String::new();
     for line in text.split_inclusive('\n') {
         let lower = line.to_ascii_lowercase();
@@ -497,6 +563,18 @@ fn first_difference(a: &str, b: &str) -> String {
 }
 
 fn differential(engine: &str) {
+    differential_with(engine, None)
+}
+engines!(differential);
+
+/// The same with `decoy = "dir:PATH"` on nginx's own document root (Debian's page in it).
+fn differential_dir(engine: &str) {
+    differential_with(engine, Some(()))
+}
+engines!(differential_dir);
+
+/// The battery against nginx and Sluice; `dir`: Sluice serves nginx's root with `dir:`.
+fn differential_with(engine: &str, dir: Option<()>) {
     if !engine_ok(engine) || !require_program("nginx") || !require_program("openssl") {
         return;
     }
@@ -525,10 +603,14 @@ fn differential(engine: &str) {
     let text = format!(
         "[timeouts]\nheader_ms = {t}\ndecoy_header_ms = {t}\ndecoy_keepalive_ms = {t}\n\n\
          [[listen]]\nname = \"plain\"\nbind = \"{s_plain}\"\nupstream = [\"{up}\"]\n\
-         decoy = \"builtin\"\n\n\
+         decoy = \"{decoy}\"\n\n\
          [[listen]]\nname = \"tls\"\nbind = \"{s_tls}\"\nupstream = [\"{up}\"]\n\
-         decoy = \"builtin\"\n[listen.tls]\ndns_names = [\"relay.test\"]\n",
+         decoy = \"{decoy}\"\n[listen.tls]\ndns_names = [\"relay.test\"]\n",
         t = TIMEOUT_S * 1000,
+        decoy = match dir {
+            Some(()) => format!("dir:{}", nginx.root().display()),
+            None => "builtin".to_string(),
+        },
         up = upstream.addr(),
     );
     let relay = Sluice::run_config_text(&text, vec![s_plain, s_tls])
@@ -605,4 +687,3 @@ fn differential(engine: &str) {
         relay.status(),
     );
 }
-engines!(differential);
