@@ -390,19 +390,9 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         }
         None => None,
     };
-    // The built-in decoy site, when a listener asks for it (bound before privileges go).
-    let builtin_decoy = if config
-        .listeners
-        .iter()
-        .any(|l| l.decoy == crate::config::Decoy::Builtin)
-    {
-        let l = crate::decoy::bind()?;
-        let addr = l.local_addr()?;
-        crate::decoy::spawn(l)?;
-        Some(addr)
-    } else {
-        None
-    };
+    // The local decoy sites, when a listener asks for one (bound before privileges go).
+    let mut local_decoys = Vec::new();
+    crate::decoy::start_local(&config, &mut local_decoys).map_err(std::io::Error::other)?;
     // After binding, so a port in use is reported before seconds of key generation.
     let tls = load_tls(&config, None)?;
     // Before the resolver thread starts: its health checks skip addresses not on the
@@ -471,7 +461,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         resolver_epoch: 0,
         resolver_stop: Arc::new(AtomicBool::new(false)),
         cert_watch: false,
-        builtin_decoy,
+        local_decoys,
         shared_fast_fds: match &shared_fast {
             Some(fast) => fast
                 .map_fds()
@@ -629,8 +619,8 @@ struct Supervisor {
     resolver_stop: Arc<AtomicBool>,
     /// Whether the thread that looks at certificate files runs.
     cert_watch: bool,
-    /// The built-in decoy site's address, once a listener asked for it ([`crate::decoy`]).
-    builtin_decoy: Option<SocketAddr>,
+    /// The local decoy sites started so far (`builtin`, `dir:`; [`crate::decoy`]).
+    local_decoys: Vec<crate::decoy::Local>,
     /// The sockmap fast path's pinned maps, with the verdict this process attached to them;
     /// handed to every worker. None: each worker has maps of its own (or another engine).
     shared_fast: Option<crate::ebpf::FastPath>,
@@ -904,17 +894,7 @@ impl Supervisor {
         for listener in 0..self.tls.len() {
             msg.push_str(&self.tls_message(listener));
         }
-        if self.builtin_decoy.is_none()
-            && self
-                .config
-                .listeners
-                .iter()
-                .any(|l| l.decoy == crate::config::Decoy::Builtin)
-        {
-            let l = crate::decoy::bind().map_err(|e| format!("the built-in decoy site: {e}"))?;
-            self.builtin_decoy = l.local_addr().ok();
-            crate::decoy::spawn(l).map_err(|e| format!("the built-in decoy site: {e}"))?;
-        }
+        crate::decoy::start_local(&self.config, &mut self.local_decoys)?;
         msg.push_str(&self.decoy_message());
         msg.push_str(&self.admission_message());
         self.broadcast(&msg);
@@ -988,9 +968,14 @@ impl Supervisor {
         use crate::config::Decoy;
         let mut out = String::new();
         for (listener, l) in self.config.listeners.iter().enumerate() {
+            let mut https_addr = None;
             let addr = match &l.decoy {
                 Decoy::Off => None,
-                Decoy::Builtin => self.builtin_decoy,
+                Decoy::Builtin | Decoy::Dir(_) => {
+                    let local = self.local_decoys.iter().find(|d| d.decoy == l.decoy);
+                    https_addr = local.map(|d| d.https_addr);
+                    local.map(|d| d.addr)
+                }
                 Decoy::Site(hp) => match upstream::resolve_one(&self.config, hp) {
                     Ok(found) => {
                         if !found.refused.is_empty() {
@@ -1013,7 +998,14 @@ impl Supervisor {
                     }
                 },
             };
-            out.push_str(&ControlMsg::Decoy { listener, addr }.encode());
+            out.push_str(
+                &ControlMsg::Decoy {
+                    listener,
+                    addr,
+                    https_addr,
+                }
+                .encode(),
+            );
         }
         out
     }

@@ -61,9 +61,12 @@ pub enum ControlMsg {
     Held { cookie: u64, kind: u32 },
     /// Where listener `listener`'s decoy is (the built-in site, or its `HOST:PORT` resolved);
     /// None: off, or the name does not resolve (then such connections are closed).
+    /// `https_addr`: where plaintext sent to a TLS listener goes instead (the local site's twin
+    /// that answers nginx's "plain HTTP request was sent to HTTPS port"); None: to `addr`.
     Decoy {
         listener: usize,
         addr: Option<SocketAddr>,
+        https_addr: Option<SocketAddr>,
     },
     /// Close every live connection whose client (its peer address now) is in one of `cidrs`
     /// (`sluicectl deny add --kill-existing`), then report `generation`.
@@ -103,10 +106,14 @@ impl ControlMsg {
                 key_pem,
             } => format!("tls {listener} {} {}\n", hex(chain_pem), hex(key_pem)),
             ControlMsg::Ready => "ready\n".to_string(),
-            ControlMsg::Decoy { listener, addr } => match addr {
-                Some(a) => format!("decoy {listener} {a}\n"),
-                None => format!("decoy {listener} -\n"),
-            },
+            ControlMsg::Decoy {
+                listener,
+                addr,
+                https_addr,
+            } => {
+                let a = |a: &Option<SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
+                format!("decoy {listener} {} {}\n", a(addr), a(https_addr))
+            }
             ControlMsg::Held { cookie, kind } => format!("held {cookie} {kind}\n"),
             ControlMsg::Config { toml } => format!("config {}\n", hex(toml)),
             ControlMsg::Admission {
@@ -171,6 +178,10 @@ impl ControlMsg {
             "decoy" => Some(ControlMsg::Decoy {
                 listener: number(&mut parts)?,
                 addr: match parts.next()? {
+                    "-" => None,
+                    a => Some(a.parse().ok()?),
+                },
+                https_addr: match parts.next()? {
                     "-" => None,
                     a => Some(a.parse().ok()?),
                 },
@@ -610,10 +621,12 @@ mod tests {
         check(ControlMsg::Decoy {
             listener: 3,
             addr: Some("127.0.0.1:4321".parse().unwrap()),
+            https_addr: Some("127.0.0.1:4322".parse().unwrap()),
         });
         check(ControlMsg::Decoy {
             listener: 0,
             addr: None,
+            https_addr: None,
         });
         check(ControlMsg::Held {
             cookie: 1 << 40,

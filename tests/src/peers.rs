@@ -36,11 +36,53 @@ impl Nginx {
     /// `ssl`) and `server_conf` inside the `server { }` block (`ssl_certificate ...;`,
     /// `location / { return 200 "$proxy_protocol_addr\n"; }`).
     pub fn start_with(addr: SocketAddr, listen_opts: &str, server_conf: &str) -> Nginx {
+        Nginx::start_http(
+            addr,
+            "default_type application/octet-stream;",
+            &format!("server {{ listen {addr} {listen_opts}; root {{www}}; {server_conf} }}"),
+        )
+    }
+
+    /// nginx as Debian's package ships it (`/etc/nginx/nginx.conf` and the default site): its
+    /// `http` settings (`sendfile`, `tcp_nopush`, `mime.types`, `gzip on`, `server_tokens`
+    /// left at its default), a server on `plain` and, with `tls`, on that address with `ssl`
+    /// and that certificate, root `root()` with Debian's `index` and `try_files $uri $uri/
+    /// =404`. `extra` goes into `http { }` (shorter `client_header_timeout`, say).
+    pub fn start_debian(plain: SocketAddr, tls: Option<(SocketAddr, &Leaf)>, extra: &str) -> Nginx {
+        let tls = tls
+            .map(|(a, leaf)| {
+                format!(
+                    "listen {a} ssl default_server; ssl_certificate {}; ssl_certificate_key {};",
+                    leaf.fullchain.display(),
+                    leaf.key.display()
+                )
+            })
+            .unwrap_or_default();
+        Nginx::start_http(
+            plain,
+            &format!(
+                "sendfile on; tcp_nopush on; types_hash_max_size 2048; \
+                 include /etc/nginx/mime.types; default_type application/octet-stream; \
+                 ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3; ssl_prefer_server_ciphers on; \
+                 gzip on; {extra}"
+            ),
+            &format!(
+                "server {{ listen {plain} default_server; {tls} root {{www}}; \
+                 index index.html index.htm index.nginx-debian.html; server_name _; \
+                 location / {{ try_files $uri $uri/ =404; }} }}"
+            ),
+        )
+    }
+
+    /// nginx with `http_conf` and `server` (where `{www}` stands for the document root) in
+    /// its `http { }`; `addr` is where it is awaited.
+    fn start_http(addr: SocketAddr, http_conf: &str, server: &str) -> Nginx {
         let dir = TempDir::new();
         let p = dir.path();
         let www = p.join("www");
         fs::create_dir_all(&www).unwrap();
         let d = |name: &str| p.join(name).display().to_string();
+        let server = server.replace("{www}", &www.display().to_string());
         let conf = format!(
             "daemon off;\n\
              master_process off;\n\
@@ -55,8 +97,8 @@ impl Nginx {
              \x20   fastcgi_temp_path {fastcgi};\n\
              \x20   uwsgi_temp_path {uwsgi};\n\
              \x20   scgi_temp_path {scgi};\n\
-             \x20   default_type application/octet-stream;\n\
-             \x20   server {{ listen {addr} {listen_opts}; root {www}; {server_conf} }}\n\
+             \x20   {http_conf}\n\
+             \x20   {server}\n\
              }}\n",
             pid = d("nginx.pid"),
             err = d("err.log"),
@@ -65,7 +107,6 @@ impl Nginx {
             fastcgi = d("fastcgi"),
             uwsgi = d("uwsgi"),
             scgi = d("scgi"),
-            www = www.display(),
         );
         let conf_path = p.join("nginx.conf");
         fs::write(&conf_path, conf).unwrap();

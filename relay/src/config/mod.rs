@@ -170,6 +170,15 @@ pub struct Timeouts {
     /// A client on an `accept_proxy` port has this long to send its PROXY header.
     #[serde(default = "defaults::header_ms")]
     pub header_ms: u32,
+    /// The builtin decoy's `client_header_timeout` (nginx's, 60 s): a request head must be
+    /// complete this long after the connection came (or after the keep-alive wait ended); the
+    /// wait is not renewed by each byte, so trickling clients cannot hold the site.
+    #[serde(default = "defaults::decoy_header_ms")]
+    pub decoy_header_ms: u32,
+    /// The builtin decoy's `keepalive_timeout` (nginx's, 75 s): an idle kept-alive connection is
+    /// closed after this long.
+    #[serde(default = "defaults::decoy_keepalive_ms")]
+    pub decoy_keepalive_ms: u32,
 }
 
 impl Default for Timeouts {
@@ -179,6 +188,8 @@ impl Default for Timeouts {
             idle_ms: defaults::idle_ms(),
             fin_ms: defaults::fin_ms(),
             header_ms: defaults::header_ms(),
+            decoy_header_ms: defaults::decoy_header_ms(),
+            decoy_keepalive_ms: defaults::decoy_keepalive_ms(),
         }
     }
 }
@@ -317,12 +328,20 @@ pub enum Decoy {
     #[default]
     Off,
     Builtin,
+    /// `dir:PATH`: the builtin site serving the operator's files from `PATH` (like nginx's
+    /// Debian default site: `index.html`, `index.htm`, `index.nginx-debian.html`).
+    Dir(std::path::PathBuf),
     Site(HostPort),
 }
 
 impl Decoy {
     pub fn is_off(&self) -> bool {
         *self == Decoy::Off
+    }
+
+    /// Served by the supervisor's own site ([`crate::decoy`]), not by another server.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Decoy::Builtin | Decoy::Dir(_))
     }
 }
 
@@ -332,8 +351,18 @@ impl FromStr for Decoy {
         match s {
             "off" => Ok(Decoy::Off),
             "builtin" => Ok(Decoy::Builtin),
+            _ if s.starts_with("dir:") => {
+                let p = std::path::PathBuf::from(&s[4..]);
+                if p.is_absolute() {
+                    Ok(Decoy::Dir(p))
+                } else {
+                    Err(format!("`{s}`: the decoy's directory must be an absolute path"))
+                }
+            }
             _ => s.parse().map(Decoy::Site).map_err(|e| {
-                format!("`{s}` is neither `off`, `builtin` nor a web site's HOST:PORT ({e})")
+                format!(
+                    "`{s}` is neither `off`, `builtin`, `dir:/PATH` nor a web site's HOST:PORT ({e})"
+                )
             }),
         }
     }
@@ -344,6 +373,7 @@ impl fmt::Display for Decoy {
         match self {
             Decoy::Off => f.write_str("off"),
             Decoy::Builtin => f.write_str("builtin"),
+            Decoy::Dir(p) => write!(f, "dir:{}", p.display()),
             Decoy::Site(hp) => write!(f, "{hp}"),
         }
     }
@@ -588,6 +618,12 @@ mod defaults {
     pub fn header_ms() -> u32 {
         5_000
     }
+    pub fn decoy_header_ms() -> u32 {
+        60_000
+    }
+    pub fn decoy_keepalive_ms() -> u32 {
+        75_000
+    }
     pub fn health_interval_ms() -> u32 {
         60_000
     }
@@ -718,6 +754,8 @@ impl Config {
             ("timeouts.idle_ms", t.idle_ms),
             ("timeouts.fin_ms", t.fin_ms),
             ("timeouts.header_ms", t.header_ms),
+            ("timeouts.decoy_header_ms", t.decoy_header_ms),
+            ("timeouts.decoy_keepalive_ms", t.decoy_keepalive_ms),
         ] {
             if v == 0 {
                 return err(key, "must be at least 1 ms".into());

@@ -113,6 +113,8 @@ fn whatsapp() -> Config {
             idle_ms: 200_000,
             fin_ms: 1_000,
             header_ms: 5_000,
+            decoy_header_ms: super::defaults::decoy_header_ms(),
+            decoy_keepalive_ms: super::defaults::decoy_keepalive_ms(),
         },
         listeners: table
             .iter()
@@ -170,6 +172,8 @@ fn signal() -> Config {
             idle_ms: 600_000,
             fin_ms: 600_000,
             header_ms: 30_000,
+            decoy_header_ms: super::defaults::decoy_header_ms(),
+            decoy_keepalive_ms: super::defaults::decoy_keepalive_ms(),
         },
         listeners: vec![Listener {
             name: "signal-tls".into(),

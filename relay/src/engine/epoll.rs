@@ -340,8 +340,10 @@ impl<'a> Worker<'a> {
         let generation = self.slots[slot].0;
         let conn = self.slots[slot].1.as_mut().expect("live slot");
         let picked = if conn.decoy {
+            let plain_on_tls =
+                conn.tls.is_none() && self.ctx.config.listeners[conn.listener].tls.is_some();
             self.ctx
-                .decoy_addr(conn.listener)
+                .decoy_addr(conn.listener, plain_on_tls)
                 .filter(|_| conn.attempt == 0)
         } else {
             self.upstreams
@@ -874,11 +876,18 @@ impl<'a> Worker<'a> {
                     Phase::Sni => Counter::RefusedBadSni,
                     _ => Counter::IdleTimeout,
                 });
+                // A port with a decoy closes a client that said nothing it could use as a web
+                // server does at its header timeout: quietly (FIN), not with a reset.
+                let quiet = conn.phase == Phase::Sni && self.ctx.decoy_on(conn.listener);
                 self.end(
                     slot,
-                    End::Reset {
-                        from_client: false,
-                        reset: false,
+                    if quiet {
+                        End::Graceful
+                    } else {
+                        End::Reset {
+                            from_client: false,
+                            reset: false,
+                        }
                     },
                 );
             }

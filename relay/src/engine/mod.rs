@@ -181,7 +181,7 @@ pub struct WorkerCtx<'a> {
     /// Fast-path sockets whose verdict started holding bytes, as the supervisor relayed them.
     pending_held: Vec<(u64, u32)>,
     /// Each listener's decoy address ([`crate::decoy`]), as the supervisor said.
-    decoys: Vec<Option<std::net::SocketAddr>>,
+    decoys: Vec<(Option<std::net::SocketAddr>, Option<std::net::SocketAddr>)>,
 }
 
 /// Why a new connection was not admitted.
@@ -377,9 +377,11 @@ impl<'a> WorkerCtx<'a> {
         !self.config.listeners[l].decoy.is_off()
     }
 
-    /// Listener `l`'s decoy address, if it has one that resolved.
-    pub fn decoy_addr(&self, l: usize) -> Option<std::net::SocketAddr> {
-        self.decoys.get(l).copied().flatten()
+    /// Listener `l`'s decoy address, if it has one that resolved; `plain_on_tls`: for bytes
+    /// that came in plaintext to a TLS listener (the local site's twin, when there is one).
+    pub fn decoy_addr(&self, l: usize, plain_on_tls: bool) -> Option<std::net::SocketAddr> {
+        let (addr, https) = self.decoys.get(l).copied()?;
+        if plain_on_tls { https.or(addr) } else { addr }
     }
 
     /// Flow-control events the supervisor relayed, for the engine to act on now.
@@ -446,11 +448,15 @@ impl<'a> WorkerCtx<'a> {
                 }
                 Some(ControlMsg::Ready) => {}
                 Some(ControlMsg::Held { cookie, kind }) => self.pending_held.push((cookie, kind)),
-                Some(ControlMsg::Decoy { listener, addr }) => {
+                Some(ControlMsg::Decoy {
+                    listener,
+                    addr,
+                    https_addr,
+                }) => {
                     if self.decoys.len() <= listener {
-                        self.decoys.resize(listener + 1, None);
+                        self.decoys.resize(listener + 1, (None, None));
                     }
-                    self.decoys[listener] = addr;
+                    self.decoys[listener] = (addr, https_addr);
                 }
                 Some(ControlMsg::Config { toml }) => self.reload(&toml, upstreams),
                 Some(ControlMsg::Admission {

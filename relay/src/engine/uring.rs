@@ -851,7 +851,10 @@ impl<'a> Worker<'a> {
                 }
                 let conn = self.slots[i].conn.as_ref().expect("live");
                 self.ctx.row.inc(timeout_counter(conn.phase));
-                self.close(i as u32, true);
+                // A port with a decoy closes a client that said nothing it could use as a web
+                // server does at its header timeout: quietly (FIN), not with a reset.
+                let quiet = conn.phase == Phase::Sni && self.ctx.decoy_on(conn.listener as usize);
+                self.close(i as u32, !quiet);
                 self.maybe_free(i as u32);
             }
         }
@@ -1186,7 +1189,11 @@ impl<'a> Worker<'a> {
         };
         let entry = self.conn(slot).entry.map(usize::from);
         let picked = if self.conn(slot).decoy {
-            self.ctx.decoy_addr(listener).filter(|_| attempt == 0)
+            let plain_on_tls =
+                self.conn(slot).tls.is_none() && self.ctx.config.listeners[listener].tls.is_some();
+            self.ctx
+                .decoy_addr(listener, plain_on_tls)
+                .filter(|_| attempt == 0)
         } else {
             self.upstreams.pick(listener, entry, start, attempt)
         };

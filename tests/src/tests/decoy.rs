@@ -2,14 +2,17 @@
 //! where a censor's probe does not speak the port's protocol, and real clients' bytes still
 //! reach the upstream byte-exact (every engine):
 //!
-//! - `decoy = "builtin"` on a plain port: `curl http://relay/` gets the built-in page (200), a
+//! - `decoy = "builtin"` on a plain port: `curl http://relay/` gets the built-in page (200,
+//!   Debian's nginx welcome page), a
 //!   WhatsApp-like stream (`WA` + bytes) reaches the upstream;
 //! - on a TLS port: `curl -k https://relay/` gets the page inside TLS, `curl http://` (plain
-//!   HTTP to the TLS port) gets an answer too, scanner garbage gets `400 Bad Request`, and
+//!   HTTP to the TLS port) gets nginx's "plain HTTP request was sent to HTTPS port", scanner garbage gets `400 Bad Request`, and
 //!   `openssl s_client -servername not-allowed.example` sending an HTTP request gets the page;
 //!   a WhatsApp-like stream inside TLS reaches the upstream;
 //! - `decoy = "HOST:PORT"`: the probe gets that site's page (a local nginx) instead;
-//! - every probe is counted in `decoyed`, never a real client.
+//! - every probe is counted in `decoyed`, never a real client;
+//! - clients trickling a request head cannot hold the builtin site: each is cut at
+//!   `timeouts.decoy_header_ms`, a total deadline, and a fresh client is then served.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -88,7 +91,10 @@ fn probes_see_a_web_site(engine: &str) {
 
     // Plain port: curl gets the built-in page; a real client its upstream.
     let (ok, body) = curl(&format!("http://{plain}/"));
-    assert!(ok && body.contains("<title>Welcome</title>"), "{ok} {body}");
+    assert!(
+        ok && body.contains("<title>Welcome to nginx!</title>"),
+        "{ok} {body}"
+    );
     probes += 1;
     let (ok, body) = curl(&format!("http://{plain}/admin"));
     assert!(ok && body.contains("404 Not Found"), "{ok} {body}");
@@ -98,13 +104,13 @@ fn probes_see_a_web_site(engine: &str) {
     // TLS port: the page inside TLS, plain HTTP and garbage answered like a web server.
     let (ok, body) = curl(&format!("https://{tls}/"));
     assert!(
-        ok && body.contains("<title>Welcome</title>"),
+        ok && body.contains("<title>Welcome to nginx!</title>"),
         "https: {ok} {body}"
     );
     probes += 1;
     let (ok, body) = curl(&format!("http://{tls}/"));
     assert!(
-        ok && body.contains("<title>Welcome</title>"),
+        ok && body.contains("The plain HTTP request was sent to HTTPS port"),
         "http to the TLS port: {ok} {body}"
     );
     probes += 1;
@@ -124,7 +130,7 @@ fn probes_see_a_web_site(engine: &str) {
     let page = s.exchange(b"GET / HTTP/1.0\r\n\r\n".to_vec(), usize::MAX, HUNG);
     let page = String::from_utf8_lossy(&page);
     assert!(
-        page.contains("<title>Welcome</title>"),
+        page.contains("<title>Welcome to nginx!</title>"),
         "openssl: {page}\n{}",
         s.stderr()
     );
@@ -148,3 +154,79 @@ fn probes_see_a_web_site(engine: &str) {
     assert_eq!(relay.counter("decoyed"), Some(probes), "{}", relay.status());
 }
 engines!(probes_see_a_web_site);
+
+/// Clients trickling a request head a line every 250 ms, more of them than the builtin site
+/// serves at once (64), are each cut at `timeouts.decoy_header_ms` (a total deadline for the
+/// head, as nginx's `client_header_timeout`, not renewed by each byte), and then a fresh client
+/// is served (issue 17, item 7).
+fn trickling_clients_are_cut(engine: &str) {
+    if !engine_ok(engine) {
+        return;
+    }
+    init();
+    const TRICKLERS: usize = 70;
+    const LINES: usize = 40;
+    let host = Host::new();
+    let upstream = TagEchoServer::start(host.addr(), b"up\n");
+    let plain = host.addr();
+    let text = format!(
+        "[timeouts]\ndecoy_header_ms = 2000\n\n\
+         [[listen]]\nname = \"plain\"\nbind = \"{plain}\"\nupstream = [\"{up}\"]\n\
+         decoy = \"builtin\"\n",
+        up = upstream.addr(),
+    );
+    let relay = Sluice::run_config_text(&text, vec![plain])
+        .engine(engine)
+        .workers(1)
+        .start();
+    let cut: Vec<bool> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..TRICKLERS)
+            .map(|_| {
+                scope.spawn(move || {
+                    let mut s = client::connect(plain);
+                    s.set_read_timeout(Some(Duration::from_millis(250)))
+                        .unwrap();
+                    if s.write_all(b"GET / HTTP/1.1\r\nHost: relay.test\r\n")
+                        .is_err()
+                    {
+                        return true;
+                    }
+                    let mut buf = [0u8; 1024];
+                    for _ in 0..LINES {
+                        match s.read(&mut buf) {
+                            Ok(0) => return true,
+                            Ok(_) => return false, // an answer to an unfinished head
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => return true,
+                        }
+                        if s.write_all(b"X-Trickle: 1\r\n").is_err() {
+                            return true;
+                        }
+                    }
+                    false
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let held = cut.iter().filter(|c| !**c).count();
+    assert_eq!(
+        held, 0,
+        "{engine}: {held} of {TRICKLERS} trickling clients held the decoy for all {LINES} lines"
+    );
+    let got = raw(
+        plain,
+        b"GET / HTTP/1.1\r\nHost: relay.test\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        got.starts_with(b"HTTP/1.1 200 OK\r\n"),
+        "{engine}: a fresh client after the tricklers: {:?}\n{}",
+        String::from_utf8_lossy(&got),
+        relay.status()
+    );
+}
+engines!(trickling_clients_are_cut);

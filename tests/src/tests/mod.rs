@@ -56,6 +56,7 @@ mod presets;
 mod privileges;
 mod proxy_protocol;
 mod reload;
+mod scanner;
 mod sni;
 mod sockmap;
 mod supervisor;
