@@ -161,12 +161,15 @@ fn healthz_is_503_with_the_reason_while_a_worker_cannot_be_started() {
             last = get(metrics, "/healthz");
             // "… is starting (or has just exited)" comes first, until the supervisor has
             // reaped the worker and failed to start its replacement.
-            last.0 == "HTTP/1.1 503 Service Unavailable" && last.1.contains("not running")
+            last.0 == "HTTP/1.1 503 Service Unavailable" && last.1.contains(" is down ")
         }),
         "{last:?}"
     );
     assert!(
-        last.1.ends_with(" of 2 is not running\n") && last.1.starts_with("worker "),
+        last.1.starts_with("worker ")
+            && last
+                .1
+                .contains(" of 2 is down (restart retried with back-off): "),
         "{:?}",
         last.1
     );
