@@ -13,7 +13,9 @@
 //!    (v1, from QEMU's address, to the port the client used) and every byte;
 //! 3. `sluicectl status`, `share`, `doctor`; `systemctl reload` with a connection held open
 //!    (it goes on), `systemctl restart` (new clients are served);
-//! 4. inside the guest, every engine: the `integration` binary's byte-exact bulk (64 MiB each
+//! 4. the Signal preset in its place: an inner ClientHello for `chat.signal.org` reaches its
+//!    upstream (on this host) byte for byte, one for another name reaches nothing;
+//! 5. inside the guest, every engine: the `integration` binary's byte-exact bulk (64 MiB each
 //!    way), half-close, 2000 connections, fallback, eBPF and sockmap checks, against the
 //!    packaged binaries.
 //!
@@ -365,22 +367,13 @@ systemctl restart sluice"#;
                 retry(|| exchange(vm.fwd(5222), false, b"after-restart", &chat_up, Some(5222)))
             }),
     );
-    t.check(
-        "journal: no error lines",
-        outcome(vm.ssh(
-            "journalctl -u sluice -o cat --no-pager -p err | grep -v '^-- ' || true",
-            short,
-        ))
-        .and_then(|o| {
-            if o.trim().is_empty() {
-                Ok(String::new())
-            } else {
-                Err(format!("error lines in the journal:\n{o}"))
-            }
-        }),
-    );
+    t.check("journal: no error lines", journal_errors(&vm));
 
-    // 4. Every engine, inside the guest, on the packaged binaries.
+    // 4. The Signal preset, as the README tells an operator to switch to it: TLS on 443, the
+    //    inner ClientHello's name picks the upstream (chat.signal.org, pointed at this host).
+    signal(&vm, &media_up, &mut t);
+
+    // 5. Every engine, inside the guest, on the packaged binaries.
     engines(&vm, &env, &mut t);
 
     let _ = vm.ssh("systemctl poweroff", Duration::from_secs(20));
@@ -401,6 +394,81 @@ systemctl restart sluice"#;
         .map(|r| r.0.as_str())
         .collect();
     assert!(failed.is_empty(), "{kernel}: failed: {failed:?}");
+}
+
+/// The Signal preset in place of the WhatsApp one: an inner ClientHello for `chat.signal.org`
+/// reaches its upstream byte for byte (no PROXY header); one for another name reaches nothing.
+fn signal(vm: &Vm, capture: &CaptureServer, t: &mut Table) {
+    let configure = r#"set -e
+cp /etc/sluice/sluice.toml /root/whatsapp.toml
+sluice check-config --preset signal > /etc/sluice/sluice.toml
+printf '\n[resolve]\n"chat.signal.org" = "10.0.2.2"\n' >> /etc/sluice/sluice.toml
+sluice check-config /etc/sluice/sluice.toml >/dev/null
+systemctl restart sluice"#;
+    t.check(
+        "signal preset: configure, restart",
+        outcome(vm.ssh(configure, Duration::from_secs(180))).and_then(|_| active(vm)),
+    );
+    let allowed = inner_hello("chat.signal.org");
+    t.check(
+        "signal 443: inner SNI chat.signal.org relayed",
+        retry(|| exchange(vm.fwd(443), true, &allowed, capture, None)),
+    );
+    let refused = inner_hello("example.com");
+    t.check(
+        "signal 443: inner SNI example.com refused",
+        match tls_exchange(vm.fwd(443), &refused) {
+            Ok(got) if got == REPLY => Err("the client got the upstream's reply".into()),
+            _ => {
+                let mut leaked = false;
+                while let Some(c) = capture.next(Duration::from_secs(5)) {
+                    leaked |= c.ends_with(&refused);
+                }
+                if leaked {
+                    Err("its ClientHello reached the upstream".into())
+                } else {
+                    Ok(String::new())
+                }
+            }
+        },
+    );
+    t.check(
+        "signal preset: journal has no error lines",
+        journal_errors(vm),
+    );
+}
+
+/// The first flight of a real TLS client (rustls) naming `name`: what a Signal app sends inside
+/// the proxy's TLS.
+fn inner_hello(name: &str) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), server_name).unwrap();
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello).unwrap();
+    }
+    hello
+}
+
+/// `journalctl -u sluice -p err`: nothing.
+fn journal_errors(vm: &Vm) -> Result<String, String> {
+    outcome(vm.ssh(
+        "journalctl -u sluice -o cat --no-pager -p err | grep -v '^-- ' || true",
+        Duration::from_secs(180),
+    ))
+    .and_then(|o| {
+        if o.trim().is_empty() {
+            Ok(String::new())
+        } else {
+            Err(format!("error lines in the journal:\n{o}"))
+        }
+    })
 }
 
 /// `systemctl is-active sluice`, waiting up to a minute while it is activating.
