@@ -210,6 +210,69 @@ fn sockmap_drops_to_sluice_inside_the_units_bounding_set() {
     );
 }
 
+/// `systemctl reload` runs the unit's `ExecReload` as root under the unit's own limits (unless
+/// it is prefixed `+`), and the daemon it signals runs as `sluice` by then: root without CAP_KILL
+/// may not signal it. Run exactly as systemd would, it must reload the daemon (it failed with
+/// `kill: Operation not permitted` in a Debian 12 VM until the command got its `+`).
+#[test]
+fn the_units_reload_command_reloads_the_dropped_daemon() {
+    if !engine_ok("splice") || !require_root() || !sluice_tests::require_program("setpriv") {
+        return;
+    }
+    sluice_user();
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/systemd/sluice.service");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let reload = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("ExecReload="))
+        .next_back()
+        .expect("the unit has an ExecReload")
+        .to_owned();
+    let up = StreamServer::start(Host::new().addr());
+    let limits = unit_limits();
+    let wrapper: Vec<&str> = limits.iter().map(String::as_str).collect();
+    let relay = Sluice::forward(Host::new().addr(), up.addr())
+        .engine("splice")
+        .workers(1)
+        .wrap(&wrapper)
+        .arg("--user")
+        .arg(USER)
+        .start();
+    // systemd's prefixes: `+` runs the command with full privileges, none under the unit's.
+    let (privileged, command) = match reload.strip_prefix('+') {
+        Some(c) => (true, c),
+        None => (false, reload.as_str()),
+    };
+    let words: Vec<String> = command
+        .split_whitespace()
+        .map(|w| w.replace("$MAINPID", &relay.pid().to_string()))
+        .collect();
+    let mut cmd = if privileged {
+        Command::new(&words[0])
+    } else {
+        let mut c = Command::new(&limits[0]);
+        c.args(&limits[1..]).arg(&words[0]);
+        c
+    };
+    cmd.args(&words[1..]);
+    let out = run_with_timeout(&mut cmd, HUNG);
+    assert!(
+        out.status.success(),
+        "ExecReload={reload}: {:?}\n{}",
+        out.status,
+        out.stderr
+    );
+    // Started from the command line, the daemon refreshes names and says the rest cannot change
+    // (`reloads_failed`); what matters here is that the signal arrived.
+    assert!(
+        sluice_tests::wait_until(HUNG, || relay.stderr_log().contains("SIGHUP: reloading")),
+        "ExecReload={reload} did not reach the daemon:\n{}",
+        relay.stderr_log()
+    );
+    relay.stop();
+}
+
 /// Without CAP_SETUID in the bounding set the drop cannot happen: the start stops with the step
 /// and the missing capability named, not a bare `Operation not permitted`.
 #[test]
