@@ -63,9 +63,18 @@ mod supervisor;
 mod tls;
 mod trust;
 
-/// The `holder` helper binary built with this test.
+/// The `holder` helper binary built with this test: where cargo built it, or beside the binaries
+/// under test when it is not there (a copy of the test binary run elsewhere, as in the VMs).
 pub fn holder_exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_holder"))
+    static EXE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| {
+        let built = Path::new(env!("CARGO_BIN_EXE_holder"));
+        if built.is_file() {
+            built.to_path_buf()
+        } else {
+            sluice_tests::sluice::bin_dir().join("holder")
+        }
+    })
 }
 
 static SEED: AtomicU64 = AtomicU64::new(1);
