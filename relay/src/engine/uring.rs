@@ -2216,8 +2216,28 @@ impl<'a> Worker<'a> {
         }
         match res {
             0 => {
-                if self.conn(slot).phase != Phase::Relaying {
-                    // The client left before its session was relayed.
+                let phase = self.conn(slot).phase;
+                if d == TO_UPSTREAM && matches!(phase, Phase::Sni | Phase::Connecting) {
+                    // The client sent its bytes and FIN (or close_notify and FIN) before the
+                    // upstream was connected: a half-close, not a departure. What it sent is
+                    // queued; the FIN follows it once connected (`tls_flush`).
+                    let tls = self.tls(slot);
+                    tls.conn.feed_eof();
+                    let mut out = std::mem::take(&mut tls.out[TO_UPSTREAM].pending);
+                    tls.conn.take_plaintext(&mut out);
+                    tls.out[TO_UPSTREAM].pending = out;
+                    self.conn(slot).dirs[d].eof = true;
+                    if phase == Phase::Sni {
+                        self.tls_route(slot);
+                        if self.conn(slot).phase == Phase::Sni {
+                            // No more bytes will come to complete the ClientHello.
+                            self.close(slot, false);
+                        }
+                    }
+                    return;
+                }
+                if phase != Phase::Relaying {
+                    // The client left before its session was relayed (mid-handshake).
                     self.close(slot, false);
                     return;
                 }
