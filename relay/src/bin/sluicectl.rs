@@ -116,7 +116,7 @@ enum DenyOp {
 
 #[derive(Subcommand)]
 enum DestOp {
-    /// Add HOST:PORT (a name is resolved once, here; every address it has is added).
+    /// Add HOST:PORT (a name is resolved once, here, within 5 s; every address it has is added).
     Add { dest: String },
     /// Remove HOST:PORT (every address it resolves to).
     Del { dest: String },
