@@ -266,7 +266,7 @@ fn print_reply(cmd: &Command, r: &admission::Reply) {
                 println!("live connections from the range were closed");
             }
             if r.xdp {
-                println!("SYNs from the range are also dropped by XDP");
+                println!("SYNs from the range to the relay's ports are also dropped by XDP");
             }
         }
         Command::Del { list, rule } => {

@@ -950,3 +950,97 @@ fn a_dest_name_the_dns_never_answers_holds_nothing_up() {
     );
     assert_served(&relay, SERVED, "after the lookups");
 }
+
+/// Connects from `from` (port 0) to `to` with a deadline: Ok when the handshake completed.
+fn handshake(from: IpAddr, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.bind(&SocketAddr::new(from, 0).into())?;
+    s.connect_timeout(&to.into(), timeout)?;
+    Ok(s.into())
+}
+
+/// XDP drops denied SYNs to the relay's own ports only: with `deny add 0.0.0.0/0` and `::/0`
+/// (and XDP on `lo` in a namespace of this test's own), a client can no longer reach the
+/// relay's IPv4 and IPv6 listeners (the SYN vanishes: the handshake times out, no worker
+/// accepts), but it still reaches another service listening on other ports in the same
+/// namespace (the host's SSH, say). Before the fix the program dropped every denied SYN to any port of the host.
+#[test]
+fn xdp_deny_spares_ports_the_relay_does_not_listen_on() {
+    if !bpf_gate() || !engine_ok("epoll") {
+        return;
+    }
+    in_netns(|| {
+        let echo = EchoServer::start(Host::new().addr());
+        let v6_port = std::net::TcpListener::bind("[::1]:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let v6: SocketAddr = SocketAddr::new("::1".parse().unwrap(), v6_port);
+        let v4 = Host::new().addr();
+        let toml = format!(
+            "workers = 1\nengine = \"epoll\"\n\n\
+             [[listen]]\nname = \"v4\"\nbind = \"{v4}\"\nupstream = [\"{up}\"]\n\n\
+             [[listen]]\nname = \"v6\"\nbind = \"{v6}\"\nupstream = [\"{up}\"]\n",
+            up = echo.addr()
+        );
+        // A pin directory nothing is pinned in: the daemon's own, private maps.
+        let unpinned = sluice_tests::TempDir::new();
+        // The harness waits for IPv4 listeners only; the [::1] one is bound in the same step.
+        let relay = Sluice::run_config_text(&toml, vec![v4])
+            .workers(1)
+            .arg("--xdp")
+            .arg("lo")
+            .arg("--bpf-pin-dir")
+            .arg(unpinned.join("sluice").to_string_lossy().into_owned())
+            .start();
+        assert!(
+            wait_until(HUNG, || relay
+                .stderr_log()
+                .contains("XDP deny program attached")),
+            "{}",
+            relay.stderr_log()
+        );
+        // Another service in the namespace, on ports the relay does not listen on.
+        let service4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let service6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let (other4, other6) = (
+            service4.local_addr().unwrap(),
+            service6.local_addr().unwrap(),
+        );
+        let six: IpAddr = "::1".parse().unwrap();
+        try_new(v4, DENIED).expect("relayed before the rules");
+        try_new(v6, six).expect("relayed over IPv6 before the rules");
+
+        for rule in ["0.0.0.0/0", "::/0"] {
+            let out = ctl_ok(&relay, &["deny", "add", rule]);
+            assert!(out.contains("XDP"), "{out}");
+        }
+        let accepted = counter(&relay, "accepted");
+        for (from, to) in [(DENIED, v4), (six, v6)] {
+            let err = handshake(from, to, Duration::from_millis(1500))
+                .expect_err("a denied client's handshake with the relay completed");
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::TimedOut,
+                "{from} -> {to}: {err}"
+            );
+        }
+        assert_eq!(counter(&relay, "accepted"), accepted, "a worker accepted");
+        for (from, to) in [(DENIED, other4), (six, other6)] {
+            handshake(from, to, Duration::from_millis(1500)).unwrap_or_else(|e| {
+                panic!("{from} -> {to}, a port the relay does not listen on: {e}")
+            });
+        }
+
+        for rule in ["0.0.0.0/0", "::/0"] {
+            ctl_ok(&relay, &["deny", "del", rule]);
+        }
+        try_new(v4, DENIED).expect("relayed after deny del");
+        try_new(v6, six).expect("relayed over IPv6 after deny del");
+    });
+}
