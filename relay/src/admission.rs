@@ -15,6 +15,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -278,22 +281,77 @@ pub enum Command {
     List(List),
 }
 
+/// How long a name given to `dest add|del` may take to resolve: past it the command fails,
+/// naming the name and this deadline, instead of waiting for the resolver's own timeouts
+/// (`options timeout:` x `attempts:` x name servers in /etc/resolv.conf, tens of seconds).
+pub const DEST_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Lookups that may run at once on [`resolve_within`]'s helper threads, counting those given
+/// up on but still inside getaddrinfo (it cannot be interrupted): a resolver that never
+/// answers leaves at most this many threads behind.
+pub const MAX_LOOKUPS: usize = 8;
+
+static LOOKUPS: AtomicUsize = AtomicUsize::new(0);
+
 /// Parses `HOST:PORT` for the destination allowlist: an IP literal, or a name resolved once
-/// here (every address it has).
+/// here (every address it has), within [`DEST_RESOLVE_TIMEOUT`].
 pub fn parse_dest(s: &str) -> Result<Vec<SocketAddr>, String> {
+    parse_dest_within(s, DEST_RESOLVE_TIMEOUT)
+}
+
+/// [`parse_dest`] with another deadline for a name.
+pub fn parse_dest_within(s: &str, timeout: Duration) -> Result<Vec<SocketAddr>, String> {
     if let Ok(sa) = s.parse::<SocketAddr>() {
         return Ok(vec![SocketAddr::new(canonical(sa.ip()), sa.port())]);
     }
     let hp: crate::config::HostPort = s.parse()?;
-    let addrs: Vec<SocketAddr> = (hp.host.as_str(), hp.port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve `{}`: {e}", hp.host))?
+    let addrs: Vec<SocketAddr> = resolve_within(&hp.host, hp.port, timeout)?
+        .into_iter()
         .map(|a| SocketAddr::new(canonical(a.ip()), a.port()))
         .collect();
     if addrs.is_empty() {
         return Err(format!("`{}` has no address", hp.host));
     }
     Ok(addrs)
+}
+
+/// Resolves `host` on a short-lived helper thread and waits for it at most `timeout`, so the
+/// caller (the control socket's thread, `sluicectl`) is never held by a resolver that does not
+/// answer. A lookup given up on finishes on its own thread, its answer dropped.
+pub fn resolve_within(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, String> {
+    if LOOKUPS.fetch_add(1, Ordering::SeqCst) >= MAX_LOOKUPS {
+        LOOKUPS.fetch_sub(1, Ordering::SeqCst);
+        return Err(format!(
+            "cannot resolve `{host}` now: {MAX_LOOKUPS} lookups are still waiting for the DNS \
+             server; try again later or give the address"
+        ));
+    }
+    let (tx, rx) = mpsc::channel();
+    let name = host.to_string();
+    let spawned = std::thread::Builder::new()
+        .name("dest-resolve".into())
+        .spawn(move || {
+            let found = (name.as_str(), port)
+                .to_socket_addrs()
+                .map(|a| a.collect::<Vec<_>>());
+            LOOKUPS.fetch_sub(1, Ordering::SeqCst);
+            let _ = tx.send(found);
+        });
+    if let Err(e) = spawned {
+        LOOKUPS.fetch_sub(1, Ordering::SeqCst);
+        return Err(format!(
+            "cannot resolve `{host}`: no thread for the lookup: {e}"
+        ));
+    }
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(addrs)) => Ok(addrs),
+        Ok(Err(e)) => Err(format!("cannot resolve `{host}`: {e}")),
+        Err(_) => Err(format!(
+            "cannot resolve `{host}`: no answer from DNS within {} s (check the name servers \
+             in /etc/resolv.conf, or give the address)",
+            timeout.as_secs_f64()
+        )),
+    }
 }
 
 /// Parses a CIDR with the message `sluicectl` shows.

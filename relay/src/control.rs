@@ -11,6 +11,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -172,11 +173,21 @@ impl Status {
     }
 }
 
-/// Answers a command line other than `status` (the admission lists), or None when it does not
-/// know it. Runs on the control thread.
-pub type Handler = Box<dyn Fn(&str) -> Option<serde_json::Value> + Send>;
+/// Answers a command line other than `status` (the admission lists, `reload`), or None when it
+/// does not know it. Runs on the request's own thread, possibly beside others.
+pub type Handler = Box<dyn Fn(&str) -> Option<serde_json::Value> + Send + Sync>;
 
-/// Serves the control socket on its own thread.
+/// Requests answered at once, each on a thread of its own; a connection past them is answered
+/// [`BUSY`] at once.
+pub const MAX_IN_FLIGHT: usize = 16;
+
+/// The answer to a connection past [`MAX_IN_FLIGHT`].
+pub const BUSY: &str = "busy: too many control requests in progress; try again";
+
+/// Serves the control socket: a thread accepts, and each request is read and answered on a
+/// short-lived thread of its own, so one that waits (a `dest` name to resolve, workers to
+/// apply a change, a reload generating a certificate, a client that sends nothing) never holds
+/// `status` or any other request up.
 pub fn serve(
     path: &Path,
     status: Arc<Mutex<Status>>,
@@ -189,14 +200,57 @@ pub fn serve(
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let handler = Arc::new(handler);
+    let in_flight = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let _ = answer(stream, &status, &shared, &handler);
+                // A refused peer (a worker) is answered here, after a short wait for its line,
+                // and never takes a request's place: workers cannot crowd the operator out.
+                if !peer_allowed(&stream) {
+                    let _ = refuse(stream);
+                    continue;
+                }
+                if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    let reply = serde_json::json!({ "error": BUSY }).to_string();
+                    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+                    let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
+                    continue;
+                }
+                let done = InFlight(in_flight.clone());
+                let (status, shared, handler) = (status.clone(), shared.clone(), handler.clone());
+                // A thread that cannot start drops the stream (and `done`): the client sees
+                // the connection closed without an answer.
+                let _ = std::thread::Builder::new()
+                    .name("control-request".into())
+                    .spawn(move || {
+                        let _done = done;
+                        let _ = answer(stream, &status, &shared, &handler);
+                    });
             }
         })?;
     Ok(())
+}
+
+/// One request in progress; counted down when its thread ends (or never started).
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Answers a peer [`peer_allowed`] refuses. Its line is read first (briefly), so it gets the
+/// answer instead of a broken pipe; the command itself is never looked at.
+fn refuse(stream: UnixStream) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+    stream.set_write_timeout(Some(Duration::from_millis(100)))?;
+    let _ = read_request(&stream);
+    let reply = serde_json::json!({ "error": REFUSED_DAEMON_USER }).to_string();
+    (&stream).write_all(format!("{reply}\n").as_bytes())
 }
 
 fn answer(
@@ -207,12 +261,7 @@ fn answer(
 ) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let line = read_request(&stream)?;
-    // Read first, so the refused client gets the answer instead of a broken pipe; the command
-    // itself is never looked at.
     let reply = match line.as_str() {
-        _ if !peer_allowed(&stream) => {
-            serde_json::json!({ "error": REFUSED_DAEMON_USER }).to_string()
-        }
         "status" => {
             let mut st = status.lock().expect("status lock");
             st.refresh(shared);

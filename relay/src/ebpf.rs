@@ -5,7 +5,8 @@
 //!   a relayed connection in `SLUICE_SOCKS` and records each one's peer; from then on the
 //!   `sluice_verdict` program moves their bytes inside the kernel. User space keeps the sockets
 //!   open, watches for POLLRDHUP/POLLERR, and calls [`FastPath::remove_pair`] before closing.
-//! - [`XdpDeny`]: the XDP program that drops SYNs of denied clients before they cost a socket.
+//! - [`XdpDeny`]: the XDP program that drops SYNs of denied clients to the relay's own ports
+//!   ([`XdpDeny::set_ports`]) before they cost a socket.
 //!
 //! What the kernel does *not* do for the fast path (measured by `tests/src/tests/ebpf.rs`):
 //! - bytes already queued on a socket when it is inserted are not redirected; a later byte moves
@@ -40,7 +41,7 @@ use socket2::SockRef;
 pub use sluice_common::{ConnCounters, Cookie, PIN_DIR, RuleId, XdpStats};
 
 /// Every map of the object: pinning one pins all, so every loader of a pin directory shares them.
-const ALL_MAPS: [&str; 10] = [
+const ALL_MAPS: [&str; 11] = [
     fast_path::SOCKS,
     fast_path::PEERS,
     fast_path::COUNTERS,
@@ -51,6 +52,7 @@ const ALL_MAPS: [&str; 10] = [
     admission::DENY_V6,
     admission::DESTS,
     admission::XDP_STATS,
+    admission::PORTS,
 ];
 
 /// Why the eBPF side could not do what was asked. Always local: the kernel refused, a capability
@@ -719,11 +721,13 @@ impl fmt::Display for Cidr {
     }
 }
 
-/// `sluice_xdp_deny` attached to one interface, with the deny tries it reads (or, from
-/// [`XdpDeny::open_pinned`], only the pinned tries). Dropping it detaches the program.
+/// `sluice_xdp_deny` attached to one interface, with the deny tries and the port map it reads
+/// (or, from [`XdpDeny::open_pinned`], only the pinned maps). Dropping it detaches the program.
+/// It drops nothing until [`XdpDeny::set_ports`] names the relay's ports.
 pub struct XdpDeny {
     deny_v4: LpmTrie<MapData, [u8; 4], RuleId>,
     deny_v6: LpmTrie<MapData, [u8; 16], RuleId>,
+    ports: HashMap<MapData, [u8; 2], u8>,
     stats: PerCpuArray<MapData, XdpStats>,
     /// Owns the loaded program and its link to the interface.
     _ebpf: Ebpf,
@@ -754,6 +758,7 @@ impl XdpDeny {
         Ok(Self {
             deny_v4: take_map(&mut ebpf, admission::DENY_V4)?,
             deny_v6: take_map(&mut ebpf, admission::DENY_V6)?,
+            ports: take_map(&mut ebpf, admission::PORTS)?,
             stats: take_map(&mut ebpf, admission::XDP_STATS)?,
             _ebpf: ebpf,
         })
@@ -763,6 +768,7 @@ impl XdpDeny {
         let mut ebpf = load_object(pin_dir)?;
         let deny_v4 = take_map(&mut ebpf, admission::DENY_V4)?;
         let deny_v6 = take_map(&mut ebpf, admission::DENY_V6)?;
+        let ports = take_map(&mut ebpf, admission::PORTS)?;
         let stats = take_map(&mut ebpf, admission::XDP_STATS)?;
         let name = admission::PROG_XDP_DENY;
         let prog: &mut Xdp = ebpf
@@ -776,9 +782,44 @@ impl XdpDeny {
         Ok(Self {
             deny_v4,
             deny_v6,
+            ports,
             stats,
             _ebpf: ebpf,
         })
+    }
+
+    /// Makes the port map hold exactly `ports` (the relay's listening ports, both families):
+    /// only SYNs to them are ever dropped. Ports left out are removed first, so a port that stays
+    /// is never missing in between.
+    pub fn set_ports(&mut self, ports: &[u16]) -> Result<()> {
+        let want: HashSet<u16> = ports.iter().copied().collect();
+        for port in self.ports()? {
+            if !want.contains(&port) {
+                match self.ports.remove(&port.to_be_bytes()) {
+                    Ok(()) => {}
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(map_err(admission::PORTS)(e)),
+                }
+            }
+        }
+        for port in want {
+            self.ports
+                .insert(port.to_be_bytes(), 1, 0)
+                .map_err(map_err(admission::PORTS))?;
+        }
+        Ok(())
+    }
+
+    /// The ports whose SYNs the program inspects, in ascending order.
+    pub fn ports(&self) -> Result<Vec<u16>> {
+        let mut out = self
+            .ports
+            .keys()
+            .map(|k| k.map(u16::from_be_bytes))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(map_err(admission::PORTS))?;
+        out.sort_unstable();
+        Ok(out)
     }
 
     /// Drops SYNs from `cidr` from now on; connections already established are not touched.

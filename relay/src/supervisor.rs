@@ -410,7 +410,12 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     let table = crate::health::Checker::new().filter(&config, &resolved);
     let mut interfaces = config.admission.xdp_interfaces.clone();
     interfaces.extend(opts.xdp.iter().cloned());
-    let (xdp, xdp_interfaces) = attach_xdp(&interfaces, opts.pin_dir.as_deref(), &rules);
+    let (xdp, xdp_interfaces) = attach_xdp(
+        &interfaces,
+        opts.pin_dir.as_deref(),
+        &rules,
+        &listener_ports(&config),
+    );
     let handler_tx = tx.clone();
     spawn_signal_thread(tx.clone())?;
 
@@ -864,12 +869,14 @@ impl Supervisor {
         if admission_changed {
             self.rules = initial_rules(&self.config);
             admission::publish_dests(&self.rules.dests);
-            for x in &mut self.xdp {
-                if let Err(e) = sync_xdp(x, &self.rules) {
-                    tracing::warn!(
-                        "cannot fill the XDP deny tries ({e}); denied clients are refused by the workers instead"
-                    );
-                }
+        }
+        // The deny tries (the lists may have started over) and the relay's ports.
+        let ports = listener_ports(&self.config);
+        for x in &mut self.xdp {
+            if let Err(e) = sync_xdp(x, &self.rules, &ports) {
+                tracing::warn!(
+                    "cannot fill the XDP deny maps ({e}); denied clients are refused by the workers instead"
+                );
             }
         }
         let mut names = upstream::Names::default();
@@ -1377,9 +1384,6 @@ fn initial_rules(config: &Config) -> Rules {
     rules
 }
 
-/// Attaches the XDP deny program to each interface (with the maps pinned under `pin_dir` when
-/// `sluicectl load` pinned them there, else private ones) and puts the deny rules in its tries.
-/// A failure is one log line; the workers' own check still applies.
 /// Capabilities a worker of `kind` still needs once the daemon runs as an unprivileged user:
 /// loading and attaching the fast path's programs (sockmap) needs CAP_BPF and CAP_NET_ADMIN,
 /// and CAP_PERFMON (the verifier refuses the counters' pointer arithmetic to others); the other
@@ -1441,9 +1445,16 @@ fn give_to_group(path: &std::path::Path, user: &str, gid: u32, mode: u32) -> std
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
-/// Makes an XDP program's tries hold exactly the daemon's deny list (pinned ones may hold an
-/// older one; a reload may have started the lists over).
-fn sync_xdp(x: &mut XdpDeny, rules: &Rules) -> Result<(), crate::ebpf::EbpfError> {
+/// The ports the relay listens on: the only ones whose SYNs XDP may drop.
+fn listener_ports(config: &Config) -> Vec<u16> {
+    config.listeners.iter().map(|l| l.bind.port()).collect()
+}
+
+/// Makes an XDP program's maps hold exactly the daemon's deny list (pinned ones may hold an
+/// older one; a reload may have started the lists over) and its listening ports (pinned ones
+/// may hold another daemon's).
+fn sync_xdp(x: &mut XdpDeny, rules: &Rules, ports: &[u16]) -> Result<(), crate::ebpf::EbpfError> {
+    x.set_ports(ports)?;
     for c in x.deny_list()? {
         if !rules.deny.rules().contains(&c) {
             x.deny_remove(c)?;
@@ -1493,10 +1504,16 @@ fn restart_needed(old: &Config, new: &Config, nworkers: usize, nofile: u64) -> O
     None
 }
 
+/// Attaches the XDP deny program to each interface (with the maps pinned under `pin_dir` when
+/// `sluicectl load` pinned them there, else private ones), puts the deny rules in its tries and
+/// the listeners' ports in its port map (it drops only SYNs to those, so a deny rule never cuts
+/// the host's other services off). A failure is one log line; the workers' own check still
+/// applies.
 fn attach_xdp(
     interfaces: &[String],
     pin_dir: Option<&std::path::Path>,
     rules: &Rules,
+    ports: &[u16],
 ) -> (Vec<XdpDeny>, Vec<String>) {
     let pinned = pin_dir.filter(|d| crate::ebpf::is_pinned(d));
     let mut out = Vec::new();
@@ -1516,7 +1533,7 @@ fn attach_xdp(
                 continue;
             }
         };
-        match sync_xdp(&mut x, rules) {
+        match sync_xdp(&mut x, rules, ports) {
             Ok(()) => {
                 tracing::info!(interface = %ifname, pinned = pinned.is_some(), "XDP deny program attached");
                 out.push(x);
@@ -1524,7 +1541,7 @@ fn attach_xdp(
             }
             Err(e) => tracing::warn!(
                 interface = %ifname,
-                "cannot fill the XDP deny tries ({e}); denied clients are refused by the workers instead"
+                "cannot fill the XDP deny maps ({e}); denied clients are refused by the workers instead"
             ),
         }
     }

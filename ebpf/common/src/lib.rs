@@ -51,12 +51,18 @@ pub mod admission {
     pub const DESTS: &str = "SLUICE_DESTS";
     /// `PerCpuArray<XdpStats>` with one slot ([`super::XDP_STATS_SLOT`]).
     pub const XDP_STATS: &str = "SLUICE_XDPSTATS";
+    /// `HashMap<[u8; 2], u8>`: the relay's listening ports (network byte order; the value is
+    /// 1). The XDP program drops only SYNs to these, so other services on the host (SSH) are
+    /// never cut off by a deny rule.
+    pub const PORTS: &str = "SLUICE_PORTS";
     /// The XDP program that drops TCP SYNs from denied clients before they cost a socket.
     pub const PROG_XDP_DENY: &str = "sluice_xdp_deny";
     /// Capacity of each client trie.
     pub const MAX_CLIENT_RULES: u32 = 65_536;
     /// Capacity of the destination allowlist.
     pub const MAX_DESTS: u32 = 4_096;
+    /// Capacity of [`PORTS`] (a daemon has at most a few dozen listeners).
+    pub const MAX_PORTS: u32 = 1_024;
 }
 
 /// The only slot of [`admission::XDP_STATS`].
@@ -191,7 +197,7 @@ impl DestKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct XdpStats {
-    /// TCP SYNs (without ACK) inspected.
+    /// TCP SYNs (without ACK) to one of the relay's ports ([`admission::PORTS`]) inspected.
     pub syns: u64,
     /// SYNs dropped because the IPv4 source matched [`admission::DENY_V4`].
     pub dropped_v4: u64,

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use sluice_common::{
     ClientKeyV4, ClientKeyV6, ConnCounters, Cookie, DestKey, Peer, RuleId, XdpStats,
-    admission::{MAX_CLIENT_RULES, MAX_DESTS},
+    admission::{MAX_CLIENT_RULES, MAX_DESTS, MAX_PORTS},
     fast_path::{HELD_BYTES, MAX_SOCKETS},
 };
 
@@ -55,6 +55,11 @@ pub(crate) static DENY_V4: LpmTrie<[u8; 4], RuleId> =
 #[map(name = "SLUICE_DENY_V6")]
 pub(crate) static DENY_V6: LpmTrie<[u8; 16], RuleId> =
     LpmTrie::with_max_entries(MAX_CLIENT_RULES, 0);
+
+/// The relay's listening ports (network byte order): [`crate::xdp_deny`] drops only SYNs to
+/// these.
+#[map(name = "SLUICE_PORTS")]
+pub(crate) static PORTS: HashMap<[u8; 2], u8> = HashMap::with_max_entries(MAX_PORTS, 0);
 
 /// Upstream addresses the relay may connect to.
 #[map(name = "SLUICE_DESTS")]

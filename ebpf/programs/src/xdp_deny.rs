@@ -1,9 +1,12 @@
-//! `sluice_xdp_deny`: drops TCP SYNs from denied clients before they cost a socket.
+//! `sluice_xdp_deny`: drops TCP SYNs from denied clients to the relay's ports before they cost a
+//! socket.
 //!
 //! Parses Ethernet, then IPv4 (any header length, first fragment only) or IPv6 (TCP as the first
-//! next header), and looks the source address up in `SLUICE_DENY_V4`/`SLUICE_DENY_V6`. Only a SYN
-//! without ACK is ever dropped: established connections and every other packet pass, and so does
-//! anything the parser does not understand (fail open, the relay's own admission check still runs).
+//! next header); a SYN to a port in `SLUICE_PORTS` (the relay's listeners) has its source
+//! address looked up in `SLUICE_DENY_V4`/`SLUICE_DENY_V6`. Only a SYN without ACK to one of
+//! those ports is ever dropped: other services on the host (SSH), established connections and
+//! every other packet pass, and so does anything the parser does not understand (fail open, the
+//! relay's own admission check still runs). An empty port map drops nothing.
 
 use core::mem::size_of;
 
@@ -15,7 +18,7 @@ use aya_ebpf::{
 };
 use sluice_common::{XDP_STATS_SLOT, XdpStats};
 
-use crate::maps::{DENY_V4, DENY_V6, XDP_STATS};
+use crate::maps::{DENY_V4, DENY_V6, PORTS, XDP_STATS};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
@@ -23,7 +26,9 @@ const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
 const IPPROTO_TCP: u8 = 6;
 const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
-/// TCP flags byte: offset 13 of the TCP header.
+/// The TCP header up to its flags byte: ports (0..4), sequence and acknowledgement numbers,
+/// data offset (12), flags (13).
+const TCP_HEAD: usize = 14;
 const TCP_FLAGS_OFFSET: usize = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
@@ -47,7 +52,7 @@ fn try_sluice_xdp_deny(ctx: &XdpContext) -> Result<u32, u32> {
         if ip[0] >> 4 != 4 || ihl < IPV4_HLEN || ip[9] != IPPROTO_TCP || !first_fragment {
             return Ok(XDP_PASS);
         }
-        if !is_syn(ctx, ETH_HLEN + ihl)? {
+        if !is_relay_syn(ctx, ETH_HLEN + ihl)? {
             return Ok(XDP_PASS);
         }
         let src = [ip[12], ip[13], ip[14], ip[15]];
@@ -55,7 +60,7 @@ fn try_sluice_xdp_deny(ctx: &XdpContext) -> Result<u32, u32> {
         Ok(verdict(denied, |s| &mut s.dropped_v4))
     } else if ethertype == ETH_P_IPV6 {
         let ip: [u8; IPV6_HLEN] = read(ctx, ETH_HLEN)?;
-        if ip[6] != IPPROTO_TCP || !is_syn(ctx, ETH_HLEN + IPV6_HLEN)? {
+        if ip[6] != IPPROTO_TCP || !is_relay_syn(ctx, ETH_HLEN + IPV6_HLEN)? {
             return Ok(XDP_PASS);
         }
         let mut src = [0u8; 16];
@@ -67,11 +72,16 @@ fn try_sluice_xdp_deny(ctx: &XdpContext) -> Result<u32, u32> {
     }
 }
 
-/// Whether the TCP header at `offset` is a SYN without ACK (a new connection).
+/// Whether the TCP header at `offset` is a SYN without ACK (a new connection) to one of the
+/// relay's ports.
 #[inline(always)]
-fn is_syn(ctx: &XdpContext, offset: usize) -> Result<bool, u32> {
-    let flags: u8 = read(ctx, offset + TCP_FLAGS_OFFSET)?;
-    Ok(flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+fn is_relay_syn(ctx: &XdpContext, offset: usize) -> Result<bool, u32> {
+    let tcp: [u8; TCP_HEAD] = read(ctx, offset)?;
+    if tcp[TCP_FLAGS_OFFSET] & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Ok(false);
+    }
+    let port = [tcp[2], tcp[3]];
+    Ok(PORTS.get_ptr(&port).is_some())
 }
 
 /// Counts the SYN (and the drop) and returns the action.

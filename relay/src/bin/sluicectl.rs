@@ -116,7 +116,7 @@ enum DenyOp {
 
 #[derive(Subcommand)]
 enum DestOp {
-    /// Add HOST:PORT (a name is resolved once, here; every address it has is added).
+    /// Add HOST:PORT (a name is resolved once, here, within 5 s; every address it has is added).
     Add { dest: String },
     /// Remove HOST:PORT (every address it resolves to).
     Del { dest: String },
@@ -266,7 +266,7 @@ fn print_reply(cmd: &Command, r: &admission::Reply) {
                 println!("live connections from the range were closed");
             }
             if r.xdp {
-                println!("SYNs from the range are also dropped by XDP");
+                println!("SYNs from the range to the relay's ports are also dropped by XDP");
             }
         }
         Command::Del { list, rule } => {

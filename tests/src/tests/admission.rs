@@ -790,3 +790,257 @@ echo done
     assert!(out.stdout.contains("unpinned from"), "{}", out.text());
     assert!(out.stdout.contains("nothing pinned"), "{}", out.text());
 }
+
+/// The name every DNS test below asks for: in no hosts file, so only DNS could answer it.
+const SILENT_NAME: &str = "never-answers.sluice-test";
+
+/// A DNS server that never answers: a UDP socket on port 53 of an address of its own that
+/// takes queries and never reads them (nothing listening would refuse them at once), and the
+/// resolv.conf and nsswitch.conf that point at it only. [`SilentDns::wrapper`] runs a program
+/// under those files in a mount namespace of its own (`unshare --mount`, bind mounts), so the
+/// host's resolver configuration is never touched.
+struct SilentDns {
+    _socket: std::net::UdpSocket,
+    dir: sluice_tests::TempDir,
+}
+
+impl SilentDns {
+    fn start() -> SilentDns {
+        let ip = Host::new().ip;
+        let socket = std::net::UdpSocket::bind((ip, 53)).expect("bind UDP port 53 (root)");
+        let dir = sluice_tests::TempDir::new();
+        // glibc's longest wait (30 s), one try: without a deadline of its own a lookup hangs
+        // for all of it.
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {ip}\noptions timeout:30 attempts:1\n"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("nsswitch.conf"), "hosts: files dns\n").unwrap();
+        SilentDns {
+            _socket: socket,
+            dir,
+        }
+    }
+
+    /// A prefix that execs the rest of the command line with this resolver.
+    fn wrapper(&self) -> Vec<String> {
+        let script = "mount --bind \"$1\" /etc/resolv.conf && \
+                      mount --bind \"$2\" /etc/nsswitch.conf && shift 2 && exec \"$@\"";
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            self.dir.join("resolv.conf").to_string_lossy().into_owned(),
+            self.dir
+                .join("nsswitch.conf")
+                .to_string_lossy()
+                .into_owned(),
+        ])
+        .collect()
+    }
+}
+
+/// A `dest` command naming a host whose DNS server never answers (the daemon resolves names it
+/// is sent; `sluicectl` resolves its own first) holds neither the control socket nor the
+/// supervisor: while it waits, `status` answers within a second and `deny add` (which goes
+/// through the supervisor's loop to every worker) is applied; the lookup is given up at its
+/// deadline (5 s) with an error naming the name. `sluicectl dest add NAME` under the same
+/// resolver fails the same way at the same deadline instead of hanging. Before the fix the
+/// control socket answered one request at a time and the lookup waited for glibc's 30 s, so
+/// `status` waited behind it (and timed out at 10 s).
+#[test]
+fn a_dest_name_the_dns_never_answers_holds_nothing_up() {
+    if !sluice_tests::require_root()
+        || !sluice_tests::require_program("unshare")
+        || !engine_ok("epoll")
+    {
+        return;
+    }
+    let dns = SilentDns::start();
+    let wrapper = dns.wrapper();
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let echo = EchoServer::start(Host::new().addr());
+    let relay = Sluice::forward(Host::new().addr(), echo.addr())
+        .engine("epoll")
+        .workers(2)
+        .wrap(&wrapper)
+        .start();
+    let path = relay.control_path().to_path_buf();
+    let line = format!("dest add {SILENT_NAME}:443");
+    let started = std::time::Instant::now();
+    let waiting = std::thread::spawn(move || {
+        let r = sluice::control::request(&path, &line);
+        (r, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let r = sluice::control::request(relay.control_path(), "status");
+        let took = t.elapsed();
+        eprintln!("status while `{SILENT_NAME}` resolves took {took:?}");
+        assert!(r.is_ok(), "status while a dest name resolves: {r:?}");
+        slowest = slowest.max(took);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("status while `{SILENT_NAME}` resolves: slowest of 5 took {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "status took {slowest:?} while a dest name resolved"
+    );
+    let t = std::time::Instant::now();
+    let out = ctl_ok(&relay, &["deny", "add", "127.0.0.3/32"]);
+    eprintln!(
+        "deny add while `{SILENT_NAME}` resolves took {:?}",
+        t.elapsed()
+    );
+    assert!(out.contains("2/2 workers applied it"), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the checks above took until the lookup's deadline: they were not served beside it"
+    );
+    assert_refused(&relay, DENIED, "denied while a dest name resolved");
+
+    let (r, took) = waiting.join().unwrap();
+    eprintln!("raw `dest add {SILENT_NAME}:443` answered after {took:?}: {r:?}");
+    let e = r.expect_err("a name no DNS answers was added").to_string();
+    assert!(
+        e.contains(SILENT_NAME) && e.contains("within 5 s"),
+        "the error names neither the name nor the deadline: {e}"
+    );
+    assert!(
+        took >= Duration::from_millis(4500) && took < Duration::from_secs(8),
+        "answered after {took:?}, not at the 5 s deadline"
+    );
+    assert_eq!(ctl_ok(&relay, &["dest", "list"]).trim(), "");
+
+    // sluicectl resolves the name itself, under the same resolver: the same deadline.
+    let mut cmd = Command::new(wrapper[0]);
+    cmd.args(&wrapper[1..])
+        .arg(sluice_tests::sluice::sluicectl_bin())
+        .arg("--control")
+        .arg(relay.control_path())
+        .args(["dest", "add", &format!("{SILENT_NAME}:443")]);
+    let t = std::time::Instant::now();
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(20));
+    let took = t.elapsed();
+    eprintln!(
+        "sluicectl dest add {SILENT_NAME}:443 exited after {took:?}: {}",
+        out.text()
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", out.text());
+    assert!(
+        out.stderr.contains(SILENT_NAME) && out.stderr.contains("within 5 s"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        took >= Duration::from_millis(4500) && took < Duration::from_secs(8),
+        "sluicectl gave up after {took:?}, not at the 5 s deadline"
+    );
+    assert_served(&relay, SERVED, "after the lookups");
+}
+
+/// Connects from `from` (port 0) to `to` with a deadline: Ok when the handshake completed.
+fn handshake(from: IpAddr, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.bind(&SocketAddr::new(from, 0).into())?;
+    s.connect_timeout(&to.into(), timeout)?;
+    Ok(s.into())
+}
+
+/// XDP drops denied SYNs to the relay's own ports only: with `deny add 0.0.0.0/0` and `::/0`
+/// (and XDP on `lo` in a namespace of this test's own), a client can no longer reach the
+/// relay's IPv4 and IPv6 listeners (the SYN vanishes: the handshake times out, no worker
+/// accepts), but it still reaches another service listening on other ports in the same
+/// namespace (the host's SSH, say). Before the fix the program dropped every denied SYN to any port of the host.
+#[test]
+fn xdp_deny_spares_ports_the_relay_does_not_listen_on() {
+    if !bpf_gate() || !engine_ok("epoll") {
+        return;
+    }
+    in_netns(|| {
+        let echo = EchoServer::start(Host::new().addr());
+        let v6_port = std::net::TcpListener::bind("[::1]:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let v6: SocketAddr = SocketAddr::new("::1".parse().unwrap(), v6_port);
+        let v4 = Host::new().addr();
+        let toml = format!(
+            "workers = 1\nengine = \"epoll\"\n\n\
+             [[listen]]\nname = \"v4\"\nbind = \"{v4}\"\nupstream = [\"{up}\"]\n\n\
+             [[listen]]\nname = \"v6\"\nbind = \"{v6}\"\nupstream = [\"{up}\"]\n",
+            up = echo.addr()
+        );
+        // A pin directory nothing is pinned in: the daemon's own, private maps.
+        let unpinned = sluice_tests::TempDir::new();
+        // The harness waits for IPv4 listeners only; the [::1] one is bound in the same step.
+        let relay = Sluice::run_config_text(&toml, vec![v4])
+            .workers(1)
+            .arg("--xdp")
+            .arg("lo")
+            .arg("--bpf-pin-dir")
+            .arg(unpinned.join("sluice").to_string_lossy().into_owned())
+            .start();
+        assert!(
+            wait_until(HUNG, || relay
+                .stderr_log()
+                .contains("XDP deny program attached")),
+            "{}",
+            relay.stderr_log()
+        );
+        // Another service in the namespace, on ports the relay does not listen on.
+        let service4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let service6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let (other4, other6) = (
+            service4.local_addr().unwrap(),
+            service6.local_addr().unwrap(),
+        );
+        let six: IpAddr = "::1".parse().unwrap();
+        try_new(v4, DENIED).expect("relayed before the rules");
+        try_new(v6, six).expect("relayed over IPv6 before the rules");
+
+        for rule in ["0.0.0.0/0", "::/0"] {
+            let out = ctl_ok(&relay, &["deny", "add", rule]);
+            assert!(out.contains("XDP"), "{out}");
+        }
+        let accepted = counter(&relay, "accepted");
+        for (from, to) in [(DENIED, v4), (six, v6)] {
+            let err = handshake(from, to, Duration::from_millis(1500))
+                .expect_err("a denied client's handshake with the relay completed");
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::TimedOut,
+                "{from} -> {to}: {err}"
+            );
+        }
+        assert_eq!(counter(&relay, "accepted"), accepted, "a worker accepted");
+        for (from, to) in [(DENIED, other4), (six, other6)] {
+            handshake(from, to, Duration::from_millis(1500)).unwrap_or_else(|e| {
+                panic!("{from} -> {to}, a port the relay does not listen on: {e}")
+            });
+        }
+
+        for rule in ["0.0.0.0/0", "::/0"] {
+            ctl_ok(&relay, &["deny", "del", rule]);
+        }
+        try_new(v4, DENIED).expect("relayed after deny del");
+        try_new(v6, six).expect("relayed over IPv6 after deny del");
+    });
+}

@@ -367,6 +367,9 @@ fn connect_from(from: SocketAddr, to: SocketAddr, timeout: Duration) -> io::Resu
     Ok(s.into())
 }
 
+/// The XDP program drops SYNs of denied sources (IPv4 and IPv6) to the ports in its port map
+/// only: other ports of the host stay reachable, and a port taken out of the map is no longer
+/// guarded.
 #[test]
 fn xdp_drops_syns_of_denied_clients_only() {
     if !gate("xdp_drops_syns_of_denied_clients_only", NS_CAPS) {
@@ -377,6 +380,17 @@ fn xdp_drops_syns_of_denied_clients_only() {
         let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
         let v6 = TcpListener::bind("[::1]:0").unwrap();
         let (v4, v6) = (v4.local_addr().unwrap(), v6.local_addr().unwrap());
+        // Another service on ports the relay does not listen on (SSH, say).
+        let service4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let service6 = TcpListener::bind("[::1]:0").unwrap();
+        let (other4, other6) = (
+            service4.local_addr().unwrap(),
+            service6.local_addr().unwrap(),
+        );
+        xdp.set_ports(&[v4.port(), v6.port(), v6.port()]).unwrap();
+        let mut want = vec![v4.port(), v6.port()];
+        want.sort_unstable();
+        assert_eq!(xdp.ports().unwrap(), want);
         let allowed: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let denied: SocketAddr = "127.0.0.77:0".parse().unwrap();
         let six: SocketAddr = "[::1]:0".parse().unwrap();
@@ -414,6 +428,16 @@ fn xdp_drops_syns_of_denied_clients_only() {
         );
         assert!(after.syns > before.syns);
         drop(established);
+
+        // Only SYNs to the relay's ports are dropped: other services stay reachable.
+        connect_from(denied, other4, IO_TIMEOUT).expect("another port, IPv4");
+        connect_from(six, other6, IO_TIMEOUT).expect("another port, IPv6");
+        // The port map follows the listeners: a port taken out is no longer guarded.
+        xdp.set_ports(&[v4.port()]).unwrap();
+        assert_eq!(xdp.ports().unwrap(), [v4.port()]);
+        connect_from(six, v6, IO_TIMEOUT).expect("a port no longer in the map");
+        let err = connect_from(denied, v4, Duration::from_millis(1500)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
 
         // Lifting the rule lets the client in again.
         assert!(xdp.deny_remove("127.0.0.64/26".parse().unwrap()).unwrap());
