@@ -512,6 +512,11 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         engine = kind.name(),
         "ready"
     );
+    // Under the unit's Type=notify, `systemctl start` returns (and dependants start) only now:
+    // a generated RSA-4096 certificate can take seconds on a small host.
+    if let Err(e) = sys::sd_notify("READY=1") {
+        tracing::warn!("cannot tell systemd the relay is ready (NOTIFY_SOCKET): {e}");
+    }
     loop {
         let ev = match rx.recv_timeout(sup.next_wake()) {
             Ok(ev) => ev,
@@ -554,6 +559,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
             }
             Event::Signal(sig) => {
                 tracing::info!("signal {sig}: stopping");
+                let _ = sys::sd_notify("STOPPING=1");
                 sup.stop();
                 return Ok(());
             }

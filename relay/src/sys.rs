@@ -921,3 +921,23 @@ pub fn interface_addrs() -> io::Result<Vec<(String, std::net::IpAddr)>> {
     unsafe { libc::freeifaddrs(head) };
     Ok(out)
 }
+
+/// Tells systemd `state` (`READY=1`, `STOPPING=1`) through `$NOTIFY_SOCKET` (sd_notify(3)'s
+/// protocol: one datagram to a Unix socket, `@` for the abstract namespace). `Ok(false)` when
+/// not started by systemd with `Type=notify`.
+pub fn sd_notify(state: &str) -> io::Result<bool> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(false);
+    };
+    let path = path.as_bytes();
+    let addr = match path.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(path))?,
+    };
+    let sock = UnixDatagram::unbound()?;
+    sock.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(true)
+}

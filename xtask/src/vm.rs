@@ -19,14 +19,80 @@ use anyhow::{Context, Result, bail};
 
 use crate::run;
 
-/// Host tools the suite needs (QEMU's TCG runs Debian's stock kernels here; `/dev/kvm` on this
-/// machine kind is PVM and does not).
-pub const TOOLS: &[&str] = &[
-    "qemu-system-x86",
-    "mmdebstrap",
-    "e2fsprogs",
-    "openssh-client",
-];
+/// Host tools the suite needs besides QEMU ([`qemu`]).
+pub const TOOLS: &[&str] = &["mmdebstrap", "e2fsprogs", "openssh-client"];
+
+/// The oldest QEMU whose TCG boots bookworm-backports' 6.12 kernel: under bookworm's own 7.2
+/// (single- or multi-threaded TCG, `-cpu max` or `qemu64`, with `mitigations=off` too) it dies
+/// within seconds of boot (spurious #DB in `exc_debug_kernel`, double faults, list corruption);
+/// under 10.0 it boots in ~30 s. bookworm's 6.1 boots under both.
+pub const QEMU_MIN_MAJOR: u32 = 10;
+
+/// QEMU for the VMs (QEMU's TCG runs Debian's stock kernels here; `/dev/kvm` on this machine
+/// kind is PVM and does not): installed from bookworm-backports when the host's is older than
+/// [`QEMU_MIN_MAJOR`] (the backports source added if missing). Returns its version line.
+pub fn qemu() -> Result<String> {
+    let version = || -> Option<(u32, String)> {
+        let out = Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .ok()?;
+        let line = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()?
+            .to_string();
+        let major = line
+            .split_whitespace()
+            .find_map(|w| w.split('.').next()?.parse::<u32>().ok())?;
+        Some((major, line))
+    };
+    if let Some((major, line)) = version()
+        && major >= QEMU_MIN_MAJOR
+    {
+        return Ok(line);
+    }
+    let os = fs::read_to_string("/etc/os-release").unwrap_or_default();
+    if !os.lines().any(|l| l == "VERSION_CODENAME=bookworm") {
+        bail!(
+            "the VM suite needs QEMU {QEMU_MIN_MAJOR} or later (qemu-system-x86_64 --version); \
+             install it from your distribution"
+        );
+    }
+    let list = Path::new("/etc/apt/sources.list.d/sluice-bookworm-backports.list");
+    let has_backports = Command::new("sh")
+        .args([
+            "-c",
+            "grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/",
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !has_backports {
+        eprintln!(
+            "xtask: adding bookworm-backports ({}) for QEMU {QEMU_MIN_MAJOR}",
+            list.display()
+        );
+        fs::write(
+            list,
+            "deb http://deb.debian.org/debian bookworm-backports main\n",
+        )
+        .with_context(|| format!("cannot write {} (setup needs root)", list.display()))?;
+    }
+    eprintln!("xtask: installing qemu-system-x86 from bookworm-backports");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(["-t", "bookworm-backports", "qemu-system-x86"]))
+    .context("apt-get install -t bookworm-backports qemu-system-x86 failed")?;
+    match version() {
+        Some((major, line)) if major >= QEMU_MIN_MAJOR => Ok(line),
+        other => bail!(
+            "after installing from bookworm-backports, qemu-system-x86_64 is {:?}, not {QEMU_MIN_MAJOR} or later",
+            other.map(|o| o.1)
+        ),
+    }
+}
 
 /// What the guest has besides `--variant=apt`: an operator's bare Debian 12 server (adduser and
 /// procps are the .deb's own dependencies), sshd for the suite, two kernels.

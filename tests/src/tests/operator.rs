@@ -368,3 +368,28 @@ fn doctor_without_cap_bpf_says_bpf_is_unavailable_and_why() {
     );
     drop(relay);
 }
+
+/// Under the unit's `Type=notify`, systemd waits for `READY=1` on `$NOTIFY_SOCKET`: it comes
+/// once the listener takes connections, and `STOPPING=1` at SIGTERM (sd_notify(3)'s datagram
+/// protocol, read here from a socket this test binds).
+#[test]
+fn tells_systemd_when_it_is_ready_and_when_it_stops() {
+    init();
+    let dir = TempDir::new();
+    let path = dir.join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    notify.set_read_timeout(Some(RUN)).unwrap();
+    let up = EchoServer::start(Host::new().addr());
+    let relay = Sluice::forward(Host::new().addr(), up.addr())
+        .workers(1)
+        .env("NOTIFY_SOCKET", path.to_str().unwrap())
+        .start();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 from the daemon");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]), "READY=1");
+    std::net::TcpStream::connect(relay.addr()).expect("the listener takes connections by then");
+    let (status, _) = relay.stop();
+    assert!(status.success(), "{status:?}");
+    let n = notify.recv(&mut buf).expect("STOPPING=1 from the daemon");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]), "STOPPING=1");
+}
