@@ -1,6 +1,6 @@
 //! The acceptance suite in Debian 12 VMs, on Debian's own kernels with systemd as PID 1.
 //!
-//! Run by `cargo xtask vm` (and by `cargo xtask test`), which builds what this needs and names
+//! Run by `cargo xtask vm` (and by `cargo xtask test` with `SLUICE_TEST_VM=1`), which builds what this needs and names
 //! it in the environment: `SLUICE_VM_DIR` (the image of `xtask/src/vm.rs`: `disk.img`, `key`,
 //! `vmlinuz-*`, `initrd.img-*`), `SLUICE_VM_KERNELS`, `SLUICE_VM_DEB` (the package) and
 //! `SLUICE_VM_GUEST` (the `integration` and `holder` binaries the guest runs its engine checks
