@@ -220,15 +220,27 @@ pub fn serve(
                     continue;
                 }
                 let done = InFlight(in_flight.clone());
-                let (status, shared, handler) = (status.clone(), shared.clone(), handler.clone());
-                // A thread that cannot start drops the stream (and `done`): the client sees
-                // the connection closed without an answer.
-                let _ = std::thread::Builder::new()
+                let (st, sh, h) = (status.clone(), shared.clone(), handler.clone());
+                // The stream stays reachable from here: when no thread can start (RLIMIT_NPROC
+                // reached, say), the request is answered on this thread instead, as before
+                // requests had threads of their own.
+                let slot = Arc::new(Mutex::new(Some(stream)));
+                let theirs = slot.clone();
+                let started = std::thread::Builder::new()
                     .name("control-request".into())
                     .spawn(move || {
                         let _done = done;
-                        let _ = answer(stream, &status, &shared, &handler);
+                        let stream = theirs.lock().ok().and_then(|mut s| s.take());
+                        if let Some(stream) = stream {
+                            let _ = answer(stream, &st, &sh, &h);
+                        }
                     });
+                if started.is_err() {
+                    let stream = slot.lock().ok().and_then(|mut s| s.take());
+                    if let Some(stream) = stream {
+                        let _ = answer(stream, &status, &shared, &handler);
+                    }
+                }
             }
         })?;
     Ok(())
