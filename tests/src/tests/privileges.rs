@@ -391,25 +391,44 @@ fn a_drop_without_setuid_names_the_missing_capability() {
     );
 }
 
-/// A relay that drops to `sluice` keeps the capability its engine needs only if the bounding set
-/// has it; without CAP_NET_ADMIN the sockmap engine's drop says which one is missing.
+/// Without CAP_NET_ADMIN in the bounding set (nor CAP_SYS_ADMIN, which the kernel takes in its
+/// place, and which the unit leaves out) the supervisor cannot load the fast path: it says so
+/// once, naming the capability, and its workers splice; the drop to `sluice` still happens
+/// (no process keeps anything, so none can be missing for it). Before, workers kept the fast
+/// path's capabilities and the drop itself stopped the start.
 #[test]
-fn a_drop_that_cannot_keep_a_needed_capability_names_it() {
+fn sockmap_without_net_admin_names_it_and_splices() {
     if !engine_ok("sockmap") || !require_root() || !sluice_tests::require_program("setpriv") {
         return;
     }
-    sluice_user();
-    let out = Sluice::forward(Host::new().addr(), Host::new().addr())
+    let (uid, _) = sluice_user();
+    let server = EchoServer::start(Host::new().addr());
+    let relay = Sluice::forward(Host::new().addr(), server.addr())
         .engine("sockmap")
-        .wrap(&["setpriv", "--bounding-set=-net_admin", "--"])
+        .workers(1)
+        .wrap(&["setpriv", "--bounding-set=-net_admin,-sys_admin", "--"])
         .arg("--user")
         .arg(USER)
-        .run_to_exit(Duration::from_secs(30));
+        .start();
+    let workers = relay.wait_workers(1, HUNG);
+    assert_engine(&relay, "splice");
+    let status = relay.status();
     assert!(
-        !out.status.success() && out.stderr.contains("CAP_NET_ADMIN"),
-        "sockmap start without CAP_NET_ADMIN: {}",
-        out.text()
+        status["fast_path"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("unavailable") && s.contains("CAP_NET_ADMIN")),
+        "status does not say why the fast path is off: {status}"
     );
+    assert!(
+        relay.stderr_log().contains("CAP_NET_ADMIN"),
+        "the log does not name CAP_NET_ADMIN: {}",
+        relay.stderr_log()
+    );
+    let (ruid, euid, _) = identity(workers[0]);
+    assert_eq!((ruid, euid), (uid, uid), "the worker runs as {USER}");
+    assert_held(relay.pid(), SUPERVISOR_KEEPS, &workers, "splicing instead");
+    let conns = client::open_many(relay.addr(), None, 2).unwrap();
+    client::echo_many(&conns, seed(), 1 << 16, false, HUNG).unwrap();
 }
 
 /// No process of the relay can leave a core dump (it would hold client addresses and the TLS
