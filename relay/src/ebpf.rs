@@ -59,7 +59,7 @@ const ALL_MAPS: [&str; 11] = [
 /// is missing, or the object does not match this code.
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
-    #[error("cannot load the eBPF object (needs root or CAP_BPF): {0}")]
+    #[error("cannot load the eBPF object (needs root, or CAP_BPF and CAP_NET_ADMIN): {0}")]
     Load(#[source] Box<aya::EbpfError>),
     #[error("the eBPF object has no map {0} of the expected type: {1}")]
     MissingMap(&'static str, #[source] Box<MapError>),
@@ -81,6 +81,8 @@ pub enum EbpfError {
     Cookie(#[source] io::Error),
     #[error("this fast path only observes pinned maps; the process that attached inserts")]
     NotAttached,
+    #[error("the supervisor handed this worker no fast-path maps")]
+    NoMaps,
     #[error("a socket cannot be its own peer")]
     SamePeer,
     #[error("cannot create the pin directory (it must be on a bpffs): {0}")]
@@ -268,10 +270,11 @@ impl FastPath {
         ]
     }
 
-    /// The maps another process loaded and attached the verdict to (the supervisor, with maps
-    /// pinned by `sluicectl load`), from their fds in [`FastPath::map_fds`] order. Pairs this
-    /// value inserts carry `owner`, so [`FastPath::purge_owner`] can clear them if this process
-    /// dies.
+    /// The maps another process loaded and attached the verdict to (the supervisor, for its
+    /// workers: maps of its own or pinned by `sluicectl load`), from their fds in
+    /// [`FastPath::map_fds`] order. Needs no capability: the kernel checks map access against
+    /// the fd. Pairs this value inserts carry `owner`, so [`FastPath::purge_owner`] can clear
+    /// them if this process dies.
     pub fn from_fds([socks, peers, counters]: [OwnedFd; 3], owner: u32) -> Result<Self> {
         fn typed<M: TryFrom<Map, Error = MapError>>(fd: OwnedFd, name: &'static str) -> Result<M> {
             let data = MapData::from_fd(fd).map_err(map_err(name))?;

@@ -280,6 +280,12 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         )),
         None => None,
     };
+    if run_as.is_some() {
+        // Before the first thread: a uid change leaves each thread's inheritable set as it was.
+        sys::clear_inheritable().map_err(|e| {
+            std::io::Error::other(format!("cannot empty the inheritable capability set: {e}"))
+        })?;
+    }
     let uring_ok = if config.engine == EngineChoice::Epoll {
         false
     } else {
@@ -312,11 +318,13 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         }
     };
     let mut kind = EngineKind::decide(config.engine, uring_ok);
-    // The sockmap engine needs BPF: load the programs once here, so a refusal (no CAP_BPF, no
-    // BTF, verifier) is one clear line and every worker starts on splice instead. With maps
-    // pinned by `sluicectl load`, the supervisor attaches the verdict to them and keeps it
-    // attached; every worker then inserts into those maps (handed over by fd), so sluicectl and
-    // other tools see the daemon's pairs. Otherwise each worker loads maps of its own.
+    // The sockmap engine needs BPF: the supervisor creates the maps (or opens the ones pinned
+    // by `sluicectl load`), loads the verdict and attaches it, once, here, while it still holds
+    // the capabilities that takes; a refusal (no CAP_BPF, no BTF, verifier) is one clear line
+    // and every worker starts on splice instead. It keeps the verdict attached while it runs
+    // and hands the maps to every worker by fd: inserting into a map through an fd already
+    // open needs no capability, so workers need none (see `drop_privileges`). With pinned maps,
+    // sluicectl and other tools see the daemon's pairs.
     let mut fast_path = None;
     let mut shared_fast = None;
     if kind == EngineKind::Sockmap {
@@ -325,16 +333,16 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
             .as_deref()
             .filter(|d| crate::ebpf::is_pinned(d));
         let loaded = match pinned {
-            Some(dir) => crate::ebpf::FastPath::load_pinned(dir).map(Some),
-            None => crate::ebpf::FastPath::load().map(|_| None),
+            Some(dir) => crate::ebpf::FastPath::load_pinned(dir),
+            None => crate::ebpf::FastPath::load(),
         };
         match loaded {
-            Ok(shared) => {
+            Ok(fast) => {
                 fast_path = Some(match pinned {
                     Some(dir) => format!("attached (maps pinned under {})", dir.display()),
                     None => "attached".to_string(),
                 });
-                shared_fast = shared;
+                shared_fast = Some(fast);
             }
             Err(e) => {
                 tracing::warn!(
@@ -435,7 +443,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         tracing::warn!("no control socket at {}: {e}", path.display());
     }
     if let Some((name, ids)) = &run_as {
-        drop_privileges(name, *ids, kind, opts.control.as_deref())?;
+        drop_privileges(name, *ids, opts.control.as_deref())?;
     }
 
     if let Some((addr, l)) = metrics_http {
@@ -632,8 +640,8 @@ struct Supervisor {
     cert_watch: bool,
     /// The local decoy sites started so far (`builtin`, `dir:`; [`crate::decoy`]).
     local_decoys: Vec<crate::decoy::Local>,
-    /// The sockmap fast path's pinned maps, with the verdict this process attached to them;
-    /// handed to every worker. None: each worker has maps of its own (or another engine).
+    /// The sockmap fast path's maps (the daemon's own, or pinned by `sluicectl load`), with the
+    /// verdict this process attached to them; handed to every worker. None: another engine.
     shared_fast: Option<crate::ebpf::FastPath>,
     /// Its maps' fds at high numbers (see `bind`), handed to each worker.
     shared_fast_fds: Vec<OwnedFd>,
@@ -1390,28 +1398,26 @@ fn initial_rules(config: &Config) -> Rules {
     rules
 }
 
-/// Capabilities a worker of `kind` still needs once the daemon runs as an unprivileged user:
-/// loading and attaching the fast path's programs (sockmap) needs CAP_BPF and CAP_NET_ADMIN,
-/// and CAP_PERFMON (the verifier refuses the counters' pointer arithmetic to others); the other
-/// engines only use sockets they were handed.
-pub fn capabilities_needed(kind: EngineKind) -> &'static [u32] {
-    const CAP_NET_ADMIN: u32 = 12;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    match kind {
-        EngineKind::Sockmap => &[CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF],
-        EngineKind::Splice | EngineKind::Copy | EngineKind::Epoll => &[],
-    }
-}
-
 /// After every privileged step (binding, eBPF, XDP, the control socket): the control socket
-/// becomes 0660 to the user's group, and the daemon becomes the user with only the capabilities
-/// its workers need (ambient, so restarted workers get them too; the rest leave the bounding
-/// set).
+/// becomes 0660 to the user's group, and the daemon becomes the user with no capability left,
+/// whatever the engine (`sys::become_user`; threads started later and the workers it executes
+/// hold none either).
+///
+/// Nothing after this point needs one. Capabilities are checked when an eBPF object is created
+/// (maps: CAP_BPF, the sockhash CAP_NET_ADMIN; the verdict: CAP_BPF and CAP_NET_ADMIN, and
+/// CAP_PERFMON where the verifier wants it for the counters' pointer arithmetic; 6.18 does
+/// not), when a program is attached (the verdict to the sockmap, XDP to an interface:
+/// CAP_NET_ADMIN) and when a port below 1024 is bound; all of that happened above. What follows goes through fds opened above, which the kernel checks
+/// against the fd, not the caller's capabilities (since Linux 5.19, c8644cd0efe7,
+/// `kernel.unprivileged_bpf_disabled` refuses only BPF_MAP_CREATE and BPF_PROG_LOAD; the
+/// sockmap engine needs io_uring's buffer rings, 5.19 too): workers insert and remove pairs and
+/// read counters in the maps handed to them; the supervisor reads the verdict's event ring
+/// (mmap), clears a dead worker's entries and mirrors deny rules into the XDP tries. A
+/// restarted worker gets the same fds, and a reload cannot change `engine`, `xdp_interfaces` or
+/// `user`, so nothing is loaded or attached again.
 fn drop_privileges(
     name: &str,
     ids: sys::UserIds,
-    kind: EngineKind,
     control: Option<&std::path::Path>,
 ) -> Result<(), StartError> {
     if let Some(path) = control.filter(|p| p.exists()) {
@@ -1421,14 +1427,9 @@ fn drop_privileges(
         }
         give_to_group(path, name, ids.gid, 0o660)?;
     }
-    let keep = capabilities_needed(kind);
-    sys::become_user(ids, keep)
+    sys::become_user(ids)
         .map_err(|e| std::io::Error::other(format!("dropping privileges to user `{name}`: {e}")))?;
-    tracing::info!(
-        user = name,
-        capabilities = keep.len(),
-        "running unprivileged"
-    );
+    tracing::info!(user = name, "running unprivileged, with no capability");
     Ok(())
 }
 

@@ -714,11 +714,6 @@ impl CapSets {
 pub enum DropError {
     #[error("cannot read this thread's capabilities: {0}")]
     Read(io::Error),
-    #[error(
-        "cannot keep {cap}: not in the bounding set (a systemd unit's CapabilityBoundingSet, or \
-         the container's capabilities, must include it for this engine)"
-    )]
-    NotBounded { cap: String },
     #[error("cannot become the user: {cap} is not in the bounding set")]
     NoSetid { cap: String },
     #[error("cannot drop {cap} from the bounding set: {source}")]
@@ -729,26 +724,81 @@ pub enum DropError {
         source: io::Error,
     },
     #[error(
-        "capabilities after the drop are not what was asked: permitted {got:#x}, expected {want:#x}"
+        "capabilities are left after the drop: effective {effective:#x}, permitted \
+         {permitted:#x}, inheritable {inheritable:#x}, ambient {ambient:#x}"
     )]
-    Mismatch { got: u64, want: u64 },
+    Left {
+        effective: u64,
+        permitted: u64,
+        inheritable: u64,
+        ambient: u64,
+    },
 }
 
-/// Becomes `user` for good, keeping only the capabilities in `keep` (bit numbers, e.g.
-/// `CAP_BPF` = 39): effective, permitted, inheritable and ambient, so processes this thread
-/// starts (workers) have exactly them too.
+/// Sets this thread's capabilities: `effective` and `permitted` as given, inheritable empty.
+fn capset(effective: u64, permitted: u64) -> io::Result<()> {
+    let hdr = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        CapData {
+            effective: effective as u32,
+            permitted: permitted as u32,
+            inheritable: 0,
+        },
+        CapData {
+            effective: (effective >> 32) as u32,
+            permitted: (permitted >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset reads one header and two data structs (version 3), both valid here.
+    cvt(unsafe { libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) as libc::c_int })?;
+    Ok(())
+}
+
+/// Empties this thread's inheritable and ambient sets, keeping effective and permitted.
 ///
-/// Every other capability also leaves the bounding set when this thread may do that
-/// (CAP_SETPCAP). Inside a systemd unit whose `CapabilityBoundingSet` leaves CAP_SETPCAP out,
-/// what the unit allows stays in the bounding set: harmless once the process is not root and
-/// holds none of it (a bounding set only caps what an execve can gain, and the relay executes
-/// only itself, with no file capabilities and no setuid bit). Permitted, effective, inheritable
-/// and ambient are checked afterwards, in /proc, so a drop that did less than asked is an error.
+/// For a process that will [`become_user`], called before it starts any thread: a uid change
+/// clears a thread's effective, permitted and ambient sets but leaves its inheritable set as it
+/// was, and [`become_user`] can empty only the calling thread's. Threads started afterwards
+/// inherit the empty sets. (Root's inheritable set is normally empty already; a container
+/// runtime or a wrapper such as `setpriv --inh-caps` may have filled it.)
+pub fn clear_inheritable() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    cvt(unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    })?;
+    let now = CapSets::of_this_thread()?;
+    capset(now.effective, now.permitted)
+}
+
+/// Becomes `user` for good, with no capability left: effective, permitted, inheritable and
+/// ambient are empty afterwards (checked in /proc), so threads this thread starts and the
+/// processes it executes (workers) hold none either.
+///
+/// Every capability also leaves the bounding set when this thread may do that (CAP_SETPCAP).
+/// Inside a systemd unit whose `CapabilityBoundingSet` leaves CAP_SETPCAP out, what the unit
+/// allows stays in the bounding set: harmless once the process is not root and holds nothing
+/// (a bounding set only caps what an execve can gain, and the relay executes only itself, with
+/// no file capabilities and no setuid bit).
+///
+/// Nothing is kept because nothing is needed once started (ARCHITECTURE.md, "Capabilities"):
+/// what needs a capability (binding low ports, creating maps, loading and attaching programs)
+/// is done before, and what follows uses the fds it opened.
 ///
 /// Call it from the thread that will start processes: capability sets are per thread (the uid
 /// change itself reaches every thread, glibc makes sure of that, and the other threads lose
-/// every capability with it).
-pub fn become_user(user: UserIds, keep: &[u32]) -> Result<(), DropError> {
+/// their effective, permitted and ambient sets with it; see [`clear_inheritable`] for the
+/// rest).
+pub fn become_user(user: UserIds) -> Result<(), DropError> {
     let step = |step: &'static str| move |source: io::Error| DropError::Step { step, source };
     let check = |r: libc::c_int| {
         if r < 0 {
@@ -759,11 +809,6 @@ pub fn become_user(user: UserIds, keep: &[u32]) -> Result<(), DropError> {
     };
     let before = CapSets::of_this_thread().map_err(DropError::Read)?;
     let has = |set: u64, cap: u32| set & (1u64 << cap) != 0;
-    for &cap in keep {
-        if !has(before.bounding, cap) {
-            return Err(DropError::NotBounded { cap: cap_name(cap) });
-        }
-    }
     for cap in [CAP_SETUID, CAP_SETGID] {
         if !has(before.effective, cap) {
             return Err(DropError::NoSetid { cap: cap_name(cap) });
@@ -771,7 +816,7 @@ pub fn become_user(user: UserIds, keep: &[u32]) -> Result<(), DropError> {
     }
     if has(before.effective, CAP_SETPCAP) {
         for cap in 0..64u32 {
-            if has(before.bounding, cap) && !keep.contains(&cap) {
+            if has(before.bounding, cap) {
                 // SAFETY: prctl with integer arguments only.
                 check(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) })
                     .map_err(|source| DropError::BoundingSet {
@@ -781,10 +826,10 @@ pub fn become_user(user: UserIds, keep: &[u32]) -> Result<(), DropError> {
             }
         }
     }
+    // Capabilities are not to survive the uid change, whatever an earlier PR_SET_KEEPCAPS said.
     // SAFETY: prctl with integer arguments only.
-    check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) }).map_err(step(
-        "keep capabilities across the uid change (PR_SET_KEEPCAPS)",
-    ))?;
+    check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) })
+        .map_err(step("clear PR_SET_KEEPCAPS"))?;
     let groups = [user.gid];
     // SAFETY: one gid from a valid array; glibc applies it to every thread.
     check(unsafe { libc::setgroups(1, groups.as_ptr()) })
@@ -795,54 +840,15 @@ pub fn become_user(user: UserIds, keep: &[u32]) -> Result<(), DropError> {
     // SAFETY: as above.
     check(unsafe { libc::setresuid(user.uid, user.uid, user.uid) })
         .map_err(step("change the user id"))?;
-    let mut mask = 0u64;
-    for &cap in keep {
-        mask |= 1 << cap;
-    }
-    let hdr = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let data = [
-        CapData {
-            effective: mask as u32,
-            permitted: mask as u32,
-            inheritable: mask as u32,
-        },
-        CapData {
-            effective: (mask >> 32) as u32,
-            permitted: (mask >> 32) as u32,
-            inheritable: (mask >> 32) as u32,
-        },
-    ];
-    // SAFETY: capset reads one header and two data structs (version 3), both valid here.
-    check(unsafe { libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) as libc::c_int })
-        .map_err(step("set the capabilities to keep (capset)"))?;
-    // SAFETY: prctl with integer arguments only.
-    check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) })
-        .map_err(step("clear PR_SET_KEEPCAPS"))?;
-    for &cap in keep {
-        // SAFETY: prctl with integer arguments only.
-        check(unsafe {
-            libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
-                cap as libc::c_ulong,
-                0,
-                0,
-            )
-        })
-        .map_err(step("raise the kept capabilities into the ambient set"))?;
-    }
+    // The uid change emptied effective, permitted and ambient; the inheritable set goes here.
+    capset(0, 0).map_err(step("empty the capability sets (capset)"))?;
     let after = CapSets::of_this_thread().map_err(DropError::Read)?;
-    if after.permitted != mask
-        || after.effective != mask
-        || after.inheritable != mask
-        || after.ambient != mask
-    {
-        return Err(DropError::Mismatch {
-            got: after.permitted | after.effective | after.inheritable | after.ambient,
-            want: mask,
+    if after.effective | after.permitted | after.inheritable | after.ambient != 0 {
+        return Err(DropError::Left {
+            effective: after.effective,
+            permitted: after.permitted,
+            inheritable: after.inheritable,
+            ambient: after.ambient,
         });
     }
     Ok(())

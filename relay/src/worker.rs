@@ -7,8 +7,9 @@
 //! - fd 3 .. 3+L: the L listening sockets, in config order (shared by all workers);
 //! - fd 3+L: the memfd of the shared counters ([`crate::metrics::Shared`]);
 //! - fd 4+L: the memfd of the histogram slots ([`crate::histo::Region`]);
-//! - fds 5+L .. 7+L, only with [`ENV_SHARED_FAST_PATH`]: the sockmap fast path's maps (sockets,
-//!   peers, counters) the supervisor attached the verdict to ([`crate::ebpf::FastPath::from_fds`]).
+//! - fds 5+L .. 7+L, only with [`ENV_SHARED_FAST_PATH`] (set for every sockmap worker): the
+//!   sockmap fast path's maps (sockets, peers, counters) the supervisor created or opened and
+//!   attached the verdict to ([`crate::ebpf::FastPath::from_fds`]); the worker loads nothing.
 //!
 //! The environment carries the rest: `SLUICE_WORKER=index/workers/engine` and the effective
 //! configuration as TOML in `SLUICE_CONFIG`.
@@ -26,7 +27,7 @@ use crate::upstream::{ControlMsg, Upstreams};
 pub const FIRST_LISTENER_FD: RawFd = 3;
 pub const ENV_WORKER: &str = "SLUICE_WORKER";
 pub const ENV_CONFIG: &str = "SLUICE_CONFIG";
-/// Set when the supervisor hands the worker the fast path's (pinned) maps.
+/// Set when the supervisor hands the worker the fast path's maps (always with sockmap).
 pub const ENV_SHARED_FAST_PATH: &str = "SLUICE_SHARED_FAST_PATH";
 
 /// Who this worker is, as the supervisor said in [`ENV_WORKER`].

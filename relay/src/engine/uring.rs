@@ -435,9 +435,11 @@ impl<'a> Worker<'a> {
         let t = ctx.config.timeouts.connect_ms;
         let mut kind = kind;
         let fast = if kind == EngineKind::Sockmap {
+            // The supervisor loaded and attached the fast path and hands every sockmap worker
+            // its maps; a worker loads nothing (it holds no capability to).
             let loaded = match shared_fast {
                 Some(maps) => FastPath::from_fds(maps, ctx.index as u32),
-                None => FastPath::load(),
+                None => Err(crate::ebpf::EbpfError::NoMaps),
             };
             match loaded {
                 Ok(f) => Some(f),

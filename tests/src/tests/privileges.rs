@@ -1,9 +1,10 @@
-//! Privilege drop: started as root with `--user sluice`, the daemon binds, loads its eBPF
-//! programs, then runs as `sluice` with only the capabilities its engine still needs (none for
-//! splice; CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN for sockmap, whose workers load the fast
-//! path), and its
-//! control socket is 0660 to the `sluice` group. Checked in /proc/PID/status of every process.
-//! A user that does not exist stops the start with a message saying how to create it.
+//! Privilege drop: started as root with `--user sluice`, the daemon binds, loads and attaches
+//! its eBPF programs, then runs as `sluice` holding no capability, whatever the engine: in every
+//! thread of the supervisor and of every worker (a restarted one too), CapEff, CapPrm, CapInh
+//! and CapAmb are 0 (/proc/PID/task/TID/status), and the sockmap engine still relays on the
+//! fast path (its maps private to the daemon, or pinned by `sluicectl load`). Its control
+//! socket is 0660 to the `sluice` group. A user that does not exist stops the start with a
+//! message saying how to create it.
 //!
 //! The same drop also runs inside the shipped systemd unit's limits: `setpriv` gives the daemon
 //! the unit's `CapabilityBoundingSet` and `NoNewPrivileges`, read from
@@ -14,15 +15,12 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
 use std::time::Duration;
 
-use sluice_tests::servers::{Mode, StreamServer, StreamSpec};
+use sluice_tests::servers::{EchoServer, StreamServer};
 use sluice_tests::{HUNG, Host, Sluice, client, require_root, run_with_timeout};
 
 use super::{assert_engine, engine_ok, seed};
 
 const USER: &str = "sluice";
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
 
 /// The `sluice` user, created the way the install step does if this machine lacks it.
 pub(super) fn sluice_user() -> (u32, u32) {
@@ -109,39 +107,142 @@ fn unit_limits() -> Vec<String> {
     args
 }
 
-fn drops_to_user(engine: &str, caps: u64) {
-    drops_to_user_under(engine, caps, &[]);
+/// What one thread holds: CapEff, CapPrm, CapInh, CapAmb of /proc/PID/task/TID/status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held {
+    eff: u64,
+    prm: u64,
+    inh: u64,
+    amb: u64,
 }
 
-fn drops_to_user_under(engine: &str, caps: u64, wrapper: &[String]) {
+impl Held {
+    const NOTHING: Held = Held {
+        eff: 0,
+        prm: 0,
+        inh: 0,
+        amb: 0,
+    };
+}
+
+/// Every thread of process `pid`: (tid, name, what it holds). Threads that end meanwhile are
+/// left out.
+fn threads_held(pid: u32) -> Vec<(u32, String, Held)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {}", task.path().display()))
+                .trim()
+                .to_owned()
+        };
+        let hex = |name: &str| u64::from_str_radix(&field(name), 16).unwrap();
+        let tid = task.file_name().to_string_lossy().parse().unwrap();
+        let held = Held {
+            eff: hex("CapEff:"),
+            prm: hex("CapPrm:"),
+            inh: hex("CapInh:"),
+            amb: hex("CapAmb:"),
+        };
+        out.push((tid, field("Name:"), held));
+    }
+    out
+}
+
+/// Every thread of the supervisor holds `supervisor`, every thread of each worker in `workers`
+/// holds nothing: panics with each offending thread's four sets otherwise.
+fn assert_held(supervisor_pid: u32, supervisor: Held, workers: &[u32], when: &str) {
+    let mut wrong = Vec::new();
+    let mut threads = 0;
+    for (pid, want) in std::iter::once((supervisor_pid, supervisor))
+        .chain(workers.iter().map(|&w| (w, Held::NOTHING)))
+    {
+        let role = if pid == supervisor_pid {
+            "supervisor"
+        } else {
+            "worker"
+        };
+        let held = threads_held(pid);
+        assert!(!held.is_empty(), "{when}: no threads of {role} {pid}");
+        for (tid, name, h) in held {
+            threads += 1;
+            if h != want {
+                wrong.push(format!(
+                    "{role} {pid} thread {tid} ({name}): CapEff {:#x} CapPrm {:#x} CapInh {:#x} \
+                     CapAmb {:#x}",
+                    h.eff, h.prm, h.inh, h.amb
+                ));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{when}: threads holding capabilities they should not ({} of {threads}):\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
+/// What the supervisor keeps after its start-up, whatever the engine: nothing. It loads and
+/// attaches the fast path (private or pinned maps) and XDP before the drop, hands the maps to
+/// its workers by fd, and uses them (map updates, the event ring) only through those fds,
+/// which needs no capability (ARCHITECTURE.md, "Capabilities").
+const SUPERVISOR_KEEPS: Held = Held::NOTHING;
+
+/// Where the drop runs: plain root, or inside a wrapper (`setpriv` with the unit's limits); with
+/// the sockmap engine's maps private to the daemon, or pinned by `sluicectl load` under `pins`.
+fn drops_to_user(engine: &str) {
+    drops_to_user_under(engine, &[], None);
+}
+
+fn drops_to_user_under(engine: &str, wrapper: &[String], pins: Option<&std::path::Path>) {
     if !engine_ok(engine) || !require_root() {
         return;
     }
     let (uid, gid) = sluice_user();
     let host = Host::new();
-    let server = StreamServer::start(host.addr());
+    let server = EchoServer::start(host.addr());
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let relay = Sluice::forward(Host::new().addr(), server.addr())
+    let mut cmd = Sluice::forward(Host::new().addr(), server.addr())
         .engine(engine)
         .workers(2)
         .wrap(&wrapper)
         .arg("--user")
-        .arg(USER)
-        .start();
+        .arg(USER);
+    if let Some(dir) = pins {
+        let mut ctl = Command::new(sluice_tests::sluice::sluicectl_bin());
+        ctl.arg("load").arg("--pin-dir").arg(dir);
+        let out = run_with_timeout(&mut ctl, HUNG);
+        assert!(out.status.success(), "sluicectl load: {}", out.text());
+        cmd = cmd
+            .arg("--bpf-pin-dir")
+            .arg(dir.to_string_lossy().into_owned());
+    }
+    let relay = cmd.start();
+    let workers = relay.wait_workers(2, HUNG);
     assert_engine(&relay, engine);
-    let mut pids = vec![relay.pid()];
-    pids.extend(relay.worker_pids());
-    assert_eq!(pids.len(), 3, "supervisor and two workers: {pids:?}");
-    for (i, pid) in pids.iter().enumerate() {
-        let (ruid, euid, cap_eff) = identity(*pid);
-        assert_eq!((ruid, euid), (uid, uid), "process {pid} runs as {USER}");
-        // The supervisor keeps what it hands its workers (ambient), nothing more.
-        assert_eq!(
-            cap_eff,
-            caps,
-            "{} {pid}: CapEff {cap_eff:#x}, expected {caps:#x}",
-            if i == 0 { "supervisor" } else { "worker" }
+    if pins.is_some() {
+        let status = relay.status();
+        assert!(
+            status["fast_path"]
+                .as_str()
+                .is_some_and(|s| s.contains("pinned under")),
+            "the daemon does not use the pinned maps: {status}"
         );
+    }
+    let mut pids = vec![relay.pid()];
+    pids.extend(&workers);
+    for pid in &pids {
+        let (ruid, euid, _) = identity(*pid);
+        assert_eq!((ruid, euid), (uid, uid), "process {pid} runs as {USER}");
     }
     let meta = std::fs::metadata(relay.control_path()).unwrap();
     assert_eq!(
@@ -149,15 +250,33 @@ fn drops_to_user_under(engine: &str, caps: u64, wrapper: &[String]) {
         (0o660, gid),
         "the control socket is 0660 to the {USER} group"
     );
-    // Still relays, and a restarted worker comes back the same way.
-    let spec = StreamSpec::new(seed(), 1 << 20, 1 << 20, Mode::Concurrent);
-    let client = client::run_stream(relay.addr(), spec);
-    let result = server.result(spec.seed, HUNG);
-    assert!(
-        client.is_ok() && result.is_ok(),
-        "{engine}: client {client:?}, server {result:?}"
-    );
-    let victim = pids[1];
+    // Relays (threads started for it included: io-wq, the resolver, the held-event relay)...
+    let fast = engine == "sockmap";
+    let pairs = || relay.counter("fast_path_pairs").unwrap_or(0);
+    let conns = client::open_many(relay.addr(), None, 8).unwrap();
+    client::echo_many(&conns, seed(), 1 << 20, false, HUNG)
+        .unwrap_or_else(|e| panic!("{engine}: {e}\n{}", relay.stderr_log()));
+    if fast {
+        assert_eq!(
+            pairs(),
+            8,
+            "every connection on the fast path: {}",
+            relay.status()
+        );
+    }
+    // ... and every thread holds what it should, with connections open.
+    assert_held(relay.pid(), SUPERVISOR_KEEPS, &workers, "running");
+    drop(conns);
+
+    // A restarted worker comes back the same way, and relays on the fast path too.
+    let victim = workers[0];
+    let slot = relay.status()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["pid"].as_u64() == Some(u64::from(victim)))
+        .and_then(|w| w["index"].as_u64())
+        .expect("the victim's slot in status") as usize;
     sluice_tests::sys::kill(victim, libc::SIGKILL);
     let mut fresh = Vec::new();
     let replaced = sluice_tests::wait_until(HUNG, || {
@@ -165,29 +284,72 @@ fn drops_to_user_under(engine: &str, caps: u64, wrapper: &[String]) {
         fresh.len() == 2 && !fresh.contains(&victim)
     });
     assert!(replaced, "the killed worker was not replaced: {fresh:?}");
-    for pid in fresh {
-        assert_eq!(identity(pid), (uid, uid, caps), "restarted worker {pid}");
+    for pid in &fresh {
+        let (ruid, euid, _) = identity(*pid);
+        assert_eq!((ruid, euid), (uid, uid), "restarted worker {pid}");
     }
-    let spec = StreamSpec::new(seed(), 1 << 16, 1 << 16, Mode::ReplyAfterEof);
-    let client = client::run_stream(relay.addr(), spec);
-    let result = server.result(spec.seed, HUNG);
+    let accepted = |i: usize| {
+        relay.status()["workers"][i]["accepted"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let total_accepted = || relay.counter("accepted").unwrap_or(0);
+    let (slot_before, accepted_before, pairs_before) = (accepted(slot), total_accepted(), pairs());
+    // One connection at a time until the restarted worker took one (the kernel spreads them).
+    for _ in 0..64 {
+        let conns = client::open_many(relay.addr(), None, 1).unwrap();
+        client::echo_many(&conns, seed(), 1 << 16, false, HUNG)
+            .unwrap_or_else(|e| panic!("after the restart: {e}\n{}", relay.stderr_log()));
+        if accepted(slot) > slot_before {
+            break;
+        }
+    }
     assert!(
-        client.is_ok() && result.is_ok(),
-        "after the restart: client {client:?}, server {result:?}"
+        accepted(slot) > slot_before,
+        "the restarted worker took no connection: {}",
+        relay.status()
+    );
+    if fast {
+        assert_eq!(
+            pairs() - pairs_before,
+            total_accepted() - accepted_before,
+            "every connection after the restart on the fast path: {}",
+            relay.status()
+        );
+    }
+    assert_held(
+        relay.pid(),
+        SUPERVISOR_KEEPS,
+        &fresh,
+        "after a worker's restart",
     );
 }
 
 #[test]
 fn splice_runs_as_sluice_with_no_capability() {
-    drops_to_user("splice", 0);
+    drops_to_user("splice");
 }
 
+/// The sockmap engine's processes hold no capability once started: the supervisor loaded and
+/// attached the fast path before the drop and hands its maps to the workers by fd. Before, the
+/// supervisor's spawning thread, every thread it started later and every thread of every worker
+/// kept CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (effective, permitted, inheritable, ambient).
 #[test]
-fn sockmap_keeps_only_bpf_perfmon_and_net_admin() {
-    drops_to_user(
-        "sockmap",
-        (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN),
-    );
+fn sockmap_runs_as_sluice_with_no_capability() {
+    drops_to_user("sockmap");
+}
+
+/// The same with the maps pinned by `sluicectl load` (on a bpffs of the test's own), started
+/// with an inheritable set as a container runtime may give one (Docker did before
+/// CVE-2022-24769): threads started before the drop do not keep it either.
+#[test]
+fn sockmap_with_pinned_maps_runs_as_sluice_with_no_capability() {
+    if !engine_ok("sockmap") || !require_root() || !sluice_tests::require_program("setpriv") {
+        return;
+    }
+    let bpffs = super::ebpf::Bpffs::mount();
+    let wrapper = ["setpriv", "--inh-caps=+net_admin,+bpf", "--"].map(str::to_owned);
+    drops_to_user_under("sockmap", &wrapper, Some(&bpffs.path().join("sluice")));
 }
 
 #[test]
@@ -195,7 +357,7 @@ fn splice_drops_to_sluice_inside_the_units_bounding_set() {
     if !sluice_tests::require_program("setpriv") {
         return;
     }
-    drops_to_user_under("splice", 0, &unit_limits());
+    drops_to_user_under("splice", &unit_limits(), None);
 }
 
 #[test]
@@ -203,11 +365,7 @@ fn sockmap_drops_to_sluice_inside_the_units_bounding_set() {
     if !sluice_tests::require_program("setpriv") {
         return;
     }
-    drops_to_user_under(
-        "sockmap",
-        (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN),
-        &unit_limits(),
-    );
+    drops_to_user_under("sockmap", &unit_limits(), None);
 }
 
 /// `systemctl reload` runs the unit's `ExecReload` as root under the unit's own limits (unless
@@ -296,25 +454,44 @@ fn a_drop_without_setuid_names_the_missing_capability() {
     );
 }
 
-/// A relay that drops to `sluice` keeps the capability its engine needs only if the bounding set
-/// has it; without CAP_NET_ADMIN the sockmap engine's drop says which one is missing.
+/// Without CAP_NET_ADMIN in the bounding set (nor CAP_SYS_ADMIN, which the kernel takes in its
+/// place, and which the unit leaves out) the supervisor cannot load the fast path: it says so
+/// once, naming the capability, and its workers splice; the drop to `sluice` still happens
+/// (no process keeps anything, so none can be missing for it). Before, workers kept the fast
+/// path's capabilities and the drop itself stopped the start.
 #[test]
-fn a_drop_that_cannot_keep_a_needed_capability_names_it() {
+fn sockmap_without_net_admin_names_it_and_splices() {
     if !engine_ok("sockmap") || !require_root() || !sluice_tests::require_program("setpriv") {
         return;
     }
-    sluice_user();
-    let out = Sluice::forward(Host::new().addr(), Host::new().addr())
+    let (uid, _) = sluice_user();
+    let server = EchoServer::start(Host::new().addr());
+    let relay = Sluice::forward(Host::new().addr(), server.addr())
         .engine("sockmap")
-        .wrap(&["setpriv", "--bounding-set=-net_admin", "--"])
+        .workers(1)
+        .wrap(&["setpriv", "--bounding-set=-net_admin,-sys_admin", "--"])
         .arg("--user")
         .arg(USER)
-        .run_to_exit(Duration::from_secs(30));
+        .start();
+    let workers = relay.wait_workers(1, HUNG);
+    assert_engine(&relay, "splice");
+    let status = relay.status();
     assert!(
-        !out.status.success() && out.stderr.contains("CAP_NET_ADMIN"),
-        "sockmap start without CAP_NET_ADMIN: {}",
-        out.text()
+        status["fast_path"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("unavailable") && s.contains("CAP_NET_ADMIN")),
+        "status does not say why the fast path is off: {status}"
     );
+    assert!(
+        relay.stderr_log().contains("CAP_NET_ADMIN"),
+        "the log does not name CAP_NET_ADMIN: {}",
+        relay.stderr_log()
+    );
+    let (ruid, euid, _) = identity(workers[0]);
+    assert_eq!((ruid, euid), (uid, uid), "the worker runs as {USER}");
+    assert_held(relay.pid(), SUPERVISOR_KEEPS, &workers, "splicing instead");
+    let conns = client::open_many(relay.addr(), None, 2).unwrap();
+    client::echo_many(&conns, seed(), 1 << 16, false, HUNG).unwrap();
 }
 
 /// No process of the relay can leave a core dump (it would hold client addresses and the TLS
