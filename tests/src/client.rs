@@ -335,3 +335,21 @@ pub fn read_all(s: &mut TcpStream, timeout: Duration) -> (Vec<u8>, Option<crate:
         }
     }
 }
+
+/// A real TLS 1.2/1.3 ClientHello (rustls's first flight) naming `name`, a DNS name or an IP
+/// address: what a TLS client, or a Signal app inside the proxy's TLS, sends first.
+pub fn client_hello(name: &str) -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), server_name).unwrap();
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello).unwrap();
+    }
+    hello
+}

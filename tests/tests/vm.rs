@@ -29,6 +29,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sluice_tests::client;
 use sluice_tests::servers::CaptureServer;
 
 /// Guest ports forwarded from this host: ssh and three of the preset's.
@@ -409,12 +410,12 @@ systemctl restart sluice"#;
         "signal preset: configure, restart",
         outcome(vm.ssh(configure, Duration::from_secs(180))).and_then(|_| active(vm)),
     );
-    let allowed = inner_hello("chat.signal.org");
+    let allowed = client::client_hello("chat.signal.org");
     t.check(
         "signal 443: inner SNI chat.signal.org relayed",
         retry(|| exchange(vm.fwd(443), true, &allowed, capture, None)),
     );
-    let refused = inner_hello("example.com");
+    let refused = client::client_hello("example.com");
     t.check(
         "signal 443: inner SNI example.com refused",
         match tls_exchange(vm.fwd(443), &refused) {
@@ -436,24 +437,6 @@ systemctl restart sluice"#;
         "signal preset: journal has no error lines",
         journal_errors(vm),
     );
-}
-
-/// The first flight of a real TLS client (rustls) naming `name`: what a Signal app sends inside
-/// the proxy's TLS.
-fn inner_hello(name: &str) -> Vec<u8> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), server_name).unwrap();
-    let mut hello = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut hello).unwrap();
-    }
-    hello
 }
 
 /// `journalctl -u sluice -p err`: nothing.

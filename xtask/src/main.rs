@@ -208,16 +208,12 @@ fn vm_suite(root: &Path, args: &[String]) -> Result<Option<testrun::Failures>> {
     let bins = root.join("target/release");
     let work = root.join("target/vm");
     let package = deb::build(root, &bins, &work.join("deb"))?;
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "sluice-tests",
-            "--test",
-            "integration",
-        ])
+    let cargo_test = |target: &str| {
+        let mut cmd = cargo();
+        cmd.args(["test", "--release", "-p", "sluice-tests", "--test", target]);
+        cmd
+    };
+    let out = cargo_test("integration")
         .args(["--no-run", "--message-format=json"])
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -236,17 +232,8 @@ fn vm_suite(root: &Path, args: &[String]) -> Result<Option<testrun::Failures>> {
         image.kernels.join(", ")
     );
     testrun::run(
-        cargo()
-            .args([
-                "test",
-                "--release",
-                "-p",
-                "sluice-tests",
-                "--test",
-                "vm",
-                "--",
-            ])
-            .args(["--test-threads=1"])
+        cargo_test("vm")
+            .args(["--", "--test-threads=1"])
             .args(args)
             .env("SLUICE_VM_DIR", &image.dir)
             .env("SLUICE_VM_KERNELS", image.kernels.join(","))

@@ -20,10 +20,9 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
-use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_tests::client::{proxy_v1, proxy_v2, send_and_read_to_end};
+use sluice_tests::client::{client_hello, proxy_v1, proxy_v2, send_and_read_to_end};
 use sluice_tests::peers::{KeyKind, Pki};
 use sluice_tests::servers::{CaptureServer, TagEchoServer};
 use sluice_tests::{Host, Sluice, init, require_program, require_root, wait_until};
@@ -185,23 +184,6 @@ impl Canaries {
         ));
         out
     }
-}
-
-/// A real TLS 1.2/1.3 ClientHello (rustls) naming `name` (a DNS name or an IP address).
-fn client_hello(name: &str) -> Vec<u8> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), server_name).unwrap();
-    let mut hello = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut hello).unwrap();
-    }
-    hello
 }
 
 /// The refusal counters now.
