@@ -347,16 +347,59 @@ fn promtool_accepts_a_scrape_during_traffic() {
         );
     }
     let last = scrapes.last().unwrap();
+    let upstream = format!(
+        "sluice_upstream_up{{listener=\"forward\",upstream=\"{}\"}} 1\n",
+        up.addr()
+    );
     for needle in [
-        "# TYPE sluice_accepted_total counter",
-        "# TYPE sluice_active gauge",
-        "sluice_listener_active{listener=\"forward\"} 5",
-        "# TYPE sluice_engine_bytes_total counter",
+        "# TYPE sluice_build_info gauge",
+        "sluice_build_info{version=\"",
+        "# TYPE sluice_connections_accepted_total counter",
+        "# TYPE sluice_connections_active gauge",
+        "sluice_connections_active{listener=\"forward\"} 5\n",
+        "# TYPE sluice_connections_capacity gauge",
+        "# TYPE sluice_connections_refused_total counter",
+        "sluice_connections_refused_total{reason=\"full\"} 0\n",
+        "# TYPE sluice_connections_aborted_total counter",
+        "# TYPE sluice_relayed_bytes_total counter",
+        "sluice_relayed_bytes_total{direction=\"upstream_to_client\",engine=\"",
+        "# TYPE sluice_fast_path_entries gauge",
+        "# TYPE sluice_fast_path_audited_pairs gauge",
+        "# TYPE sluice_upstream_up gauge",
+        &upstream,
         "# TYPE sluice_upstream_first_byte_seconds histogram",
         "sluice_connection_duration_seconds_bucket{le=\"+Inf\",listener=\"forward\"}",
-        "sluice_connection_upstream_to_client_bytes_count{listener=\"forward\"}",
+        "sluice_connection_relayed_bytes_count{direction=\"upstream_to_client\",listener=\"forward\"}",
     ] {
         assert!(last.contains(needle), "no `{needle}` in:\n{last}");
+    }
+    // One family per thing measured: every refusal reason in one family, no old names.
+    let lines = |prefix: &str| last.lines().filter(|l| l.starts_with(prefix)).count();
+    assert_eq!(
+        lines("sluice_connections_refused_total{reason="),
+        10,
+        "{last}"
+    );
+    assert_eq!(
+        lines("sluice_connections_aborted_total{reason="),
+        6,
+        "{last}"
+    );
+    for old in [
+        "sluice_accepted_total",
+        "sluice_active ",
+        "sluice_engine_bytes",
+        "sluice_refused_",
+    ] {
+        assert!(!last.contains(old), "old name `{old}` in:\n{last}");
+    }
+    // Every family says what it is.
+    for help in last.lines().filter_map(|l| l.strip_prefix("# HELP ")) {
+        let (name, text) = help.split_once(' ').unwrap_or((help, ""));
+        assert!(
+            text.len() >= 30,
+            "HELP of {name} explains nothing: {text:?}"
+        );
     }
     // OpenMetrics for a scraper that asks for it.
     let (_, headers, body) = http_get(metrics, "/metrics", "application/openmetrics-text");
