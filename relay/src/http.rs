@@ -11,7 +11,8 @@
 //! or slow one delays no one. Bounded: at most [`MAX_CONNS`] connections at once (one past that
 //! gets `503` and is closed; `metrics_http_refused`), each with [`DEADLINE`] from accept to the
 //! last byte of its answer, a request head of at most [`MAX_REQUEST`] bytes (`431` past it),
-//! HTTP/1.1 with `Connection: close`. Answers are built on the thread when the head is complete
+//! HTTP/1.1 with `Connection: close`. Every [`crate::histo::Window::STEP`] it also snapshots the
+//! latency histograms, for the stats page's last-minute percentiles. Answers are built on the thread when the head is complete
 //! (a scrape is a few hundred microseconds of encoding); the supervisor's own work never waits
 //! for it. The peer's address is never read, logged or stored.
 
@@ -62,6 +63,8 @@ pub struct Source {
     pub started: Instant,
     /// The same moment in seconds since the Unix epoch (`sluice_start_time_seconds`).
     pub started_unix: u64,
+    /// The stats page's recent percentiles (snapshots taken when it asks).
+    pub recent: Mutex<crate::histo::Window>,
     pub health: Health,
 }
 
@@ -123,14 +126,27 @@ enum Next {
 impl Server {
     fn run(&mut self) {
         let mut events = vec![sys::epoll_event_zeroed(); MAX_CONNS + 1];
+        let mut next_snapshot = Instant::now();
         loop {
             let now = Instant::now();
+            if now >= next_snapshot {
+                // The stats page's recent window needs a history from before it is opened.
+                let m = self.src.stats.fresh();
+                let _ = self
+                    .src
+                    .recent
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .recent(&m, now);
+                next_snapshot = now + crate::histo::Window::STEP;
+            }
             let wake = self
                 .conns
                 .iter()
                 .flatten()
                 .map(|c| c.deadline)
                 .chain(self.accept_paused)
+                .chain([next_snapshot])
                 .min();
             let timeout = wake.map_or(-1, |w| {
                 w.saturating_duration_since(now).as_millis().min(60_000) as i32 + 1
@@ -445,6 +461,11 @@ pub fn stats_json(src: &Source) -> serde_json::Value {
         .collect();
     let m = src.stats.fresh();
     let report = m.report();
+    let recent = src
+        .recent
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .recent(&m, Instant::now());
     let listeners: Vec<serde_json::Value> = m
         .listeners()
         .iter()
@@ -453,6 +474,27 @@ pub fn stats_json(src: &Source) -> serde_json::Value {
             serde_json::json!({
                 "name": name,
                 "active": src.shared.listener_active(n, i),
+            })
+        })
+        .collect();
+    let refused: serde_json::Map<String, serde_json::Value> = REFUSALS
+        .iter()
+        .map(|&(c, reason)| (reason.to_string(), src.shared.total(n, c).into()))
+        .collect();
+    let (capacity, upstreams) = {
+        let st = src.status.lock().unwrap_or_else(|p| p.into_inner());
+        (st.capacity, st.upstreams.clone())
+    };
+    let upstreams: Vec<serde_json::Value> = upstreams
+        .iter()
+        .map(|u| {
+            serde_json::json!({
+                "listener": u.listener,
+                "upstream": u.upstream,
+                "fallback": u.fallback,
+                "addresses": u.addresses,
+                "down": u.down,
+                "up": u.up(),
             })
         })
         .collect();
@@ -467,6 +509,12 @@ pub fn stats_json(src: &Source) -> serde_json::Value {
         "counters": counters,
         "listeners": listeners,
         "histograms": report,
+        // Every refusal reason, and their sum (the page's "refused" card).
+        "refused": refused.values().filter_map(|v| v.as_u64()).sum::<u64>(),
+        "refused_by_reason": refused,
+        "capacity": capacity,
+        "upstreams": upstreams,
+        "recent": recent,
     })
 }
 

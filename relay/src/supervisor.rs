@@ -464,6 +464,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
                 started_unix: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
+                recent: Default::default(),
                 health: {
                     let (shared, status) = (shared.clone(), status.clone());
                     Box::new(move || serving(&shared, &status))

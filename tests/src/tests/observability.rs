@@ -490,6 +490,53 @@ fn headless_chromium_shows_live_numbers_on_the_stats_page() {
         dom.contains("<td>first_byte</td>"),
         "no histogram table:\n{dom}"
     );
+    // The present: the first-byte p99 of the last minute (the exchanges were in it), and a
+    // text alternative for each chart.
+    assert_ne!(text_of(&dom, "fb99").as_deref(), Some("–"), "{dom}");
+    let lat = text_of(&dom, "c-lat-alt").unwrap_or_default();
+    assert!(
+        lat.starts_with("Over the last ")
+            && lat.contains(&format!(
+                " s, {N} connections: time to first upstream byte p50 "
+            )),
+        "{lat}"
+    );
+    for id in ["c-active-alt", "c-tput-alt"] {
+        let alt = text_of(&dom, id).unwrap_or_default();
+        assert!(alt.len() > 30 && alt != "–", "{id}: {alt:?}");
+    }
+    assert!(
+        text_of(&dom, "c-active-alt").is_some_and(|t| t.starts_with("Active connections now 3;")),
+        "{dom}"
+    );
+    // Per-upstream health.
+    assert_eq!(text_of(&dom, "ups").as_deref(), Some("1 / 1"), "{dom}");
+    assert!(
+        dom.contains(&format!(
+            "<td>forward</td><td>{}</td><td class=\"up\">up</td>",
+            up.addr
+        )),
+        "no upstream row:\n{dom}"
+    );
+    // The refused card counts every reason: a client on the deny list (not one of the five
+    // reasons the card once added up).
+    let denied: IpAddr = "127.0.0.4".parse().unwrap();
+    let out = relay.ctl(&["deny", "add", "127.0.0.4/32"]);
+    assert!(out.status.success(), "{}", out.text());
+    if let Ok(mut c) = client::try_connect(listen, Some(denied)) {
+        let _ = c.set_read_timeout(Some(HUNG));
+        let _ = c.read_to_end(&mut Vec::new());
+    }
+    assert!(wait_until(HUNG, || relay.counter("refused_denied") == Some(1)));
+    let refused = (0..5).any(|_| {
+        dom = chromium(&["--dump-dom".to_string()]).stdout;
+        text_of(&dom, "refused").as_deref() == Some("1")
+    });
+    assert!(
+        refused,
+        "the refused card does not count the denied client:\n{dom}"
+    );
+    assert_eq!(text_of(&dom, "refused-why").as_deref(), Some("denied 1"));
 
     let shot = target_dir().join("observability-stats-page.png");
     let _ = std::fs::remove_file(&shot);
