@@ -56,6 +56,33 @@ pub struct Status {
     /// when the engine is not `sockmap`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fast_path: Option<String>,
+    /// Health of every configured upstream `HOST:PORT` of every listener
+    /// ([`crate::health::Checker::summary`]); updated by the resolver thread.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamStatus>,
+}
+
+/// One configured upstream (or fallback) `HOST:PORT` of a listener: how many addresses it
+/// resolved to and how many of those are down. Names only, never a client address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    pub listener: String,
+    /// The configured `HOST:PORT`.
+    pub upstream: String,
+    /// A `fallback` entry (used while every `upstream` address is down).
+    #[serde(default)]
+    pub fallback: bool,
+    /// Addresses it resolved to (after the DNS filter).
+    pub addresses: usize,
+    /// Of those, addresses the health checks found down.
+    pub down: usize,
+}
+
+impl UpstreamStatus {
+    /// Usable: resolved, and at least one address not down.
+    pub fn up(&self) -> bool {
+        self.addresses > self.down
+    }
 }
 
 /// The admission part of [`Status`]: counts only.
@@ -73,6 +100,9 @@ pub struct ListenerStatus {
     pub name: String,
     pub bind: String,
     pub active: u64,
+    /// The listener's own `max_connections`; 0: none (only the daemon's applies).
+    #[serde(default)]
+    pub max_connections: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +135,7 @@ impl Status {
                     name: l.name.clone(),
                     bind: l.bind.to_string(),
                     active: 0,
+                    max_connections: l.max_connections,
                 })
                 .collect(),
             workers: (0..workers)
@@ -125,6 +156,7 @@ impl Status {
             per_worker_capacity: 0,
             admission: AdmissionStatus::default(),
             fast_path: None,
+            upstreams: Vec::new(),
         }
     }
 

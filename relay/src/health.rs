@@ -17,6 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, HealthSettings};
+use crate::control::UpstreamStatus;
 use crate::upstream::Table;
 
 /// State of one checked address.
@@ -54,6 +55,30 @@ impl Checker {
     /// Addresses currently down, over all listeners.
     pub fn down_count(&self) -> usize {
         self.state.values().filter(|s| !s.up).count()
+    }
+
+    /// Every configured upstream and fallback `HOST:PORT` of every listener: addresses
+    /// resolved and addresses down (never checked counts as up).
+    pub fn summary(&self, config: &Config, table: &Table) -> Vec<UpstreamStatus> {
+        let mut out = Vec::new();
+        for (l, listener) in config.listeners.iter().enumerate() {
+            let names = listener
+                .upstream
+                .iter()
+                .map(|n| (n, false))
+                .chain(listener.fallback.iter().map(|n| (n, true)));
+            for (i, (name, fallback)) in names.enumerate() {
+                let addrs = table.get(l).and_then(|e| e.get(i)).map_or(&[][..], |a| a);
+                out.push(UpstreamStatus {
+                    listener: listener.name.clone(),
+                    upstream: name.to_string(),
+                    fallback,
+                    addresses: addrs.len(),
+                    down: addrs.iter().filter(|&&a| !self.is_up(l, a)).count(),
+                });
+            }
+        }
+        out
     }
 
     /// When the next check is due (None: nothing is checked).
@@ -285,6 +310,19 @@ mod tests {
             "all down: try the primary"
         );
         assert_eq!(c.down_count(), 2);
+        let s = c.summary(&config, &table);
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (
+                s[0].upstream.as_str(),
+                s[0].fallback,
+                s[0].addresses,
+                s[0].down,
+                s[0].up()
+            ),
+            ("127.0.0.2:9", false, 1, 1, false)
+        );
+        assert!(s[1].fallback && !s[1].up());
     }
 
     #[test]

@@ -588,6 +588,95 @@ pub struct Report {
     pub listeners: Vec<ListenerReport>,
 }
 
+/// The kinds the stats page charts over a recent window (latency; sizes and durations stay
+/// cumulative).
+pub const RECENT_KINDS: [Kind; 2] = [Kind::Connect, Kind::FirstByte];
+
+/// Percentiles of the last minute or so, from the differences of the merged histograms: the
+/// stats page's "now", where percentiles since start flatten with uptime.
+///
+/// Snapshots of [`RECENT_KINDS`] are taken at most every [`Window::STEP`] (the metrics thread
+/// asks every step, the stats page every second); the newest one at least [`Window::SPAN`] old
+/// is the baseline, so the window is `SPAN` to `SPAN + STEP` long (shorter in the first
+/// minute after start: it then covers what was recorded since). Memory: at most
+/// `SPAN / STEP + 2` snapshots of two histograms per listener (about 30 KB each).
+#[derive(Default)]
+pub struct Window {
+    snapshots: std::collections::VecDeque<(std::time::Instant, Vec<[Histogram<u64>; 2]>)>,
+}
+
+/// One listener's recent percentiles; `all` merges every listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecentReport {
+    /// Seconds the window covers (shorter right after the first request).
+    pub window_s: f64,
+    pub all: Vec<Summary>,
+    pub listeners: Vec<ListenerReport>,
+}
+
+impl Window {
+    pub const SPAN: std::time::Duration = std::time::Duration::from_secs(60);
+    pub const STEP: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// The recent percentiles of `merged` at `now` (taking a snapshot if one is due).
+    pub fn recent(&mut self, merged: &Merged, now: std::time::Instant) -> RecentReport {
+        let current: Vec<[Histogram<u64>; 2]> = merged
+            .total
+            .iter()
+            .map(|set| RECENT_KINDS.map(|k| set[k as usize].clone()))
+            .collect();
+        if self
+            .snapshots
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= Self::STEP)
+        {
+            self.snapshots.push_back((now, current.clone()));
+        }
+        // Keep one snapshot at least SPAN old (the baseline), drop the ones before it.
+        while self.snapshots.len() > 1 && now.duration_since(self.snapshots[1].0) >= Self::SPAN {
+            self.snapshots.pop_front();
+        }
+        let (since, base) = self.snapshots.front().expect("pushed above");
+        let mut all = RECENT_KINDS.map(Kind::histogram);
+        let listeners = merged
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(l, name)| {
+                let histograms = RECENT_KINDS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &k)| {
+                        let mut delta = current[l][i].clone();
+                        // A reset (or a listener not there then) since the baseline: what
+                        // there is now is all recent.
+                        if let Some(b) = base.get(l)
+                            && delta.subtract(&b[i]).is_err()
+                        {
+                            delta = current[l][i].clone();
+                        }
+                        let _ = all[i].add(&delta);
+                        Summary::of(k, &delta)
+                    })
+                    .collect();
+                ListenerReport {
+                    name: name.clone(),
+                    histograms,
+                }
+            })
+            .collect();
+        RecentReport {
+            window_s: now.duration_since(*since).as_secs_f64(),
+            all: RECENT_KINDS
+                .iter()
+                .zip(&all)
+                .map(|(&k, h)| Summary::of(k, h))
+                .collect(),
+            listeners,
+        }
+    }
+}
+
 /// The supervisor's histograms and the region they are read from, shared by the control
 /// socket and the HTTP thread.
 pub struct Stats {
@@ -638,6 +727,40 @@ pub fn control_command(cmd: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_recent_window_shows_what_was_recorded_in_the_last_minute() {
+        use std::time::Duration;
+        let fb = Kind::FirstByte as usize;
+        let mut m = Merged::new(vec!["a".into(), "b".into()], 1);
+        m.total[0][fb].record_n(1_000, 100).unwrap();
+        let mut w = Window::default();
+        let t0 = std::time::Instant::now();
+        let r = w.recent(&m, t0);
+        assert_eq!(r.all[1].count, 0, "nothing recorded since the first look");
+        m.total[1][fb].record_n(50_000, 10).unwrap();
+        let r = w.recent(&m, t0 + Duration::from_secs(5));
+        assert_eq!(
+            (r.all[1].count, r.listeners[1].histograms[1].count),
+            (10, 10)
+        );
+        assert!((r.all[1].p50 - 50.0).abs() < 1.0, "{r:?}");
+        let _ = w.recent(&m, t0 + Duration::from_secs(10));
+        m.total[0][fb].record_n(2_000, 5).unwrap();
+        let r = w.recent(&m, t0 + Duration::from_secs(70));
+        assert_eq!(r.window_s, 60.0);
+        assert_eq!(
+            r.all[1].count, 5,
+            "only what came after the baseline: {r:?}"
+        );
+        assert!((r.all[1].p99 - 2.0).abs() < 0.1, "{r:?}");
+        assert!(w.snapshots.len() <= 3);
+        // A reset since the baseline: what there is now is all recent.
+        m.reset();
+        m.total[0][fb].record_n(3_000, 2).unwrap();
+        let r = w.recent(&m, t0 + Duration::from_secs(71));
+        assert_eq!(r.all[1].count, 2);
+    }
+
     use super::*;
 
     #[test]

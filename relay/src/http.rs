@@ -11,14 +11,15 @@
 //! or slow one delays no one. Bounded: at most [`MAX_CONNS`] connections at once (one past that
 //! gets `503` and is closed; `metrics_http_refused`), each with [`DEADLINE`] from accept to the
 //! last byte of its answer, a request head of at most [`MAX_REQUEST`] bytes (`431` past it),
-//! HTTP/1.1 with `Connection: close`. Answers are built on the thread when the head is complete
+//! HTTP/1.1 with `Connection: close`. Every [`crate::histo::Window::STEP`] it also snapshots the
+//! latency histograms, for the stats page's last-minute percentiles. Answers are built on the thread when the head is complete
 //! (a scrape is a few hundred microseconds of encoding); the supervisor's own work never waits
 //! for it. The peer's address is never read, logged or stored.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
@@ -28,9 +29,10 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::control::Status;
 use crate::engine::EngineKind;
 use crate::histo::{KINDS, Kind, Stats};
-use crate::metrics::{ALL_COUNTERS, Counter, Shared};
+use crate::metrics::{ABORTS, ALL_COUNTERS, Counter, REFUSALS, Shared};
 use crate::sys::{self, Epoll};
 
 /// Largest request head read.
@@ -54,7 +56,15 @@ pub struct Source {
     pub stats: Arc<Stats>,
     pub workers: usize,
     pub engine: String,
+    /// `sluice_build_info{preset}`: `whatsapp`, `signal` or `none`.
+    pub preset: String,
+    /// Capacity, per-listener caps and upstream health, as `sluicectl status` shows them.
+    pub status: Arc<Mutex<Status>>,
     pub started: Instant,
+    /// The same moment in seconds since the Unix epoch (`sluice_start_time_seconds`).
+    pub started_unix: u64,
+    /// The stats page's recent percentiles (snapshots taken when it asks).
+    pub recent: Mutex<crate::histo::Window>,
     pub health: Health,
 }
 
@@ -116,14 +126,27 @@ enum Next {
 impl Server {
     fn run(&mut self) {
         let mut events = vec![sys::epoll_event_zeroed(); MAX_CONNS + 1];
+        let mut next_snapshot = Instant::now();
         loop {
             let now = Instant::now();
+            if now >= next_snapshot {
+                // The stats page's recent window needs a history from before it is opened.
+                let m = self.src.stats.fresh();
+                let _ = self
+                    .src
+                    .recent
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .recent(&m, now);
+                next_snapshot = now + crate::histo::Window::STEP;
+            }
             let wake = self
                 .conns
                 .iter()
                 .flatten()
                 .map(|c| c.deadline)
                 .chain(self.accept_paused)
+                .chain([next_snapshot])
                 .min();
             let timeout = wake.map_or(-1, |w| {
                 w.saturating_duration_since(now).as_millis().min(60_000) as i32 + 1
@@ -376,14 +399,6 @@ fn response(status: &str, ctype: &str, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Counters that are gauges (values that go down).
-fn is_gauge(c: Counter) -> bool {
-    matches!(
-        c,
-        Counter::Active | Counter::PipesInUse | Counter::UpstreamsDown | Counter::WorkersDown
-    )
-}
-
 /// The live numbers for the stats page.
 pub fn stats_json(src: &Source) -> serde_json::Value {
     let n = src.workers;
@@ -446,6 +461,11 @@ pub fn stats_json(src: &Source) -> serde_json::Value {
         .collect();
     let m = src.stats.fresh();
     let report = m.report();
+    let recent = src
+        .recent
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .recent(&m, Instant::now());
     let listeners: Vec<serde_json::Value> = m
         .listeners()
         .iter()
@@ -454,6 +474,27 @@ pub fn stats_json(src: &Source) -> serde_json::Value {
             serde_json::json!({
                 "name": name,
                 "active": src.shared.listener_active(n, i),
+            })
+        })
+        .collect();
+    let refused: serde_json::Map<String, serde_json::Value> = REFUSALS
+        .iter()
+        .map(|&(c, reason)| (reason.to_string(), src.shared.total(n, c).into()))
+        .collect();
+    let (capacity, upstreams) = {
+        let st = src.status.lock().unwrap_or_else(|p| p.into_inner());
+        (st.capacity, st.upstreams.clone())
+    };
+    let upstreams: Vec<serde_json::Value> = upstreams
+        .iter()
+        .map(|u| {
+            serde_json::json!({
+                "listener": u.listener,
+                "upstream": u.upstream,
+                "fallback": u.fallback,
+                "addresses": u.addresses,
+                "down": u.down,
+                "up": u.up(),
             })
         })
         .collect();
@@ -468,6 +509,12 @@ pub fn stats_json(src: &Source) -> serde_json::Value {
         "counters": counters,
         "listeners": listeners,
         "histograms": report,
+        // Every refusal reason, and their sum (the page's "refused" card).
+        "refused": refused.values().filter_map(|v| v.as_u64()).sum::<u64>(),
+        "refused_by_reason": refused,
+        "capacity": capacity,
+        "upstreams": upstreams,
+        "recent": recent,
     })
 }
 
@@ -478,13 +525,41 @@ const TIME_BUCKETS: &[f64] = &[
 ];
 const BYTE_BUCKETS: &[f64] = &[100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11];
 
-fn prom_name(k: Kind) -> (&'static str, Unit) {
+/// The histogram family of a kind (name without its unit suffix), its unit, help, and the
+/// `direction` label of the per-connection byte histograms (one family for both).
+fn prom_name(k: Kind) -> (&'static str, Unit, &'static str, Option<&'static str>) {
     match k {
-        Kind::Connect => ("sluice_upstream_connect", Unit::Seconds),
-        Kind::FirstByte => ("sluice_upstream_first_byte", Unit::Seconds),
-        Kind::Duration => ("sluice_connection_duration", Unit::Seconds),
-        Kind::BytesUp => ("sluice_connection_client_to_upstream", Unit::Bytes),
-        Kind::BytesDown => ("sluice_connection_upstream_to_client", Unit::Bytes),
+        Kind::Connect => (
+            "sluice_upstream_connect",
+            Unit::Seconds,
+            "Time from the first upstream connect to the connection established, failover \
+             attempts included, per relayed connection",
+            None,
+        ),
+        Kind::FirstByte => (
+            "sluice_upstream_first_byte",
+            Unit::Seconds,
+            "Time from the upstream connection established to its first byte, per relayed \
+             connection",
+            None,
+        ),
+        Kind::Duration => (
+            "sluice_connection_duration",
+            Unit::Seconds,
+            "Relayed connection lifetime, accept to close",
+            None,
+        ),
+        Kind::BytesUp | Kind::BytesDown => (
+            "sluice_connection_relayed",
+            Unit::Bytes,
+            "Bytes relayed per connection, by direction (client_to_upstream, \
+             upstream_to_client), counted at close",
+            Some(if k == Kind::BytesUp {
+                "client_to_upstream"
+            } else {
+                "upstream_to_client"
+            }),
+        ),
     }
 }
 
@@ -524,132 +599,372 @@ fn prom_histograms(src: &Source) -> Vec<PromHisto> {
     out
 }
 
+/// A counter or gauge family of labelled values.
+fn family<L: prometheus_client::encoding::EncodeLabelSet>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    values: impl IntoIterator<Item = (L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut me = e.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in values {
+        let m = me.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(v).encode(m)?,
+            _ => ConstGauge::new(v as i64).encode(m)?,
+        }
+    }
+    Ok(())
+}
+
+/// One unlabelled counter or gauge.
+fn single(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    v: u64,
+) -> Result<(), std::fmt::Error> {
+    let me = e.encode_descriptor(name, help, None, kind)?;
+    match kind {
+        MetricType::Counter => ConstCounter::new(v).encode(me),
+        _ => ConstGauge::new(v as i64).encode(me),
+    }
+}
+
+/// Every metric of `/metrics`. Names follow Prometheus's conventions: counters end in `_total`
+/// (added by the encoder), units are in the name, one family per thing measured with the
+/// variants as labels (`reason`, `direction`, `listener`, `upstream`). No label ever holds a
+/// client address. The families and what each means are listed in docs/OPERATIONS.md.
 fn encode_all(src: &Source, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    use MetricType::{Counter as C, Gauge as G};
     let n = src.workers;
-    for &(c, name) in ALL_COUNTERS {
-        if matches!(c, Counter::Engine | Counter::Pid) {
-            continue;
-        }
-        let v = src.shared.total(n, c);
-        let full = format!("sluice_{name}");
-        let help = format!("{name} summed over the workers (see docs/OPERATIONS.md)");
-        if is_gauge(c) {
-            let g = ConstGauge::new(v as i64);
-            g.encode(e.encode_descriptor(&full, &help, None, g.metric_type())?)?;
-        } else {
-            let ctr = ConstCounter::new(v);
-            ctr.encode(e.encode_descriptor(&full, &help, None, ctr.metric_type())?)?;
-        }
-    }
-    let ctr = ConstCounter::new(src.shared.supervisor_get(Counter::UpstreamStateChanges));
-    ctr.encode(e.encode_descriptor(
-        "sluice_upstream_state_changes",
-        "Upstream addresses that went down or up (health checks)",
-        None,
-        ctr.metric_type(),
-    )?)?;
-    for (c, name, help) in [
+    let sh = &src.shared;
+    let total = |c: Counter| sh.total(n, c);
+    let sup = |c: Counter| sh.supervisor_get(c);
+    let e = &mut e;
+    let (capacity, listener_limits, upstreams) = {
+        let st = src.status.lock().unwrap_or_else(|p| p.into_inner());
         (
-            Counter::Reloads,
-            "sluice_reloads",
-            "Configuration reloads applied (SIGHUP or sluicectl reload)",
-        ),
-        (
-            Counter::ReloadsFailed,
-            "sluice_reloads_failed",
-            "Configuration reloads refused; the running configuration was kept",
-        ),
-        (
-            Counter::UpstreamAddressesRefused,
-            "sluice_upstream_addresses_refused",
-            "Loopback, private, link-local, unspecified or multicast addresses in DNS answers for \
-             upstream or decoy names, not dialled",
-        ),
-        (
-            Counter::WorkerRestarts,
-            "sluice_worker_restarts",
-            "Workers started to replace one that died",
-        ),
-        (
-            Counter::WorkerStartFailures,
-            "sluice_worker_start_failures",
-            "Tries to start a worker that failed (retried with back-off)",
-        ),
-        (
-            Counter::WorkersKilledUnread,
-            "sluice_workers_killed_unread",
-            "Workers killed because they did not read their control pipe",
-        ),
-        (
-            Counter::MetricsHttpRefused,
-            "sluice_metrics_http_refused",
-            "Connections to this listener answered 503 because too many were open",
-        ),
-    ] {
-        let ctr = ConstCounter::new(src.shared.supervisor_get(c));
-        ctr.encode(e.encode_descriptor(name, help, None, ctr.metric_type())?)?;
-    }
-    let g = ConstGauge::new(src.shared.supervisor_get(Counter::UpstreamsDown) as i64);
-    g.encode(e.encode_descriptor(
-        "sluice_upstreams_down",
-        "Upstream addresses down now",
-        None,
-        g.metric_type(),
-    )?)?;
-    let g = ConstGauge::new(n as i64);
-    g.encode(e.encode_descriptor("sluice_workers", "Worker processes", None, g.metric_type())?)?;
-    let g = ConstGauge::new(src.shared.supervisor_get(Counter::WorkersDown) as i64);
-    g.encode(e.encode_descriptor(
+            st.capacity,
+            st.listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.max_connections))
+                .collect::<Vec<_>>(),
+            st.upstreams.clone(),
+        )
+    };
+    family(
+        e,
+        "sluice_build_info",
+        "Always 1; the labels say which Sluice runs: its version, the relay engine its \
+         workers run (splice, copy, epoll, sockmap) and the preset it was started from \
+         (none: a config file or the command line)",
+        G,
+        [(
+            [
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("engine", src.engine.as_str()),
+                ("preset", src.preset.as_str()),
+            ],
+            1,
+        )],
+    )?;
+    single(
+        e,
+        "sluice_start_time_seconds",
+        "When this relay started, in seconds since the Unix epoch",
+        G,
+        src.started_unix,
+    )?;
+    single(
+        e,
+        "sluice_workers",
+        "Worker processes this relay runs (configured, whether running or not)",
+        G,
+        n as u64,
+    )?;
+    single(
+        e,
         "sluice_workers_down",
-        "Worker slots with no process: its start failed and is retried with back-off, its \
-         listening sockets closed meanwhile",
-        None,
-        g.metric_type(),
-    )?)?;
+        "Worker slots with no process now: the worker died and its replacement could not be \
+         started; retried with back-off, its listening sockets closed meanwhile",
+        G,
+        sup(Counter::WorkersDown),
+    )?;
+    single(
+        e,
+        "sluice_worker_restarts",
+        "Workers started to replace one that died (a crash, an OOM kill, a kill)",
+        C,
+        sup(Counter::WorkerRestarts),
+    )?;
+    single(
+        e,
+        "sluice_worker_start_failures",
+        "Tries to start a worker that failed (could not be started, or exited right after \
+         its start), one per try",
+        C,
+        sup(Counter::WorkerStartFailures),
+    )?;
+    single(
+        e,
+        "sluice_workers_killed_unread",
+        "Workers killed because they stopped reading their control pipe",
+        C,
+        sup(Counter::WorkersKilledUnread),
+    )?;
+    let names: Vec<String> = src.stats.fresh().listeners().to_vec();
+    family(
+        e,
+        "sluice_connections_active",
+        "Relayed connections open now, per listener (sum them for the relay)",
+        G,
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| ([("listener", name.as_str())], sh.listener_active(n, i))),
+    )?;
+    single(
+        e,
+        "sluice_connections_capacity",
+        "Connections this relay holds at most: max_connections, or less when the workers' \
+         file descriptor limits allow less; clients past it are refused (reason=\"full\")",
+        G,
+        capacity,
+    )?;
+    family(
+        e,
+        "sluice_listener_connections_limit",
+        "A listener's own max_connections, for listeners that set one; clients past it are \
+         refused (reason=\"full\")",
+        G,
+        listener_limits
+            .iter()
+            .filter(|(_, max)| *max > 0)
+            .map(|(name, max)| ([("listener", name.as_str())], u64::from(*max))),
+    )?;
+    single(
+        e,
+        "sluice_connections_accepted",
+        "Client connections accepted (including those then refused)",
+        C,
+        total(Counter::Accepted),
+    )?;
+    family(
+        e,
+        "sluice_connections_refused",
+        "Client connections turned away before any byte was relayed, by reason: full \
+         (max_connections), no_upstream (no address resolved), denied (deny or allow list), \
+         dest (upstream not on the destination allowlist), client_connections and client_rate \
+         (per-client limits), untrusted_proxy (PROXY peer not in trusted_proxies), bad_header \
+         (PROXY header malformed or late), bad_tls (TLS handshake failed), bad_sni (no \
+         allowed name, or not TLS)",
+        C,
+        REFUSALS
+            .iter()
+            .map(|&(c, reason)| ([("reason", reason)], total(c))),
+    )?;
+    single(
+        e,
+        "sluice_connections_closed",
+        "Accepted connections closed, however they ended (refused after accept, aborted or \
+         finished)",
+        C,
+        total(Counter::Closed),
+    )?;
+    family(
+        e,
+        "sluice_connections_aborted",
+        "Connections that ended otherwise than by both sides finishing, by reason: \
+         client_reset, upstream_reset, relay_error (another socket error), idle_timeout, \
+         upstream_unreachable (every upstream address refused or timed out), killed_denied \
+         (sluicectl deny add --kill-existing)",
+        C,
+        ABORTS
+            .iter()
+            .map(|&(c, reason)| ([("reason", reason)], total(c))),
+    )?;
+    single(
+        e,
+        "sluice_connections_decoyed",
+        "Connections sent to the listener's decoy because their first bytes were not what \
+         the port expects (scanners, probes)",
+        C,
+        total(Counter::Decoyed),
+    )?;
     {
-        // Bytes by engine: each worker runs one engine (they differ when one fell back).
-        let mut me = e.encode_descriptor(
-            "sluice_engine_bytes",
-            "Bytes relayed, by the engine of the worker that relayed them",
-            None,
-            MetricType::Counter,
-        )?;
-        for kind in [EngineKind::Splice, EngineKind::Copy, EngineKind::Epoll] {
-            let of = |c: Counter| -> u64 {
-                (0..n)
-                    .filter(|&w| src.shared.get(w, Counter::Engine) == kind.id())
-                    .map(|w| src.shared.get(w, c))
-                    .sum()
-            };
+        // Each worker runs one engine; they differ when one fell back. Rows that never said
+        // theirs count under the relay's engine.
+        let own = EngineKind::ALL
+            .into_iter()
+            .find(|k| k.name() == src.engine)
+            .unwrap_or(EngineKind::Epoll);
+        let engine_of = |w: usize| EngineKind::from_id(sh.get(w, Counter::Engine)).unwrap_or(own);
+        let mut values = Vec::new();
+        for kind in EngineKind::ALL {
+            if kind != own && !(0..n).any(|w| engine_of(w) == kind) {
+                continue;
+            }
             for (dir, c) in [
                 ("client_to_upstream", Counter::BytesClientToUpstream),
                 ("upstream_to_client", Counter::BytesUpstreamToClient),
             ] {
-                let labels = [("engine", kind.name()), ("direction", dir)];
-                ConstCounter::new(of(c)).encode(me.encode_family(&labels)?)?;
+                let v = (0..n)
+                    .filter(|&w| engine_of(w) == kind)
+                    .map(|w| sh.get(w, c))
+                    .sum();
+                values.push(([("direction", dir), ("engine", kind.name())], v));
             }
         }
-    }
-    let names: Vec<String> = src.stats.fresh().listeners().to_vec();
-    {
-        let mut me = e.encode_descriptor(
-            "sluice_listener_active",
-            "Relayed connections open now, per listener",
-            None,
-            MetricType::Gauge,
+        family(
+            e,
+            "sluice_relayed_bytes",
+            "Bytes relayed, by direction (client_to_upstream, upstream_to_client) and by the \
+             engine of the worker that relayed them",
+            C,
+            values,
         )?;
-        for (i, name) in names.iter().enumerate() {
-            let labels = [("listener", name.as_str())];
-            let g = ConstGauge::new(src.shared.listener_active(n, i) as i64);
-            g.encode(me.encode_family(&labels)?)?;
-        }
     }
+    single(
+        e,
+        "sluice_fast_path_connections",
+        "Connections put on the eBPF sockmap fast path (engine sockmap)",
+        C,
+        total(Counter::FastPathPairs),
+    )?;
+    single(
+        e,
+        "sluice_fast_path_refused",
+        "Connections the fast path could not take (map full, socket refused), relayed by \
+         splice instead",
+        C,
+        total(Counter::FastPathRefused),
+    )?;
+    single(
+        e,
+        "sluice_fast_path_user_space_bytes",
+        "Bytes of fast-path connections forwarded through user space instead of the kernel \
+         (queued before the socket entered the sockmap, or held back by flow control); part \
+         of sluice_relayed_bytes_total",
+        C,
+        total(Counter::FastPathUserBytes),
+    )?;
+    single(
+        e,
+        "sluice_fast_path_entries",
+        "Entries left in the workers' fast-path maps, counted when a worker had no \
+         connection (0 once every connection is gone; more is a leak)",
+        G,
+        total(Counter::FastPathEntries),
+    )?;
+    single(
+        e,
+        "sluice_fast_path_audited_pairs",
+        "Fast-path connections the workers had made when they last counted their map entries",
+        G,
+        total(Counter::FastPathAuditedPairs),
+    )?;
+    single(
+        e,
+        "sluice_pipes_in_use",
+        "Kernel pipes held by connections with bytes in flight (splice engine)",
+        G,
+        total(Counter::PipesInUse),
+    )?;
+    single(
+        e,
+        "sluice_pipe_pool_empty",
+        "Times a direction was relayed by copying because the pipe pool was empty",
+        C,
+        total(Counter::PipePoolEmpty),
+    )?;
+    single(
+        e,
+        "sluice_source_ports_exhausted",
+        "Upstream connects that found no free source port (EADDRNOTAVAIL); add \
+         source_addresses to the listener",
+        C,
+        total(Counter::SourcePortsExhausted),
+    )?;
+    family(
+        e,
+        "sluice_upstream_up",
+        "1 while a configured upstream HOST:PORT of a listener is usable: it resolved and at \
+         least one of its addresses passes the health checks (addresses of listeners without \
+         health checks count as up); 0 otherwise",
+        G,
+        upstreams.iter().map(|u| {
+            (
+                [
+                    ("listener", u.listener.as_str()),
+                    ("upstream", u.upstream.as_str()),
+                ],
+                u64::from(u.up()),
+            )
+        }),
+    )?;
+    single(
+        e,
+        "sluice_upstream_addresses_down",
+        "Upstream addresses the health checks find down now, over all listeners",
+        G,
+        sup(Counter::UpstreamsDown),
+    )?;
+    single(
+        e,
+        "sluice_upstream_state_changes",
+        "Upstream addresses that went down or came back up (health checks)",
+        C,
+        sup(Counter::UpstreamStateChanges),
+    )?;
+    single(
+        e,
+        "sluice_upstream_addresses_refused",
+        "Loopback, private, link-local, unspecified or multicast addresses in DNS answers for \
+         upstream or decoy names, not dialled (one per address per lookup)",
+        C,
+        sup(Counter::UpstreamAddressesRefused),
+    )?;
+    single(
+        e,
+        "sluice_reloads",
+        "Configuration reloads applied (SIGHUP or sluicectl reload)",
+        C,
+        sup(Counter::Reloads),
+    )?;
+    single(
+        e,
+        "sluice_reloads_failed",
+        "Configuration reloads refused (the file did not parse or validate, or needs a \
+         restart); the running configuration was kept",
+        C,
+        sup(Counter::ReloadsFailed),
+    )?;
+    single(
+        e,
+        "sluice_metrics_http_refused",
+        "Connections to this metrics listener answered 503 because too many were open",
+        C,
+        sup(Counter::MetricsHttpRefused),
+    )?;
     let histos = prom_histograms(src);
-    for k in KINDS {
-        let (name, unit) = prom_name(k);
-        let mut me = e.encode_descriptor(name, k.help(), Some(&unit), MetricType::Histogram)?;
-        for (listener, _, sum, count, buckets) in histos.iter().filter(|h| h.1 == k) {
-            let labels = [("listener", listener.as_str())];
+    for k in [
+        Kind::Connect,
+        Kind::FirstByte,
+        Kind::Duration,
+        Kind::BytesUp,
+    ] {
+        let (name, unit, help, _) = prom_name(k);
+        let mut me = e.encode_descriptor(name, help, Some(&unit), MetricType::Histogram)?;
+        for (listener, kind, sum, count, buckets) in
+            histos.iter().filter(|h| prom_name(h.1).0 == name)
+        {
+            let mut labels = vec![("listener", listener.as_str())];
+            if let Some(dir) = prom_name(*kind).3 {
+                labels.insert(0, ("direction", dir));
+            }
             me.encode_family(&labels)?
                 .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
                     *sum, *count, buckets, None,

@@ -156,6 +156,33 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::RefusedUntrustedProxy, "refused_untrusted_proxy"),
 ];
 
+/// The reasons of `sluice_connections_refused_total{reason}` (Prometheus) and the counter of
+/// each: connections turned away before any byte was relayed, at accept (admission, limits) or
+/// after reading the first bytes (PROXY header, TLS, SNI).
+pub const REFUSALS: &[(Counter, &str)] = &[
+    (Counter::RefusedFull, "full"),
+    (Counter::RefusedNoUpstream, "no_upstream"),
+    (Counter::RefusedDenied, "denied"),
+    (Counter::RefusedDest, "dest"),
+    (Counter::RefusedClientConnections, "client_connections"),
+    (Counter::RefusedClientRate, "client_rate"),
+    (Counter::RefusedUntrustedProxy, "untrusted_proxy"),
+    (Counter::RefusedBadHeader, "bad_header"),
+    (Counter::RefusedBadTls, "bad_tls"),
+    (Counter::RefusedBadSni, "bad_sni"),
+];
+
+/// The reasons of `sluice_connections_aborted_total{reason}` and the counter of each:
+/// accepted connections that ended otherwise than by both sides finishing.
+pub const ABORTS: &[(Counter, &str)] = &[
+    (Counter::ClientReset, "client_reset"),
+    (Counter::UpstreamReset, "upstream_reset"),
+    (Counter::RelayErrors, "relay_error"),
+    (Counter::IdleTimeout, "idle_timeout"),
+    (Counter::UpstreamUnreachable, "upstream_unreachable"),
+    (Counter::KilledDenied, "killed_denied"),
+];
+
 /// The shared counter table.
 pub struct Shared {
     map: SharedMap,

@@ -81,6 +81,9 @@ pub struct Options {
     /// How to build the configuration again on a reload (the file read again, with the command
     /// line's overrides); None when the daemon was started from a preset or the command line.
     pub reload: Option<ReloadFrom>,
+    /// The preset the configuration came from (`whatsapp`, `signal`); None: a file or the
+    /// command line. Only shown (`sluice_build_info{preset}`).
+    pub preset: Option<String>,
 }
 
 /// Builds the configuration again for a reload, validated, or says why it cannot.
@@ -430,6 +433,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     let mut st = Status::new(&config, kind, nworkers);
     st.per_worker_capacity = engine::worker_capacity(nofile);
     st.fast_path = fast_path;
+    st.upstreams = crate::health::Checker::new().summary(&config, &resolved);
     st.capacity = (st.per_worker_capacity * nworkers as u64).min(u64::from(config.max_connections));
     let status = Arc::new(Mutex::new(st));
     if let Some(path) = &opts.control
@@ -454,7 +458,13 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
                 stats: stats.clone(),
                 workers: nworkers,
                 engine: kind.name().to_string(),
+                preset: opts.preset.clone().unwrap_or_else(|| "none".into()),
+                status: status.clone(),
                 started: Instant::now(),
+                started_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                recent: Default::default(),
                 health: {
                     let (shared, status) = (shared.clone(), status.clone());
                     Box::new(move || serving(&shared, &status))
@@ -767,6 +777,7 @@ impl Supervisor {
         let epoch = self.resolver_epoch;
         let health_row = self.shared.clone();
         let refused_row = self.shared.clone();
+        let (status, stop) = (self.status.clone(), self.resolver_stop.clone());
         upstream::spawn_resolver(
             self.config.clone(),
             first,
@@ -787,6 +798,14 @@ impl Supervisor {
                 refused_row
                     .supervisor()
                     .add(Counter::UpstreamAddressesRefused, n);
+            }),
+            // Checked under the lock: a resolver told to stop (a reload started a new one)
+            // cannot overwrite what the new one wrote.
+            Box::new(move |upstreams| {
+                let mut st = status.lock().expect("status lock");
+                if !stop.load(Ordering::Relaxed) {
+                    st.upstreams = upstreams;
+                }
             }),
         )
     }
@@ -922,6 +941,9 @@ impl Supervisor {
         {
             let mut st = self.status.lock().expect("status lock");
             st.max_connections = self.config.max_connections;
+            for (l, new) in st.listeners.iter_mut().zip(&self.config.listeners) {
+                l.max_connections = new.max_connections;
+            }
             st.capacity = (st.per_worker_capacity * self.nworkers as u64)
                 .min(u64::from(self.config.max_connections));
         }

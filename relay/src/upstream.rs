@@ -409,6 +409,7 @@ pub fn spawn_resolver<E: Send + 'static>(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     on_health: Box<dyn Fn(Changes, usize) + Send>,
     on_refused: Box<dyn Fn(u64) + Send>,
+    on_upstreams: Box<dyn Fn(Vec<crate::control::UpstreamStatus>) + Send>,
 ) -> std::io::Result<()> {
     let stopped = move || stop.load(std::sync::atomic::Ordering::Relaxed);
     std::thread::Builder::new()
@@ -421,6 +422,7 @@ pub fn spawn_resolver<E: Send + 'static>(
             checker.track(&config, &resolved, start);
             let mut sent = checker.filter(&config, &resolved);
             let mut next_resolve = start + resolve_wait(&config, ok);
+            let mut summary = Vec::new();
             loop {
                 if stopped() {
                     return;
@@ -442,6 +444,11 @@ pub fn spawn_resolver<E: Send + 'static>(
                 let changes = checker.run_due(&config, &resolved, Instant::now());
                 if changes != Changes::default() {
                     on_health(changes, checker.down_count());
+                }
+                let now_summary = checker.summary(&config, &resolved);
+                if now_summary != summary {
+                    summary = now_summary;
+                    on_upstreams(summary.clone());
                 }
                 let table = checker.filter(&config, &resolved);
                 if table != sent {

@@ -22,7 +22,9 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "iproute2",
     "procps",
-    // promtool checks /metrics; headless Chromium loads the stats page.
+    // promtool checks /metrics and the alert rules, the prometheus server scrapes a relay and
+    // evaluates the dashboard and the rules (monitoring.rs); headless Chromium loads the stats
+    // page and draws the dashboard.
     "prometheus",
     "chromium",
     // The SYN flood in tests/src/tests/faults.rs.

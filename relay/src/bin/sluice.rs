@@ -118,6 +118,7 @@ impl Common {
             xdp: self.xdp,
             pin_dir: Some(self.bpf_pin_dir),
             reload: None,
+            preset: None,
         }
     }
 
@@ -199,6 +200,10 @@ fn build(cmd: Cmd) -> Result<Option<(Config, Options)>, String> {
             }
             common.apply(&mut c);
             let c = validate(c, "command line")?;
+            let preset_name = config.is_none().then(|| {
+                clap::ValueEnum::to_possible_value(&preset.unwrap_or_default())
+                    .map_or_else(|| "whatsapp".into(), |v| v.get_name().to_string())
+            });
             // A reload reads the file again and applies the same command-line overrides.
             let overrides = common.clone();
             let reload = config.map(|path| {
@@ -213,6 +218,7 @@ fn build(cmd: Cmd) -> Result<Option<(Config, Options)>, String> {
             });
             let mut options = common.options();
             options.reload = reload;
+            options.preset = preset_name;
             Ok(Some((c, options)))
         }
         Cmd::Forward {

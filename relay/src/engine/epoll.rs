@@ -488,6 +488,10 @@ impl<'a> Worker<'a> {
                 let inbound = conn.inbound.take().map(|i| *i).unwrap_or_default();
                 // The ClientHello read for SNI routing (plain port) goes out first.
                 if !inbound.acc.is_empty() {
+                    // Read while sniffing, relayed now: counted like any byte read.
+                    let n = inbound.acc.len() as u64;
+                    self.ctx.row.add(Counter::BytesClientToUpstream, n);
+                    conn.bytes[0] += n;
                     let mut first = inbound.acc;
                     first.append(&mut conn.dirs[0].pending);
                     conn.dirs[0].pending = first;

@@ -43,6 +43,13 @@ pub enum EngineKind {
 }
 
 impl EngineKind {
+    pub const ALL: [EngineKind; 4] = [
+        EngineKind::Splice,
+        EngineKind::Copy,
+        EngineKind::Epoll,
+        EngineKind::Sockmap,
+    ];
+
     pub fn id(self) -> u64 {
         match self {
             EngineKind::Splice => 1,

@@ -1301,6 +1301,12 @@ impl<'a> Worker<'a> {
             self.close(slot, true);
             return;
         }
+        // The bytes read while sniffing (or waiting for a ClientHello) are relayed bytes too.
+        let prefix = inbound.acc.len() as u64;
+        if prefix > 0 {
+            self.conn(slot).bytes[TO_UPSTREAM] += prefix;
+            self.ctx.row.add(Counter::BytesClientToUpstream, prefix);
+        }
         if self.conn(slot).tls.is_some() {
             self.start_read(slot, TO_CLIENT);
             self.tls_flush(slot, TO_UPSTREAM);

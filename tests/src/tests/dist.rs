@@ -651,6 +651,12 @@ fn helm_chart_renders_to_valid_manifests_for_proxy_v2_behind_a_load_balancer() {
     for (k, v) in sm["spec"]["selector"]["matchLabels"].as_mapping().unwrap() {
         assert_eq!(&msvc["metadata"]["labels"][k], v, "{k:?}");
     }
+    // Its job is `sluice`, what dist/prometheus/sluice-rules.yml and dist/grafana select.
+    let job_label = sm["spec"]["jobLabel"].as_str().expect("a jobLabel");
+    assert_eq!(
+        msvc["metadata"]["labels"][job_label].as_str(),
+        Some("sluice")
+    );
     // The sockmap engine is refused with the reason, not rendered without its capabilities.
     let (_, rendered) = helm(&serde_json::json!({"engine": "sockmap"})).unwrap();
     let err = rendered.expect_err("engine: sockmap must not render");

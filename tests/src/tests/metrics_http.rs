@@ -59,7 +59,7 @@ fn idle_connections_held_open_do_not_delay_a_scrape() {
     // only after it gave up on every idle client before them, closing each.
     let (status, body) = get(metrics, "/metrics");
     assert!(status.contains("200"), "{status}");
-    assert!(body.contains("sluice_accepted_total"), "{body}");
+    assert!(body.contains("sluice_connections_accepted_total"), "{body}");
     let (status, body) = get(metrics, "/healthz");
     assert_eq!(
         (status.as_str(), body.as_str()),

@@ -49,6 +49,7 @@ mod half_close;
 mod health;
 mod limits;
 mod metrics_http;
+mod monitoring;
 mod observability;
 mod operator;
 mod peers;

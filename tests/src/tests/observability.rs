@@ -347,16 +347,59 @@ fn promtool_accepts_a_scrape_during_traffic() {
         );
     }
     let last = scrapes.last().unwrap();
+    let upstream = format!(
+        "sluice_upstream_up{{listener=\"forward\",upstream=\"{}\"}} 1\n",
+        up.addr()
+    );
     for needle in [
-        "# TYPE sluice_accepted_total counter",
-        "# TYPE sluice_active gauge",
-        "sluice_listener_active{listener=\"forward\"} 5",
-        "# TYPE sluice_engine_bytes_total counter",
+        "# TYPE sluice_build_info gauge",
+        "sluice_build_info{version=\"",
+        "# TYPE sluice_connections_accepted_total counter",
+        "# TYPE sluice_connections_active gauge",
+        "sluice_connections_active{listener=\"forward\"} 5\n",
+        "# TYPE sluice_connections_capacity gauge",
+        "# TYPE sluice_connections_refused_total counter",
+        "sluice_connections_refused_total{reason=\"full\"} 0\n",
+        "# TYPE sluice_connections_aborted_total counter",
+        "# TYPE sluice_relayed_bytes_total counter",
+        "sluice_relayed_bytes_total{direction=\"upstream_to_client\",engine=\"",
+        "# TYPE sluice_fast_path_entries gauge",
+        "# TYPE sluice_fast_path_audited_pairs gauge",
+        "# TYPE sluice_upstream_up gauge",
+        &upstream,
         "# TYPE sluice_upstream_first_byte_seconds histogram",
         "sluice_connection_duration_seconds_bucket{le=\"+Inf\",listener=\"forward\"}",
-        "sluice_connection_upstream_to_client_bytes_count{listener=\"forward\"}",
+        "sluice_connection_relayed_bytes_count{direction=\"upstream_to_client\",listener=\"forward\"}",
     ] {
         assert!(last.contains(needle), "no `{needle}` in:\n{last}");
+    }
+    // One family per thing measured: every refusal reason in one family, no old names.
+    let lines = |prefix: &str| last.lines().filter(|l| l.starts_with(prefix)).count();
+    assert_eq!(
+        lines("sluice_connections_refused_total{reason="),
+        10,
+        "{last}"
+    );
+    assert_eq!(
+        lines("sluice_connections_aborted_total{reason="),
+        6,
+        "{last}"
+    );
+    for old in [
+        "sluice_accepted_total",
+        "sluice_active ",
+        "sluice_engine_bytes",
+        "sluice_refused_",
+    ] {
+        assert!(!last.contains(old), "old name `{old}` in:\n{last}");
+    }
+    // Every family says what it is.
+    for help in last.lines().filter_map(|l| l.strip_prefix("# HELP ")) {
+        let (name, text) = help.split_once(' ').unwrap_or((help, ""));
+        assert!(
+            text.len() >= 30,
+            "HELP of {name} explains nothing: {text:?}"
+        );
     }
     // OpenMetrics for a scraper that asks for it.
     let (_, headers, body) = http_get(metrics, "/metrics", "application/openmetrics-text");
@@ -447,6 +490,53 @@ fn headless_chromium_shows_live_numbers_on_the_stats_page() {
         dom.contains("<td>first_byte</td>"),
         "no histogram table:\n{dom}"
     );
+    // The present: the first-byte p99 of the last minute (the exchanges were in it), and a
+    // text alternative for each chart.
+    assert_ne!(text_of(&dom, "fb99").as_deref(), Some("–"), "{dom}");
+    let lat = text_of(&dom, "c-lat-alt").unwrap_or_default();
+    assert!(
+        lat.starts_with("Over the last ")
+            && lat.contains(&format!(
+                " s, {N} connections: time to first upstream byte p50 "
+            )),
+        "{lat}"
+    );
+    for id in ["c-active-alt", "c-tput-alt"] {
+        let alt = text_of(&dom, id).unwrap_or_default();
+        assert!(alt.len() > 30 && alt != "–", "{id}: {alt:?}");
+    }
+    assert!(
+        text_of(&dom, "c-active-alt").is_some_and(|t| t.starts_with("Active connections now 3;")),
+        "{dom}"
+    );
+    // Per-upstream health.
+    assert_eq!(text_of(&dom, "ups").as_deref(), Some("1 / 1"), "{dom}");
+    assert!(
+        dom.contains(&format!(
+            "<td>forward</td><td>{}</td><td class=\"up\">up</td>",
+            up.addr
+        )),
+        "no upstream row:\n{dom}"
+    );
+    // The refused card counts every reason: a client on the deny list (not one of the five
+    // reasons the card once added up).
+    let denied: IpAddr = "127.0.0.4".parse().unwrap();
+    let out = relay.ctl(&["deny", "add", "127.0.0.4/32"]);
+    assert!(out.status.success(), "{}", out.text());
+    if let Ok(mut c) = client::try_connect(listen, Some(denied)) {
+        let _ = c.set_read_timeout(Some(HUNG));
+        let _ = c.read_to_end(&mut Vec::new());
+    }
+    assert!(wait_until(HUNG, || relay.counter("refused_denied") == Some(1)));
+    let refused = (0..5).any(|_| {
+        dom = chromium(&["--dump-dom".to_string()]).stdout;
+        text_of(&dom, "refused").as_deref() == Some("1")
+    });
+    assert!(
+        refused,
+        "the refused card does not count the denied client:\n{dom}"
+    );
+    assert_eq!(text_of(&dom, "refused-why").as_deref(), Some("denied 1"));
 
     let shot = target_dir().join("observability-stats-page.png");
     let _ = std::fs::remove_file(&shot);
