@@ -240,7 +240,22 @@ fn bpf(caps: &Caps) -> Vec<Check> {
             )
         }
     };
-    vec![btf_check, fast]
+    let kernel = match crate::ebpf::kernel_proven() {
+        Ok(()) => check(
+            "sockmap-kernel",
+            Level::Ok,
+            "the sockmap fast path is proven on this kernel series",
+            "",
+        ),
+        Err(e) => check(
+            "sockmap-kernel",
+            Level::Warn,
+            format!("`--engine sockmap` splices here: {e}"),
+            "a 6.12 or later kernel for the fast path (Debian 12: linux-image-cloud-amd64 \
+             from bookworm-backports); the other engines need nothing more",
+        ),
+    };
+    vec![btf_check, fast, kernel]
 }
 
 fn capabilities(caps: &Caps, config: &Config) -> Check {

@@ -335,10 +335,10 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
             .pin_dir
             .as_deref()
             .filter(|d| crate::ebpf::is_pinned(d));
-        let loaded = match pinned {
+        let loaded = crate::ebpf::kernel_proven().and_then(|()| match pinned {
             Some(dir) => crate::ebpf::FastPath::load_pinned(dir),
             None => crate::ebpf::FastPath::load(),
-        };
+        });
         match loaded {
             Ok(fast) => {
                 fast_path = Some(match pinned {
