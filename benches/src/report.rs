@@ -547,9 +547,13 @@ pub fn tls_flood_section(r: &Report) -> Option<String> {
          one attacking host (127.77.2.1: {} blocking threads, niced to {}, so that on this \
          shared 2-core box it takes the CPU the relay leaves, as a separate machine would) \
          loops connect → full TLS 1.3 handshake without resumption → reset. \"forced\": full \
-         handshakes the attacker completed per second; \"user\": the legitimate client's \
-         connect + handshake latency, p50 / p99 (max), with how many of its attempts succeeded. \
-         Relay CPU is its whole process tree, in cores. Sluice runs the WhatsApp preset's \
+         handshakes the attacker completed per second; \"refused\": its connections the relay \
+         reset at accept; \"user\": the legitimate client's connect + handshake latency, p50 / \
+         p99 (max), with how many of its attempts succeeded. Relay CPU is its whole process \
+         tree, in cores, and per connection attempt of the flood phase (attacker's and user's, \
+         admitted or refused), and per completed handshake where nothing was refused. The \
+         machine's two cores are shared with other work (⚠: more than {:.0} % of them went \
+         elsewhere): compare rows of one run. Sluice runs the WhatsApp preset's \
          `chat-tls` listener as the binary under test defines it (variants change one key); \
          nginx is Debian's, `stream` with `ssl` and its defaults, a self-signed certificate of \
          the key type shown. Configurations at the end of this section.\n",
@@ -559,17 +563,18 @@ pub fn tls_flood_section(r: &Report) -> Option<String> {
         p.tls_flood_ms as f64 / 1e3,
         p.tls_flood_threads,
         10,
+        DISTURBED_FRAC * 100.0,
     );
     let _ = writeln!(
         out,
-        "| candidate | key | forced handshakes/s | attacker attempts refused | user alone: p50 / p99 (max), ok | user under flood: p50 / p99 (max), ok | relay CPU alone → flood | relay CPU per handshake |"
+        "| candidate | key | forced handshakes/s | refused | user alone: p50 / p99 (max), ok | user under flood: p50 / p99 (max), ok | relay CPU alone → flood | relay CPU per attempt | per handshake |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---|---|---|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---|---|---|---:|---:|");
     for m in rows {
         let Some(t) = &m.tls_flood else {
             let _ = writeln!(
                 out,
-                "| {} | error: {} | | | | | | |",
+                "| {} | error: {} | | | | | | | |",
                 m.candidate,
                 m.error.as_deref().unwrap_or("?").replace('|', "/")
             );
@@ -588,9 +593,24 @@ pub fn tls_flood_section(r: &Report) -> Option<String> {
             })
         };
         let flag = m.cpu.as_ref().is_some_and(|c| c.disturbed);
+        let attempts = t.attempts + t.flood.as_ref().map_or(0, |p| p.attempts);
+        let per_attempt = m
+            .cpu
+            .as_ref()
+            .and_then(|c| c.relay_s())
+            .filter(|_| attempts > 0)
+            .map_or("–".into(), |s| {
+                format!("{:.0} µs", s * 1e6 / attempts as f64)
+            });
+        let per_handshake = if t.refused == 0 {
+            t.relay_cpu_us_per_handshake
+                .map_or("–".into(), |v| format!("{v:.0} µs"))
+        } else {
+            "–".into()
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {} | {} | {} | {:.2} → {:.2}{} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {:.2} → {:.2}{} | {} | {} |",
             m.candidate,
             t.key,
             t.handshakes_per_s,
@@ -600,8 +620,8 @@ pub fn tls_flood_section(r: &Report) -> Option<String> {
             t.relay_cpu_base.unwrap_or(0.0),
             t.relay_cpu_flood.unwrap_or(0.0),
             if flag { DISTURBED } else { "" },
-            t.relay_cpu_us_per_handshake
-                .map_or("–".into(), |v| format!("{v:.0} µs")),
+            per_attempt,
+            per_handshake,
         );
     }
     let _ = writeln!(out);

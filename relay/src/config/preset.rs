@@ -47,9 +47,9 @@ impl Preset {
 /// 100 a second carries several thousand users on one address, and when all of a thousand
 /// reconnect at once (the NAT or the relay restarted) every one is back within about ten
 /// seconds of retries. What it bounds: the full handshakes one attacking address forces, from
-/// ~2 000 a second on a 2-core host to 100, about 3 % of one core with the ECDSA certificate
-/// (docs/BENCHMARKS.md, "TLS handshake flood"). With `key_type = "rsa-4096"` 100 RSA-4096
-/// handshakes a second are about half a core: lower it there.
+/// 3 600–5 900 a second on a 2-core host to 100, about 2 % of one core with the ECDSA
+/// certificate (docs/OPERATIONS.md, "Handshake floods"). With `key_type = "rsa-4096"` 100
+/// RSA-4096 handshakes a second are almost half a core: lower it there.
 pub const WHATSAPP_TLS_NEW_PER_SECOND: u32 = 100;
 
 /// The same for the Signal preset's port 443, twice as high: a Signal client opens several
