@@ -36,7 +36,7 @@ use crate::ebpf::XdpDeny;
 use crate::engine::{self, EngineKind};
 use crate::error::StartError;
 use crate::metrics::{self, Counter, Shared};
-use crate::proto::tls::{KeyKind, PemIdentity, TICKET_ROTATE, TicketKeys};
+use crate::proto::tls::{KeyKind, PemIdentity, TicketKeys};
 use crate::sys;
 use crate::upstream::{self, ControlMsg, Table};
 use crate::worker::{self, Identity};
@@ -490,8 +490,10 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         metrics_fd: sys::dup_high(shared.fd(), 1000)?,
         histo_fd,
         tls,
-        tickets: TicketKeys::generate().map_err(std::io::Error::other)?,
+        tickets: TicketKeys::generate(crate::proto::tls::ticket_rotate())
+            .map_err(std::io::Error::other)?,
         tickets_made: Instant::now(),
+        ticket_rotate: crate::proto::tls::ticket_rotate(),
         shared,
         table,
         procs: Vec::new(),
@@ -663,10 +665,11 @@ struct Supervisor {
     histo_fd: OwnedFd,
     /// Certificate and key of each TLS listener, sent to every worker at its start.
     tls: Vec<Option<PemIdentity>>,
-    /// The session-ticket keys every worker shares, and when the current one was made (a new
-    /// one every [`TICKET_ROTATE`]).
+    /// The session-ticket keys every worker shares, when the current one was made, and how
+    /// often a new one is ([`crate::proto::tls::ticket_rotate`]).
     tickets: TicketKeys,
     tickets_made: Instant,
+    ticket_rotate: Duration,
     table: Table,
     procs: Vec<Option<WorkerProc>>,
     /// Slots whose worker could not be started (`procs[i]` is None), retried with back-off.
@@ -1263,14 +1266,14 @@ impl Supervisor {
         if self.procs.iter().flatten().any(|p| p.pending() > 0) {
             wake = wake.min(CONTROL_RETRY);
         }
-        wake.min((self.tickets_made + TICKET_ROTATE).saturating_duration_since(now))
+        wake.min((self.tickets_made + self.ticket_rotate).saturating_duration_since(now))
     }
 
-    /// Makes a new session-ticket key once the current one is [`TICKET_ROTATE`] old and hands
+    /// Makes a new session-ticket key once the current one is a rotation period old and hands
     /// the keys to every worker (the one before stays, to decrypt; the one before that is
     /// forgotten).
     fn rotate_tickets(&mut self) {
-        if self.tickets_made.elapsed() < TICKET_ROTATE {
+        if self.tickets_made.elapsed() < self.ticket_rotate {
             return;
         }
         match self.tickets.rotate() {

@@ -642,7 +642,8 @@ mod tests {
         check(ControlMsg::Config {
             toml: "[[listen]]\nname = \"a b\"\n".into(),
         });
-        let keys = crate::proto::tls::TicketKeys::generate().unwrap();
+        let keys =
+            crate::proto::tls::TicketKeys::generate(crate::proto::tls::TICKET_ROTATE).unwrap();
         check(ControlMsg::TicketKeys(keys.clone()));
         check(ControlMsg::TicketKeys(keys.rotate().unwrap()));
         assert_eq!(ControlMsg::decode("tickets 00ff\n"), None);

@@ -74,6 +74,21 @@ pub const LEAF_VALIDITY_DAYS: u32 = 3_650;
 /// the lifetime it announces is one period: OpenSSL's default of 2 hours.
 pub const TICKET_ROTATE: std::time::Duration = std::time::Duration::from_secs(2 * 3600);
 
+/// Environment variable that sets another rotation period, in milliseconds (tests, and hosts
+/// that want tickets to expire sooner); read by the supervisor at start.
+pub const ENV_TICKET_ROTATE_MS: &str = "SLUICE_TICKET_ROTATE_MS";
+
+/// The rotation period: [`ENV_TICKET_ROTATE_MS`] if set to a number of milliseconds (at least
+/// one second), else [`TICKET_ROTATE`].
+pub fn ticket_rotate() -> std::time::Duration {
+    std::env::var(ENV_TICKET_ROTATE_MS)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(TICKET_ROTATE, |ms| {
+            std::time::Duration::from_millis(ms.max(1000))
+        })
+}
+
 /// Tickets sent after each TLS 1.3 handshake when tickets are on: OpenSSL's default.
 pub const TLS13_TICKETS: usize = 2;
 
@@ -551,6 +566,8 @@ impl TicketKey {
 pub struct TicketKeys {
     current: TicketKey,
     previous: Option<TicketKey>,
+    /// The rotation period, in seconds: the lifetime tickets announce.
+    lifetime_s: u32,
 }
 
 impl std::fmt::Debug for TicketKeys {
@@ -562,11 +579,12 @@ impl std::fmt::Debug for TicketKeys {
 }
 
 impl TicketKeys {
-    /// A first key, none before it.
-    pub fn generate() -> Result<TicketKeys, TlsError> {
+    /// A first key, none before it, for keys rotated every `period`.
+    pub fn generate(period: std::time::Duration) -> Result<TicketKeys, TlsError> {
         Ok(TicketKeys {
             current: TicketKey::generate()?,
             previous: None,
+            lifetime_s: u32::try_from(period.as_secs()).unwrap_or(u32::MAX).max(1),
         })
     }
 
@@ -575,20 +593,24 @@ impl TicketKeys {
         Ok(TicketKeys {
             current: TicketKey::generate()?,
             previous: Some(self.current.clone()),
+            lifetime_s: self.lifetime_s,
         })
     }
 
-    /// The keys as one word of hex (`CURRENT` or `CURRENT,PREVIOUS`), for the control pipe.
+    /// The keys as one word (`LIFETIME:CURRENT` or `LIFETIME:CURRENT,PREVIOUS`, keys in hex),
+    /// for the control pipe.
     pub fn to_hex(&self) -> String {
         match &self.previous {
-            Some(p) => format!("{},{}", self.current.hex(), p.hex()),
-            None => self.current.hex(),
+            Some(p) => format!("{}:{},{}", self.lifetime_s, self.current.hex(), p.hex()),
+            None => format!("{}:{}", self.lifetime_s, self.current.hex()),
         }
     }
 
     /// The inverse of [`TicketKeys::to_hex`].
     pub fn from_hex(s: &str) -> Option<TicketKeys> {
-        let mut words = s.split(',');
+        let (lifetime, keys) = s.split_once(':')?;
+        let lifetime_s = lifetime.parse().ok().filter(|&l| l > 0)?;
+        let mut words = keys.split(',');
         let current = TicketKey::from_hex(words.next()?)?;
         let previous = match words.next() {
             Some(w) => Some(TicketKey::from_hex(w)?),
@@ -597,7 +619,11 @@ impl TicketKeys {
         if words.next().is_some() {
             return None;
         }
-        Some(TicketKeys { current, previous })
+        Some(TicketKeys {
+            current,
+            previous,
+            lifetime_s,
+        })
     }
 }
 
@@ -608,6 +634,7 @@ impl TicketKeys {
 struct Ticketer {
     /// Current key first.
     keys: Vec<([u8; TICKET_KEY_ID_LEN], ring::aead::LessSafeKey)>,
+    lifetime_s: u32,
 }
 
 impl std::fmt::Debug for Ticketer {
@@ -630,6 +657,7 @@ impl Ticketer {
                 .chain(&keys.previous)
                 .map(aead)
                 .collect(),
+            lifetime_s: keys.lifetime_s,
         }
     }
 }
@@ -640,7 +668,7 @@ impl ProducesTickets for Ticketer {
     }
 
     fn lifetime(&self) -> u32 {
-        TICKET_ROTATE.as_secs() as u32
+        self.lifetime_s
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
@@ -1287,7 +1315,7 @@ mod tests {
     fn tickets_resume_in_another_worker_with_the_same_keys() {
         let id = PemIdentity::generate(&[NAME.to_owned()], &[], KeyKind::EcdsaP256).unwrap();
         let ca = id.ca_pem.clone().unwrap();
-        let keys = TicketKeys::generate().unwrap();
+        let keys = TicketKeys::generate(TICKET_ROTATE).unwrap();
         // Two workers: each builds its own server from what the supervisor sent.
         let worker =
             |keys: Option<&TicketKeys>| TlsServer::from_pem(&id).unwrap().with_tickets(keys);
@@ -1312,7 +1340,7 @@ mod tests {
         // Other keys (another daemon), or none: a full handshake, never an error.
         let config = client_config(Some(&ca), &[]);
         assert_eq!(connect_kind(&a, &config), "full");
-        let other = TicketKeys::generate().unwrap();
+        let other = TicketKeys::generate(TICKET_ROTATE).unwrap();
         assert_eq!(connect_kind(&worker(Some(&other)), &config), "full");
         assert_eq!(connect_kind(&a, &config), "full");
         assert_eq!(connect_kind(&worker(None), &config), "full");
@@ -1322,7 +1350,7 @@ mod tests {
     fn no_tickets_by_default_nor_when_off() {
         let id = PemIdentity::generate(&[NAME.to_owned()], &[], KeyKind::EcdsaP256).unwrap();
         let ca = id.ca_pem.clone().unwrap();
-        let keys = TicketKeys::generate().unwrap();
+        let keys = TicketKeys::generate(TICKET_ROTATE).unwrap();
         for server in [
             TlsServer::from_pem(&id).unwrap(),
             TlsServer::from_pem(&id)
@@ -1345,7 +1373,7 @@ mod tests {
 
     #[test]
     fn a_ticket_is_opened_only_whole_and_by_its_key() {
-        let keys = TicketKeys::generate().unwrap();
+        let keys = TicketKeys::generate(TICKET_ROTATE).unwrap();
         let t = Ticketer::new(&keys);
         let state = b"session state".to_vec();
         let ticket = t.encrypt(&state).unwrap();
@@ -1362,7 +1390,7 @@ mod tests {
             assert_eq!(t.decrypt(&ticket[..len]), None, "cut to {len}");
         }
         assert_eq!(
-            Ticketer::new(&TicketKeys::generate().unwrap()).decrypt(&ticket),
+            Ticketer::new(&TicketKeys::generate(TICKET_ROTATE).unwrap()).decrypt(&ticket),
             None
         );
         let rotated = keys.rotate().unwrap();
@@ -1383,12 +1411,17 @@ mod tests {
         for bad in [
             "",
             "zz",
-            &rotated.to_hex()[1..],
+            &rotated.to_hex()[..rotated.to_hex().len() - 1],
+            &rotated.to_hex()[6..],
             &format!("{},", keys.to_hex()),
+            &keys.to_hex().replacen("7200:", "0:", 1),
+            &keys.to_hex().replacen("7200:", "", 1),
         ] {
             assert_eq!(TicketKeys::from_hex(bad), None, "{bad:?}");
         }
-        assert!(!format!("{rotated:?}").contains(&rotated.to_hex()[..8]));
+        assert!(keys.to_hex().starts_with("7200:"));
+        assert_eq!(t.lifetime(), 7200);
+        assert!(!format!("{rotated:?}").contains(&rotated.to_hex()[5..13]));
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! still completes the handshake. A handshake flood from one address is cut to
 //! `new_connections_per_second_per_client` (the rest reset before a byte, counted) while
 //! another address connects; sessions resume from tickets on another worker process than the
-//! one that issued them, and not at all with `session_tickets = false`.
+//! one that issued them, and not at all with `session_tickets = false`; the supervisor's key
+//! rotation reaches every worker (a ticket two rotations old is no longer accepted).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -825,3 +826,92 @@ fn sessions_resume_in_another_worker(engine: &str) {
     }
 }
 engines!(sessions_resume_in_another_worker);
+
+/// A clock that stands still: a client on it offers its tickets however old they are (rustls
+/// drops a ticket past the lifetime it announced), so whether an old one resumes is the
+/// relay's decision.
+#[derive(Debug)]
+struct Frozen(rustls::pki_types::UnixTime);
+
+impl rustls::time_provider::TimeProvider for Frozen {
+    fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
+        Some(self.0)
+    }
+}
+
+/// [`resuming_client`] on a [`Frozen`] clock.
+fn frozen_client(ca: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let clock = Arc::new(Frozen(rustls::pki_types::UnixTime::now()));
+    Arc::new(
+        rustls::ClientConfig::builder_with_details(provider, clock)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// The supervisor's ticket-key rotation reaches every worker. With a new key every 2 s
+/// (`SLUICE_TICKET_ROTATE_MS`): a ticket used 1.8 s after it was issued resumes (its key is
+/// still current or previous), one used 4.5 s after (two rotations later: its key forgotten
+/// everywhere) gets a full handshake instead, never an error, and tickets issued after those
+/// rotations resume again.
+#[test]
+fn ticket_keys_rotate_in_every_worker() {
+    init();
+    if !require_program("openssl") {
+        return;
+    }
+    const ROTATE: Duration = Duration::from_secs(2);
+    let pki = Pki::new();
+    let leaf = pki.leaf(RELAY_NAME, &[&format!("DNS:{RELAY_NAME}")], KeyKind::Ec);
+    let echo = EchoServer::start(Host::new().addr());
+    let mut config = Config::new()
+        .listen("tls", Host::new().addr(), &[&echo.addr().to_string()])
+        .tls(TlsConfig::files(&leaf.fullchain, &leaf.key));
+    config.workers = Some(2);
+    let relay = Sluice::run_config(&config)
+        .env(
+            sluice::proto::tls::ENV_TICKET_ROTATE_MS,
+            &ROTATE.as_millis().to_string(),
+        )
+        .start();
+    relay.wait_workers(2, HUNG);
+    let kind = |a: Attempt| match a {
+        Attempt::Relayed { resumed: true, .. } => "resumed",
+        Attempt::Relayed { resumed: false, .. } => "full",
+        other => panic!("{other:?}"),
+    };
+
+    let young = frozen_client(&pki.ca());
+    let old = frozen_client(&pki.ca());
+    assert_eq!(kind(attempt(relay.addr(), None, &young)), "full");
+    assert_eq!(kind(attempt(relay.addr(), None, &old)), "full");
+    thread::sleep(ROTATE * 9 / 10);
+    assert_eq!(
+        kind(attempt(relay.addr(), None, &young)),
+        "resumed",
+        "a ticket younger than one rotation period"
+    );
+    thread::sleep(ROTATE * 2 + ROTATE / 4 - ROTATE * 9 / 10);
+    assert_eq!(
+        kind(attempt(relay.addr(), None, &old)),
+        "full",
+        "a ticket two rotations old"
+    );
+    for i in 0..4 {
+        let client = frozen_client(&pki.ca());
+        assert_eq!(kind(attempt(relay.addr(), None, &client)), "full");
+        assert_eq!(
+            kind(attempt(relay.addr(), None, &client)),
+            "resumed",
+            "after the rotations, client {i}"
+        );
+    }
+    assert!(relay.counter("refused_bad_tls") == Some(0));
+}
