@@ -9,6 +9,8 @@
 //! - [`net`]: the 127.77.0.0/16 address plan, client sockets bound to a source address;
 //! - [`echo`], [`rr`], [`connrate`], [`idle`]: the upstream and the three socket workloads (bulk
 //!   is `iperf3`);
+//! - [`tlsflood`]: a TLS handshake flood from one host and a legitimate client's handshake
+//!   latency meanwhile;
 //! - [`wire`]: the `MARK`/`RESULT` lines a load generator prints;
 //! - [`procstat`]: CPU and memory of process trees and the machine, from `/proc`;
 //! - [`peers`]: the candidates, their configurations, and the guard that stops them;
@@ -28,4 +30,5 @@ pub mod procstat;
 pub mod report;
 pub mod rr;
 pub mod suite;
+pub mod tlsflood;
 pub mod wire;

@@ -72,7 +72,7 @@ pub fn listen(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListene
 /// `IP_BIND_ADDRESS_NO_PORT`: binding a source address does not reserve a port; `connect` picks
 /// one unique for the whole 4-tuple, so each source address is good for far more than 28k
 /// connections.
-fn bind_address_no_port(sock: &Socket) -> io::Result<()> {
+pub fn bind_address_no_port(sock: &Socket) -> io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: the fd is open (owned by `sock`) and `one` lives across the call; the length matches.
     let rc = unsafe {

@@ -158,7 +158,7 @@ impl Candidate {
         sluice_args: &[String],
     ) -> Result<Option<Running>> {
         let listen = self.target(upstream);
-        let mut cmd = match self.kind {
+        let cmd = match self.kind {
             Kind::Direct => return Ok(None),
             Kind::Sluice(engine) => {
                 let mut c = Command::new(env.bin_dir.join("sluice"));
@@ -205,6 +205,13 @@ impl Candidate {
                 c
             }
         };
+        self.start_command(env, cmd, log).map(Some)
+    }
+
+    /// Starts this candidate by `cmd` (stdout and stderr to `log`) and waits until it listens
+    /// on [`Candidate::target`] (and, for Sluice, every worker is up; its control socket is
+    /// [`Candidate::control_path`]).
+    pub fn start_command(&self, env: &Env, mut cmd: Command, log: &Path) -> Result<Running> {
         let logfile = fs::File::create(log)?;
         cmd.stdin(Stdio::null())
             .stdout(logfile.try_clone()?)
@@ -215,11 +222,12 @@ impl Candidate {
             control: matches!(self.kind, Kind::Sluice(_)).then(|| self.control_path(env)),
             sluicectl: env.bin_dir.join("sluicectl"),
         };
-        running.wait_ready(listen, self, log)?;
-        Ok(Some(running))
+        running.wait_ready(self.target(SocketAddr::from(([0, 0, 0, 0], 0))), self, log)?;
+        Ok(running)
     }
 
-    fn control_path(&self, env: &Env) -> PathBuf {
+    /// Where Sluice's control socket is for this candidate.
+    pub fn control_path(&self, env: &Env) -> PathBuf {
         env.work_dir.join(format!("{}.sock", self.name))
     }
 }

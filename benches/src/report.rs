@@ -258,6 +258,9 @@ pub fn markdown(r: &Report, command: &str) -> String {
     if let Some(s) = scale_section(r) {
         out.push_str(&s);
     }
+    if let Some(s) = tls_flood_section(r) {
+        out.push_str(&s);
+    }
     plots(&mut out);
     cpu_table(&mut out, &v);
     errors(&mut out, r);
@@ -487,10 +490,21 @@ pub fn scale_section(r: &Report) -> Option<String> {
 
 /// `doc` with its scale section replaced by `section` (or `section` added before the plots).
 pub fn with_scale_section(doc: &str, section: &str) -> String {
-    if let (Some(a), Some(b)) = (doc.find(SCALE_BEGIN), doc.find(SCALE_END))
+    with_section(doc, (SCALE_BEGIN, SCALE_END), section)
+}
+
+/// The scale section of an existing docs/BENCHMARKS.md, if it has one.
+pub fn existing_scale_section(doc: &str) -> Option<String> {
+    existing_section(doc, (SCALE_BEGIN, SCALE_END))
+}
+
+/// `doc` with the section between `marks` replaced by `section` (or `section` added before the
+/// plots).
+pub fn with_section(doc: &str, (begin, end_mark): (&str, &str), section: &str) -> String {
+    if let (Some(a), Some(b)) = (doc.find(begin), doc.find(end_mark))
         && a < b
     {
-        let end = b + SCALE_END.len();
+        let end = b + end_mark.len();
         let rest = doc[end..].trim_start_matches('\n');
         return format!("{}{}{}", &doc[..a], section, rest);
     }
@@ -500,11 +514,125 @@ pub fn with_scale_section(doc: &str, section: &str) -> String {
     }
 }
 
-/// The scale section of an existing docs/BENCHMARKS.md, if it has one.
-pub fn existing_scale_section(doc: &str) -> Option<String> {
-    let a = doc.find(SCALE_BEGIN)?;
-    let b = doc.find(SCALE_END)?;
-    (a < b).then(|| format!("{}\n\n", &doc[a..b + SCALE_END.len()]))
+/// The section between `marks` of an existing docs/BENCHMARKS.md, if it has one.
+pub fn existing_section(doc: &str, (begin, end_mark): (&str, &str)) -> Option<String> {
+    let a = doc.find(begin)?;
+    let b = doc.find(end_mark)?;
+    (a < b).then(|| format!("{}\n\n", &doc[a..b + end_mark.len()]))
+}
+
+/// First and last line of the TLS flood section (kept and replaced like the scale section).
+pub const TLS_BEGIN: &str = "<!-- tls-flood: begin -->";
+pub const TLS_END: &str = "<!-- tls-flood: end -->";
+
+/// The TLS flood workload's section (between [`TLS_BEGIN`] and [`TLS_END`]), if it ran.
+pub fn tls_flood_section(r: &Report) -> Option<String> {
+    let rows: Vec<_> = r
+        .measurements
+        .iter()
+        .filter(|m| m.workload == "tls-flood")
+        .collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let p = &r.params;
+    let mut out = String::new();
+    let _ = writeln!(out, "{TLS_BEGIN}");
+    let _ = writeln!(out, "## TLS handshake flood from one host\n");
+    let _ = writeln!(
+        out,
+        "Run {} UTC by `cargo xtask bench --only tls-flood`. Each candidate terminates TLS in \
+         front of the echo upstream. A legitimate client (127.77.3.1) connects, completes a full \
+         handshake and echoes 64 bytes every {} ms, alone for {:.0} s and then for {:.0} s while \
+         one attacking host (127.77.2.1: {} blocking threads, niced to {}, so that on this \
+         shared 2-core box it takes the CPU the relay leaves, as a separate machine would) \
+         loops connect → full TLS 1.3 handshake without resumption → reset. \"forced\": full \
+         handshakes the attacker completed per second; \"refused\": its connections the relay \
+         reset at accept; \"user\": the legitimate client's connect + handshake latency, p50 / \
+         p99 (max), with how many of its attempts succeeded. Relay CPU is its whole process \
+         tree, in cores, and per connection attempt of the flood phase (attacker's and user's, \
+         admitted or refused), and per completed handshake where nothing was refused. The \
+         machine's two cores are shared with other work (⚠: more than {:.0} % of them went \
+         elsewhere): compare rows of one run. Sluice runs the WhatsApp preset's \
+         `chat-tls` listener as the binary under test defines it (variants change one key); \
+         nginx is Debian's, `stream` with `ssl` and its defaults, a self-signed certificate of \
+         the key type shown. Configurations at the end of this section.\n",
+        r.started,
+        p.tls_interval_ms,
+        p.tls_base_ms as f64 / 1e3,
+        p.tls_flood_ms as f64 / 1e3,
+        p.tls_flood_threads,
+        10,
+        DISTURBED_FRAC * 100.0,
+    );
+    let _ = writeln!(
+        out,
+        "| candidate | key | forced handshakes/s | refused | user alone: p50 / p99 (max), ok | user under flood: p50 / p99 (max), ok | relay CPU alone → flood | relay CPU per attempt | per handshake |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---|---|---|---:|---:|");
+    for m in rows {
+        let Some(t) = &m.tls_flood else {
+            let _ = writeln!(
+                out,
+                "| {} | error: {} | | | | | | | |",
+                m.candidate,
+                m.error.as_deref().unwrap_or("?").replace('|', "/")
+            );
+            continue;
+        };
+        let probe = |p: &Option<crate::suite::tlsflood::Probe>| {
+            p.as_ref().map_or("–".into(), |p| {
+                format!(
+                    "{} / {} ({}) ms, {}/{}",
+                    ms(p.handshake.p50_us),
+                    ms(p.handshake.p99_us),
+                    ms(p.handshake.max_us),
+                    p.ok,
+                    p.attempts
+                )
+            })
+        };
+        let flag = m.cpu.as_ref().is_some_and(|c| c.disturbed);
+        let attempts = t.attempts + t.flood.as_ref().map_or(0, |p| p.attempts);
+        let per_attempt = m
+            .cpu
+            .as_ref()
+            .and_then(|c| c.relay_s())
+            .filter(|_| attempts > 0)
+            .map_or("–".into(), |s| {
+                format!("{:.0} µs", s * 1e6 / attempts as f64)
+            });
+        let per_handshake = if t.refused == 0 {
+            t.relay_cpu_us_per_handshake
+                .map_or("–".into(), |v| format!("{v:.0} µs"))
+        } else {
+            "–".into()
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} | {} | {:.2} → {:.2}{} | {} | {} |",
+            m.candidate,
+            t.key,
+            t.handshakes_per_s,
+            t.refused,
+            probe(&t.base),
+            probe(&t.flood),
+            t.relay_cpu_base.unwrap_or(0.0),
+            t.relay_cpu_flood.unwrap_or(0.0),
+            if flag { DISTURBED } else { "" },
+            per_attempt,
+            per_handshake,
+        );
+    }
+    let _ = writeln!(out);
+    for (name, text) in &r.tls_configs {
+        let _ = writeln!(
+            out,
+            "<details><summary>{name}</summary>\n\n```\n{text}```\n</details>\n"
+        );
+    }
+    let _ = writeln!(out, "{TLS_END}\n");
+    Some(out)
 }
 
 fn plots(out: &mut String) {

@@ -34,6 +34,7 @@ pub const DISTURBED_FRAC: f64 = 0.10;
 const IDLE_PER_PROCESS: usize = 15_000;
 
 mod scale;
+pub mod tlsflood;
 
 /// The workloads, as `--only` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -46,6 +47,9 @@ pub enum Workload {
     /// 100 000 idle connections held through Sluice while 1000 others exchange messages (only
     /// when named: `--only scale`).
     Scale,
+    /// One host floods a TLS port with handshakes while a client measures its handshake
+    /// latency: Sluice's WhatsApp TLS port beside nginx (only when named: `--only tls-flood`).
+    TlsFlood,
 }
 
 /// Sizes and durations of a run.
@@ -65,6 +69,16 @@ pub struct Params {
     /// Idle connections of the scale workload.
     #[serde(default)]
     pub scale_conns: usize,
+    /// TLS flood: the legitimate client alone, then under the flood, ms; its pace; the
+    /// attacker's threads.
+    #[serde(default)]
+    pub tls_base_ms: u64,
+    #[serde(default)]
+    pub tls_flood_ms: u64,
+    #[serde(default)]
+    pub tls_interval_ms: u64,
+    #[serde(default)]
+    pub tls_flood_threads: usize,
 }
 
 impl Params {
@@ -82,6 +96,10 @@ impl Params {
                 idle_conns: 10_000,
                 idle_conns_socat: 1_000,
                 scale_conns: 30_000,
+                tls_base_ms: 3_000,
+                tls_flood_ms: 5_000,
+                tls_interval_ms: 40,
+                tls_flood_threads: 16,
             }
         } else {
             Params {
@@ -97,6 +115,10 @@ impl Params {
                 idle_conns: 25_000,
                 idle_conns_socat: 2_000,
                 scale_conns: 100_000,
+                tls_base_ms: 4_000,
+                tls_flood_ms: 8_000,
+                tls_interval_ms: 40,
+                tls_flood_threads: 16,
             }
         }
     }
@@ -185,6 +207,8 @@ pub struct Measurement {
     pub idle: Option<Idle>,
     #[serde(default)]
     pub scale: Option<scale::Scale>,
+    #[serde(default)]
+    pub tls_flood: Option<tlsflood::TlsFlood>,
     /// Sluice: connections accepted by each worker during the workload group (from
     /// `sluicectl status`), to show how evenly the kernel spread them.
     pub worker_accepted: Option<Vec<u64>>,
@@ -214,6 +238,9 @@ pub struct Report {
     pub versions: BTreeMap<String, String>,
     pub candidates: Vec<CandidateInfo>,
     pub measurements: Vec<Measurement>,
+    /// The TLS flood candidates' configuration files, by name.
+    #[serde(default)]
+    pub tls_configs: BTreeMap<String, String>,
 }
 
 /// What to run.
@@ -340,6 +367,7 @@ struct Suite {
     started: Instant,
     measurements: Vec<Measurement>,
     engines: BTreeMap<String, String>,
+    tls_configs: BTreeMap<String, String>,
 }
 
 fn upstream(port: u16) -> SocketAddr {
@@ -377,12 +405,14 @@ pub fn run(opts: Options) -> Result<Report> {
         started: Instant::now(),
         measurements: Vec::new(),
         engines: BTreeMap::new(),
+        tls_configs: BTreeMap::new(),
     };
     let started = utc_now();
     suite.run_all()?;
     let candidates = suite
         .candidates()
         .iter()
+        .filter(|c| suite.measurements.iter().any(|m| m.candidate == c.name))
         .map(|c| CandidateInfo {
             name: c.name.to_owned(),
             config: c.config_text(&suite.env, upstream(ECHO_PORT)),
@@ -403,13 +433,14 @@ pub fn run(opts: Options) -> Result<Report> {
         versions: versions(),
         candidates,
         measurements: suite.measurements,
+        tls_configs: suite.tls_configs,
     })
 }
 
 impl Suite {
     fn wants(&self, w: Workload) -> bool {
-        if w == Workload::Scale {
-            // Minutes and hundreds of thousands of sockets: only when asked for.
+        if matches!(w, Workload::Scale | Workload::TlsFlood) {
+            // Minutes, and hundreds of thousands of sockets or RSA keys: only when asked for.
             return self.opts.only.contains(&w);
         }
         self.opts.only.is_empty() || self.opts.only.contains(&w)
@@ -440,7 +471,8 @@ impl Suite {
         let needs_echo = self.wants(Workload::Rr)
             || self.wants(Workload::Connrate)
             || self.wants(Workload::Idle)
-            || self.wants(Workload::Scale);
+            || self.wants(Workload::Scale)
+            || self.wants(Workload::TlsFlood);
         let _iperf = if self.wants(Workload::Bulk) {
             Some(self.start_iperf_server()?)
         } else {
@@ -451,7 +483,19 @@ impl Suite {
         } else {
             Vec::new()
         };
-        for cand in self.candidates() {
+        let plain = [
+            Workload::Bulk,
+            Workload::Rr,
+            Workload::Connrate,
+            Workload::Idle,
+            Workload::Scale,
+        ];
+        let candidates = if plain.iter().any(|&w| self.wants(w)) {
+            self.candidates()
+        } else {
+            Vec::new()
+        };
+        for cand in candidates {
             self.progress(&format!("== {}", cand.name));
             if self.wants(Workload::Bulk) {
                 self.guarded(&cand, "bulk", Suite::bulk);
@@ -468,6 +512,9 @@ impl Suite {
             if self.wants(Workload::Scale) && matches!(cand.kind, Kind::Sluice(_)) {
                 self.guarded(&cand, "scale", Suite::scale);
             }
+        }
+        if self.wants(Workload::TlsFlood) {
+            self.tls_flood_all();
         }
         Ok(())
     }

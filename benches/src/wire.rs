@@ -75,6 +75,33 @@ pub enum LoadResult {
         failed: usize,
         setup_secs: f64,
     },
+    /// One attacking host's TLS handshake flood ([`crate::tlsflood::flood`]).
+    TlsFlood {
+        threads: usize,
+        secs: f64,
+        attempts: u64,
+        /// Full handshakes completed.
+        handshakes: u64,
+        /// Reset or closed before the handshake ended.
+        refused: u64,
+        timeouts: u64,
+        errors: u64,
+    },
+    /// The legitimate client's connections during one phase ([`crate::tlsflood::probe`]).
+    TlsProbe {
+        phase: String,
+        secs: f64,
+        attempts: u64,
+        ok: u64,
+        resumed: u64,
+        refused: u64,
+        timeouts: u64,
+        errors: u64,
+        /// Before connect to the end of the handshake.
+        handshake: Latency,
+        /// Before connect to the 64-byte echo.
+        exchange: Latency,
+    },
 }
 
 /// Prints a `MARK` line and flushes at once: the orchestrator samples when it reads it.

@@ -1,6 +1,11 @@
 //! Limits per client: concurrent connections and new connections per second per client IP, per
 //! listener (`max_connections_per_client`, `new_connections_per_second_per_client`).
 //!
+//! A client is an IPv4 address (IPv4-mapped IPv6 counts as the IPv4 address), or an IPv6 /64:
+//! one subscriber gets a whole /64 (RFC 6177; a phone on a mobile network gets a /64 of its
+//! own, SLAAC and privacy addresses pick new interface identifiers inside it at will), so
+//! counting full IPv6 addresses would give one host 2^64 separate limits.
+//!
 //! A client's connections are spread over every worker by SO_REUSEPORT, so the counts live in
 //! the counters' memfd that all processes share ([`crate::metrics::Shared::client_cells`]). No
 //! address is kept: a client (listener + IP) is hashed with SipHash under a key drawn at random
@@ -40,6 +45,18 @@ pub enum Over {
     Rate,
 }
 
+/// What a client is counted as: an IPv4 address as is (IPv4-mapped IPv6 as the IPv4 address),
+/// an IPv6 address by its /64.
+pub fn client_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// The sketches, over the atomics the shared memfd reserves for them.
 pub struct ClientTable<'a> {
     cells: &'a [AtomicU64],
@@ -72,7 +89,7 @@ impl<'a> ClientTable<'a> {
             self.cells[1].load(Relaxed),
         );
         listener.hash(&mut h);
-        ip.to_canonical().hash(&mut h);
+        client_of(ip).hash(&mut h);
         let v = h.finish();
         let mask = CELLS as u64 - 1;
         ClientSlot([(v & mask) as u32, ((v >> 32) & mask) as u32])
@@ -185,6 +202,32 @@ mod tests {
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
         assert_eq!(t.slot(1, v4), t.slot(1, mapped));
         assert_ne!(t.slot(1, v4), t.slot(2, v4));
+    }
+
+    #[test]
+    fn ipv6_counts_per_64() {
+        let cells = table();
+        let t = ClientTable::new(&cells);
+        t.init_key().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = t.slot(0, ip("2001:db8:1:2::1"));
+        // Another interface identifier in the same /64: the same client.
+        assert_eq!(a, t.slot(0, ip("2001:db8:1:2:a:b:c:d")));
+        assert_eq!(a, t.slot(0, ip("2001:db8:1:2:ffff:ffff:ffff:ffff")));
+        // The next /64: another client.
+        assert_ne!(a, t.slot(0, ip("2001:db8:1:3::1")));
+        for _ in 0..3 {
+            t.admit(t.slot(0, ip("2001:db8:1:2::1")), 3, 0, 0).unwrap();
+        }
+        assert_eq!(
+            t.admit(t.slot(0, ip("2001:db8:1:2::99")), 3, 0, 0),
+            Err(Over::Connections),
+            "a fourth connection from elsewhere in the /64"
+        );
+        t.admit(t.slot(0, ip("2001:db8:1:3::1")), 3, 0, 0).unwrap();
+        assert_eq!(client_of(ip("2001:db8:1:2:a:b:c:d")), ip("2001:db8:1:2::"));
+        assert_eq!(client_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(client_of(ip("192.0.2.7")), ip("192.0.2.7"));
     }
 
     #[test]

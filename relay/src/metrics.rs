@@ -113,10 +113,14 @@ pub enum Counter {
     /// Supervisor row: connections to the metrics listener answered `503` and closed because
     /// [`crate::http::MAX_CONNS`] were open.
     MetricsHttpRefused,
+    /// TLS handshakes completed on a TLS listener (full or resumed).
+    TlsHandshakes,
+    /// Of those, resumed from a session ticket (no certificate signature).
+    TlsResumed,
 }
 
 // Every counter has its slot in a row (the last variant is the highest).
-const _: () = assert!((Counter::MetricsHttpRefused as usize) < COUNTERS);
+const _: () = assert!((Counter::TlsResumed as usize) < COUNTERS);
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::Active, "active"),
@@ -154,6 +158,8 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::Decoyed, "decoyed"),
     (Counter::FastPathUserBytes, "fast_path_user_bytes"),
     (Counter::RefusedUntrustedProxy, "refused_untrusted_proxy"),
+    (Counter::TlsHandshakes, "tls_handshakes"),
+    (Counter::TlsResumed, "tls_resumed"),
 ];
 
 /// The reasons of `sluice_connections_refused_total{reason}` (Prometheus) and the counter of

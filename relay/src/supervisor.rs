@@ -36,7 +36,7 @@ use crate::ebpf::XdpDeny;
 use crate::engine::{self, EngineKind};
 use crate::error::StartError;
 use crate::metrics::{self, Counter, Shared};
-use crate::proto::tls::{KeyKind, PemIdentity};
+use crate::proto::tls::{KeyKind, PemIdentity, TicketKeys};
 use crate::sys;
 use crate::upstream::{self, ControlMsg, Table};
 use crate::worker::{self, Identity};
@@ -500,6 +500,10 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         metrics_fd: sys::dup_high(shared.fd(), 1000)?,
         histo_fd,
         tls,
+        tickets: TicketKeys::generate(crate::proto::tls::ticket_rotate())
+            .map_err(std::io::Error::other)?,
+        tickets_made: Instant::now(),
+        ticket_rotate: crate::proto::tls::ticket_rotate(),
         shared,
         table,
         procs: Vec::new(),
@@ -619,10 +623,15 @@ fn load_tls(
             (Some(cert), Some(key)) => PemIdentity::from_files(cert, key),
             _ => {
                 let started = Instant::now();
-                let id = PemIdentity::generate(&t.dns_names, &t.ips, KeyKind::WHATSAPP);
+                let kind = t.generated_key();
+                let id = PemIdentity::generate(&t.dns_names, &t.ips, kind);
                 tracing::info!(
                     listener = %l.name,
-                    "generated a private CA and certificate (RSA-4096) in {} ms",
+                    "generated a private CA and certificate ({}) in {} ms",
+                    match kind {
+                        KeyKind::EcdsaP256 => "ECDSA P-256".to_owned(),
+                        KeyKind::Rsa(bits) => format!("RSA-{bits}"),
+                    },
                     started.elapsed().as_millis()
                 );
                 id
@@ -666,6 +675,11 @@ struct Supervisor {
     histo_fd: OwnedFd,
     /// Certificate and key of each TLS listener, sent to every worker at its start.
     tls: Vec<Option<PemIdentity>>,
+    /// The session-ticket keys every worker shares, when the current one was made, and how
+    /// often a new one is ([`crate::proto::tls::ticket_rotate`]).
+    tickets: TicketKeys,
+    tickets_made: Instant,
+    ticket_rotate: Duration,
     table: Table,
     procs: Vec<Option<WorkerProc>>,
     /// Slots whose worker could not be started (`procs[i]` is None), retried with back-off.
@@ -732,7 +746,7 @@ impl Supervisor {
             killed: false,
         };
         self.write_table(&mut p);
-        let mut start = String::new();
+        let mut start = ControlMsg::TicketKeys(self.tickets.clone()).encode();
         for listener in 0..self.tls.len() {
             start.push_str(&self.tls_message(listener));
         }
@@ -1274,13 +1288,37 @@ impl Supervisor {
         if self.procs.iter().flatten().any(|p| p.pending() > 0) {
             wake = wake.min(CONTROL_RETRY);
         }
-        wake
+        wake.min((self.tickets_made + self.ticket_rotate).saturating_duration_since(now))
+    }
+
+    /// Makes a new session-ticket key once the current one is a rotation period old and hands
+    /// the keys to every worker (the one before stays, to decrypt; the one before that is
+    /// forgotten).
+    fn rotate_tickets(&mut self) {
+        if self.tickets_made.elapsed() < self.ticket_rotate {
+            return;
+        }
+        match self.tickets.rotate() {
+            Ok(keys) => {
+                self.tickets = keys;
+                self.tickets_made = Instant::now();
+                let msg = ControlMsg::TicketKeys(self.tickets.clone()).encode();
+                self.broadcast(&msg);
+                tracing::debug!("new session-ticket key handed to the workers");
+            }
+            Err(e) => {
+                // The keys in use keep working meanwhile; try again in a minute.
+                tracing::error!("cannot make a new session-ticket key: {e}");
+                self.tickets_made += Duration::from_secs(60);
+            }
+        }
     }
 
     /// Runs after every event and timeout: writes what waits for the control pipes (a worker
     /// that takes nothing for [`CONTROL_STALL`] is killed; its replacement starts with the whole
     /// state), and tries the starts that are due.
     fn tick(&mut self) {
+        self.rotate_tickets();
         for (i, slot) in self.procs.iter_mut().enumerate() {
             let Some(p) = slot.as_mut() else {
                 continue;

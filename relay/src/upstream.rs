@@ -42,6 +42,9 @@ pub enum ControlMsg {
         chain_pem: String,
         key_pem: String,
     },
+    /// The session-ticket keys every TLS listener with `session_tickets` encrypts and decrypts
+    /// tickets with (the same in every worker; sent at start and at each rotation).
+    TicketKeys(crate::proto::tls::TicketKeys),
     /// End of the start-up messages: the worker may start accepting.
     Ready,
     /// The admission lists, whole ([`crate::admission`]); `generation` grows with each change
@@ -105,6 +108,7 @@ impl ControlMsg {
                 chain_pem,
                 key_pem,
             } => format!("tls {listener} {} {}\n", hex(chain_pem), hex(key_pem)),
+            ControlMsg::TicketKeys(keys) => format!("tickets {}\n", keys.to_hex()),
             ControlMsg::Ready => "ready\n".to_string(),
             ControlMsg::Decoy {
                 listener,
@@ -174,6 +178,9 @@ impl ControlMsg {
                 })
             }
             "drain" => Some(ControlMsg::Drain),
+            "tickets" => Some(ControlMsg::TicketKeys(
+                crate::proto::tls::TicketKeys::from_hex(parts.next()?)?,
+            )),
             "ready" => Some(ControlMsg::Ready),
             "decoy" => Some(ControlMsg::Decoy {
                 listener: number(&mut parts)?,
@@ -642,6 +649,11 @@ mod tests {
         check(ControlMsg::Config {
             toml: "[[listen]]\nname = \"a b\"\n".into(),
         });
+        let keys =
+            crate::proto::tls::TicketKeys::generate(crate::proto::tls::TICKET_ROTATE).unwrap();
+        check(ControlMsg::TicketKeys(keys.clone()));
+        check(ControlMsg::TicketKeys(keys.rotate().unwrap()));
+        assert_eq!(ControlMsg::decode("tickets 00ff\n"), None);
         check(ControlMsg::Tls {
             listener: 2,
             chain_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),

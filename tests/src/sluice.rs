@@ -68,6 +68,8 @@ pub struct ListenerConfig {
     pub health: Option<HealthConfig>,
     /// `source_addresses = [...]`: local addresses upstream connections leave from, in turn.
     pub source_addresses: Vec<std::net::IpAddr>,
+    /// `new_connections_per_second_per_client = N`.
+    pub new_connections_per_second_per_client: Option<u32>,
 }
 
 /// A `[listen.health]` table (HAProxy's `check inter fastinter downinter rise fall`); None
@@ -107,9 +109,25 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
     pub dns_names: Vec<String>,
     pub ips: Vec<IpAddr>,
+    /// `key_type = "..."` of a generated certificate (`ecdsa-p256`, `rsa-2048`, `rsa-4096`).
+    pub key_type: Option<String>,
+    /// `session_tickets = true | false`.
+    pub session_tickets: Option<bool>,
 }
 
 impl TlsConfig {
+    /// `key_type = KIND` (a generated certificate's key).
+    pub fn key_type(mut self, kind: &str) -> TlsConfig {
+        self.key_type = Some(kind.to_owned());
+        self
+    }
+
+    /// `session_tickets = ON`.
+    pub fn session_tickets(mut self, on: bool) -> TlsConfig {
+        self.session_tickets = Some(on);
+        self
+    }
+
     /// A certificate chain and its key from PEM files (Let's Encrypt's fullchain/privkey).
     pub fn files(cert: &Path, key: &Path) -> TlsConfig {
         TlsConfig {
@@ -144,6 +162,12 @@ impl TlsConfig {
         if !self.ips.is_empty() {
             let ips: Vec<String> = self.ips.iter().map(|i| format!("\"{i}\"")).collect();
             s.push_str(&format!("ips = [{}]\n", ips.join(", ")));
+        }
+        if let Some(k) = &self.key_type {
+            s.push_str(&format!("key_type = {k:?}\n"));
+        }
+        if let Some(on) = self.session_tickets {
+            s.push_str(&format!("session_tickets = {on}\n"));
         }
         s
     }
@@ -185,7 +209,14 @@ impl Config {
             fallback: Vec::new(),
             health: None,
             source_addresses: Vec::new(),
+            new_connections_per_second_per_client: None,
         });
+        self
+    }
+
+    /// `new_connections_per_second_per_client = N` on the last `[[listen]]` table.
+    pub fn new_connections_per_second_per_client(mut self, n: u32) -> Config {
+        self.last().new_connections_per_second_per_client = Some(n);
         self
     }
 
@@ -313,6 +344,9 @@ impl Config {
             }
             if let Some(r) = &l.route {
                 s.push_str(&format!("route = {r:?}\n"));
+            }
+            if let Some(n) = l.new_connections_per_second_per_client {
+                s.push_str(&format!("new_connections_per_second_per_client = {n}\n"));
             }
             if let Some(t) = &l.tls {
                 s.push_str(&t.to_toml());

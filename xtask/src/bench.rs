@@ -30,13 +30,15 @@ pub struct BenchFlags {
     /// Write docs/BENCHMARKS.md and docs/bench/*.svg too.
     #[arg(long)]
     save: bool,
-    /// Only these workloads: bulk, rr, connrate, idle, scale (comma-separated; scale — 100 000
-    /// idle connections — runs only when named).
+    /// Only these workloads: bulk, rr, connrate, idle, scale, tls-flood (comma-separated; scale
+    /// — 100 000 idle connections — and tls-flood — one host's TLS handshake flood against
+    /// Sluice's WhatsApp TLS port and nginx — run only when named).
     #[arg(long)]
     only: Option<String>,
     /// Only these candidates: direct, sluice-splice, sluice-copy, sluice-epoll, sluice-sockmap,
     /// haproxy, nginx, socat, and (only when named) sluice-splice-nohist (histograms off)
-    /// (comma-separated).
+    /// (comma-separated). For tls-flood: sluice-tls, sluice-tls-nolimit, sluice-tls-rsa4096,
+    /// nginx-tls-rsa4096, nginx-tls-ecdsa.
     #[arg(long)]
     candidates: Option<String>,
 }

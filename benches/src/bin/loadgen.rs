@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use sluice_benches::{connrate, echo, idle, rr};
+use sluice_benches::{connrate, echo, idle, rr, tlsflood};
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +57,37 @@ enum Cmd {
         warmup_ms: u64,
         #[arg(long, default_value_t = 2000)]
         measure_ms: u64,
+    },
+    /// One attacking host: full TLS handshakes as fast as `threads` blocking clients go.
+    TlsFlood {
+        #[arg(long)]
+        target: SocketAddr,
+        /// The attacking host's address.
+        #[arg(long)]
+        source: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 16)]
+        threads: usize,
+        #[arg(long, default_value_t = 8000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 1_000_000)]
+        max_attempts: u64,
+        #[arg(long, default_value_t = 0)]
+        nice: i32,
+    },
+    /// A legitimate TLS client: connect, handshake, 64-byte echo, close, every `interval_ms`.
+    TlsProbe {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        source: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 40)]
+        interval_ms: u64,
+        /// Phases as LABEL=MS, comma-separated, run in order.
+        #[arg(long, value_delimiter = ',', default_value = "base=4000,flood=8000")]
+        phases: Vec<String>,
+        /// Resume sessions with tickets from earlier connections.
+        #[arg(long)]
+        resume: bool,
     },
     /// Open idle connections, check each with one echoed byte, hold them until stdin closes.
     Idle {
@@ -118,6 +149,48 @@ fn main() -> ExitCode {
             warmup: ms(warmup_ms),
             measure: ms(measure_ms),
         }),
+        Cmd::TlsFlood {
+            target,
+            source,
+            threads,
+            duration_ms,
+            max_attempts,
+            nice,
+        } => tlsflood::flood(&tlsflood::FloodParams {
+            target,
+            source,
+            threads,
+            duration: ms(duration_ms),
+            max_attempts,
+            nice,
+        }),
+        Cmd::TlsProbe {
+            target,
+            source,
+            interval_ms,
+            phases,
+            resume,
+        } => phases
+            .iter()
+            .map(|p| {
+                let (label, v) = p
+                    .split_once('=')
+                    .ok_or_else(|| std::io::Error::other(format!("phase {p:?} is not LABEL=MS")))?;
+                let v: u64 = v
+                    .parse()
+                    .map_err(|e| std::io::Error::other(format!("phase {p:?}: {e}")))?;
+                Ok((label.to_owned(), ms(v)))
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+            .and_then(|phases| {
+                tlsflood::probe(&tlsflood::ProbeParams {
+                    target,
+                    source,
+                    interval: ms(interval_ms),
+                    phases,
+                    resume,
+                })
+            }),
         Cmd::Idle {
             target,
             count,

@@ -89,22 +89,41 @@ fn main() -> Result<()> {
         std::fs::create_dir_all(docs.join("bench"))?;
         let path = docs.join("BENCHMARKS.md");
         let old = std::fs::read_to_string(&path).unwrap_or_default();
-        let scale_only = !cli.only.is_empty() && cli.only.iter().all(|w| *w == Workload::Scale);
-        let doc = match (scale_only, report::scale_section(&r)) {
-            // A scale run replaces only its own section of the saved report.
-            (true, Some(section)) => report::with_scale_section(&old, &section),
-            (true, None) => old,
-            // A normal run keeps the scale section a scale run saved before.
-            (false, None) => match report::existing_scale_section(&old) {
-                Some(section) => report::with_scale_section(&md, &section),
-                None => md.clone(),
-            },
-            (false, Some(_)) => md.clone(),
-        };
+        let sections = [
+            (
+                Workload::Scale,
+                (report::SCALE_BEGIN, report::SCALE_END),
+                report::scale_section(&r),
+            ),
+            (
+                Workload::TlsFlood,
+                (report::TLS_BEGIN, report::TLS_END),
+                report::tls_flood_section(&r),
+            ),
+        ];
+        // A run of sections only (scale, tls-flood) replaces just those sections of the saved
+        // report; a normal run keeps the sections a section run saved before.
+        let scale_only = !cli.only.is_empty()
+            && cli
+                .only
+                .iter()
+                .all(|w| sections.iter().any(|(s, _, _)| s == w));
+        let mut doc = if scale_only { old.clone() } else { md.clone() };
+        for (_, marks, new) in &sections {
+            match (scale_only, new) {
+                (true, Some(section)) => doc = report::with_section(&doc, *marks, section),
+                (false, None) => {
+                    if let Some(section) = report::existing_section(&old, *marks) {
+                        doc = report::with_section(&doc, *marks, &section);
+                    }
+                }
+                _ => {}
+            }
+        }
         std::fs::write(&path, doc)?;
         if scale_only {
-            // The plots show the other workloads: a scale run leaves the saved ones alone.
-            eprintln!("bench: saved {} (scale section)", path.display());
+            // The plots show the other workloads: a section run leaves the saved ones alone.
+            eprintln!("bench: saved {} (its sections)", path.display());
         } else {
             plot::write_all(&r, &docs.join("bench"))?;
             eprintln!(

@@ -428,7 +428,7 @@ impl Default for HealthSettings {
 }
 
 /// TLS termination on a listener.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSettings {
     /// PEM certificate chain (e.g. Let's Encrypt's fullchain.pem). Without `cert` and `key`, a
@@ -444,6 +444,62 @@ pub struct TlsSettings {
     /// IP addresses of a generated certificate (the WhatsApp proxy's SSL_IP).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ips: Vec<IpAddr>,
+    /// Key type of a generated certificate: `ecdsa-p256` when absent (a full handshake costs
+    /// the relay ~25× less CPU than with RSA-4096), `rsa-4096` (the WhatsApp proxy's own) or
+    /// `rsa-2048`.
+    /// Not with `cert`/`key`: the key file decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_type: Option<KeyType>,
+    /// Resume TLS sessions with tickets (TLS 1.3 and 1.2), under keys shared by every worker
+    /// and rotated by the supervisor ([`crate::proto::tls`]); a resumed handshake skips the
+    /// certificate signature. On by default, as in OpenSSL, nginx and HAProxy; the Signal preset
+    /// turns it off like Signal-TLS-Proxy's nginx (`ssl_session_tickets off`).
+    #[serde(default = "defaults::yes")]
+    pub session_tickets: bool,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings {
+            cert: None,
+            key: None,
+            dns_names: Vec::new(),
+            ips: Vec::new(),
+            key_type: None,
+            session_tickets: true,
+        }
+    }
+}
+
+/// The key type of a generated certificate (`[listen.tls] key_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum KeyType {
+    #[serde(rename = "ecdsa-p256")]
+    EcdsaP256,
+    #[serde(rename = "rsa-2048")]
+    Rsa2048,
+    #[serde(rename = "rsa-4096")]
+    Rsa4096,
+}
+
+impl KeyType {
+    /// The key generator's name for it.
+    pub fn kind(self) -> crate::proto::tls::KeyKind {
+        use crate::proto::tls::KeyKind;
+        match self {
+            KeyType::EcdsaP256 => KeyKind::EcdsaP256,
+            KeyType::Rsa2048 => KeyKind::Rsa(2048),
+            KeyType::Rsa4096 => KeyKind::Rsa(4096),
+        }
+    }
+}
+
+impl TlsSettings {
+    /// The key type a generated certificate gets.
+    pub fn generated_key(&self) -> crate::proto::tls::KeyKind {
+        self.key_type
+            .map_or(crate::proto::tls::KeyKind::DEFAULT, KeyType::kind)
+    }
 }
 
 /// How a listener picks the upstream of a connection.
@@ -881,6 +937,17 @@ impl Config {
                     "`cert` and `key` go together (or neither, for a generated certificate)".into(),
                 );
             }
+            if let Some(t) = &l.tls
+                && t.cert.is_some()
+                && t.key_type.is_some()
+            {
+                return err(
+                    &format!("listen[{i}].tls.key_type"),
+                    "applies to a generated certificate only: with `cert` and `key` the key file \
+                     decides"
+                        .into(),
+                );
+            }
             if l.max_connections > self.max_connections {
                 return err(
                     &format!("listen[{i}].max_connections"),
@@ -1086,6 +1153,44 @@ mod tests {
         check_err(
             &two,
             "line 7: `listen[1].bind`: 127.0.0.1:1 is already bound by listen[0]",
+        );
+    }
+
+    #[test]
+    fn tls_key_type_and_tickets() {
+        let tls = |extra: &str| {
+            format!(
+                "[[listen]]\nname = \"t\"\nbind = \"127.0.0.1:443\"\nupstream = [\"h:1\"]\n\
+                 [listen.tls]\n{extra}"
+            )
+        };
+        let c = Config::from_toml(&tls(""), "t").unwrap();
+        let t = c.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(
+            (t.key_type, t.generated_key(), t.session_tickets),
+            (None, crate::proto::tls::KeyKind::EcdsaP256, true),
+            "absent: ECDSA P-256, tickets on"
+        );
+        assert_eq!(Config::from_toml(&c.to_toml(), "t").unwrap(), c);
+        let c = Config::from_toml(
+            &tls("key_type = \"rsa-4096\"\nsession_tickets = false\n"),
+            "t",
+        )
+        .unwrap();
+        let t = c.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(
+            (t.generated_key(), t.session_tickets),
+            (crate::proto::tls::KeyKind::Rsa(4096), false)
+        );
+        assert_eq!(Config::from_toml(&c.to_toml(), "t").unwrap(), c);
+        check_err(
+            &tls("key_type = \"rsa-1024\"\n"),
+            "line 6: `\"rsa-1024\"`: unknown variant `rsa-1024`, expected one of `ecdsa-p256`, \
+             `rsa-2048`, `rsa-4096`",
+        );
+        check_err(
+            &tls("cert = \"/c.pem\"\nkey = \"/k.pem\"\nkey_type = \"ecdsa-p256\"\n"),
+            "`listen[0].tls.key_type`: applies to a generated certificate only",
         );
     }
 

@@ -5,6 +5,13 @@
 //! `*-proxied` ports (from loopback and private ranges only: `trusted_proxies`) and sent upstream
 //! as v1, maxconn 27500 (27495 per frontend), timeouts connect 5 s, client/server 200 s,
 //! client-fin/server-fin 1 s. Binds are IPv4, like theirs.
+//!
+//! Where both presets add to their upstream (issue 17, "a TLS handshake flood"): a limit on new
+//! connections per client per second on the TLS ports ([`WHATSAPP_TLS_NEW_PER_SECOND`],
+//! [`SIGNAL_TLS_NEW_PER_SECOND`]; neither HAProxy's nor nginx's file has one), and a generated
+//! certificate is ECDSA P-256 rather than RSA-4096 ([`crate::proto::tls`]). The WhatsApp TLS
+//! ports resume sessions with tickets, as its HAProxy does (`no-tls-tickets` is commented out
+//! there); the Signal port does not, as its nginx says `ssl_session_tickets off`.
 
 use super::{
     Config, Decoy, EngineChoice, HealthSettings, HostPort, Listener, Route, SendProxy, Timeouts,
@@ -31,6 +38,25 @@ impl Preset {
         }
     }
 }
+
+/// New connections per second one client (an IPv4 address or an IPv6 /64; with a PROXY
+/// header, its source) may open on the WhatsApp preset's TLS ports (443, 8443); refused ones are
+/// reset and counted (`refused_client_rate`). Sized for a carrier-grade NAT address shared by
+/// hundreds to a few thousand users: a WhatsApp client holds one chat connection and opens a new
+/// one when its network changes or the app wakes, well under one a minute on average, so
+/// 100 a second carries several thousand users on one address, and when all of a thousand
+/// reconnect at once (the NAT or the relay restarted) every one is back within about ten
+/// seconds of retries. What it bounds: the full handshakes one attacking address forces, from
+/// 3 600–5 900 a second on a 2-core host to 100, about 2 % of one core with the ECDSA
+/// certificate (docs/OPERATIONS.md, "Handshake floods"). With `key_type = "rsa-4096"` 100
+/// RSA-4096 handshakes a second are almost half a core: lower it there.
+pub const WHATSAPP_TLS_NEW_PER_SECOND: u32 = 100;
+
+/// The same for the Signal preset's port 443, twice as high: a Signal client opens several
+/// connections through the proxy at once (the authenticated and unauthenticated websockets,
+/// then storage, CDN, contact discovery as it needs them), each its own TLS session to the
+/// relay with no resumption (tickets are off, as upstream).
+pub const SIGNAL_TLS_NEW_PER_SECOND: u32 = 200;
 
 fn hp(s: &str) -> HostPort {
     s.parse().expect("preset upstreams are valid")
@@ -130,8 +156,14 @@ fn whatsapp() -> Config {
                     route: Route::Static,
                     send_proxy,
                     max_connections: 27_495,
+                    // No cap on concurrent connections per client: a NAT address with a
+                    // thousand users holds a thousand chat connections.
                     max_connections_per_client: 0,
-                    new_connections_per_second_per_client: 0,
+                    new_connections_per_second_per_client: if tls {
+                        WHATSAPP_TLS_NEW_PER_SECOND
+                    } else {
+                        0
+                    },
                     decoy: if accept_proxy {
                         Decoy::Off
                     } else {
@@ -188,12 +220,16 @@ fn signal() -> Config {
             send_proxy: SendProxy::None,
             max_connections: 0,
             max_connections_per_client: 0,
-            new_connections_per_second_per_client: 0,
+            new_connections_per_second_per_client: SIGNAL_TLS_NEW_PER_SECOND,
             decoy: Decoy::Builtin,
             source_addresses: Vec::new(),
             fallback: Vec::new(),
             health: None,
-            tls: Some(TlsSettings::default()),
+            tls: Some(TlsSettings {
+                // Signal-TLS-Proxy's nginx: `ssl_session_tickets off`.
+                session_tickets: false,
+                ..TlsSettings::default()
+            }),
         }],
     }
 }
@@ -237,6 +273,20 @@ mod tests {
                 }
             );
             assert_eq!(l.max_connections, 27_495);
+            // The TLS ports limit new connections per client; the plain ones, like HAProxy's
+            // file, do not.
+            let tls = l.tls.is_some();
+            assert_eq!(
+                l.new_connections_per_second_per_client,
+                if tls { WHATSAPP_TLS_NEW_PER_SECOND } else { 0 },
+                "{}",
+                l.name
+            );
+            assert_eq!(l.max_connections_per_client, 0, "{}", l.name);
+            if let Some(t) = &l.tls {
+                assert!(t.session_tickets, "HAProxy's TLS binds keep tickets on");
+                assert_eq!(t.generated_key(), crate::proto::tls::KeyKind::EcdsaP256);
+            }
         }
         assert_eq!(c.max_connections, 27_500);
         assert_eq!(
@@ -263,6 +313,13 @@ mod tests {
             (443, Route::Sni, true)
         );
         assert_eq!(l.upstream.len(), 13);
+        let t = l.tls.as_ref().unwrap();
+        assert!(!t.session_tickets, "nginx's ssl_session_tickets off");
+        assert_eq!(t.generated_key(), crate::proto::tls::KeyKind::EcdsaP256);
+        assert_eq!(
+            l.new_connections_per_second_per_client,
+            SIGNAL_TLS_NEW_PER_SECOND
+        );
         assert!(
             l.upstream
                 .iter()

@@ -663,6 +663,10 @@ impl<'a> Worker<'a> {
                 return Err(End::Graceful);
             }
             if !tls.is_handshaking() {
+                self.ctx.row.inc(Counter::TlsHandshakes);
+                if tls.resumed() {
+                    self.ctx.row.inc(Counter::TlsResumed);
+                }
                 let listener = &self.ctx.config.listeners[conn.listener];
                 let decoy = !listener.decoy.is_off();
                 if listener.route == Route::Static {

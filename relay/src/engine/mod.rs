@@ -28,7 +28,7 @@ use crate::limits::{ClientSlot, ClientTable, Over};
 use crate::metrics::{Counter, Row, Shared};
 use crate::proto::proxy::{self, Parsed, ProxyHeader};
 use crate::proto::sni::{self, SniResult};
-use crate::proto::tls::{PemIdentity, TlsServer};
+use crate::proto::tls::{PemIdentity, TicketKeys, TlsServer};
 use crate::sys;
 use crate::upstream::{ControlMsg, Upstreams};
 
@@ -174,6 +174,9 @@ pub struct WorkerCtx<'a> {
     pub started: Instant,
     /// The TLS server of each listener that terminates TLS (index = listener).
     pub tls: Vec<Option<TlsServer>>,
+    /// The session-ticket keys the supervisor handed out (the same in every worker), applied
+    /// to each listener with `session_tickets`.
+    tickets: Option<TicketKeys>,
     /// Round-robin position in each listener's `source_addresses`.
     next_source: Vec<usize>,
     /// Coarse clock of the last "source ports exhausted" warning (one per 10 s at most).
@@ -218,6 +221,7 @@ impl<'a> WorkerCtx<'a> {
     ) -> Self {
         WorkerCtx {
             tls: vec![None; config.listeners.len()],
+            tickets: None,
             next_source: vec![0; config.listeners.len()],
             config: Rc::new(config),
             index,
@@ -448,10 +452,28 @@ impl<'a> WorkerCtx<'a> {
                         ca_pem: None,
                     };
                     match (TlsServer::from_pem(&id), self.tls.get_mut(listener)) {
-                        (Ok(server), Some(slot)) => *slot = Some(server),
+                        (Ok(server), Some(slot)) => {
+                            let keys = self.config.listeners[listener]
+                                .tls
+                                .as_ref()
+                                .is_some_and(|t| t.session_tickets)
+                                .then_some(self.tickets.as_ref())
+                                .flatten();
+                            *slot = Some(server.with_tickets(keys));
+                        }
                         (Err(e), _) => tracing::error!("tls certificate from the supervisor: {e}"),
                         (_, None) => tracing::warn!("tls certificate for an unknown listener"),
                     }
+                }
+                Some(ControlMsg::TicketKeys(keys)) => {
+                    for slot in &mut self.tls {
+                        if let Some(server) = slot.as_mut()
+                            && server.tickets()
+                        {
+                            *server = server.with_tickets(Some(&keys));
+                        }
+                    }
+                    self.tickets = Some(keys);
                 }
                 Some(ControlMsg::Ready) => {}
                 Some(ControlMsg::Held { cookie, kind }) => self.pending_held.push((cookie, kind)),

@@ -2282,6 +2282,10 @@ impl<'a> Worker<'a> {
             }
         }
         if self.conn(slot).phase == Phase::Handshake && !self.tls(slot).conn.is_handshaking() {
+            self.ctx.row.inc(Counter::TlsHandshakes);
+            if self.tls(slot).conn.resumed() {
+                self.ctx.row.inc(Counter::TlsResumed);
+            }
             let listener = self.conn(slot).listener as usize;
             let l = &self.ctx.config.listeners[listener];
             if l.route == Route::Sni || !l.decoy.is_off() {

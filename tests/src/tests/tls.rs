@@ -4,9 +4,14 @@
 //! TLS 1.2 without forward secrecy, a garbage ClientHello and a client silent past `header_ms`
 //! are refused (`refused_bad_tls`) before any upstream connection;
 //! curl `--cacert` fetches a 5 MB file from nginx behind a TLS port byte-exact; and a
-//! certificate the relay generates itself (the WhatsApp proxy's layout: private CA, RSA-4096
-//! leaf with a random CN ending in `.net`) carries the configured SANs. A ClientHello written
-//! one byte per write (a rustls client driven by hand) still completes the handshake.
+//! certificate the relay generates itself (the WhatsApp proxy's layout: private CA, leaf with a
+//! random CN ending in `.net`; ECDSA P-256 by default, RSA-4096 with `key_type`) carries the
+//! configured SANs. A ClientHello written one byte per write (a rustls client driven by hand)
+//! still completes the handshake. A handshake flood from one address is cut to
+//! `new_connections_per_second_per_client` (the rest reset before a byte, counted) while
+//! another address connects; sessions resume from tickets on another worker process than the
+//! one that issued them, and not at all with `session_tickets = false`; the supervisor's key
+//! rotation reaches every worker (a ticket two rotations old is no longer accepted).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -300,28 +305,13 @@ fn terminates_tls(engine: &str) {
 }
 engines!(terminates_tls);
 
-/// The certificate the relay makes when `[listen.tls]` names no files: a leaf with a CN ending
-/// in `.net`, RSA-4096, the configured DNS and IP SANs, issued by a private CA (not
-/// self-signed), and it serves TLS 1.3 with it.
-#[test]
-fn generated_certificate() {
-    init();
-    if !require_program("openssl") {
-        return;
-    }
-    let host = Host::new();
-    let echo = EchoServer::start(host.addr());
-    let ip = IpAddr::V4(host.ip);
-    let mut config = Config::new()
-        .listen("tls", host.addr(), &[&echo.addr().to_string()])
-        .tls(TlsConfig::generated(&["proxy.example.org"], &[ip]));
-    config.workers = Some(1);
-    let relay = Sluice::run_config(&config).start();
-
+/// The leaf certificate `addr` serves for `name`, as `openssl x509 -text` prints it, with its
+/// subject and issuer (RFC 2253).
+fn served_leaf(addr: SocketAddr, name: &str) -> String {
     let mut cmd = openssl();
     cmd.args(["s_client", "-showcerts", "-connect"])
-        .arg(relay.addr().to_string())
-        .args(["-servername", "proxy.example.org"]);
+        .arg(addr.to_string())
+        .args(["-servername", name]);
     let out = run_with_input(&mut cmd, b"", HUNG);
     let pems: Vec<&str> = out
         .stdout
@@ -331,7 +321,7 @@ fn generated_certificate() {
         .collect();
     assert!(
         !pems.is_empty(),
-        "no certificate from the relay: {}",
+        "no certificate from {addr}: {}",
         out.text()
     );
     let leaf = format!(
@@ -344,45 +334,75 @@ fn generated_certificate() {
     ]);
     let text = run_with_input(&mut x509, leaf.as_bytes(), HUNG);
     assert!(text.status.success(), "openssl x509: {}", text.text());
-    let info = text.stdout;
-    let field = |name: &str| -> String {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap_or_else(|| panic!("no `{name}` in:\n{info}"))
-            .trim()
-            .to_owned()
-    };
-    let subject = field("subject=");
-    let issuer = field("issuer=");
-    let cn = subject
-        .split(',')
-        .find_map(|p| p.trim().strip_prefix("CN="))
-        .unwrap_or_else(|| panic!("no CN in subject `{subject}`"));
-    assert!(
-        cn.ends_with(".net") && cn.len() > ".net".len(),
-        "leaf CN `{cn}` does not end in .net"
-    );
-    assert_ne!(
-        subject, issuer,
-        "the leaf is self-signed, not issued by a CA"
-    );
-    assert!(
-        info.contains("DNS:proxy.example.org"),
-        "SAN DNS:proxy.example.org missing:\n{info}"
-    );
-    assert!(
-        info.contains(&format!("IP Address:{ip}")),
-        "SAN IP Address:{ip} missing:\n{info}"
-    );
-    assert!(
-        info.contains("Public-Key: (4096 bit)"),
-        "the leaf is not RSA-4096:\n{info}"
-    );
+    text.stdout
+}
 
-    // And it serves: TLS 1.3 to the echo upstream (not verified: the CA is the relay's own).
-    let mut c = SClient::start(&["-connect", &relay.addr().to_string(), "-tls1_3"]);
-    let got = c.exchange(b"ping through a generated certificate\n".to_vec(), 37, HUNG);
-    assert_eq!(got, b"ping through a generated certificate\n");
+/// The certificate the relay makes when `[listen.tls]` names no files: a leaf with a CN ending
+/// in `.net`, the configured DNS and IP SANs, issued by a private CA (not self-signed), ECDSA
+/// P-256 by default and RSA-4096 (the WhatsApp proxy's own) with `key_type = "rsa-4096"`; it
+/// serves TLS 1.3 with either.
+#[test]
+fn generated_certificate() {
+    init();
+    if !require_program("openssl") {
+        return;
+    }
+    let host = Host::new();
+    let echo = EchoServer::start(host.addr());
+    let ip = IpAddr::V4(host.ip);
+    let rsa_addr = Host::new().addr();
+    let mut config = Config::new()
+        .listen("tls", host.addr(), &[&echo.addr().to_string()])
+        .tls(TlsConfig::generated(&["proxy.example.org"], &[ip]))
+        .listen("tls-rsa", rsa_addr, &[&echo.addr().to_string()])
+        .tls(TlsConfig::generated(&["proxy.example.org"], &[ip]).key_type("rsa-4096"));
+    config.workers = Some(1);
+    let relay = Sluice::run_config(&config).start();
+
+    for (addr, key) in [(relay.addr(), "ecdsa-p256"), (rsa_addr, "rsa-4096")] {
+        let info = served_leaf(addr, "proxy.example.org");
+        let field = |name: &str| -> String {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no `{name}` in:\n{info}"))
+                .trim()
+                .to_owned()
+        };
+        let subject = field("subject=");
+        let issuer = field("issuer=");
+        let cn = subject
+            .split(',')
+            .find_map(|p| p.trim().strip_prefix("CN="))
+            .unwrap_or_else(|| panic!("no CN in subject `{subject}`"));
+        assert!(
+            cn.ends_with(".net") && cn.len() > ".net".len(),
+            "{key}: leaf CN `{cn}` does not end in .net"
+        );
+        assert_ne!(
+            subject, issuer,
+            "{key}: the leaf is self-signed, not issued by a CA"
+        );
+        assert!(
+            info.contains("DNS:proxy.example.org"),
+            "{key}: SAN DNS:proxy.example.org missing:\n{info}"
+        );
+        assert!(
+            info.contains(&format!("IP Address:{ip}")),
+            "{key}: SAN IP Address:{ip} missing:\n{info}"
+        );
+        let wanted: &[&str] = match key {
+            "ecdsa-p256" => &["id-ecPublicKey", "Public-Key: (256 bit)", "P-256"],
+            _ => &["rsaEncryption", "Public-Key: (4096 bit)"],
+        };
+        for w in wanted {
+            assert!(info.contains(w), "{key}: the leaf has no `{w}`:\n{info}");
+        }
+
+        // And it serves: TLS 1.3 to the echo upstream (not verified: the CA is the relay's own).
+        let mut c = SClient::start(&["-connect", &addr.to_string(), "-tls1_3"]);
+        let got = c.exchange(b"ping through a generated certificate\n".to_vec(), 37, HUNG);
+        assert_eq!(got, b"ping through a generated certificate\n", "{key}");
+    }
 
     // A garbage ClientHello is refused here too, and never reaches the upstream.
     let before = echo.accepted();
@@ -551,3 +571,347 @@ fn trickled_handshake_times_out(engine: &str) {
     assert_eq!(echo.accepted(), 0, "{engine}: nothing reached the upstream");
 }
 engines!(trickled_handshake_times_out);
+
+/// A rustls client configuration that trusts the CA in `ca` and keeps the session tickets it
+/// gets in memory (rustls's default), offering one on its next connection to the same name.
+fn resuming_client(ca: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// How a TLS connection attempt from `src` ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Attempt {
+    /// Handshake done and "ping" echoed through the relay; whether it was resumed, and the
+    /// TLS 1.3 tickets received.
+    Relayed {
+        resumed: bool,
+        tickets: u32,
+    },
+    /// Reset before the server sent a byte.
+    Reset,
+    Failed(String),
+}
+
+/// Connects from `src` (None: any address) to `addr`, completes a TLS handshake as a client
+/// of `config` and echoes `ping` through the relay.
+fn attempt(addr: SocketAddr, src: Option<IpAddr>, config: &Arc<rustls::ClientConfig>) -> Attempt {
+    let mut s = match sluice_tests::client::try_connect(addr, src) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Attempt::Reset,
+        Err(e) => return Attempt::Failed(format!("connect: {e}")),
+    };
+    let name = ServerName::try_from(RELAY_NAME).unwrap();
+    let mut conn = rustls::ClientConnection::new(config.clone(), name).unwrap();
+    while conn.is_handshaking() {
+        match conn.complete_io(&mut s) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                ) && conn.peer_certificates().is_none() =>
+            {
+                // Nothing of the server's came before the reset: no certificate, no
+                // ServerHello (rustls would have processed them by now).
+                return Attempt::Reset;
+            }
+            Err(e) => return Attempt::Failed(format!("handshake: {e}")),
+        }
+    }
+    let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let mut tls = rustls::Stream::new(&mut conn, &mut s);
+    if let Err(e) = tls.write_all(b"ping") {
+        return Attempt::Failed(format!("write: {e}"));
+    }
+    let mut buf = [0u8; 4];
+    if let Err(e) = tls.read_exact(&mut buf) {
+        return Attempt::Failed(format!("read: {e}"));
+    }
+    if &buf != b"ping" {
+        return Attempt::Failed(format!("echoed {buf:?}"));
+    }
+    let tickets = conn.tls13_tickets_received();
+    conn.send_close_notify();
+    let _ = conn.write_tls(&mut s);
+    Attempt::Relayed { resumed, tickets }
+}
+
+/// Seconds of CLOCK_MONOTONIC (the clock the relay's per-second limit counts).
+fn monotonic_s() -> u64 {
+    sluice::sys::monotonic_ns() / 1_000_000_000
+}
+
+/// A handshake flood from one address against a TLS port with
+/// `new_connections_per_second_per_client`: beyond the limit each connection is reset before
+/// the relay sends a byte (no certificate, no signature made) and counted in
+/// `refused_client_rate`; what is admitted completes its handshake (`tls_handshakes`) and is
+/// relayed; no refused connection reaches the upstream; another address connects meanwhile;
+/// and the flooding address is admitted again in a later second.
+#[test]
+fn handshake_flood_is_limited_per_client() {
+    init();
+    if !require_program("openssl") {
+        return;
+    }
+    const RATE: u32 = 5;
+    const FLOOD: usize = 60;
+    let pki = Pki::new();
+    let leaf = pki.leaf(RELAY_NAME, &[&format!("DNS:{RELAY_NAME}")], KeyKind::Ec);
+    let echo = EchoServer::start(Host::new().addr());
+    let mut config = Config::new()
+        .listen("tls", Host::new().addr(), &[&echo.addr().to_string()])
+        .new_connections_per_second_per_client(RATE)
+        .tls(TlsConfig::files(&leaf.fullchain, &leaf.key));
+    config.workers = Some(2);
+    let relay = Sluice::run_config(&config).start();
+    relay.wait_workers(2, HUNG);
+    let client = resuming_client(&pki.ca());
+    // Full handshakes every time, as a flood makes them.
+    let flooder = {
+        let mut c = (*client).clone();
+        c.resumption = rustls::client::Resumption::disabled();
+        Arc::new(c)
+    };
+    let (attacker, other) = (IpAddr::V4(Host::new().ip), IpAddr::V4(Host::new().ip));
+
+    let start = monotonic_s();
+    let mut relayed = 0usize;
+    let mut reset = 0usize;
+    for i in 0..FLOOD {
+        match attempt(relay.addr(), Some(attacker), &flooder) {
+            Attempt::Relayed { resumed: false, .. } => relayed += 1,
+            Attempt::Reset => reset += 1,
+            other => panic!("flood connection {i}: {other:?}"),
+        }
+    }
+    let seconds = monotonic_s() - start + 1;
+    assert!(
+        relayed <= RATE as usize * seconds as usize,
+        "{relayed} of {FLOOD} admitted within {seconds} s at {RATE}/s"
+    );
+    assert!(relayed >= 1, "the first of a second are admitted");
+    assert_eq!(relayed + reset, FLOOD);
+    assert!(reset >= FLOOD - RATE as usize * seconds as usize);
+    assert!(relay.counter("refused_client_rate").unwrap() >= reset as u64);
+    assert_eq!(
+        relay.wait_counter("tls_handshakes", relayed as u64, HUNG),
+        relayed as u64,
+        "a refused connection never got as far as a handshake"
+    );
+    assert_eq!(
+        echo.accepted(),
+        relayed,
+        "refused ones never reach the upstream"
+    );
+
+    // Another address is not limited by the flood.
+    assert!(matches!(
+        attempt(relay.addr(), Some(other), &client),
+        Attempt::Relayed { .. }
+    ));
+    // The flooding address is admitted again once a new second starts.
+    assert!(
+        sluice_tests::wait_until(HUNG, || matches!(
+            attempt(relay.addr(), Some(attacker), &client),
+            Attempt::Relayed { .. }
+        )),
+        "the flooding address stays refused"
+    );
+}
+
+/// Which worker accepted the connection made between two `accepted` readings; None when not
+/// exactly one worker's count moved by one.
+fn accepted_by(before: &[u64], after: &[u64]) -> Option<usize> {
+    let moved: Vec<usize> = (0..after.len())
+        .filter(|&i| after[i] != before.get(i).copied().unwrap_or(0))
+        .collect();
+    match moved.as_slice() {
+        [i] if after[*i] == before[*i] + 1 => Some(*i),
+        _ => None,
+    }
+}
+
+fn accepted_per_worker(relay: &Sluice) -> Vec<u64> {
+    relay.status()["workers"]
+        .as_array()
+        .expect("workers in sluicectl status")
+        .iter()
+        .map(|w| w["accepted"].as_u64().unwrap_or(0))
+        .collect()
+}
+
+/// TLS session resumption works across worker processes: with four workers, a client's second
+/// connection resumes the session of its first (the rustls client reports `Resumed`) when the
+/// kernel hands it to another worker than the one that issued the ticket, which each pair's
+/// per-worker `accepted` counts show; `tls_resumed` counts them. A listener with
+/// `session_tickets = false` sends no ticket and resumes nothing.
+fn sessions_resume_in_another_worker(engine: &str) {
+    if !engine_ok(engine) || !require_program("openssl") {
+        return;
+    }
+    init();
+    let pki = Pki::new();
+    let leaf = pki.leaf(RELAY_NAME, &[&format!("DNS:{RELAY_NAME}")], KeyKind::Ec);
+    let echo = EchoServer::start(Host::new().addr());
+    let off_addr = Host::new().addr();
+    let mut config = Config::new()
+        .listen("tickets", Host::new().addr(), &[&echo.addr().to_string()])
+        .tls(TlsConfig::files(&leaf.fullchain, &leaf.key))
+        .listen("no-tickets", off_addr, &[&echo.addr().to_string()])
+        .tls(TlsConfig::files(&leaf.fullchain, &leaf.key).session_tickets(false));
+    config.workers = Some(4);
+    config.engine = Some(engine.into());
+    let relay = Sluice::run_config(&config).start();
+    relay.wait_workers(4, HUNG);
+    super::assert_engine(&relay, engine);
+
+    let mut resumed_pairs = 0u64;
+    let mut across = 0;
+    for pair in 0..60 {
+        if across >= 3 {
+            break;
+        }
+        let client = resuming_client(&pki.ca());
+        let a0 = accepted_per_worker(&relay);
+        let first = attempt(relay.addr(), None, &client);
+        let a1 = accepted_per_worker(&relay);
+        let second = attempt(relay.addr(), None, &client);
+        let a2 = accepted_per_worker(&relay);
+        assert_eq!(
+            first,
+            Attempt::Relayed {
+                resumed: false,
+                tickets: 2
+            },
+            "{engine}: pair {pair}: the first connection"
+        );
+        assert!(
+            matches!(second, Attempt::Relayed { resumed: true, .. }),
+            "{engine}: pair {pair}: the second connection did not resume: {second:?}"
+        );
+        resumed_pairs += 1;
+        if let (Some(w1), Some(w2)) = (accepted_by(&a0, &a1), accepted_by(&a1, &a2))
+            && w1 != w2
+        {
+            across += 1;
+        }
+    }
+    assert!(
+        across >= 1,
+        "{engine}: no pair landed on two workers in {resumed_pairs} pairs"
+    );
+    assert!(relay.wait_counter("tls_resumed", resumed_pairs, HUNG) >= resumed_pairs);
+
+    let client = resuming_client(&pki.ca());
+    for i in 0..2 {
+        assert_eq!(
+            attempt(off_addr, None, &client),
+            Attempt::Relayed {
+                resumed: false,
+                tickets: 0
+            },
+            "{engine}: session_tickets = false, connection {i}"
+        );
+    }
+}
+engines!(sessions_resume_in_another_worker);
+
+/// A clock that stands still: a client on it offers its tickets however old they are (rustls
+/// drops a ticket past the lifetime it announced), so whether an old one resumes is the
+/// relay's decision.
+#[derive(Debug)]
+struct Frozen(rustls::pki_types::UnixTime);
+
+impl rustls::time_provider::TimeProvider for Frozen {
+    fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
+        Some(self.0)
+    }
+}
+
+/// [`resuming_client`] on a [`Frozen`] clock.
+fn frozen_client(ca: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let clock = Arc::new(Frozen(rustls::pki_types::UnixTime::now()));
+    Arc::new(
+        rustls::ClientConfig::builder_with_details(provider, clock)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// The supervisor's ticket-key rotation reaches every worker. With a new key every 2 s
+/// (`SLUICE_TICKET_ROTATE_MS`): a ticket used 1.8 s after it was issued resumes (its key is
+/// still current or previous), one used 4.5 s after (two rotations later: its key forgotten
+/// everywhere) gets a full handshake instead, never an error, and tickets issued after those
+/// rotations resume again.
+#[test]
+fn ticket_keys_rotate_in_every_worker() {
+    init();
+    if !require_program("openssl") {
+        return;
+    }
+    const ROTATE: Duration = Duration::from_secs(2);
+    let pki = Pki::new();
+    let leaf = pki.leaf(RELAY_NAME, &[&format!("DNS:{RELAY_NAME}")], KeyKind::Ec);
+    let echo = EchoServer::start(Host::new().addr());
+    let mut config = Config::new()
+        .listen("tls", Host::new().addr(), &[&echo.addr().to_string()])
+        .tls(TlsConfig::files(&leaf.fullchain, &leaf.key));
+    config.workers = Some(2);
+    let relay = Sluice::run_config(&config)
+        .env(
+            sluice::proto::tls::ENV_TICKET_ROTATE_MS,
+            &ROTATE.as_millis().to_string(),
+        )
+        .start();
+    relay.wait_workers(2, HUNG);
+    let kind = |a: Attempt| match a {
+        Attempt::Relayed { resumed: true, .. } => "resumed",
+        Attempt::Relayed { resumed: false, .. } => "full",
+        other => panic!("{other:?}"),
+    };
+
+    let young = frozen_client(&pki.ca());
+    let old = frozen_client(&pki.ca());
+    assert_eq!(kind(attempt(relay.addr(), None, &young)), "full");
+    assert_eq!(kind(attempt(relay.addr(), None, &old)), "full");
+    thread::sleep(ROTATE * 9 / 10);
+    assert_eq!(
+        kind(attempt(relay.addr(), None, &young)),
+        "resumed",
+        "a ticket younger than one rotation period"
+    );
+    thread::sleep(ROTATE * 2 + ROTATE / 4 - ROTATE * 9 / 10);
+    assert_eq!(
+        kind(attempt(relay.addr(), None, &old)),
+        "full",
+        "a ticket two rotations old"
+    );
+    for i in 0..4 {
+        let client = frozen_client(&pki.ca());
+        assert_eq!(kind(attempt(relay.addr(), None, &client)), "full");
+        assert_eq!(
+            kind(attempt(relay.addr(), None, &client)),
+            "resumed",
+            "after the rotations, client {i}"
+        );
+    }
+    assert!(relay.counter("refused_bad_tls") == Some(0));
+}
