@@ -386,6 +386,27 @@ impl Output {
     }
 }
 
+/// Debian's Chromium, headless, quiet (no first-run, extensions or background traffic), with
+/// its profile under `profile` and a virtual-time budget of `budget_ms` for a page's scripts;
+/// the caller adds the window size, what to dump and the URL.
+pub fn headless_chromium(profile: &std::path::Path, budget_ms: u32) -> Command {
+    let mut cmd = Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-background-networking",
+    ])
+    .arg(format!("--virtual-time-budget={budget_ms}"))
+    .arg(format!(
+        "--user-data-dir={}",
+        profile.join("profile").display()
+    ));
+    cmd
+}
+
 /// Runs `cmd` to completion with stdin closed; a command still running after `timeout` is
 /// killed and the test fails.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {

@@ -590,7 +590,8 @@ fn doctor(vm: &Vm) -> Result<String, String> {
 fn sockmap_gate(vm: &Vm, unproven: bool) -> Result<String, String> {
     let out = outcome(vm.ssh(
         "timeout -s TERM 20 sluice forward 127.0.0.1:18000 127.0.0.1:18001 --engine sockmap \
-         --workers 1 2>&1; sluicectl doctor 2>&1 | grep sockmap-kernel; true",
+         --workers 1 --control /run/sluice-gate.sock --metrics off 2>&1; \
+         sluicectl doctor --config /etc/sluice/sluice.toml 2>&1 | grep sockmap-kernel; true",
         Duration::from_secs(180),
     ))?;
     let ready = out

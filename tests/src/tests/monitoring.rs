@@ -268,24 +268,11 @@ fn render_dashboard(prom: SocketAddr, start: u64, end: u64) -> Option<PathBuf> {
     let shot = target.join("monitoring-dashboard.png");
     let _ = std::fs::remove_file(&shot);
     let profile = TempDir::new();
-    let mut cmd = Command::new("chromium");
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-extensions",
-        "--disable-background-networking",
-        "--hide-scrollbars",
-        "--virtual-time-budget=3000",
-    ])
-    .arg(format!("--window-size=1200,{height}"))
-    .arg(format!(
-        "--user-data-dir={}",
-        profile.join("profile").display()
-    ))
-    .arg(format!("--screenshot={}", shot.display()))
-    .arg(format!("file://{}", page.display()));
+    let mut cmd = sluice_tests::headless_chromium(profile.path(), 3000);
+    cmd.arg("--hide-scrollbars")
+        .arg(format!("--window-size=1200,{height}"))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", page.display()));
     let out = run_with_timeout(&mut cmd, Duration::from_secs(60));
     let png = std::fs::read(&shot)
         .unwrap_or_else(|e| panic!("no screenshot at {} ({e}): {}", shot.display(), out.text()));
@@ -409,8 +396,14 @@ fn prometheus_evaluates_every_dashboard_and_alert_expression() {
     );
     std::fs::remove_file(&copy).unwrap();
     assert!(sys::kill(relay.worker_pids()[0], libc::SIGKILL));
+    // `workers_down` counts the slot once the worker is reaped, before the restart fails and
+    // its listening sockets leave the port: a failed start is counted after they left, so no
+    // client below lands in a backlog that is about to be reset.
     assert!(
-        wait_until(HUNG, || relay.counter("workers_down") == Some(1)),
+        wait_until(HUNG, || relay.counter("workers_down") == Some(1)
+            && relay
+                .counter("worker_start_failures")
+                .is_some_and(|n| n >= 1)),
         "no worker slot went down: {}",
         relay.status()
     );

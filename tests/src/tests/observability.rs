@@ -447,23 +447,8 @@ fn headless_chromium_shows_live_numbers_on_the_stats_page() {
     let profile = TempDir::new();
     let url = format!("http://{metrics}/");
     let chromium = |extra: &[String]| {
-        let mut cmd = Command::new("chromium");
-        cmd.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-extensions",
-            "--disable-background-networking",
-            "--window-size=1200,900",
-            "--virtual-time-budget=4000",
-        ])
-        .arg(format!(
-            "--user-data-dir={}",
-            profile.join("profile").display()
-        ))
-        .args(extra)
-        .arg(&url);
+        let mut cmd = sluice_tests::headless_chromium(profile.path(), 4000);
+        cmd.arg("--window-size=1200,900").args(extra).arg(&url);
         run_with_timeout(&mut cmd, Duration::from_secs(60))
     };
     let text_of = |dom: &str, id: &str| -> Option<String> {
