@@ -424,6 +424,7 @@ impl SluiceCmd {
         self.opt("--idle-timeout-ms", ms)
     }
 
+    /// `--fin-timeout-ms`: `forward` daemons get 60 s unless a test sets it (see `command`).
     pub fn fin_timeout_ms(self, ms: u64) -> SluiceCmd {
         self.opt("--fin-timeout-ms", ms)
     }
@@ -490,6 +491,15 @@ impl SluiceCmd {
         );
         if serves && !self.args.iter().any(|a| a == "--metrics") {
             cmd.args(["--metrics", "off"]);
+        }
+        // The after-FIN timeout is an inactivity timeout (1 s by default, as in WhatsApp's
+        // HAProxy): on a starved machine (a TCG guest running two heavy tests) a half-closed
+        // connection waiting a second for its turn was cut, as it should be, and a test about
+        // something else failed. A test of the timeout itself sets it (`fin_timeout_ms`).
+        if self.args.first().is_some_and(|a| a == "forward")
+            && !self.args.iter().any(|a| a == "--fin-timeout-ms")
+        {
+            cmd.args(["--fin-timeout-ms", "60000"]);
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
