@@ -418,6 +418,25 @@ fn a_restarted_worker_starts_with_the_lists() {
     }
 }
 
+/// A port on ::1 that was free a moment ago.
+fn free_v6_addr() -> SocketAddr {
+    let port = std::net::TcpListener::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    SocketAddr::new("::1".parse().unwrap(), port)
+}
+
+/// One epoll worker with a listener `v4` on `v4` and one `v6` on `v6`, both to `up`.
+fn v4_and_v6(v4: SocketAddr, v6: SocketAddr, up: SocketAddr) -> String {
+    format!(
+        "workers = 1\nengine = \"epoll\"\n\n\
+         [[listen]]\nname = \"v4\"\nbind = \"{v4}\"\nupstream = [\"{up}\"]\n\n\
+         [[listen]]\nname = \"v6\"\nbind = \"{v6}\"\nupstream = [\"{up}\"]\n"
+    )
+}
+
 /// IPv6 clients: a /128 and a v6 range are matched like IPv4 ones.
 #[test]
 fn ipv6_clients_are_matched() {
@@ -425,18 +444,10 @@ fn ipv6_clients_are_matched() {
         return;
     }
     let echo = EchoServer::start(Host::new().addr());
-    let port = std::net::TcpListener::bind("[::1]:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen: SocketAddr = SocketAddr::new("::1".parse().unwrap(), port);
+    let listen = free_v6_addr();
     // The harness waits for IPv4 listeners only: a second, IPv4 one tells when both are bound.
     let v4 = Host::new().addr();
-    let toml = format!(
-        "workers = 1\nengine = \"epoll\"\n\n[[listen]]\nname = \"v4\"\nbind = \"{v4}\"\nupstream = [\"{up}\"]\n\n[[listen]]\nname = \"v6\"\nbind = \"{listen}\"\nupstream = [\"{up}\"]\n",
-        up = echo.addr()
-    );
+    let toml = v4_and_v6(v4, listen, echo.addr());
     let relay = Sluice::run_config_text(&toml, vec![v4]).workers(1).start();
     let v6: IpAddr = "::1".parse().unwrap();
     try_new(listen, v6).expect("before the rule");
@@ -474,12 +485,7 @@ fn ipv4_mapped_rules_match_ipv4_clients() {
         return;
     }
     let echo = EchoServer::start(Host::new().addr());
-    let port = std::net::TcpListener::bind("[::1]:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let v6_lb: SocketAddr = SocketAddr::new("::1".parse().unwrap(), port);
+    let v6_lb = free_v6_addr();
     let (plain, v4_lb) = (Host::new().addr(), Host::new().addr());
     let toml = format!(
         "workers = 1\nengine = \"epoll\"\n\n\
@@ -975,19 +981,9 @@ fn xdp_deny_spares_ports_the_relay_does_not_listen_on() {
     }
     in_netns(|| {
         let echo = EchoServer::start(Host::new().addr());
-        let v6_port = std::net::TcpListener::bind("[::1]:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let v6: SocketAddr = SocketAddr::new("::1".parse().unwrap(), v6_port);
+        let v6 = free_v6_addr();
         let v4 = Host::new().addr();
-        let toml = format!(
-            "workers = 1\nengine = \"epoll\"\n\n\
-             [[listen]]\nname = \"v4\"\nbind = \"{v4}\"\nupstream = [\"{up}\"]\n\n\
-             [[listen]]\nname = \"v6\"\nbind = \"{v6}\"\nupstream = [\"{up}\"]\n",
-            up = echo.addr()
-        );
+        let toml = v4_and_v6(v4, v6, echo.addr());
         // A pin directory nothing is pinned in: the daemon's own, private maps.
         let unpinned = sluice_tests::TempDir::new();
         // The harness waits for IPv4 listeners only; the [::1] one is bound in the same step.
