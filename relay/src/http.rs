@@ -380,7 +380,13 @@ fn response(status: &str, ctype: &str, body: &[u8]) -> Vec<u8> {
 fn is_gauge(c: Counter) -> bool {
     matches!(
         c,
-        Counter::Active | Counter::PipesInUse | Counter::UpstreamsDown | Counter::WorkersDown
+        Counter::Active
+            | Counter::PipesInUse
+            | Counter::UpstreamsDown
+            | Counter::WorkersDown
+            | Counter::FastPathReservedBytes
+            | Counter::FastPathQueuedBytes
+            | Counter::FastPathHeldBytes
     )
 }
 
