@@ -32,20 +32,23 @@ use std::path::Path;
 use std::str::FromStr;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, RingBuf, SockHash};
+use aya::maps::{
+    Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, RingBuf, SockHash,
+};
 use aya::programs::{ProgramError, SkSkb, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
-use sluice_common::{HeldEvent, Peer, XDP_STATS_SLOT, admission, fast_path};
+use sluice_common::{FLOW_STATS_SLOT, HeldEvent, Peer, XDP_STATS_SLOT, admission, fast_path};
 use socket2::SockRef;
 
-pub use sluice_common::{ConnCounters, Cookie, PIN_DIR, RuleId, XdpStats};
+pub use sluice_common::{ConnCounters, Cookie, FlowStats, PIN_DIR, RuleId, XdpStats};
 
 /// Every map of the object: pinning one pins all, so every loader of a pin directory shares them.
-const ALL_MAPS: [&str; 11] = [
+const ALL_MAPS: [&str; 12] = [
     fast_path::SOCKS,
     fast_path::PEERS,
     fast_path::COUNTERS,
     fast_path::HELD,
+    fast_path::FLOW,
     admission::ALLOW_V4,
     admission::ALLOW_V6,
     admission::DENY_V4,
@@ -100,6 +103,10 @@ pub enum EbpfError {
     KernelUnproven { release: String },
     #[error("cannot pin {name}: {message}")]
     Pin { name: &'static str, message: String },
+    #[error(
+        "the pin directory {dir} is from an older Sluice (no {missing}): run `sluicectl load --pin-dir {dir}` again to add what is missing"
+    )]
+    OldPins { dir: String, missing: String },
 }
 
 type Result<T, E = EbpfError> = std::result::Result<T, E>;
@@ -112,7 +119,16 @@ fn object() -> &'static [u8] {
 /// Loads the object: maps are created (or, with `pin_dir`, opened from or pinned to it); programs
 /// are not yet loaded into the kernel.
 fn load_object(pin_dir: Option<&Path>) -> Result<Ebpf> {
+    load_object_with(pin_dir, fast_path::HELD_BYTES)
+}
+
+/// [`load_object`] with a flow-control event ring of `held_bytes` (a new ring only: a pinned one
+/// keeps its size).
+fn load_object_with(pin_dir: Option<&Path>, held_bytes: u32) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
+    if held_bytes != fast_path::HELD_BYTES {
+        loader.map_max_entries(fast_path::HELD, held_bytes);
+    }
     if let Some(dir) = pin_dir {
         std::fs::create_dir_all(dir).map_err(EbpfError::PinDir)?;
         for name in ALL_MAPS {
@@ -219,6 +235,8 @@ pub struct FastPath {
     socks: SockHash<MapData, Cookie>,
     peers: HashMap<MapData, Cookie, Peer>,
     counters: HashMap<MapData, Cookie, ConnCounters>,
+    /// Flow-control totals of every socket ([`FlowStats`]).
+    flow: Array<MapData, FlowStats>,
     /// Whether the verdict is attached to `socks` (by this value, or by the process that handed
     /// the maps over): only then may sockets be inserted.
     attached: bool,
@@ -296,11 +314,13 @@ impl FastPath {
     /// (`sluicectl stats`, tests) that read counters or remove pairs. [`FastPath::insert_pair`]
     /// refuses on such a value, since only the attaching process should put sockets in the map.
     pub fn open_pinned(dir: &Path) -> Result<Self> {
+        check_pins(dir)?;
         let mut ebpf = load_object(Some(dir))?;
         Ok(Self {
             socks: take_map(&mut ebpf, fast_path::SOCKS)?,
             peers: take_map(&mut ebpf, fast_path::PEERS)?,
             counters: take_map(&mut ebpf, fast_path::COUNTERS)?,
+            flow: take_map(&mut ebpf, fast_path::FLOW)?,
             attached: false,
             owner: Peer::PRIVATE,
             held: None,
@@ -308,13 +328,14 @@ impl FastPath {
         })
     }
 
-    /// The maps' fds (sockets, peers, counters), to hand to the worker processes that share
-    /// these maps ([`FastPath::from_fds`]).
-    pub fn map_fds(&self) -> [BorrowedFd<'_>; 3] {
+    /// The maps' fds (sockets, peers, counters, flow totals), to hand to the worker processes
+    /// that share these maps ([`FastPath::from_fds`]).
+    pub fn map_fds(&self) -> [BorrowedFd<'_>; MAP_FDS] {
         [
             self.socks.fd().as_fd(),
             self.peers.map().fd().as_fd(),
             self.counters.map().fd().as_fd(),
+            self.flow.map().fd().as_fd(),
         ]
     }
 
@@ -323,7 +344,10 @@ impl FastPath {
     /// [`FastPath::map_fds`] order. Needs no capability: the kernel checks map access against
     /// the fd. Pairs this value inserts carry `owner`, so [`FastPath::purge_owner`] can clear
     /// them if this process dies.
-    pub fn from_fds([socks, peers, counters]: [OwnedFd; 3], owner: u32) -> Result<Self> {
+    pub fn from_fds(
+        [socks, peers, counters, flow]: [OwnedFd; MAP_FDS],
+        owner: u32,
+    ) -> Result<Self> {
         fn typed<M: TryFrom<Map, Error = MapError>>(fd: OwnedFd, name: &'static str) -> Result<M> {
             let data = MapData::from_fd(fd).map_err(map_err(name))?;
             let map = Map::from_map_data(data).map_err(map_err(name))?;
@@ -333,6 +357,7 @@ impl FastPath {
             socks: typed(socks, fast_path::SOCKS)?,
             peers: typed(peers, fast_path::PEERS)?,
             counters: typed(counters, fast_path::COUNTERS)?,
+            flow: typed(flow, fast_path::FLOW)?,
             attached: true,
             owner,
             held: None,
@@ -364,11 +389,38 @@ impl FastPath {
         self.owner != Peer::PRIVATE
     }
 
+    /// [`FastPath::load`] with a flow-control event ring of `bytes` (a power of two, at least a
+    /// page) instead of [`fast_path::HELD_BYTES`]: tests fill a small one to see what the
+    /// verdict does when the ring has no room.
+    pub fn load_with_ring(bytes: u32) -> Result<Self> {
+        Self::load_inner(None, bytes)
+    }
+
+    /// The ring size the daemon's loader uses: [`fast_path::HELD_BYTES`], or the value of
+    /// `SLUICE_HELD_RING_BYTES` (a diagnostic knob: the integration tests shrink the ring to
+    /// check what happens when it is full). A value that is not a power of two of at least 4096
+    /// is ignored.
+    pub fn ring_bytes_from_env() -> u32 {
+        std::env::var("SLUICE_HELD_RING_BYTES")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|b| b.is_power_of_two() && *b >= 4096)
+            .unwrap_or(fast_path::HELD_BYTES)
+    }
+
     fn load_from(pin_dir: Option<&Path>) -> Result<Self> {
-        let mut ebpf = load_object(pin_dir)?;
+        Self::load_inner(pin_dir, Self::ring_bytes_from_env())
+    }
+
+    fn load_inner(pin_dir: Option<&Path>, held_bytes: u32) -> Result<Self> {
+        if let Some(dir) = pin_dir {
+            check_pins(dir)?;
+        }
+        let mut ebpf = load_object_with(pin_dir, held_bytes)?;
         let socks: SockHash<MapData, Cookie> = take_map(&mut ebpf, fast_path::SOCKS)?;
         let peers = take_map(&mut ebpf, fast_path::PEERS)?;
         let counters = take_map(&mut ebpf, fast_path::COUNTERS)?;
+        let flow = take_map(&mut ebpf, fast_path::FLOW)?;
         let held = take_map(&mut ebpf, fast_path::HELD)?;
         let name = fast_path::PROG_VERDICT;
         let prog: &mut SkSkb = ebpf
@@ -382,6 +434,7 @@ impl FastPath {
             socks,
             peers,
             counters,
+            flow,
             attached: true,
             owner: Peer::PRIVATE,
             held: Some(HeldRing(held)),
@@ -414,6 +467,17 @@ impl FastPath {
         allow: u64,
         warn_at: u64,
     ) -> Result<(Cookie, Cookie)> {
+        self.insert_pair_flows(client, upstream, [(allow, warn_at); 2])
+    }
+
+    /// [`FastPath::insert_pair_with`] with an `(allow, warn_at)` per socket: `flows[0]` for the
+    /// bytes arriving on `client` (client to upstream), `flows[1]` for those on `upstream`.
+    pub fn insert_pair_flows(
+        &mut self,
+        client: BorrowedFd<'_>,
+        upstream: BorrowedFd<'_>,
+        flows: [(u64, u64); 2],
+    ) -> Result<(Cookie, Cookie)> {
         if !self.attached {
             return Err(EbpfError::NotAttached);
         }
@@ -422,7 +486,7 @@ impl FastPath {
         if c == u {
             return Err(EbpfError::SamePeer);
         }
-        let inserted = self.try_insert(c, client, u, upstream, (allow, warn_at));
+        let inserted = self.try_insert(c, client, u, upstream, flows);
         if let Err(err) = inserted {
             // Best effort: the first error is the one worth reporting.
             let _ = self.remove_pair((c, u));
@@ -437,7 +501,7 @@ impl FastPath {
         client: BorrowedFd<'_>,
         u: Cookie,
         upstream: BorrowedFd<'_>,
-        (allow, warn_at): (u64, u64),
+        [(c_allow, c_warn), (u_allow, u_warn)]: [(u64, u64); 2],
     ) -> Result<()> {
         let zero = ConnCounters::default();
         for cookie in [c, u] {
@@ -445,7 +509,7 @@ impl FastPath {
                 .insert(cookie, zero, 0)
                 .map_err(map_err(fast_path::COUNTERS))?;
         }
-        let peer = |cookie| Peer {
+        let peer = |cookie, allow, warn_at| Peer {
             cookie,
             owner: self.owner,
             reserved: 0,
@@ -454,10 +518,10 @@ impl FastPath {
             warn_at,
         };
         self.peers
-            .insert(c, peer(u), 0)
+            .insert(c, peer(u, c_allow, c_warn), 0)
             .map_err(map_err(fast_path::PEERS))?;
         self.peers
-            .insert(u, peer(c), 0)
+            .insert(u, peer(c, u_allow, u_warn), 0)
             .map_err(map_err(fast_path::PEERS))?;
         self.socks
             .insert(c, client.as_fd(), 0)
@@ -532,6 +596,14 @@ impl FastPath {
         self.peers
             .insert(cookie, peer, 0)
             .map_err(map_err(fast_path::PEERS))
+    }
+
+    /// Flow-control totals over every socket of these maps (holds, and holds the event ring had
+    /// no room to announce).
+    pub fn flow_stats(&self) -> Result<FlowStats> {
+        self.flow
+            .get(&FLOW_STATS_SLOT, 0)
+            .map_err(map_err(fast_path::FLOW))
     }
 
     /// Takes every pair `owner` inserted off the fast path (a dead worker's, with shared maps:
@@ -623,6 +695,9 @@ impl HeldRing {
     }
 }
 
+/// How many map fds [`FastPath::map_fds`] hands to a worker.
+pub const MAP_FDS: usize = 4;
+
 const ALL_PROGRAMS: [&str; 2] = [fast_path::PROG_VERDICT, admission::PROG_XDP_DENY];
 
 /// Where bpffs is mounted on every distribution; [`pin_all`] mounts it there when missing.
@@ -676,9 +751,30 @@ pub fn unpin_all(dir: &Path) -> Result<Vec<&'static str>> {
     Ok(removed)
 }
 
-/// Whether `sluicectl load` pinned the maps under `dir`.
+/// Whether `sluicectl load` pinned the maps under `dir`: every map of this object is there.
+/// A directory with only some of them ([`check_pins`] names what is missing) is not.
 pub fn is_pinned(dir: &Path) -> bool {
     ALL_MAPS.iter().all(|m| dir.join(m).exists())
+}
+
+/// Refuses a pin directory an older `sluicectl load` made: some maps of this object are pinned
+/// there, others (added since) are not. Loading it as is would pin the missing maps in passing,
+/// next to maps another daemon may still use; `sluicectl load` adds them deliberately (the
+/// layouts of maps already pinned do not change; a change would be refused by the kernel's
+/// verifier or by the size checks of the typed maps). An empty or absent directory is fine.
+pub fn check_pins(dir: &Path) -> Result<()> {
+    let missing: Vec<&str> = ALL_MAPS
+        .iter()
+        .copied()
+        .filter(|m| !dir.join(m).exists())
+        .collect();
+    if missing.is_empty() || missing.len() == ALL_MAPS.len() {
+        return Ok(());
+    }
+    Err(EbpfError::OldPins {
+        dir: dir.display().to_string(),
+        missing: missing.join(", "),
+    })
 }
 
 /// A client address range: an address and how many leading bits of it count. Host bits are
@@ -805,6 +901,7 @@ impl XdpDeny {
     /// Opens the deny tries pinned under `dir` without attaching anything, for `sluicectl deny`:
     /// changes apply at once to the XDP program the daemon attached.
     pub fn open_pinned(dir: &Path) -> Result<Self> {
+        check_pins(dir)?;
         let mut ebpf = load_object(Some(dir))?;
         Ok(Self {
             deny_v4: take_map(&mut ebpf, admission::DENY_V4)?,
@@ -816,6 +913,9 @@ impl XdpDeny {
     }
 
     fn attach_from(ifname: &str, pin_dir: Option<&Path>) -> Result<Self> {
+        if let Some(dir) = pin_dir {
+            check_pins(dir)?;
+        }
         let mut ebpf = load_object(pin_dir)?;
         let deny_v4 = take_map(&mut ebpf, admission::DENY_V4)?;
         let deny_v6 = take_map(&mut ebpf, admission::DENY_V6)?;

@@ -868,6 +868,54 @@ fn encode_all(src: &Source, mut e: DescriptorEncoder) -> Result<(), std::fmt::Er
     )?;
     single(
         e,
+        "sluice_fast_path_reserved_bytes",
+        "Bytes of the daemon-wide fast-path kernel budget (sockmap_queue_total_mib) the \
+         connections hold: the most the kernel can have queued for them beyond what their \
+         destinations took",
+        G,
+        total(Counter::FastPathReservedBytes),
+    )?;
+    single(
+        e,
+        "sluice_fast_path_queued_bytes",
+        "Bytes the kernel has queued for fast-path connections (redirected, not yet in the \
+         destination's send buffer), as last sampled",
+        G,
+        total(Counter::FastPathQueuedBytes),
+    )?;
+    single(
+        e,
+        "sluice_fast_path_held_bytes",
+        "Bytes flow control holds back on fast-path source sockets or in the workers, as last \
+         sampled",
+        G,
+        total(Counter::FastPathHeldBytes),
+    )?;
+    single(
+        e,
+        "sluice_fast_path_holds",
+        "Times a fast-path direction reached its bound (sockmap_queue_limit_mib) and its \
+         verdict started holding bytes",
+        C,
+        total(Counter::FastPathHolds),
+    )?;
+    single(
+        e,
+        "sluice_fast_path_holds_unannounced",
+        "Of sluice_fast_path_holds_total, those found by looking at the sockets because the \
+         verdict's event ring was full",
+        C,
+        total(Counter::FastPathHoldsUnannounced),
+    )?;
+    single(
+        e,
+        "sluice_fast_path_budget_short",
+        "Fast-path allowances the daemon-wide budget (sockmap_queue_total_mib) cut short",
+        C,
+        total(Counter::FastPathBudgetShort),
+    )?;
+    single(
+        e,
         "sluice_pipes_in_use",
         "Kernel pipes held by connections with bytes in flight (splice engine)",
         G,

@@ -15,7 +15,7 @@ use crate::sys::SharedMap;
 pub const MAX_WORKERS: usize = 1024;
 /// Listeners whose active connections are counted per worker (for per-listener caps).
 pub const MAX_LISTENERS: usize = 64;
-const COUNTERS: usize = 48;
+const COUNTERS: usize = 56;
 const ROW: usize = COUNTERS + MAX_LISTENERS;
 
 /// What each counter slot of a row holds.
@@ -117,10 +117,29 @@ pub enum Counter {
     TlsHandshakes,
     /// Of those, resumed from a session ticket (no certificate signature).
     TlsResumed,
+    /// Gauge: bytes of the daemon-wide fast-path kernel budget (`sockmap_queue_total_mib`) this
+    /// worker's connections hold: the most the kernel can have queued for them, charged to no
+    /// socket (each direction's allowance past what its destination took). Supervisor row: the
+    /// daemon-wide sum ([`Shared::fast_budget_take`]).
+    FastPathReservedBytes,
+    /// Gauge: bytes the kernel has queued for the fast path (redirected, not yet in the
+    /// destination's send buffer), as last sampled (every connection about once a second).
+    FastPathQueuedBytes,
+    /// Gauge: bytes flow control holds on source sockets for the worker (charged to their
+    /// receive buffers) or the worker holds itself, as last sampled.
+    FastPathHeldBytes,
+    /// Times a direction reached its bound and its verdict started holding bytes.
+    FastPathHolds,
+    /// Of [`Counter::FastPathHolds`], those the worker found by looking at its sockets: the
+    /// event ring was full, so the verdict held without telling.
+    FastPathHoldsUnannounced,
+    /// Allowances the daemon-wide budget (`sockmap_queue_total_mib`) cut short: the direction
+    /// got less than its `sockmap_queue_limit_mib`, so its bytes wait for the worker sooner.
+    FastPathBudgetShort,
 }
 
 // Every counter has its slot in a row (the last variant is the highest).
-const _: () = assert!((Counter::TlsResumed as usize) < COUNTERS);
+const _: () = assert!((Counter::FastPathBudgetShort as usize) < COUNTERS);
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::Active, "active"),
@@ -160,6 +179,15 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::RefusedUntrustedProxy, "refused_untrusted_proxy"),
     (Counter::TlsHandshakes, "tls_handshakes"),
     (Counter::TlsResumed, "tls_resumed"),
+    (Counter::FastPathReservedBytes, "fast_path_reserved_bytes"),
+    (Counter::FastPathQueuedBytes, "fast_path_queued_bytes"),
+    (Counter::FastPathHeldBytes, "fast_path_held_bytes"),
+    (Counter::FastPathHolds, "fast_path_holds"),
+    (
+        Counter::FastPathHoldsUnannounced,
+        "fast_path_holds_unannounced",
+    ),
+    (Counter::FastPathBudgetShort, "fast_path_budget_short"),
 ];
 
 /// The reasons of `sluice_connections_refused_total{reason}` (Prometheus) and the counter of
@@ -280,12 +308,55 @@ impl Shared {
             .sum()
     }
 
+    /// Takes up to `want` bytes of the daemon-wide fast-path kernel budget, of which `limit`
+    /// exist (`u64::MAX`: no limit, only counted), for worker `worker`; returns what it got
+    /// (less than `want` once the budget is spent). Counted daemon-wide in the supervisor row
+    /// and in the worker's own, so a dead worker's share goes back ([`Shared::clear_gauges`]).
+    pub fn fast_budget_take(&self, worker: usize, want: u64, limit: u64) -> u64 {
+        let pool = &self.row(MAX_WORKERS - 1)[Counter::FastPathReservedBytes as usize];
+        let mut got = 0;
+        let _ = pool.fetch_update(Relaxed, Relaxed, |used| {
+            got = want.min(limit.saturating_sub(used));
+            Some(used + got)
+        });
+        self.row(worker)[Counter::FastPathReservedBytes as usize].fetch_add(got, Relaxed);
+        got
+    }
+
+    /// Takes `n` bytes of the budget whatever is left (bytes the kernel already queued beyond a
+    /// reservation that was just given back: at most one skb).
+    pub fn fast_budget_force(&self, worker: usize, n: u64) {
+        self.row(MAX_WORKERS - 1)[Counter::FastPathReservedBytes as usize].fetch_add(n, Relaxed);
+        self.row(worker)[Counter::FastPathReservedBytes as usize].fetch_add(n, Relaxed);
+    }
+
+    /// Gives back `n` bytes worker `worker` took with [`Shared::fast_budget_take`].
+    pub fn fast_budget_give(&self, worker: usize, n: u64) {
+        for row in [self.row(MAX_WORKERS - 1), self.row(worker)] {
+            let _ =
+                row[Counter::FastPathReservedBytes as usize]
+                    .fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(n)));
+        }
+    }
+
     /// A worker died: its connections are gone, so its gauges go to zero.
     pub fn clear_gauges(&self, worker: usize) {
         let row = self.row(worker);
-        // A dead worker's connections are gone: their daemon-wide places too.
+        // A dead worker's connections are gone: their daemon-wide places too, and their share
+        // of the fast path's kernel budget (their sockets closed, the kernel freed the queues).
         self.release(row[Counter::Active as usize].load(Relaxed));
-        for g in [Counter::Active, Counter::PipesInUse, Counter::Pid] {
+        self.fast_budget_give(
+            worker,
+            row[Counter::FastPathReservedBytes as usize].load(Relaxed),
+        );
+        for g in [
+            Counter::Active,
+            Counter::PipesInUse,
+            Counter::Pid,
+            Counter::FastPathReservedBytes,
+            Counter::FastPathQueuedBytes,
+            Counter::FastPathHeldBytes,
+        ] {
             row[g as usize].store(0, Relaxed);
         }
         for l in &row[COUNTERS..] {
@@ -350,6 +421,21 @@ mod tests {
             1,
             "counters survive, gauges do not"
         );
+    }
+
+    #[test]
+    fn the_fast_path_budget_is_shared_and_a_dead_worker_gives_its_share_back() {
+        let s = Shared::new().unwrap();
+        assert_eq!(s.fast_budget_take(0, 600, 1000), 600);
+        assert_eq!(s.fast_budget_take(1, 600, 1000), 400, "only what is left");
+        assert_eq!(s.fast_budget_take(1, 10, 1000), 0, "spent");
+        s.fast_budget_give(0, 100);
+        assert_eq!(s.fast_budget_take(1, 500, 1000), 100);
+        assert_eq!(s.get(1, Counter::FastPathReservedBytes), 500);
+        assert_eq!(s.supervisor_get(Counter::FastPathReservedBytes), 1000);
+        s.clear_gauges(1);
+        assert_eq!(s.get(1, Counter::FastPathReservedBytes), 0);
+        assert_eq!(s.supervisor_get(Counter::FastPathReservedBytes), 500);
     }
 
     #[test]

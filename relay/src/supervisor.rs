@@ -331,6 +331,15 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     let mut fast_path = None;
     let mut shared_fast = None;
     if kind == EngineKind::Sockmap {
+        // Pins from an older `sluicectl load` (a map added since is missing) are not used: one
+        // clear line says to load again, and the fast path runs on maps of its own meanwhile.
+        let old_pins = opts
+            .pin_dir
+            .as_deref()
+            .and_then(|d| crate::ebpf::check_pins(d).err());
+        if let Some(e) = &old_pins {
+            tracing::warn!("{e}; the fast path uses maps of its own until then");
+        }
         let pinned = opts
             .pin_dir
             .as_deref()
@@ -341,9 +350,10 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         });
         match loaded {
             Ok(fast) => {
-                fast_path = Some(match pinned {
-                    Some(dir) => format!("attached (maps pinned under {})", dir.display()),
-                    None => "attached".to_string(),
+                fast_path = Some(match (pinned, &old_pins) {
+                    (Some(dir), _) => format!("attached (maps pinned under {})", dir.display()),
+                    (None, Some(e)) => format!("attached (maps of its own: {e})"),
+                    (None, None) => "attached".to_string(),
                 });
                 shared_fast = Some(fast);
             }

@@ -7,9 +7,10 @@
 //! - fd 3 .. 3+L: the L listening sockets, in config order (shared by all workers);
 //! - fd 3+L: the memfd of the shared counters ([`crate::metrics::Shared`]);
 //! - fd 4+L: the memfd of the histogram slots ([`crate::histo::Region`]);
-//! - fds 5+L .. 7+L, only with [`ENV_SHARED_FAST_PATH`] (set for every sockmap worker): the
-//!   sockmap fast path's maps (sockets, peers, counters) the supervisor created or opened and
-//!   attached the verdict to ([`crate::ebpf::FastPath::from_fds`]); the worker loads nothing.
+//! - fds 5+L .. 8+L, only with [`ENV_SHARED_FAST_PATH`] (set for every sockmap worker): the
+//!   sockmap fast path's maps (sockets, peers, counters, flow totals) the supervisor created or
+//!   opened and attached the verdict to ([`crate::ebpf::FastPath::from_fds`]); the worker loads
+//!   nothing.
 //!
 //! The environment carries the rest: `SLUICE_WORKER=index/workers/engine` and the effective
 //! configuration as TOML in `SLUICE_CONFIG`.
@@ -81,13 +82,11 @@ pub fn main() -> Result<(), StartError> {
     let config = Config::from_toml(&text, "supervisor").map_err(std::io::Error::other)?;
     let n = config.listeners.len();
     let shared_fast = std::env::var_os(ENV_SHARED_FAST_PATH).is_some();
-    let mut inherited =
-        sys::take_inherited_fds(FIRST_LISTENER_FD, n + 2 + if shared_fast { 3 } else { 0 })?;
+    let map_fds = if shared_fast { crate::ebpf::MAP_FDS } else { 0 };
+    let mut inherited = sys::take_inherited_fds(FIRST_LISTENER_FD, n + 2 + map_fds)?;
     let fast_maps = if shared_fast {
-        let counters = inherited.pop().expect("3 map fds");
-        let peers = inherited.pop().expect("3 map fds");
-        let socks = inherited.pop().expect("3 map fds");
-        Some([socks, peers, counters])
+        let maps: Vec<_> = inherited.split_off(inherited.len() - map_fds);
+        Some(<[_; crate::ebpf::MAP_FDS]>::try_from(maps).expect("MAP_FDS map fds"))
     } else {
         None
     };

@@ -108,6 +108,10 @@ pub struct TcpEntry {
     /// Kernel TCP state: 0x01 ESTABLISHED, 0x0A LISTEN, ...
     pub state: u8,
     pub inode: u64,
+    /// Send-Q: bytes written and not yet acknowledged by the peer (`tx_queue`).
+    pub tx_queue: u64,
+    /// Recv-Q: bytes received and not yet read by the owner (`rx_queue`).
+    pub rx_queue: u64,
 }
 
 pub const TCP_ESTABLISHED: u8 = 0x01;
@@ -129,7 +133,10 @@ pub fn tcp_table() -> Vec<TcpEntry> {
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
+            let (tx, rx) = f.get(4)?.split_once(':')?;
             Some(TcpEntry {
+                tx_queue: u64::from_str_radix(tx, 16).ok()?,
+                rx_queue: u64::from_str_radix(rx, 16).ok()?,
                 local: parse_addr(f.get(1)?)?,
                 remote: parse_addr(f.get(2)?)?,
                 state: u8::from_str_radix(f.get(3)?, 16).ok()?,
@@ -137,6 +144,15 @@ pub fn tcp_table() -> Vec<TcpEntry> {
             })
         })
         .collect()
+}
+
+/// Send-Q and Recv-Q summed over the IPv4 TCP sockets `pid` has open: (tx, rx).
+pub fn tcp_queues(pid: u32) -> (u64, u64) {
+    let mine = socket_inodes(pid);
+    tcp_table()
+        .iter()
+        .filter(|e| mine.contains(&e.inode))
+        .fold((0, 0), |(tx, rx), e| (tx + e.tx_queue, rx + e.rx_queue))
 }
 
 /// True when some socket listens on `addr` (checked without connecting to it).

@@ -181,6 +181,7 @@ pub struct Config {
     pub max_connections: Option<u32>,
     pub resolve_interval_s: Option<u32>,
     pub sockmap_queue_limit_mib: Option<u32>,
+    pub sockmap_queue_total_mib: Option<u32>,
     pub connect_ms: Option<u32>,
     pub idle_ms: Option<u32>,
     pub fin_ms: Option<u32>,
@@ -294,6 +295,10 @@ impl Config {
         top(
             "sockmap_queue_limit_mib",
             self.sockmap_queue_limit_mib.map(|v| v.to_string()),
+        );
+        top(
+            "sockmap_queue_total_mib",
+            self.sockmap_queue_total_mib.map(|v| v.to_string()),
         );
         let timeouts = [
             ("connect_ms", self.connect_ms),

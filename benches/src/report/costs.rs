@@ -281,7 +281,8 @@ pub fn section(out: &mut String, v: &View) {
          \"other\" share in the CPU accounting), which, whenever the destination's send buffer is \
          full, tries again only after a scheduler tick (`sk_psock_backlog` in \
          net/core/skmsg.c); and the flow-control allowance (`sockmap_queue_limit_mib`, \
-         default 256), which holds bytes on the source socket once the destination lags by \
-         that much (measured cost in docs/OPERATIONS.md).\n"
+         default 16 per direction, within `sockmap_queue_total_mib`, default 256 for the \
+         daemon), which holds bytes on the source socket once the destination lags by that \
+         much, and then the worker forwards them (measured cost in docs/OPERATIONS.md).\n"
     );
 }

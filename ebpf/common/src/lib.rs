@@ -31,6 +31,10 @@ pub mod fast_path {
     pub const HELD: &str = "SLUICE_HELD";
     /// Bytes of [`HELD`] (a page multiple; thousands of events).
     pub const HELD_BYTES: u32 = 64 * 1024;
+    /// `Array<FlowStats>` with one slot ([`crate::FLOW_STATS_SLOT`]): what the verdicts of every
+    /// socket did with flow control, in particular the holds [`HELD`] had no room to announce
+    /// (user space sweeps its sockets when that count moves).
+    pub const FLOW: &str = "SLUICE_FLOW";
     /// The `sk_skb/stream_verdict` program, attached to [`SOCKS`].
     pub const PROG_VERDICT: &str = "sluice_verdict";
     /// Default capacity of each fast-path map (sockets, not connections: two per connection).
@@ -68,6 +72,9 @@ pub mod admission {
 /// The only slot of [`admission::XDP_STATS`].
 pub const XDP_STATS_SLOT: u32 = 0;
 
+/// The only slot of [`fast_path::FLOW`].
+pub const FLOW_STATS_SLOT: u32 = 0;
+
 /// Value of [`fast_path::PEERS`]: the socket that receives what arrives on the key's socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,7 +92,10 @@ pub struct Peer {
     /// user space (`released` equals it). Otherwise it leaves the skb on the socket (charged to
     /// its receive buffer, so TCP's window closes when user space does not read): user space
     /// forwards those bytes in order once the peer caught up, then moves `allow` on.
-    /// `u64::MAX` means no limit.
+    /// `u64::MAX` means no limit. User space keeps `allow` at most its bound past the bytes the
+    /// peer has taken, so what the kernel queues for the peer (redirected, charged to no socket)
+    /// stays within that bound; it may also lower `allow` at any time (holding is always safe:
+    /// the held bytes wait on the socket, in order, for user space).
     pub allow: u64,
     /// `ConnCounters::held` as of the last time user space had taken every byte left on the
     /// socket.
@@ -98,6 +108,24 @@ pub struct Peer {
 impl Peer {
     /// [`Peer::owner`] of an entry in maps private to one process.
     pub const PRIVATE: u32 = u32::MAX;
+}
+
+/// Value of [`fast_path::FLOW`]: flow-control totals over every socket of the maps, updated by
+/// the verdict with atomic adds (it runs on every CPU at once).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Times a socket's verdict started holding bytes (its [`Peer::allow`] ran out).
+    pub holds: u64,
+    /// Of [`FlowStats::holds`], those [`fast_path::HELD`] had no room to announce. The socket
+    /// holds all the same (every later skb of it is held behind, so order is kept); user space
+    /// finds it by looking at its sockets' counters when this number moves. Incremented after
+    /// the socket's `ConnCounters::held`, so a sweep that saw the new value sees the held bytes.
+    pub unannounced: u64,
+    /// [`HeldEvent::LOW`] events the ring had no room for (harmless: that direction is held at
+    /// its `allow` instead of having it moved on early).
+    pub lost_low: u64,
+    pub reserved: u64,
 }
 
 /// Record of [`fast_path::HELD`]: socket `cookie` (inserted by worker `owner`) started holding
@@ -209,6 +237,7 @@ pub struct XdpStats {
 const _: () = assert!(size_of::<Cookie>() == 8);
 const _: () = assert!(size_of::<Peer>() == 40);
 const _: () = assert!(size_of::<HeldEvent>() == 16);
+const _: () = assert!(size_of::<FlowStats>() == 32);
 const _: () = assert!(size_of::<ConnCounters>() == 48);
 const _: () = assert!(size_of::<ClientKeyV4>() == 8);
 const _: () = assert!(size_of::<ClientKeyV6>() == 20);
@@ -220,13 +249,17 @@ const _: () = assert!(size_of::<RuleId>() == 4);
 mod pod {
     //! `aya::Pod` for every map key and value: they are `#[repr(C)]`, `Copy`, and every bit
     //! pattern is valid (only integers and byte arrays, no padding), which is what `Pod` requires.
-    use super::{ClientKeyV4, ClientKeyV6, ConnCounters, DestKey, HeldEvent, Peer, XdpStats};
+    use super::{
+        ClientKeyV4, ClientKeyV6, ConnCounters, DestKey, FlowStats, HeldEvent, Peer, XdpStats,
+    };
 
     // SAFETY: `#[repr(C)]` structs of integers and byte arrays without padding (the size asserts
     // above pin the layout); any bit pattern is a valid value.
     unsafe impl aya::Pod for Peer {}
     // SAFETY: as above.
     unsafe impl aya::Pod for HeldEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ConnCounters {}
     // SAFETY: as above.

@@ -5,6 +5,9 @@
 //! shares, so the two sides cannot disagree on a layout.
 #![no_std]
 #![no_main]
+// `atomic_xadd` for the verdict's shared counters (the BPF target has no `AtomicU64::fetch_add`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod maps;
 mod verdict;

@@ -6,10 +6,10 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
 };
 use sluice_common::{
-    ClientKeyV4, ClientKeyV6, ConnCounters, Cookie, DestKey, Peer, RuleId, XdpStats,
+    ClientKeyV4, ClientKeyV6, ConnCounters, Cookie, DestKey, FlowStats, Peer, RuleId, XdpStats,
     admission::{MAX_CLIENT_RULES, MAX_DESTS, MAX_PORTS},
     fast_path::{HELD_BYTES, MAX_SOCKETS},
 };
@@ -35,6 +35,11 @@ pub(crate) static COUNTERS: HashMap<Cookie, ConnCounters> =
 /// Sockets whose flow control started holding bytes, for user space to forward them.
 #[map(name = "SLUICE_HELD")]
 pub(crate) static HELD: RingBuf = RingBuf::with_byte_size(HELD_BYTES, 0);
+
+/// Flow-control totals over every socket, in slot `FLOW_STATS_SLOT` (one slot shared by all CPUs:
+/// the verdict adds atomically).
+#[map(name = "SLUICE_FLOW")]
+pub(crate) static FLOW: Array<FlowStats> = Array::with_max_entries(1, 0);
 
 /// IPv4 clients that may connect (read by the relay at accept).
 #[map(name = "SLUICE_ALLOW_V4")]

@@ -11,9 +11,12 @@
 //!   stays on the socket, charged to its receive buffer, so the sender's window closes when the
 //!   destination does not read (redirected skbs are charged to nobody while they wait for the
 //!   peer's send buffer: without this, a destination that never reads lets the kernel queue
-//!   without limit);
+//!   without limit). Starting to hold is announced on the `SLUICE_HELD` ring; when the ring is
+//!   full the skb is held all the same (never redirected past the bound), and counted in
+//!   `SLUICE_FLOW`, where user space looks for holds it was not told of;
 //! - every outcome is counted in `SLUICE_COUNTERS` if the relay created an entry for the socket.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use core::mem::offset_of;
 
 use aya_ebpf::{
@@ -23,9 +26,9 @@ use aya_ebpf::{
     macros::stream_verdict,
     programs::SkBuffContext,
 };
-use sluice_common::{ConnCounters, Cookie, HeldEvent};
+use sluice_common::{ConnCounters, Cookie, FLOW_STATS_SLOT, FlowStats, HeldEvent};
 
-use crate::maps::{COUNTERS, HELD, PEERS, SOCKS};
+use crate::maps::{COUNTERS, FLOW, HELD, PEERS, SOCKS};
 
 #[stream_verdict]
 pub fn sluice_verdict(ctx: SkBuffContext) -> u32 {
@@ -63,20 +66,27 @@ fn try_sluice_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         // SAFETY: as in `count`: a live value of this socket, written only by its serialized runs.
         let (bytes, held) = unsafe { ((*c).bytes, (*c).held) };
         if held != released {
-            // Already holding (user space was told): in order behind the held bytes.
+            // Already holding (user space was told, or finds it): in order behind the held bytes.
             return Ok(pass(counters, len));
         }
         if bytes.saturating_add(u64::from(len)) > allow {
-            // Start holding only if user space can be told; if the ring is full, redirect this
-            // one (nothing is held yet, so order is kept) and try again with the next skb.
+            // The bound is reached: hold this skb, and with it every later one until user space
+            // took them all (`held != released` above). `held` is counted before user space is
+            // told, so the counters it reads on the event already show the held bytes.
+            let verdict = pass(counters, len);
+            flow_add(offset_of!(FlowStats, holds));
             let event = HeldEvent {
                 cookie,
                 owner,
                 kind: HeldEvent::HELD,
             };
-            if HELD.output::<HeldEvent>(&event, 0).is_ok() {
-                return Ok(pass(counters, len));
+            if HELD.output::<HeldEvent>(&event, 0).is_err() {
+                // The ring is full: hold all the same (redirecting would let the kernel queue
+                // past the bound). User space learns of it from this count (it looks at its
+                // sockets' counters when the count moves), not from an event.
+                flow_add(offset_of!(FlowStats, unannounced));
             }
+            return Ok(verdict);
         } else if bytes < warn_at && bytes.saturating_add(u64::from(len)) >= warn_at {
             // Half the allowance used: user space may move it on before it runs out (a lost
             // event only means this direction is held at `allow` instead).
@@ -85,7 +95,9 @@ fn try_sluice_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
                 owner,
                 kind: HeldEvent::LOW,
             };
-            let _ = HELD.output::<HeldEvent>(&event, 0);
+            if HELD.output::<HeldEvent>(&event, 0).is_err() {
+                flow_add(offset_of!(FlowStats, lost_low));
+            }
         }
     }
     // Egress redirect (flags 0): the skb is sent out of the peer socket.
@@ -135,4 +147,23 @@ fn count(counters: Option<*mut ConnCounters>, field_offset: usize, n: u64) {
     // SAFETY: `field` is an 8-byte aligned `u64` inside a live map value (ConnCounters is all
     // u64s, map values are 8-byte aligned), and only this socket's serialized runs write it.
     unsafe { *field += n };
+}
+
+/// Adds one to a field of the `SLUICE_FLOW` totals. Atomic: its one slot is shared by the
+/// verdicts of every socket, running on every CPU at once.
+#[inline(always)]
+fn flow_add(field_offset: usize) {
+    let Some(stats) = FLOW.get_ptr_mut(FLOW_STATS_SLOT) else {
+        return;
+    };
+    // SAFETY: `stats` points at the array's only value, valid for the program run (array values
+    // are never freed); `field_offset` is an `offset_of!` into `FlowStats` (all u64s, 8-byte
+    // aligned in an 8-byte aligned map value), so the result is an aligned u64 inside it, and
+    // every writer uses atomic adds.
+    unsafe {
+        let field = stats.cast::<u8>().add(field_offset).cast::<u64>();
+        // `AtomicU64::fetch_add` does not exist for this target (no compare-and-swap); the
+        // intrinsic, its result unused, is the BPF atomic add every kernel version has.
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, 1);
+    }
 }

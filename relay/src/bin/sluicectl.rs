@@ -371,6 +371,11 @@ fn print_stats(v: &serde_json::Value) {
     }
 }
 
+/// Bytes as MiB with one decimal.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
+}
+
 fn print_status(v: &serde_json::Value) {
     let Ok(st) = serde_json::from_value::<control::Status>(v.clone()) else {
         println!("{v:#}");
@@ -388,6 +393,17 @@ fn print_status(v: &serde_json::Value) {
     );
     if let Some(fp) = &st.fast_path {
         println!("sockmap fast path: {fp}");
+        let t = |k: &str| st.totals.get(k).copied().unwrap_or(0);
+        println!(
+            "  kernel queue {} (at most {} reserved), held on sockets {}; {} holds ({} found \
+             without an event), {} allowances cut short by the daemon-wide budget",
+            mib(t("fast_path_queued_bytes")),
+            mib(t("fast_path_reserved_bytes")),
+            mib(t("fast_path_held_bytes")),
+            t("fast_path_holds"),
+            t("fast_path_holds_unannounced"),
+            t("fast_path_budget_short"),
+        );
     }
     println!(
         "\n{:<8} {:>8} {:<8} {:>10} {:>12}",

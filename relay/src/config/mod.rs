@@ -32,9 +32,17 @@ pub struct Config {
     pub resolve_interval_s: u32,
     /// Sockmap engine: MiB the kernel may queue for one direction of a connection whose
     /// destination does not keep up, beyond its socket buffers (flow control of the fast path;
-    /// 0 = no limit). Lower bounds kernel memory tighter and costs fast streams throughput.
+    /// those bytes are charged to no socket buffer). 0 = only `sockmap_queue_total_mib` bounds
+    /// it. Lower bounds kernel memory tighter and costs fast streams throughput.
     #[serde(default = "defaults::sockmap_queue_limit_mib")]
     pub sockmap_queue_limit_mib: u32,
+    /// Sockmap engine: MiB the kernel may queue for the fast path of the whole daemon, all
+    /// connections together (the sum of what `sockmap_queue_limit_mib` allows each). When it is
+    /// spent, new bytes wait on their source socket for the worker, which forwards them with
+    /// ordinary backpressure. 0 = no daemon-wide limit (and, with `sockmap_queue_limit_mib = 0`
+    /// too, no flow control at all).
+    #[serde(default = "defaults::sockmap_queue_total_mib")]
+    pub sockmap_queue_total_mib: u32,
     /// After binding and loading eBPF, run as this user (its primary group too), keeping only
     /// the capabilities the engine still needs. None: stay as started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -529,8 +537,9 @@ pub enum EngineChoice {
     Epoll,
     /// The eBPF sockmap fast path for plain connections (bytes move inside the kernel; user
     /// space only watches for FIN and errors); TLS ports copy. Falls back to splice where BPF is
-    /// refused. No backpressure yet: a client faster than its upstream makes the kernel queue
-    /// without limit (see docs/OPERATIONS.md).
+    /// refused. What the kernel queues for a destination that lags is bounded per direction
+    /// (`sockmap_queue_limit_mib`) and for the whole daemon (`sockmap_queue_total_mib`); past
+    /// that, bytes wait on the source socket (see docs/OPERATIONS.md).
     Sockmap,
 }
 
@@ -660,6 +669,9 @@ mod defaults {
         300
     }
     pub fn sockmap_queue_limit_mib() -> u32 {
+        16
+    }
+    pub fn sockmap_queue_total_mib() -> u32 {
         256
     }
     pub fn connect_ms() -> u32 {
@@ -748,6 +760,7 @@ impl Config {
             max_connections: defaults::max_connections(),
             resolve_interval_s: defaults::resolve_interval_s(),
             sockmap_queue_limit_mib: defaults::sockmap_queue_limit_mib(),
+            sockmap_queue_total_mib: defaults::sockmap_queue_total_mib(),
             timeouts: Timeouts::default(),
             resolve: Default::default(),
             admission: AdmissionSettings::default(),

@@ -58,6 +58,16 @@ const FAST_SNDBUF: usize = 4 << 20;
 const DRAIN_WAITS_MS: [u32; 6] = [1, 2, 4, 8, 16, 32];
 /// Bytes flow control moves per event before yielding to other connections.
 const FORWARD_ROUNDS: usize = 16;
+/// Flow control: the verdict is asked to warn ([`sluice_common::HeldEvent::LOW`]) half-way
+/// through an allowance only when at least twice this is left; a smaller one simply runs out.
+const MIN_WARN: u64 = 64 << 10;
+/// Flow control: what a direction's allowance starts at (a chat message's worth), before it
+/// doubles each time half of it was used (up to its window). Most connections never need more,
+/// so the daemon-wide budget is reserved by the ones that stream.
+const FIRST_GRANT: u64 = 128 << 10;
+/// Fast-path connections whose kernel queues one tick samples (for the gauges, and to give back
+/// budget their destinations freed); the next tick goes on from there.
+const SAMPLE_BATCH: usize = 256;
 /// `tcpi_state` of a socket that was reset or fully closed.
 const TCP_CLOSE: u8 = 7;
 /// Slot value meaning "no connection" (listener, control, timer, cancel operations).
@@ -286,14 +296,143 @@ struct FastConn {
     taken: [u64; 2],
     /// Whether direction `d`'s source has a POLLRDHUP watch in flight.
     watching: [bool; 2],
-    /// Flow control: bytes the verdict may redirect on a direction past the point where user
-    /// space last caught up ([`sluice_common::Peer::allow`]; `sockmap_queue_limit_mib`,
-    /// `u64::MAX` for none). A destination that stops reading gets at most this much queued in
-    /// the kernel beyond its send buffer; then the source socket's receive buffer fills with
-    /// held bytes and TCP closes the sender's window. Half-way the verdict says so and the
-    /// allowance moves on if the destination kept up; when it runs out, user space waits for
-    /// the destination, forwards what was held meanwhile (a copy), and lets the verdict go on.
-    budget: u64,
+    /// Flow control: the most the kernel may queue for a direction, redirected but not yet in
+    /// its destination's send buffer (charged to no socket): `sockmap_queue_limit_mib`, or the
+    /// daemon-wide budget when that is 0; `u64::MAX` for no flow control. The verdict's
+    /// allowance ([`sluice_common::Peer::allow`]) is kept at most this far past the bytes the
+    /// destination took, and only as far as the daemon-wide budget (`sockmap_queue_total_mib`)
+    /// has room for ([`grant`]). Half-way the verdict says so and the allowance slides on by what
+    /// the destination took meanwhile; when it runs out, the source socket's receive buffer fills
+    /// with held bytes and TCP closes the sender's window, user space waits for the destination,
+    /// forwards what was held meanwhile (a copy), and lets the verdict go on.
+    window: u64,
+    /// `Peer::allow` of direction `d` as last written.
+    allow: [u64; 2],
+    /// Bytes of the daemon-wide budget direction `d` holds: at least what the kernel can queue
+    /// for it under `allow` (`allow` minus what its destination had taken at the last look).
+    reserved: [u64; 2],
+    /// What direction `d`'s reservation grows towards: [`FIRST_GRANT`], doubled each time the
+    /// allowance was used up to half or held (at most `window`), back to the start when the
+    /// direction was idle and its allowance taken back.
+    ramp: [u64; 2],
+    /// Whether user space knows direction `d` is holding (from an event or a sweep) and has not
+    /// released it yet: each hold is counted once.
+    holding: [bool; 2],
+    /// Sampling ([`Worker::fast_sample`]): direction `d`'s redirected bytes at the last sample
+    /// (unchanged at the next one: idle), and its kernel-queued and held bytes then (in the
+    /// worker's gauges).
+    sampled_bytes: [u64; 2],
+    sampled_queued: [u64; 2],
+    sampled_held: [u64; 2],
+}
+
+impl FastConn {
+    /// A connection about to enter the fast path, with flow control `window` (cookies and
+    /// `written` are filled in once it is inserted).
+    fn new(window: u64) -> FastConn {
+        FastConn {
+            cookies: (0, 0),
+            written: [0; 2],
+            fin: [false; 2],
+            waits: [0; 2],
+            seen: 0,
+            released: [0; 2],
+            pending: [Vec::new(), Vec::new()],
+            waiting: [false; 2],
+            forward_waits: [0; 2],
+            taken: [0; 2],
+            watching: [false; 2],
+            window,
+            allow: [0; 2],
+            reserved: [0; 2],
+            ramp: [FIRST_GRANT.min(window); 2],
+            holding: [false; 2],
+            sampled_bytes: [0; 2],
+            sampled_queued: [0; 2],
+            sampled_held: [0; 2],
+        }
+    }
+}
+
+/// The daemon-wide budget of kernel memory for the fast path, as one worker takes from it.
+#[derive(Clone, Copy)]
+struct Pool<'a> {
+    shared: &'a crate::metrics::Shared,
+    row: crate::metrics::Row<'a>,
+    worker: usize,
+    /// Bytes in all (`u64::MAX`: no limit).
+    limit: u64,
+}
+
+impl Pool<'_> {
+    fn take(&self, want: u64) -> u64 {
+        if want == 0 {
+            return 0;
+        }
+        let got = self.shared.fast_budget_take(self.worker, want, self.limit);
+        if got < want {
+            self.row.inc(Counter::FastPathBudgetShort);
+        }
+        got
+    }
+
+    fn give(&self, n: u64) {
+        if n > 0 {
+            self.shared.fast_budget_give(self.worker, n);
+        }
+    }
+
+    fn force(&self, n: u64) {
+        if n > 0 {
+            self.shared.fast_budget_force(self.worker, n);
+        }
+    }
+
+    /// Whether over half the budget is taken (then idle directions give theirs back).
+    fn pressed(&self) -> bool {
+        self.limit != u64::MAX
+            && self.shared.supervisor_get(Counter::FastPathReservedBytes) > self.limit / 2
+    }
+}
+
+/// A new allowance for direction `d` of `f`, whose verdict redirected `bytes` so far, of which
+/// the destination's send queue took `delivered`: at most `f.ramp[d]` (doubled first when
+/// `grow`: the direction used what it had) past `delivered`, as far as the pool has room. First
+/// the reservation shrinks to what the present allowance still lets the kernel queue (what the
+/// destination took since is given back), then it grows towards the ramp, never past the
+/// window. The allowance never moves back (the caller writes it with the returned `warn_at`).
+fn grant(
+    f: &mut FastConn,
+    d: usize,
+    bytes: u64,
+    delivered: u64,
+    grow: bool,
+    pool: &Pool<'_>,
+) -> (u64, u64) {
+    if f.window == u64::MAX {
+        return (u64::MAX, u64::MAX);
+    }
+    let delivered = delivered.min(bytes);
+    let now = f.allow[d].max(bytes) - delivered;
+    if f.reserved[d] > now {
+        pool.give(f.reserved[d] - now);
+    } else {
+        pool.force(now - f.reserved[d]);
+    }
+    if grow {
+        f.ramp[d] = f.ramp[d].saturating_mul(2).min(f.window);
+    }
+    let got = pool.take(f.ramp[d].saturating_sub(now));
+    f.reserved[d] = now + got;
+    let allow = delivered + f.reserved[d];
+    f.allow[d] = allow;
+    let room = allow - bytes;
+    let warn_at = if room >= 2 * MIN_WARN {
+        bytes + room / 2
+    } else {
+        u64::MAX
+    };
+    (allow, warn_at)
 }
 
 /// Where a flow-control step of a fast-path direction ended.
@@ -362,6 +501,14 @@ pub struct Worker<'a> {
     /// Pairs inserted so far, and how many of them the last audit of the maps came after.
     fast_pairs: u64,
     fast_audited: u64,
+    /// `FlowStats::unannounced` as last seen: when it moves, the verdict held bytes on some
+    /// socket without an event (the ring was full), and the worker looks at all of its own.
+    flow_unannounced: u64,
+    /// The slot the next sampling of kernel queues starts at.
+    sample_next: usize,
+    /// Sums of the connections' sampled kernel-queued and held bytes (the gauges).
+    sampled_queued: u64,
+    sampled_held: u64,
     drain_waits: Box<[types::Timespec; DRAIN_WAITS_MS.len()]>,
     upstreams: Upstreams,
     /// Copy directions waiting for a free buffer: (slot, generation, dir).
@@ -378,6 +525,11 @@ pub struct Worker<'a> {
     cqes: Vec<(u64, i32, u32)>,
 }
 
+/// The `held` counter of fast-path socket `cookie`, if it can be read.
+fn fast_held(fast: Option<&FastPath>, cookie: Cookie) -> Option<u64> {
+    fast?.counters(cookie).ok().flatten().map(|c| c.held)
+}
+
 /// A fast-path socket's counters (zero before the verdict saw it); Err as (errno, at the
 /// source), like the other fast-path steps.
 fn counters_of(
@@ -390,16 +542,6 @@ fn counters_of(
             io::Error::other(e).raw_os_error().unwrap_or(libc::EIO),
             true,
         )),
-    }
-}
-
-/// Where the verdict warns that a direction's allowance runs low: half-way through the budget
-/// from `bytes` (never, without a limit).
-fn warn_at(bytes: u64, budget: u64) -> u64 {
-    if budget == u64::MAX {
-        u64::MAX
-    } else {
-        bytes + budget / 2
     }
 }
 
@@ -423,7 +565,7 @@ impl<'a> Worker<'a> {
         listeners: Vec<OwnedFd>,
         control: OwnedFd,
         upstreams: Upstreams,
-        shared_fast: Option<[OwnedFd; 3]>,
+        shared_fast: Option<[OwnedFd; crate::ebpf::MAP_FDS]>,
     ) -> io::Result<Worker<'a>> {
         // The supervisor's probe found the kernel has what this engine needs; the setup flags
         // that are only optimisations are left out where the kernel lacks them.
@@ -454,6 +596,12 @@ impl<'a> Worker<'a> {
         } else {
             None
         };
+        // Holds other workers (or an earlier daemon, with pinned maps) left unannounced are not
+        // this worker's to look for.
+        let flow_unannounced = fast
+            .as_ref()
+            .and_then(|f| f.flow_stats().ok())
+            .map_or(0, |s| s.unannounced);
         Ok(Worker {
             ring,
             bufs,
@@ -477,6 +625,10 @@ impl<'a> Worker<'a> {
             held_events: Vec::new(),
             fast_pairs: 0,
             fast_audited: 0,
+            flow_unannounced,
+            sample_next: 0,
+            sampled_queued: 0,
+            sampled_held: 0,
             drain_waits: Box::new(
                 DRAIN_WAITS_MS.map(|ms| types::Timespec::new().nsec(ms * 1_000_000)),
             ),
@@ -746,6 +898,7 @@ impl<'a> Worker<'a> {
                 }
                 self.on_held(events.drain(..));
                 self.held_events = events;
+                self.fast_find_unannounced();
                 self.arm_held();
             }
             Op::Tick => {
@@ -784,6 +937,7 @@ impl<'a> Worker<'a> {
         // Flow-control events the supervisor relayed (maps shared through pins).
         let held = self.ctx.take_held();
         let owner = self.ctx.index as u32;
+        let events = !held.is_empty();
         self.on_held(
             held.into_iter()
                 .map(|(cookie, kind)| sluice_common::HeldEvent {
@@ -792,6 +946,9 @@ impl<'a> Worker<'a> {
                     kind,
                 }),
         );
+        if events {
+            self.fast_find_unannounced();
+        }
     }
 
     /// `sluicectl deny add --kill-existing`: closes (RST) every connection whose client is in
@@ -865,12 +1022,162 @@ impl<'a> Worker<'a> {
         }
         self.arm_accepts();
         self.audit_fast_path();
+        self.fast_find_unannounced();
+        self.fast_sample();
         // An idle worker gives its slab back, so the memory of a burst does not stay. Safe:
         // with no connection, no completion in flight names a slot.
         if self.active == 0 && self.slots.capacity() > super::SLAB_KEEP {
             self.slots = Vec::new();
             self.free = Vec::new();
             self.starved = VecDeque::new();
+        }
+    }
+
+    /// Holds the verdict could not announce (its event ring was full; it held all the same):
+    /// when their count ([`sluice_common::FlowStats::unannounced`]) moved since the last look,
+    /// every fast-path direction of this worker is looked at, and one holding bytes user space
+    /// does not know of is forwarded now, as its event would have made it. Called after each
+    /// batch of events and on every tick, so such a hold waits one tick at most. The count moves
+    /// after the socket's `held` counter does, so a look that follows it sees the held bytes.
+    fn fast_find_unannounced(&mut self) {
+        let Some(fast) = self.fast.as_ref() else {
+            return;
+        };
+        if self.fast_cookies.is_empty() {
+            return;
+        }
+        let Ok(stats) = fast.flow_stats() else {
+            return;
+        };
+        if stats.unannounced == self.flow_unannounced {
+            return;
+        }
+        self.flow_unannounced = stats.unannounced;
+        for slot in 0..self.slots.len() as u32 {
+            for d in [TO_UPSTREAM, TO_CLIENT] {
+                let Some(c) = self.slots[slot as usize].conn.as_ref() else {
+                    continue;
+                };
+                let Some(f) = c.fast.as_ref() else { continue };
+                if c.phase == Phase::Closing || c.dirs[d].done || f.waiting[d] || f.holding[d] {
+                    continue;
+                }
+                let cookie = if d == TO_UPSTREAM {
+                    f.cookies.0
+                } else {
+                    f.cookies.1
+                };
+                let held = fast_held(self.fast.as_ref(), cookie);
+                if held.is_some_and(|h| h != f.released[d]) {
+                    self.ctx.row.inc(Counter::FastPathHoldsUnannounced);
+                    self.fast_step(slot, d);
+                    self.maybe_free(slot);
+                }
+            }
+        }
+    }
+
+    /// Samples the kernel queues of up to [`SAMPLE_BATCH`] fast-path connections (the next ones
+    /// after the last tick's), for the gauges `fast_path_queued_bytes` and
+    /// `fast_path_held_bytes`; gives back the budget their destinations freed; and, while more
+    /// than half the daemon-wide budget is taken, takes the allowance of directions that were
+    /// idle since their last sample (their next bytes wait for the worker, which asks again).
+    fn fast_sample(&mut self) {
+        if self.fast.is_none() {
+            return;
+        }
+        if !self.fast_cookies.is_empty() {
+            let pool = self.pool();
+            let pressed = pool.pressed();
+            let n = self.slots.len();
+            let mut at = self.sample_next;
+            let mut sampled = 0;
+            for _ in 0..n {
+                if at >= n {
+                    at = 0;
+                }
+                let slot = at;
+                at += 1;
+                let live = self.slots[slot]
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.fast.is_some() && c.phase != Phase::Closing);
+                if live {
+                    self.fast_sample_conn(slot, pressed, &pool);
+                    sampled += 1;
+                    if sampled == SAMPLE_BATCH {
+                        break;
+                    }
+                }
+            }
+            self.sample_next = at;
+        }
+        self.ctx
+            .row
+            .set(Counter::FastPathQueuedBytes, self.sampled_queued);
+        self.ctx
+            .row
+            .set(Counter::FastPathHeldBytes, self.sampled_held);
+    }
+
+    fn fast_sample_conn(&mut self, slot: usize, pressed: bool, pool: &Pool<'_>) {
+        let c = self.slots[slot].conn.as_mut().expect("live slot");
+        let up = c.upstream.as_ref().expect("connected upstream");
+        let f = c.fast.as_mut().expect("fast");
+        let fast = self.fast.as_mut().expect("sockmap engine");
+        for d in [TO_UPSTREAM, TO_CLIENT] {
+            let (dst, cookie) = if d == TO_UPSTREAM {
+                (up.as_fd(), f.cookies.0)
+            } else {
+                (c.client.as_fd(), f.cookies.1)
+            };
+            let Ok(Some(counters)) = fast.counters(cookie) else {
+                continue;
+            };
+            let held = counters.held.saturating_sub(f.taken[d]) + f.pending[d].len() as u64;
+            // Unknown this time (ACKs kept moving): the last sample stands.
+            let mut queued = f.sampled_queued[d];
+            if let Ok(total) = sent_total(dst) {
+                let delivered = total.saturating_sub(f.written[d]).min(counters.bytes);
+                queued = counters.bytes - delivered;
+                if f.window != u64::MAX {
+                    // What the destination took since the last look goes back to the pool.
+                    let now = f.allow[d].max(counters.bytes) - delivered;
+                    if f.reserved[d] > now {
+                        pool.give(f.reserved[d] - now);
+                        f.reserved[d] = now;
+                    }
+                    let idle = queued == 0
+                        && counters.bytes == f.sampled_bytes[d]
+                        && counters.held == f.released[d]
+                        && !f.waiting[d];
+                    if pressed
+                        && idle
+                        && f.reserved[d] > 0
+                        && fast
+                            .set_flow(cookie, counters.bytes, u64::MAX, f.released[d])
+                            .is_ok()
+                    {
+                        f.allow[d] = counters.bytes;
+                        f.ramp[d] = FIRST_GRANT.min(f.window);
+                        pool.give(f.reserved[d]);
+                        f.reserved[d] = 0;
+                        // An skb redirected between the read and the write went past the new
+                        // allowance: still the kernel's, still counted.
+                        if let Ok(Some(after)) = fast.counters(cookie)
+                            && after.bytes > counters.bytes
+                        {
+                            f.reserved[d] = after.bytes - counters.bytes;
+                            pool.force(f.reserved[d]);
+                        }
+                    }
+                }
+            }
+            f.sampled_bytes[d] = counters.bytes;
+            self.sampled_queued = self.sampled_queued - f.sampled_queued[d] + queued;
+            self.sampled_held = self.sampled_held - f.sampled_held[d] + held;
+            f.sampled_queued[d] = queued;
+            f.sampled_held[d] = held;
         }
     }
 
@@ -1362,6 +1669,7 @@ impl<'a> Worker<'a> {
     /// kick each (bytes queued before insertion go through the verdict now), then a POLLRDHUP
     /// watch per source. If the kernel refuses the pair, the connection is spliced instead.
     fn start_fast(&mut self, slot: u32) {
+        let pool = self.pool();
         let s = &mut self.slots[slot as usize];
         let c = s.conn.as_mut().expect("live slot");
         let fast = self.fast.as_mut().expect("sockmap engine");
@@ -1373,10 +1681,18 @@ impl<'a> Worker<'a> {
         // after insertion.
         let partly_read =
             listener.accept_proxy || listener.route == Route::Sni || !listener.decoy.is_off();
-        let budget = match self.ctx.config.sockmap_queue_limit_mib {
-            0 => u64::MAX,
-            mib => u64::from(mib) << 20,
+        let window = match (
+            self.ctx.config.sockmap_queue_limit_mib,
+            self.ctx.config.sockmap_queue_total_mib,
+        ) {
+            (0, 0) => u64::MAX,
+            (0, total) => u64::from(total) << 20,
+            (mib, _) => u64::from(mib) << 20,
         };
+        let mut f = FastConn::new(window);
+        // Each direction starts with as much of its window as the daemon-wide budget has room
+        // for (none: its first bytes wait for the worker, which forwards them and asks again).
+        let flows = [TO_UPSTREAM, TO_CLIENT].map(|d| grant(&mut f, d, 0, 0, false, &pool));
         let buf = &mut self.kick_buf;
         let row = &self.ctx.row;
         let inserted = (|| {
@@ -1391,32 +1707,22 @@ impl<'a> Worker<'a> {
                 let _ = socket2::SockRef::from(&fd).set_send_buffer_size(FAST_SNDBUF);
             }
             let cookies = fast
-                .insert_pair_with(c.client.as_fd(), up.as_fd(), budget, warn_at(0, budget))
+                .insert_pair_flows(c.client.as_fd(), up.as_fd(), flows)
                 .map_err(io::Error::other)?;
             Ok::<_, io::Error>((cookies, written))
         })();
         match inserted {
             Ok((cookies, written)) => {
-                c.fast = Some(Box::new(FastConn {
-                    cookies,
-                    written,
-                    fin: [false; 2],
-                    waits: [0; 2],
-                    seen: 0,
-                    released: [0; 2],
-                    pending: [Vec::new(), Vec::new()],
-                    waiting: [false; 2],
-                    forward_waits: [0; 2],
-                    taken: [0; 2],
-                    watching: [false; 2],
-                    budget,
-                }));
+                f.cookies = cookies;
+                f.written = written;
+                c.fast = Some(Box::new(f));
                 self.fast_cookies.insert(cookies.0, slot);
                 self.fast_cookies.insert(cookies.1, slot);
                 self.ctx.row.inc(Counter::FastPathPairs);
                 self.fast_pairs += 1;
             }
             Err(e) => {
+                pool.give(f.reserved[0] + f.reserved[1]);
                 tracing::debug!("fast path refused a connection ({e}); splicing it");
                 self.ctx.row.inc(Counter::FastPathRefused);
                 for d in [TO_UPSTREAM, TO_CLIENT] {
@@ -1465,6 +1771,7 @@ impl<'a> Worker<'a> {
     /// read: its receive buffer fills and TCP closes the sender's window (backpressure).
     fn fast_forward(&mut self, slot: u32, d: usize) -> Result<Forward, (i32, bool)> {
         let errno = |e: io::Error| e.raw_os_error().unwrap_or(libc::EIO);
+        let pool = self.pool();
         for _ in 0..FORWARD_ROUNDS {
             let s = &mut self.slots[slot as usize];
             let c = s.conn.as_mut().expect("live slot");
@@ -1475,21 +1782,6 @@ impl<'a> Worker<'a> {
                 (up.as_fd(), c.client.as_fd())
             };
             let f = c.fast.as_mut().expect("fast");
-            if !f.pending[d].is_empty() {
-                let sent =
-                    match sys::send(dst, &f.pending[d], libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                        Err(e) => return Err((errno(e), false)),
-                    };
-                f.pending[d].drain(..sent);
-                f.written[d] += sent as u64;
-                if !f.pending[d].is_empty() {
-                    return Ok(self.fast_wait(slot, d, true));
-                }
-                self.moved(slot, d, sent as u64);
-                continue;
-            }
             let cookie = if d == TO_UPSTREAM {
                 f.cookies.0
             } else {
@@ -1497,8 +1789,15 @@ impl<'a> Worker<'a> {
             };
             let fast = self.fast.as_mut().expect("sockmap engine");
             let counters = counters_of(fast, cookie)?;
-            // Held bytes may only follow the redirected ones.
-            if counters.held != f.released[d] {
+            let holding = counters.held != f.released[d];
+            if holding && !f.holding[d] {
+                f.holding[d] = true;
+                pool.row.inc(Counter::FastPathHolds);
+            }
+            // Held bytes (and those read and not yet sent: `pending` is only ever filled while
+            // holding) may only follow the redirected ones. While holding, the verdict
+            // redirects nothing more, so once this holds it holds until the release.
+            if holding {
                 let redirected = counters.bytes;
                 match sent_total(dst) {
                     Ok(total) if total >= f.written[d] + redirected => {}
@@ -1508,6 +1807,22 @@ impl<'a> Worker<'a> {
                     }
                     Err(e) => return Err((errno(e), false)),
                 }
+            }
+            if !f.pending[d].is_empty() {
+                let sent =
+                    match sys::send(dst, &f.pending[d], libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                        Err(e) => return Err((errno(e), false)),
+                    };
+                f.pending[d].drain(..sent);
+                f.written[d] += sent as u64;
+                let more = !f.pending[d].is_empty();
+                self.moved(slot, d, sent as u64);
+                if more {
+                    return Ok(self.fast_wait(slot, d, true));
+                }
+                continue;
             }
             let n = match ebpf::kick(src, &mut self.kick_buf) {
                 Ok(Kick::Data(n)) => n,
@@ -1523,16 +1838,14 @@ impl<'a> Worker<'a> {
                         // Held bytes the kernel has yet to make readable (its own backlog).
                         return Ok(self.fast_wait(slot, d, false));
                     }
-                    // Everything held up to `counters.held` was taken and sent: the verdict may
-                    // redirect again, a budget past what it redirected so far.
+                    // Everything held up to `counters.held` was taken and sent, and every byte
+                    // it redirected reached the destination (checked above): the verdict may
+                    // redirect again, as far as the window and the daemon-wide budget allow.
                     f.released[d] = counters.held;
-                    fast.set_flow(
-                        cookie,
-                        counters.bytes.saturating_add(f.budget),
-                        warn_at(counters.bytes, f.budget),
-                        counters.held,
-                    )
-                    .map_err(|e| (errno(io::Error::other(e)), true))?;
+                    f.holding[d] = false;
+                    let (allow, warn_at) = grant(f, d, counters.bytes, counters.bytes, true, &pool);
+                    fast.set_flow(cookie, allow, warn_at, counters.held)
+                        .map_err(|e| (errno(io::Error::other(e)), true))?;
                     // An skb held after `counters` was read came without an event (the verdict
                     // was holding already): look again before going back to waiting for one.
                     let now = counters_of(fast, cookie)?;
@@ -1546,14 +1859,20 @@ impl<'a> Worker<'a> {
             };
             f.taken[d] += n as u64;
             self.ctx.row.add(Counter::FastPathUserBytes, n as u64);
-            let sent = match sys::send(
-                dst,
-                &self.kick_buf[..n],
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            ) {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Err((errno(e), false)),
+            let sent = if !holding {
+                // Held after `counters` was read, so the check above did not run for it: kept
+                // in `pending` until the next round has checked.
+                0
+            } else {
+                match sys::send(
+                    dst,
+                    &self.kick_buf[..n],
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                ) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Err((errno(e), false)),
+                }
             };
             let f = self.slots[slot as usize]
                 .conn
@@ -1563,6 +1882,23 @@ impl<'a> Worker<'a> {
             f.written[d] += sent as u64;
             if sent < n {
                 f.pending[d].extend_from_slice(&self.kick_buf[sent..n]);
+            } else if n < self.kick_buf.len() {
+                // The read emptied the queue and the destination took it all: if the verdict
+                // held nothing more meanwhile, it may redirect again now. Waiting for a read
+                // that finds the queue empty would rarely end while the sender keeps sending
+                // (it refills the queue as fast as it is read), and every byte until then
+                // would come through here instead of the kernel.
+                let fast = self.fast.as_mut().expect("sockmap engine");
+                let now = counters_of(fast, cookie)?;
+                if now.held == f.taken[d] && now.held != f.released[d] {
+                    // While holding the verdict redirects nothing, and every byte it redirected
+                    // before reached the destination (checked above this round).
+                    f.released[d] = now.held;
+                    f.holding[d] = false;
+                    let (allow, warn_at) = grant(f, d, now.bytes, now.bytes, true, &pool);
+                    fast.set_flow(cookie, allow, warn_at, now.held)
+                        .map_err(|e| (errno(io::Error::other(e)), true))?;
+                }
             }
             self.moved(slot, d, sent as u64);
         }
@@ -1578,14 +1914,15 @@ impl<'a> Worker<'a> {
         Ok(Forward::Waiting)
     }
 
-    /// Direction `d` used half its allowance: if its destination keeps up (what the verdict
-    /// redirected is mostly in the destination's send queue already), the allowance moves on
-    /// now, so a fast stream is never held; otherwise it stays, and the verdict holds at it.
+    /// Direction `d` used half its allowance: it slides on by what the destination took since
+    /// ([`grant`]), so a stream whose destination keeps up is never held, and one whose
+    /// destination lags is held once the kernel queued its window for it.
     fn fast_extend(&mut self, slot: u32, d: usize) -> Result<(), (i32, bool)> {
         let errno = |e: io::Error| e.raw_os_error().unwrap_or(libc::EIO);
-        let c = self.slots[slot as usize].conn.as_ref().expect("live slot");
-        let f = c.fast.as_ref().expect("fast");
+        let pool = self.pool();
+        let c = self.slots[slot as usize].conn.as_mut().expect("live slot");
         let up = c.upstream.as_ref().expect("connected upstream");
+        let f = c.fast.as_mut().expect("fast");
         let (dst, cookie) = if d == TO_UPSTREAM {
             (up.as_fd(), f.cookies.0)
         } else {
@@ -1593,7 +1930,7 @@ impl<'a> Worker<'a> {
         };
         let fast = self.fast.as_mut().expect("sockmap engine");
         let counters = counters_of(fast, cookie)?;
-        if counters.held != f.released[d] {
+        if counters.held != f.released[d] || f.window == u64::MAX {
             return Ok(()); // holding: its own event takes it from here
         }
         let total = match sent_total(dst) {
@@ -1601,17 +1938,10 @@ impl<'a> Worker<'a> {
             Err(e) if e.raw_os_error().is_none() => return Ok(()),
             Err(e) => return Err((errno(e), false)),
         };
-        let queued = (f.written[d] + counters.bytes).saturating_sub(total);
-        if queued <= f.budget / 4 * 3 {
-            fast.set_flow(
-                cookie,
-                counters.bytes.saturating_add(f.budget),
-                warn_at(counters.bytes, f.budget),
-                f.released[d],
-            )
-            .map_err(|e| (errno(io::Error::other(e)), true))?;
-        }
-        Ok(())
+        let delivered = total.saturating_sub(f.written[d]);
+        let (allow, warn_at) = grant(f, d, counters.bytes, delivered, true, &pool);
+        fast.set_flow(cookie, allow, warn_at, f.released[d])
+            .map_err(|e| (errno(io::Error::other(e)), true))
     }
 
     /// Arms the re-check of direction `d`'s flow control: POLLOUT on the destination when it is
@@ -1644,6 +1974,20 @@ impl<'a> Worker<'a> {
         }
         self.fast_conn(slot).waiting[d] = false;
         self.fast_step(slot, d);
+    }
+
+    /// The daemon-wide fast-path budget, as this worker takes from it.
+    fn pool(&self) -> Pool<'a> {
+        let limit = match self.ctx.config.sockmap_queue_total_mib {
+            0 => u64::MAX,
+            mib => u64::from(mib) << 20,
+        };
+        Pool {
+            shared: self.ctx.shared,
+            row: self.ctx.row,
+            worker: self.ctx.index,
+            limit,
+        }
     }
 
     fn fast_conn(&mut self, slot: u32) -> &mut FastConn {
@@ -2516,9 +2860,20 @@ impl<'a> Worker<'a> {
             return;
         }
         let mut conn = s.conn.take().expect("checked above");
+        let pool = self.pool();
         if let (Some(f), Some(fast)) = (conn.fast.take(), self.fast.as_mut()) {
             self.fast_cookies.remove(&f.cookies.0);
             self.fast_cookies.remove(&f.cookies.1);
+            // Its sockets close now, and the kernel's queues for them with them.
+            pool.give(f.reserved[0] + f.reserved[1]);
+            self.sampled_queued -= f.sampled_queued[0] + f.sampled_queued[1];
+            self.sampled_held -= f.sampled_held[0] + f.sampled_held[1];
+            self.ctx
+                .row
+                .set(Counter::FastPathQueuedBytes, self.sampled_queued);
+            self.ctx
+                .row
+                .set(Counter::FastPathHeldBytes, self.sampled_held);
             // Out of the maps before the sockets close; what the kernel moved is counted now.
             match fast.remove_pair(f.cookies) {
                 Ok((from_client, from_upstream)) => {
@@ -2648,5 +3003,79 @@ mod tests {
             assert_eq!(Op::from_u8(v).map(|o| o as u8), Some(v));
         }
         assert_eq!(Op::from_u8(0), None);
+    }
+
+    /// What the kernel can queue for a direction under an allowance: everything redirected up
+    /// to `allow` that the destination has not taken.
+    fn exposure(f: &FastConn, d: usize, delivered: u64) -> u64 {
+        f.allow[d] - delivered
+    }
+
+    #[test]
+    fn a_grant_keeps_the_kernel_queue_within_the_window_and_the_pool() {
+        const MIB: u64 = 1 << 20;
+        const K: u64 = FIRST_GRANT;
+        let shared = crate::metrics::Shared::new().unwrap();
+        let pool = Pool {
+            shared: &shared,
+            row: shared.worker(0),
+            worker: 0,
+            limit: 10 * MIB,
+        };
+        let used = || shared.supervisor_get(Counter::FastPathReservedBytes);
+        let mut a = FastConn::new(4 * MIB);
+        // A fresh direction starts small, with a warning half-way.
+        let (allow, warn) = grant(&mut a, 0, 0, 0, false, &pool);
+        assert_eq!((allow, warn), (K, K / 2));
+        assert_eq!(used(), K);
+        // Each time half of it is used, it doubles past what the destination took, up to the
+        // window; what the kernel can queue never exceeds the reservation.
+        let mut bytes = 0;
+        let mut delivered = 0;
+        for _ in 0..10 {
+            bytes = a.allow[0] - a.reserved[0] / 2;
+            grant(&mut a, 0, bytes, delivered, true, &pool);
+            assert!(exposure(&a, 0, delivered) <= a.reserved[0]);
+            assert!(a.reserved[0] <= 4 * MIB);
+        }
+        assert_eq!(a.reserved[0], 4 * MIB, "grown to its window");
+        assert_eq!(used(), 4 * MIB, "nothing more reserved than the window");
+        // The destination took 1 MiB: the allowance slides by that, no further.
+        let before = a.allow[0];
+        delivered += MIB;
+        let (allow, _) = grant(&mut a, 0, bytes, delivered, true, &pool);
+        assert_eq!(allow, before + MIB);
+        assert_eq!(exposure(&a, 0, delivered), 4 * MIB);
+        // The destination took nothing more: the allowance does not move, and never back.
+        assert_eq!(grant(&mut a, 0, allow, delivered, true, &pool).0, allow);
+        // Others take what is left of the pool, then none of it.
+        let mut b = FastConn::new(4 * MIB);
+        b.ramp = [4 * MIB; 2];
+        assert_eq!(grant(&mut b, 0, 0, 0, false, &pool).0, 4 * MIB);
+        assert_eq!(grant(&mut b, 1, 0, 0, false, &pool).0, 2 * MIB);
+        let mut c = FastConn::new(4 * MIB);
+        let (allow, warn) = grant(&mut c, 0, 0, 0, false, &pool);
+        assert_eq!(
+            (allow, warn),
+            (0, u64::MAX),
+            "held at once: the worker forwards"
+        );
+        assert_eq!(used(), 10 * MIB);
+        assert!(shared.get(0, Counter::FastPathBudgetShort) >= 2);
+        // The first direction's destination caught up: what it took goes back to the pool and
+        // comes back to it as a full window past it.
+        let all = a.allow[0];
+        let (allow, _) = grant(&mut a, 0, all, all, true, &pool);
+        assert_eq!(allow, all + 4 * MIB);
+        assert_eq!(used(), 10 * MIB);
+        // Given back (an idle direction, under pressure): another direction's next grant gets it.
+        pool.give(a.reserved[0]);
+        a.reserved[0] = 0;
+        let (allow, _) = grant(&mut c, 0, 100, 100, true, &pool);
+        assert_eq!(allow, 100 + 2 * K);
+        assert!(used() <= pool.limit);
+        // Without flow control nothing is reserved.
+        let mut free = FastConn::new(u64::MAX);
+        assert_eq!(grant(&mut free, 0, 0, 0, true, &pool), (u64::MAX, u64::MAX));
     }
 }

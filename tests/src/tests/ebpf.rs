@@ -446,6 +446,94 @@ fn xdp_drops_syns_of_denied_clients_only() {
     });
 }
 
+/// The verdict's event ring full: a socket that reaches its allowance holds all the same (it used
+/// to redirect past the bound when it could not say so), every later byte of it is held behind,
+/// in order, until user space releases it, and the hold is counted in `FlowStats::unannounced`,
+/// where user space looks for holds it was not told of.
+#[test]
+fn a_full_event_ring_still_holds_and_counts_what_it_could_not_announce() {
+    if !gate(
+        "a_full_event_ring_still_holds_and_counts_what_it_could_not_announce",
+        BPF_CAPS,
+    ) {
+        return;
+    }
+    // One page: room for 170 events (16 bytes each, plus the ring's 8-byte header).
+    let mut fp = FastPath::load_with_ring(4096).expect("load the fast path");
+    const PAIRS: usize = 200;
+    let mut relays: Vec<Relay> = (0..PAIRS)
+        .map(|_| {
+            let (a_client, a_server) = tcp_pair();
+            let (b_client, b_server) = tcp_pair();
+            // No allowance: the first byte from the client holds (and wants an event).
+            let cookies = fp
+                .insert_pair_with(a_server.as_fd(), b_client.as_fd(), 0, u64::MAX)
+                .expect("insert_pair_with");
+            Relay {
+                a_client,
+                a_server,
+                b_client,
+                b_server,
+                cookies,
+            }
+        })
+        .collect();
+    for (i, r) in relays.iter_mut().enumerate() {
+        r.a_client.write_all(&pattern(100, i as u8)).unwrap();
+    }
+    for r in &relays {
+        let c = counters_when(&fp, r.cookies.0, "every pair holds", |c| c.held == 100);
+        assert_eq!(c.bytes, 0, "redirected past an allowance of 0: {c:?}");
+    }
+    let stats = fp.flow_stats().expect("flow stats");
+    let mut events = Vec::new();
+    fp.held_events(&mut events);
+    assert_eq!(stats.holds, PAIRS as u64, "{stats:?}");
+    assert!(
+        stats.unannounced > 0 && events.len() as u64 + stats.unannounced == PAIRS as u64,
+        "{} events, {stats:?}: every hold is either announced or counted",
+        events.len()
+    );
+    let announced: std::collections::HashSet<u64> = events.iter().map(|e| e.cookie).collect();
+    let (i, r) = relays
+        .iter_mut()
+        .enumerate()
+        .find(|(_, r)| !announced.contains(&r.cookies.0))
+        .expect("a pair whose hold was not announced");
+
+    // The ring has room again and the allowance is lifted, but the held bytes are not taken:
+    // later bytes are held behind them, not redirected ahead.
+    fp.set_flow(r.cookies.0, u64::MAX, u64::MAX, 0).unwrap();
+    r.a_client.write_all(&pattern(50, 7)).unwrap();
+    let c = counters_when(&fp, r.cookies.0, "held behind", |c| c.held == 150);
+    assert_eq!(c.bytes, 0, "a byte overtook the held ones: {c:?}");
+    assert!(!readable_within(&r.b_server, 100), "nothing may arrive yet");
+
+    // User space takes the held bytes and forwards them itself, then releases: the verdict
+    // redirects what comes after, and the destination sees it all in order.
+    let mut buf = [0u8; 4096];
+    let mut taken = Vec::new();
+    while taken.len() < 150 {
+        match kick(r.a_server.as_fd(), &mut buf).expect("kick") {
+            Kick::Data(n) => taken.extend_from_slice(&buf[..n]),
+            Kick::Empty => thread::sleep(Duration::from_millis(5)),
+            Kick::Eof => panic!("EOF"),
+        }
+    }
+    r.b_client.write_all(&taken).unwrap();
+    fp.set_flow(r.cookies.0, u64::MAX, u64::MAX, 150).unwrap();
+    r.a_client.write_all(&pattern(30, 9)).unwrap();
+    let mut want = pattern(100, i as u8);
+    want.extend(pattern(50, 7));
+    want.extend(pattern(30, 9));
+    assert_eq!(read_exactly(&mut r.b_server, 180, "in order"), want);
+    let c = counters_when(&fp, r.cookies.0, "redirected after", |c| c.bytes == 30);
+    assert_eq!(c.held, 150, "{c:?}");
+    for r in relays {
+        fp.remove_pair(r.cookies).unwrap();
+    }
+}
+
 /// A bpffs mounted on a fresh directory for one test, unmounted and removed on drop.
 pub(super) struct Bpffs(PathBuf);
 
