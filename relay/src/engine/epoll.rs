@@ -807,7 +807,7 @@ impl<'a> Worker<'a> {
                         }
                     }
                     (_, 0) => {
-                        tls.send_close_notify();
+                        tls.server_ended(conn.decoy);
                         to_client.eof = true;
                     }
                     _ => {
@@ -887,6 +887,21 @@ impl<'a> Worker<'a> {
                 // A port with a decoy closes a client that said nothing it could use as a web
                 // server does at its header timeout: quietly (FIN), not with a reset.
                 let quiet = conn.phase == Phase::Sni && self.ctx.decoy_on(conn.listener);
+                // As nginx's `SSL_shutdown` at its header timeout: close_notify first.
+                let conn = self.slots[slot].1.as_mut().expect("live");
+                if quiet
+                    && let Some(tls) = conn.tls.as_mut()
+                    && !tls.is_handshaking()
+                {
+                    let mut out = std::mem::take(&mut conn.dirs[1].pending);
+                    tls.send_close_notify();
+                    tls.take_ciphertext(&mut out);
+                    let _ = crate::sys::send(
+                        conn.client.as_fd(),
+                        &out,
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    );
+                }
                 self.end(
                     slot,
                     if quiet {

@@ -453,12 +453,21 @@ impl<'a> WorkerCtx<'a> {
                     };
                     match (TlsServer::from_pem(&id), self.tls.get_mut(listener)) {
                         (Ok(server), Some(slot)) => {
-                            let keys = self.config.listeners[listener]
+                            let l = &self.config.listeners[listener];
+                            let keys = l
                                 .tls
                                 .as_ref()
                                 .is_some_and(|t| t.session_tickets)
                                 .then_some(self.tickets.as_ref())
                                 .flatten();
+                            // A port that answers HTTP (its decoy) negotiates ALPN as nginx's
+                            // http module; one that does not, none (nginx's stream module,
+                            // HAProxy's `bind ... ssl`).
+                            let server = if l.decoy.is_off() {
+                                server
+                            } else {
+                                server.with_alpn(crate::proto::tls::HTTP_ALPN)
+                            };
                             *slot = Some(server.with_tickets(keys));
                         }
                         (Err(e), _) => tracing::error!("tls certificate from the supervisor: {e}"),

@@ -1013,6 +1013,9 @@ impl<'a> Worker<'a> {
                 // A port with a decoy closes a client that said nothing it could use as a web
                 // server does at its header timeout: quietly (FIN), not with a reset.
                 let quiet = conn.phase == Phase::Sni && self.ctx.decoy_on(conn.listener as usize);
+                if quiet {
+                    self.close_notify_now(i as u32);
+                }
                 self.close(i as u32, !quiet);
                 self.maybe_free(i as u32);
             }
@@ -2531,6 +2534,25 @@ impl<'a> Worker<'a> {
 
     // ---- TLS-terminated connections ----
 
+    /// Before a quiet close of a TLS client whose handshake is done: its close_notify, sent
+    /// at once (best effort, as nginx's `SSL_shutdown` at its header timeout), unless a SEND to
+    /// the client is in flight (its bytes would be overtaken).
+    fn close_notify_now(&mut self, slot: u32) {
+        let c = self.conn(slot);
+        let Some(tls) = c.tls.as_mut() else { return };
+        if tls.conn.is_handshaking() || !tls.out[TO_CLIENT].inflight.is_empty() {
+            return;
+        }
+        let mut out = std::mem::take(&mut tls.out[TO_CLIENT].pending);
+        tls.conn.send_close_notify();
+        tls.conn.take_ciphertext(&mut out);
+        let _ = crate::sys::send(
+            c.client.as_fd(),
+            &out,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        );
+    }
+
     fn tls(&mut self, slot: u32) -> &mut TlsSide {
         self.conn(slot).tls.as_mut().expect("a TLS connection")
     }
@@ -2593,6 +2615,7 @@ impl<'a> Worker<'a> {
                     self.close(slot, false);
                     return;
                 }
+                let decoy = self.conn(slot).decoy;
                 let tls = self.tls(slot);
                 if d == TO_UPSTREAM {
                     tls.conn.feed_eof();
@@ -2600,7 +2623,7 @@ impl<'a> Worker<'a> {
                     tls.conn.take_plaintext(&mut out);
                     tls.out[TO_UPSTREAM].pending = out;
                 } else {
-                    tls.conn.send_close_notify();
+                    tls.conn.server_ended(decoy);
                     let mut out = std::mem::take(&mut tls.out[TO_CLIENT].pending);
                     tls.conn.take_ciphertext(&mut out);
                     tls.out[TO_CLIENT].pending = out;

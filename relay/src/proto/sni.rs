@@ -32,6 +32,8 @@ const HANDSHAKE_HEADER_LEN: usize = 4;
 const CONTENT_TYPE_HANDSHAKE: u8 = 0x16;
 const HANDSHAKE_CLIENT_HELLO: u8 = 0x01;
 const EXTENSION_SERVER_NAME: u16 = 0x0000;
+/// `pre_shared_key` (RFC 8446 section 4.2.11): the client offers a session to resume.
+const EXTENSION_PRE_SHARED_KEY: u16 = 41;
 const NAME_TYPE_HOST_NAME: u8 = 0x00;
 /// Longest DNS name.
 const MAX_NAME_LEN: usize = 253;
@@ -89,13 +91,61 @@ impl SniError {
 /// Reads the SNI of the ClientHello at the start of `buf`, which holds every byte received so far.
 /// The bytes are not consumed: the caller relays all of them to the upstream.
 pub fn peek_sni(buf: &[u8]) -> Result<SniResult, SniError> {
+    match client_hello(buf)? {
+        None => Ok(SniResult::Incomplete),
+        Some(hello) => parse_client_hello(&hello),
+    }
+}
+
+/// What a TLS server imitating OpenSSL needs of a ClientHello that rustls does not tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HelloFacts {
+    /// `legacy_version`: below 0x0303 the client can speak only TLS 1.1 or older.
+    pub legacy_version: u16,
+    /// It offers a session to resume (`pre_shared_key`, a TLS 1.3 ticket).
+    pub offers_psk: bool,
+    /// It offers an ECDHE cipher suite (0xC0xx, or ChaCha20's 0xCCA8/0xCCA9).
+    pub offers_ecdhe: bool,
+}
+
+/// [`HelloFacts`] of the complete ClientHello at the start of `buf`; `None` while incomplete or
+/// if malformed.
+pub fn hello_facts(buf: &[u8]) -> Option<HelloFacts> {
+    let hello = client_hello(buf).ok()??;
+    let legacy_version = u16::from_be_bytes([*hello.first()?, *hello.get(1)?]);
+    let mut r = Reader(&hello);
+    r.take(2 + 32, "").ok()?;
+    let session_id = r.u8().ok()?;
+    r.take(usize::from(session_id), "").ok()?;
+    let suites = r.u16().ok()?;
+    let offers_ecdhe = r
+        .take(usize::from(suites), "")
+        .ok()?
+        .chunks_exact(2)
+        .any(|c| c[0] == 0xc0 || (c[0] == 0xcc && matches!(c[1], 0xa8 | 0xa9)));
+    let mut offers_psk = false;
+    for_each_extension(&hello, |kind, _| {
+        offers_psk |= kind == EXTENSION_PRE_SHARED_KEY;
+        Ok(())
+    })
+    .ok()?;
+    Some(HelloFacts {
+        legacy_version,
+        offers_psk,
+        offers_ecdhe,
+    })
+}
+
+/// The body of the ClientHello at the start of `buf` (after its 4-byte handshake header),
+/// gathered from as many records as it spans; `None` while incomplete.
+fn client_hello(buf: &[u8]) -> Result<Option<Cow<'_, [u8]>>, SniError> {
     let mut rest = buf;
     // The handshake message, gathered from as many records as it spans.
     let mut message: Cow<'_, [u8]> = Cow::Borrowed(&[]);
     loop {
         check_record_start(rest)?;
         if rest.len() < RECORD_HEADER_LEN {
-            return Ok(SniResult::Incomplete);
+            return Ok(None);
         }
         let record_len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
         if record_len == 0 {
@@ -124,13 +174,19 @@ pub fn peek_sni(buf: &[u8]) -> Result<SniResult, SniError> {
             if hello_len > MAX_CLIENT_HELLO_LEN {
                 return Err(SniError::TooLarge);
             }
-            if let Some(hello) = message.get(HANDSHAKE_HEADER_LEN..HANDSHAKE_HEADER_LEN + hello_len)
-            {
-                return parse_client_hello(hello);
+            if message.len() >= HANDSHAKE_HEADER_LEN + hello_len {
+                return Ok(Some(match message {
+                    Cow::Borrowed(m) => {
+                        Cow::Borrowed(&m[HANDSHAKE_HEADER_LEN..HANDSHAKE_HEADER_LEN + hello_len])
+                    }
+                    Cow::Owned(m) => Cow::Owned(
+                        m[HANDSHAKE_HEADER_LEN..HANDSHAKE_HEADER_LEN + hello_len].to_vec(),
+                    ),
+                }));
             }
         }
         if fragment.len() < record_len {
-            return Ok(SniResult::Incomplete);
+            return Ok(None);
         }
         rest = &body[record_len..];
     }
@@ -149,6 +205,24 @@ fn check_record_start(record: &[u8]) -> Result<(), SniError> {
 
 /// Parses a complete ClientHello body (after the 4-byte handshake header).
 fn parse_client_hello(hello: &[u8]) -> Result<SniResult, SniError> {
+    let mut found = None;
+    for_each_extension(hello, |kind, data| {
+        if kind == EXTENSION_SERVER_NAME {
+            if found.is_some() {
+                return Err(SniError::Malformed("two server_name extensions"));
+            }
+            found = Some(parse_server_name(data)?);
+        }
+        Ok(())
+    })?;
+    Ok(found.flatten().map_or(SniResult::NoSni, SniResult::Found))
+}
+
+/// Calls `f` with each extension (type, data) of a complete ClientHello body.
+fn for_each_extension(
+    hello: &[u8],
+    mut f: impl FnMut(u16, &[u8]) -> Result<(), SniError>,
+) -> Result<(), SniError> {
     let mut r = Reader(hello);
     r.take(2 + 32, "truncated version or random")?;
     let session_id = r.u8()?;
@@ -168,26 +242,22 @@ fn parse_client_hello(hello: &[u8]) -> Result<SniResult, SniError> {
     r.take(usize::from(compressions), "truncated compression methods")?;
     if r.0.is_empty() {
         // A TLS 1.2 hello may have no extensions at all.
-        return Ok(SniResult::NoSni);
+        return Ok(());
     }
     let extensions_len = r.u16()?;
     let mut extensions = Reader(r.take(usize::from(extensions_len), "truncated extensions")?);
     if !r.0.is_empty() {
         return Err(SniError::Malformed("bytes after the extensions"));
     }
-    let mut found = None;
     while !extensions.0.is_empty() {
         let kind = extensions.u16()?;
         let len = extensions.u16()?;
-        let data = extensions.take(usize::from(len), "truncated extension")?;
-        if kind == EXTENSION_SERVER_NAME {
-            if found.is_some() {
-                return Err(SniError::Malformed("two server_name extensions"));
-            }
-            found = Some(parse_server_name(data)?);
-        }
+        f(
+            kind,
+            extensions.take(usize::from(len), "truncated extension")?,
+        )?;
     }
-    Ok(found.flatten().map_or(SniResult::NoSni, SniResult::Found))
+    Ok(())
 }
 
 /// Parses the `server_name` extension (RFC 6066 section 3): the first `host_name`, lowercased.

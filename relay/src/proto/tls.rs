@@ -5,21 +5,28 @@
 //! A [`TlsServer`] holds one `Arc<rustls::ServerConfig>`: cloning it is a reference count, so a
 //! later reload can build a new one and swap it while connections keep the old.
 //!
-//! What the server offers follows Signal-TLS-Proxy's nginx: TLS 1.2 and 1.3 only; ECDHE with
-//! AES-GCM or ChaCha20-Poly1305 (the three TLS 1.3 suites, six TLS 1.2 suites); key exchange
-//! X25519, P-256, P-384. nginx's `ffdhe2048` only matters to DHE suites, which are not offered.
-//! No ALPN unless [`TlsServer::with_alpn`]. The `ring` provider is used so the build needs no
-//! cmake or C toolchain for aws-lc.
+//! What the server offers and how it chooses is nginx 1.22's with Debian's OpenSSL 3.0 and
+//! Debian's `nginx.conf` (`ssl_prefer_server_ciphers on`), as far as rustls goes; the
+//! differential test `scanner::differential` compares both with `openssl s_client` (ARCHITECTURE.md,
+//! "Decoy", lists what still differs and why). TLS 1.2 and 1.3 only; ECDHE with AES-GCM or
+//! ChaCha20-Poly1305 in OpenSSL's order for nginx's default `HIGH:!aNULL:!MD5`, the server's
+//! order winning; key exchange X25519, P-256, P-384. A port with a decoy selects ALPN like
+//! nginx's http module ([`HTTP_ALPN`]); a client whose ALPN list shares nothing with it gets no
+//! ALPN rather than nginx's refusal ([`TlsServer::with_alpn`]). The ClientHello is read by
+//! rustls's `Acceptor` first, so its ALPN list can choose the configuration. The `ring`
+//! provider is used so the build needs no cmake or C toolchain for aws-lc.
 //!
-//! Session resumption is by tickets only ([`TlsServer::with_tickets`]), never a session-id
+//! Session resumption is by tickets ([`TlsServer::with_tickets`]), never by a session-id
 //! cache: a cache would live in one worker process out of N, so it would rarely hit while every
-//! worker paid for it. A ticket is the session state encrypted under a [`TicketKeys`] key, and
+//! worker paid for it. TLS 1.2 ServerHellos still carry a session id, as nginx's default
+//! `ssl_session_cache none` does (a cache that stores nothing). A ticket is the session state
+//! encrypted under a [`TicketKeys`] key, and
 //! the keys are made by the supervisor and handed to every worker like the certificate, so a
 //! ticket issued by one worker resumes on any other (SO_REUSEPORT spreads a client's
 //! connections over all of them). The supervisor makes a new key every [`TICKET_ROTATE`] and
-//! workers keep the one before it to decrypt, so a ticket works for one to two rotation periods
-//! and a key is forgotten after two: key erasure is what bounds a ticket's life (rustls checks
-//! no date in it). TLS 1.3 resumption here always runs a fresh ECDHE (`psk_dhe_ke`, the only
+//! workers keep the one before it to decrypt, and a key is forgotten after two periods. A
+//! ticket announces and is accepted for [`TICKET_LIFETIME`] (nginx's 5 minutes; its issue time
+//! is inside it). TLS 1.3 resumption here always runs a fresh ECDHE (`psk_dhe_ke`, the only
 //! mode rustls serves), so a stolen ticket key does not decrypt TLS 1.3 traffic; what a
 //! resumption saves is the certificate signature, the expensive half of a full handshake.
 //! With tickets on, two are sent after each TLS 1.3 handshake, as OpenSSL does.
@@ -58,7 +65,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::crypto::ring::{cipher_suite, default_provider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::{NoServerSessionStorage, ProducesTickets};
+use rustls::server::{Acceptor, ProducesTickets, StoresServerSessions};
 use rustls::{ServerConfig, ServerConnection};
 
 use crate::error::Side;
@@ -91,6 +98,24 @@ pub fn ticket_rotate() -> std::time::Duration {
 
 /// Tickets sent after each TLS 1.3 handshake when tickets are on: OpenSSL's default.
 pub const TLS13_TICKETS: usize = 2;
+
+/// The most of a ClientHello kept to read [`crate::proto::sni::HelloFacts`] from: a record.
+const MAX_HELLO_COPY: usize = 16 * 1024 + 5;
+
+/// [`TlsServer`]'s configuration variant for a client whose ALPN list shares nothing with the
+/// server's.
+const NO_ALPN: usize = 1;
+/// [`TlsServer`]'s configuration variant for a client that offers a session to resume.
+const RESUMING: usize = 2;
+
+/// The ALPN protocols of nginx's http module without HTTP/2 (`NGX_HTTP_ALPN_PROTOS`), for a
+/// TLS port with a decoy: the first the client also offers is selected.
+pub const HTTP_ALPN: &[&[u8]] = &[b"http/1.1", b"http/1.0", b"http/0.9"];
+
+/// How long a ticket resumes a session, and the lifetime it announces: nginx's default
+/// `ssl_session_timeout` of 5 minutes, which nginx gives OpenSSL as the session timeout (what
+/// its tickets announce and how old a ticket it accepts). Shorter when keys rotate faster.
+pub const TICKET_LIFETIME: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Why TLS setup or a TLS connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +165,8 @@ impl KeyKind {
 /// The server side of TLS for one listener: certificate, key and protocol settings.
 #[derive(Clone)]
 pub struct TlsServer {
-    config: Arc<ServerConfig>,
+    /// The configuration, then its variants, by [`NO_ALPN`] and [`RESUMING`] bits.
+    configs: [Arc<ServerConfig>; 4],
     /// The generated CA in PEM, for a self-signed server.
     ca_pem: Option<Arc<str>>,
 }
@@ -149,7 +175,7 @@ impl std::fmt::Debug for TlsServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsServer")
             .field("self_signed", &self.ca_pem.is_some())
-            .field("alpn_protocols", &self.config.alpn_protocols)
+            .field("alpn_protocols", &self.configs[0].alpn_protocols)
             .finish_non_exhaustive()
     }
 }
@@ -178,10 +204,7 @@ impl TlsServer {
             });
         }
         let key_der = PrivateKeyDer::from_pem_file(key).map_err(pem_error("a private key", key))?;
-        Ok(TlsServer {
-            config: Arc::new(server_config(chain, key_der)?),
-            ca_pem: None,
-        })
+        Ok(TlsServer::new(server_config(chain, key_der)?, None))
     }
 
     /// Generates a private CA and a leaf it signs, laid out like WhatsApp/proxy's, with
@@ -200,27 +223,59 @@ impl TlsServer {
         let generated = generate_chain(dns_names, ips, kind)?;
         let chain = vec![generated.leaf.der().clone(), generated.ca.der().clone()];
         let key = PrivatePkcs8KeyDer::from(generated.leaf_key.serialize_der());
-        Ok(TlsServer {
-            config: Arc::new(server_config(chain, key.into())?),
-            ca_pem: Some(generated.ca.pem().into()),
-        })
+        Ok(TlsServer::new(
+            server_config(chain, key.into())?,
+            Some(generated.ca.pem().into()),
+        ))
     }
 
-    /// Offers these ALPN protocols (in preference order); by default none is configured.
-    pub fn with_alpn(self, protocols: &[&[u8]]) -> TlsServer {
-        let mut config = (*self.config).clone();
-        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+    fn new(config: ServerConfig, ca_pem: Option<Arc<str>>) -> TlsServer {
+        let config = Arc::new(config);
         TlsServer {
-            config: Arc::new(config),
-            ca_pem: self.ca_pem,
+            configs: [config.clone(), config.clone(), config.clone(), config],
+            ca_pem,
         }
+    }
+
+    /// Every configuration changed by `f`, then made what its variant is.
+    fn map(&self, f: impl Fn(&mut ServerConfig)) -> TlsServer {
+        let configs = std::array::from_fn(|i| {
+            let mut config = (*self.configs[i]).clone();
+            f(&mut config);
+            if i & RESUMING != 0 {
+                // OpenSSL sends one ticket after a resumption, `num_tickets` after a full
+                // handshake.
+                config.send_tls13_tickets = config.send_tls13_tickets.min(1);
+            }
+            Arc::new(config)
+        });
+        TlsServer {
+            configs,
+            ca_pem: self.ca_pem.clone(),
+        }
+    }
+
+    /// Selects the first of `protocols` (the server's preference, as OpenSSL's
+    /// `SSL_select_next_proto`) that the client offers. By default none is configured. A client
+    /// that offers ALPN but none of these gets a handshake without ALPN, as from a server that
+    /// configures none: where nginx would refuse it (`no_application_protocol`), a messenger
+    /// client that happened to offer something else keeps working.
+    pub fn with_alpn(self, protocols: &[&[u8]]) -> TlsServer {
+        let protocols: Vec<Vec<u8>> = protocols.iter().map(|p| p.to_vec()).collect();
+        let configs = std::array::from_fn(|i| {
+            let mut config = (*self.configs[i]).clone();
+            if i & NO_ALPN == 0 {
+                config.alpn_protocols = protocols.clone();
+            }
+            Arc::new(config)
+        });
+        TlsServer { configs, ..self }
     }
 
     /// Resumes sessions with tickets encrypted under `keys` (None: no tickets, no resumption).
     /// Every worker given the same keys resumes the others' sessions.
     pub fn with_tickets(&self, keys: Option<&TicketKeys>) -> TlsServer {
-        let mut config = (*self.config).clone();
-        match keys {
+        self.map(|config| match keys {
             Some(keys) => {
                 config.ticketer = Arc::new(Ticketer::new(keys));
                 config.send_tls13_tickets = TLS13_TICKETS;
@@ -229,16 +284,12 @@ impl TlsServer {
                 config.ticketer = Arc::new(NoTickets);
                 config.send_tls13_tickets = 0;
             }
-        }
-        TlsServer {
-            config: Arc::new(config),
-            ca_pem: self.ca_pem.clone(),
-        }
+        })
     }
 
     /// Whether this server issues and accepts session tickets.
     pub fn tickets(&self) -> bool {
-        self.config.ticketer.enabled()
+        self.configs[0].ticketer.enabled()
     }
 
     /// The generated CA certificate in PEM, for clients that want to trust it; `None` for a
@@ -249,15 +300,19 @@ impl TlsServer {
 
     /// A new server-side connection for one accepted client.
     pub fn accept(&self) -> Result<TlsConn, TlsError> {
-        let mut conn = ServerConnection::new(self.config.clone()).map_err(TlsError::Config)?;
-        // The worker decides how much to push before taking ciphertext; rustls must not refuse
-        // part of a push.
-        conn.set_buffer_limit(None);
         Ok(TlsConn {
-            conn,
+            state: State::Hello(Box::new(Hello {
+                acceptor: Acceptor::default(),
+                seen: Vec::new(),
+                server: self.clone(),
+                out: Vec::new(),
+                early: Vec::new(),
+                close_notify: false,
+            })),
             pending: Vec::new(),
             close_notify: false,
             eof: false,
+            answered: false,
         })
     }
 }
@@ -334,10 +389,10 @@ impl TlsServer {
         }
         let key =
             PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).map_err(bad("a private key"))?;
-        Ok(TlsServer {
-            config: Arc::new(server_config(chain, key)?),
-            ca_pem: id.ca_pem.as_deref().map(Arc::from),
-        })
+        Ok(TlsServer::new(
+            server_config(chain, key)?,
+            id.ca_pem.as_deref().map(Arc::from),
+        ))
     }
 }
 
@@ -346,7 +401,7 @@ impl TlsServer {
 /// After an error from [`TlsConn::feed_ciphertext`], call [`TlsConn::take_ciphertext`] once more:
 /// rustls has queued the alert that tells the client why, then close the connection.
 pub struct TlsConn {
-    conn: ServerConnection,
+    state: State,
     /// Plaintext decrypted while more ciphertext was being fed than rustls buffers at once
     /// (16 KiB); empty, with no allocation, in the usual case.
     pending: Vec<u8>,
@@ -354,12 +409,116 @@ pub struct TlsConn {
     close_notify: bool,
     /// The client's TCP stream ended.
     eof: bool,
+    /// Plaintext was pushed to the client ([`TlsConn::push_plaintext`]).
+    answered: bool,
+}
+
+/// Before the ClientHello is in, rustls's `Acceptor` holds it; its ALPN list picks the
+/// configuration ([`TlsServer::with_alpn`]), then the connection runs.
+enum State {
+    Hello(Box<Hello>),
+    Running(Box<ServerConnection>),
+}
+
+struct Hello {
+    acceptor: Acceptor,
+    /// The bytes fed so far (the ClientHello), for what rustls does not tell of it.
+    seen: Vec<u8>,
+    server: TlsServer,
+    /// The alert to send when the ClientHello was refused.
+    out: Vec<u8>,
+    /// Plaintext pushed before the connection existed, and whether close_notify was asked for.
+    early: Vec<u8>,
+    close_notify: bool,
+}
+
+impl Hello {
+    /// A ClientHello of a client that speaks only TLS 1.1 or older is refused with the alert
+    /// OpenSSL 3 sends at Debian's security level 2 (`internal_error` once an ECDHE suite is
+    /// chosen, as no TLS 1.1 signature is allowed; `handshake_failure` when no suite is
+    /// shared), in a record of the client's version. Returns whether it was one (its alert is
+    /// then queued).
+    fn refuse_old_version(&mut self) -> bool {
+        let Some(facts) = crate::proto::sni::hello_facts(&self.seen) else {
+            return false;
+        };
+        if facts.legacy_version >= 0x0303 {
+            return false;
+        }
+        let [major, minor] = facts.legacy_version.to_be_bytes();
+        let alert = if facts.offers_ecdhe { 80 } else { 40 };
+        self.out = vec![0x15, major, minor, 0, 2, 2, alert];
+        true
+    }
+
+    /// Feeds `data` to the acceptor until the ClientHello is complete; returns the
+    /// connection then (the rest of `data` is for it), or `None` when all of `data` was taken
+    /// and more is needed.
+    fn feed(&mut self, data: &mut &[u8]) -> Result<Option<ServerConnection>, TlsError> {
+        while !data.is_empty() {
+            let before = *data;
+            self.acceptor.read_tls(data).map_err(io_to_tls)?;
+            let taken = &before[..before.len() - data.len()];
+            if self.seen.len() + taken.len() <= MAX_HELLO_COPY {
+                self.seen.extend_from_slice(taken);
+            }
+            let accepted = match self.acceptor.accept() {
+                Ok(None) => continue,
+                Ok(Some(accepted)) => accepted,
+                Err((e, mut alert)) => {
+                    if !self.refuse_old_version() {
+                        let _ = alert.write(&mut self.out);
+                    }
+                    return Err(TlsError::Protocol(e));
+                }
+            };
+            if self.refuse_old_version() {
+                return Err(TlsError::Protocol(rustls::Error::PeerIncompatible(
+                    rustls::PeerIncompatible::Tls12NotOffered,
+                )));
+            }
+            let hello = accepted.client_hello();
+            let facts = crate::proto::sni::hello_facts(&self.seen);
+            let shares_alpn = hello.alpn().map(|mut a| {
+                a.any(|p| self.server.configs[0].alpn_protocols.iter().any(|o| o == p))
+            });
+            let variant = if shares_alpn == Some(false) {
+                NO_ALPN
+            } else {
+                0
+            } | if facts.is_some_and(|f| f.offers_psk) {
+                RESUMING
+            } else {
+                0
+            };
+            let config = self.server.configs[variant].clone();
+            self.seen = Vec::new();
+            let mut conn = match accepted.into_connection(config) {
+                Ok(conn) => conn,
+                Err((e, mut alert)) => {
+                    let _ = alert.write(&mut self.out);
+                    return Err(TlsError::Protocol(e));
+                }
+            };
+            // The worker decides how much to push before taking ciphertext; rustls must not
+            // refuse part of a push.
+            conn.set_buffer_limit(None);
+            if !self.early.is_empty() {
+                conn.writer().write_all(&self.early).map_err(io_to_tls)?;
+            }
+            if self.close_notify {
+                conn.send_close_notify();
+            }
+            return Ok(Some(conn));
+        }
+        Ok(None)
+    }
 }
 
 impl std::fmt::Debug for TlsConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsConn")
-            .field("handshaking", &self.conn.is_handshaking())
+            .field("handshaking", &self.is_handshaking())
             .field("pending", &self.pending.len())
             .field("eof", &self.eof)
             .finish_non_exhaustive()
@@ -367,20 +526,37 @@ impl std::fmt::Debug for TlsConn {
 }
 
 impl TlsConn {
+    fn conn(&self) -> Option<&ServerConnection> {
+        match &self.state {
+            State::Running(c) => Some(c),
+            State::Hello(_) => None,
+        }
+    }
+
     /// Processes bytes received from the client; all of `data` is consumed. Bytes after the
     /// client's close_notify are discarded.
     pub fn feed_ciphertext(&mut self, mut data: &[u8]) -> Result<(), TlsError> {
+        if let State::Hello(hello) = &mut self.state {
+            match hello.feed(&mut data)? {
+                Some(conn) => self.state = State::Running(Box::new(conn)),
+                None => return Ok(()),
+            }
+            // The ClientHello itself: process it even when nothing follows in `data`.
+            let conn = self.running();
+            let state = conn.process_new_packets().map_err(TlsError::Protocol)?;
+            self.close_notify |= state.peer_has_closed();
+        }
         while !data.is_empty() {
-            let n = match self.conn.read_tls(&mut data) {
+            let n = match self.running().read_tls(&mut data) {
                 Ok(n) => n,
                 // The only failure of `read_tls` on a slice: decrypted plaintext not taken yet.
                 Err(_) => {
                     self.stash_plaintext();
-                    self.conn.read_tls(&mut data).map_err(io_to_tls)?
+                    self.running().read_tls(&mut data).map_err(io_to_tls)?
                 }
             };
             let state = self
-                .conn
+                .running()
                 .process_new_packets()
                 .map_err(TlsError::Protocol)?;
             self.close_notify |= state.peer_has_closed();
@@ -390,6 +566,14 @@ impl TlsConn {
             }
         }
         Ok(())
+    }
+
+    /// The connection, once the ClientHello is in (only called then).
+    fn running(&mut self) -> &mut ServerConnection {
+        match &mut self.state {
+            State::Running(c) => c,
+            State::Hello(_) => unreachable!("the ClientHello is in"),
+        }
     }
 
     /// Records that the client's TCP stream ended (a recv of 0 bytes).
@@ -405,7 +589,10 @@ impl TlsConn {
             // Give the memory back: an idle connection holds no buffer.
             self.pending = Vec::new();
         }
-        let mut reader = self.conn.reader();
+        let State::Running(conn) = &mut self.state else {
+            return out.len() - before;
+        };
+        let mut reader = conn.reader();
         while let Ok(chunk) = reader.fill_buf() {
             if chunk.is_empty() {
                 break;
@@ -419,17 +606,29 @@ impl TlsConn {
 
     /// Encrypts `data` toward the client. Before the handshake ends it is held and sent after.
     pub fn push_plaintext(&mut self, data: &[u8]) -> Result<(), TlsError> {
-        self.conn.writer().write_all(data).map_err(io_to_tls)
+        self.answered |= !data.is_empty();
+        match &mut self.state {
+            State::Running(conn) => conn.writer().write_all(data).map_err(io_to_tls),
+            State::Hello(hello) => {
+                hello.early.extend_from_slice(data);
+                Ok(())
+            }
+        }
     }
 
     /// Appends the bytes to send to the client to `out`; returns how many bytes.
     pub fn take_ciphertext(&mut self, out: &mut Vec<u8>) -> usize {
         let before = out.len();
-        while self.conn.wants_write() {
-            // Writing into a Vec cannot fail.
-            match self.conn.write_tls(out) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+        match &mut self.state {
+            State::Hello(hello) => out.append(&mut hello.out),
+            State::Running(conn) => {
+                while conn.wants_write() {
+                    // Writing into a Vec cannot fail.
+                    match conn.write_tls(out) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
             }
         }
         out.len() - before
@@ -437,32 +636,52 @@ impl TlsConn {
 
     /// There are bytes for [`TlsConn::take_ciphertext`].
     pub fn wants_write(&self) -> bool {
-        self.conn.wants_write()
+        match &self.state {
+            State::Hello(hello) => !hello.out.is_empty(),
+            State::Running(conn) => conn.wants_write(),
+        }
     }
 
     /// The handshake has not finished yet.
     pub fn is_handshaking(&self) -> bool {
-        self.conn.is_handshaking()
+        self.conn().is_none_or(|c| c.is_handshaking())
     }
 
     /// The handshake resumed a session from a ticket (no certificate was sent or signed for).
     pub fn resumed(&self) -> bool {
-        self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+        self.conn()
+            .is_some_and(|c| c.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
     }
 
     /// The server name the client asked for (SNI), once its ClientHello is in.
     pub fn sni(&self) -> Option<&str> {
-        self.conn.server_name()
+        self.conn()?.server_name()
     }
 
     /// The ALPN protocol agreed on, if any.
     pub fn alpn(&self) -> Option<&[u8]> {
-        self.conn.alpn_protocol()
+        self.conn()?.alpn_protocol()
     }
 
     /// Queues a close_notify alert; send it with [`TlsConn::take_ciphertext`].
     pub fn send_close_notify(&mut self) {
-        self.conn.send_close_notify();
+        match &mut self.state {
+            State::Running(conn) => conn.send_close_notify(),
+            State::Hello(hello) => hello.close_notify = true,
+        }
+    }
+
+    /// The server side ended (its FIN): close_notify is queued, unless `quiet_if_unanswered`
+    /// and no plaintext was ever pushed. A decoy that closes having answered nothing timed the
+    /// client out, and nginx ends such a connection without close_notify (its
+    /// `ngx_ssl_shutdown` goes quiet for a timed-out connection); a decoy that answered
+    /// ends it like nginx's keep-alive timeout, with one. Returns whether one was queued.
+    pub fn server_ended(&mut self, quiet_if_unanswered: bool) -> bool {
+        if quiet_if_unanswered && !self.answered {
+            return false;
+        }
+        self.send_close_notify();
+        true
     }
 
     /// The client sent close_notify, or its TCP stream ended: no more plaintext will come once
@@ -485,16 +704,19 @@ fn server_config(
     key: PrivateKeyDer<'static>,
 ) -> Result<ServerConfig, TlsError> {
     let provider = CryptoProvider {
+        // OpenSSL's order for nginx's default `ssl_ciphers HIGH:!aNULL:!MD5` (what rustls has
+        // of it), chosen in this order whatever the client prefers: nginx's Debian
+        // configuration has `ssl_prefer_server_ciphers on` (`ignore_client_order` below).
         cipher_suites: vec![
-            cipher_suite::TLS13_AES_128_GCM_SHA256,
             cipher_suite::TLS13_AES_256_GCM_SHA384,
             cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
-            cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-            cipher_suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
             cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
             cipher_suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
             cipher_suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
             cipher_suite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+            cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            cipher_suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
         ],
         ..default_provider()
     };
@@ -504,7 +726,8 @@ fn server_config(
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(TlsError::Config)?;
-    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.ignore_client_order = true;
+    config.session_storage = Arc::new(NoneCache);
     config.ticketer = Arc::new(NoTickets);
     config.send_tls13_tickets = 0;
     Ok(config)
@@ -566,7 +789,8 @@ impl TicketKey {
 pub struct TicketKeys {
     current: TicketKey,
     previous: Option<TicketKey>,
-    /// The rotation period, in seconds: the lifetime tickets announce.
+    /// The lifetime tickets announce and are accepted for, in seconds: [`TICKET_LIFETIME`],
+    /// or the rotation period if shorter.
     lifetime_s: u32,
 }
 
@@ -584,7 +808,9 @@ impl TicketKeys {
         Ok(TicketKeys {
             current: TicketKey::generate()?,
             previous: None,
-            lifetime_s: u32::try_from(period.as_secs()).unwrap_or(u32::MAX).max(1),
+            lifetime_s: u32::try_from(period.min(TICKET_LIFETIME).as_secs())
+                .unwrap_or(u32::MAX)
+                .max(1),
         })
     }
 
@@ -628,8 +854,9 @@ impl TicketKeys {
 }
 
 /// rustls's ticket producer over [`TicketKeys`]. A ticket is
-/// `key name (4) || nonce (12) || AES-256-GCM(state) || tag (16)`, the key name also
-/// authenticated; the nonce is random (at most a few thousand tickets a second under one key
+/// `key name (4) || nonce (12) || AES-256-GCM(issued (8) || state) || tag (16)`, the key name
+/// also authenticated, `issued` the Unix time in seconds (a ticket older than the lifetime is
+/// refused); the nonce is random (at most a few thousand tickets a second under one key
 /// that lives two hours: far from the 2^32 a random 96-bit nonce allows).
 struct Ticketer {
     /// Current key first.
@@ -672,7 +899,19 @@ impl ProducesTickets for Ticketer {
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.seal(plain, unix_now())
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        self.open(cipher, unix_now())
+    }
+}
+
+impl Ticketer {
+    /// A ticket for `plain` issued at `issued` (Unix seconds).
+    fn seal(&self, plain: &[u8], issued: u64) -> Option<Vec<u8>> {
         let (id, key) = self.keys.first()?;
+        let issued = issued.to_be_bytes();
         let mut nonce = [0u8; TICKET_NONCE_LEN];
         getrandom::fill(&mut nonce).ok()?;
         let mut out = Vec::with_capacity(
@@ -680,7 +919,9 @@ impl ProducesTickets for Ticketer {
         );
         out.extend_from_slice(id);
         out.extend_from_slice(&nonce);
-        let mut sealed = plain.to_vec();
+        let mut sealed = Vec::with_capacity(issued.len() + plain.len() + key.algorithm().tag_len());
+        sealed.extend_from_slice(&issued);
+        sealed.extend_from_slice(plain);
         key.seal_in_place_append_tag(
             ring::aead::Nonce::assume_unique_for_key(nonce),
             ring::aead::Aad::from(id),
@@ -691,7 +932,9 @@ impl ProducesTickets for Ticketer {
         Some(out)
     }
 
-    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+    /// The state in a ticket, if one of the keys made it and it is not older than the lifetime
+    /// at `now` (Unix seconds).
+    fn open(&self, cipher: &[u8], now: u64) -> Option<Vec<u8>> {
         let id = cipher.get(..TICKET_KEY_ID_LEN)?;
         let nonce = cipher.get(TICKET_KEY_ID_LEN..TICKET_KEY_ID_LEN + TICKET_NONCE_LEN)?;
         let sealed = cipher.get(TICKET_KEY_ID_LEN + TICKET_NONCE_LEN..)?;
@@ -701,9 +944,42 @@ impl ProducesTickets for Ticketer {
         let plain = key
             .open_in_place(nonce, ring::aead::Aad::from(id), &mut buf)
             .ok()?;
+        let (issued, _) = plain.split_first_chunk::<8>()?;
+        // Older than its lifetime (OpenSSL's session timeout), or from the future: a full
+        // handshake instead.
+        let age = now.checked_sub(u64::from_be_bytes(*issued))?;
+        if age > u64::from(self.lifetime_s) {
+            return None;
+        }
         let n = plain.len();
         buf.truncate(n);
+        buf.drain(..8);
         Some(buf)
+    }
+}
+
+/// nginx's default `ssl_session_cache none`: "nginx tells a client that sessions may be
+/// reused, but does not actually store session parameters". A TLS 1.2 ServerHello then
+/// carries a session id, as OpenSSL's does, and no session is ever resumed from it (a cache
+/// would live in one worker of N; tickets are what resumes, see the module docs).
+#[derive(Debug)]
+struct NoneCache;
+
+impl StoresServerSessions for NoneCache {
+    fn put(&self, _key: Vec<u8>, _value: Vec<u8>) -> bool {
+        true
+    }
+
+    fn get(&self, _key: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+
+    fn take(&self, _key: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+
+    fn can_cache(&self) -> bool {
+        true
     }
 }
 
@@ -851,6 +1127,13 @@ fn generate_key(kind: KeyKind) -> Result<KeyPair, TlsError> {
 }
 
 /// An `io::Error` from rustls's reader or writer, as the protocol error it stands for.
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn io_to_tls(e: io::Error) -> TlsError {
     TlsError::Protocol(rustls::Error::General(e.to_string()))
 }
@@ -1101,9 +1384,54 @@ mod tests {
             &server,
             ca,
             NAME,
-            &[b"xmpp"],
-            "server: tls protocol error: peer doesn't support any known protocol",
+            &[b"xmpp", b"http/1.1"],
+            "ok sni=proxy.example alpn=http/1.1",
         );
+        // The server's preference wins, as OpenSSL's SSL_select_next_proto.
+        check_alpn(
+            &server,
+            ca,
+            NAME,
+            &[b"http/1.1", b"h2"],
+            "ok sni=proxy.example alpn=h2",
+        );
+        // Nothing in common: no ALPN, never a refusal (nginx would refuse; a messenger client
+        // offering something else must still get through).
+        check_alpn(&server, ca, NAME, &[b"xmpp"], "ok sni=proxy.example alpn=-");
+        let server = server.with_alpn(HTTP_ALPN);
+        check_alpn(
+            &server,
+            ca,
+            NAME,
+            &[b"h2", b"http/1.1"],
+            "ok sni=proxy.example alpn=http/1.1",
+        );
+        check_alpn(
+            &server,
+            ca,
+            NAME,
+            &[b"http/1.0"],
+            "ok sni=proxy.example alpn=http/1.0",
+        );
+    }
+
+    #[test]
+    fn a_silent_server_end_is_quiet_only_when_asked_and_unanswered() {
+        let server = ecdsa_server();
+        for (answer, quiet_if_unanswered, notifies) in [
+            (&b""[..], true, false),
+            (b"", false, true),
+            (b"HTTP/1.1 400 Bad Request\r\n", true, true),
+        ] {
+            let mut pair = Pair::new(&server, client_config(server.ca_cert_pem(), &[]), NAME);
+            pair.pump().unwrap();
+            pair.server.push_plaintext(answer).unwrap();
+            assert_eq!(pair.server.server_ended(quiet_if_unanswered), notifies);
+            pair.pump().unwrap();
+            let closed = pair.client.process_new_packets().unwrap().peer_has_closed();
+            assert_eq!(closed, notifies, "{answer:?} {quiet_if_unanswered}");
+            assert_eq!(pair.at_client, answer);
+        }
     }
 
     #[test]
@@ -1372,12 +1700,37 @@ mod tests {
     }
 
     #[test]
+    fn a_ticket_resumes_for_nginx_s_five_minutes_only() {
+        let keys = TicketKeys::generate(TICKET_ROTATE).unwrap();
+        let t = Ticketer::new(&keys);
+        assert_eq!(t.lifetime(), 300);
+        let state = b"session state".to_vec();
+        let issued = 1_800_000_000;
+        let ticket = t.seal(&state, issued).unwrap();
+        assert_eq!(t.open(&ticket, issued), Some(state.clone()));
+        assert_eq!(t.open(&ticket, issued + 300), Some(state.clone()));
+        assert_eq!(
+            t.open(&ticket, issued + 301),
+            None,
+            "older than the lifetime"
+        );
+        assert_eq!(t.open(&ticket, issued - 1), None, "issued in the future");
+        // Keys rotated faster than five minutes bound it too.
+        let fast = TicketKeys::generate(std::time::Duration::from_secs(2)).unwrap();
+        let t = Ticketer::new(&fast);
+        assert_eq!(t.lifetime(), 2);
+        let ticket = t.seal(&state, issued).unwrap();
+        assert_eq!(t.open(&ticket, issued + 2), Some(state.clone()));
+        assert_eq!(t.open(&ticket, issued + 3), None);
+    }
+
+    #[test]
     fn a_ticket_is_opened_only_whole_and_by_its_key() {
         let keys = TicketKeys::generate(TICKET_ROTATE).unwrap();
         let t = Ticketer::new(&keys);
         let state = b"session state".to_vec();
         let ticket = t.encrypt(&state).unwrap();
-        assert_eq!(ticket.len(), 4 + 12 + state.len() + 16);
+        assert_eq!(ticket.len(), 4 + 12 + 8 + state.len() + 16);
         assert_eq!(t.decrypt(&ticket), Some(state.clone()));
         // Two tickets of the same state differ (random nonce).
         assert_ne!(t.encrypt(&state).unwrap(), ticket);
@@ -1414,13 +1767,13 @@ mod tests {
             &rotated.to_hex()[..rotated.to_hex().len() - 1],
             &rotated.to_hex()[6..],
             &format!("{},", keys.to_hex()),
-            &keys.to_hex().replacen("7200:", "0:", 1),
-            &keys.to_hex().replacen("7200:", "", 1),
+            &keys.to_hex().replacen("300:", "0:", 1),
+            &keys.to_hex().replacen("300:", "", 1),
         ] {
             assert_eq!(TicketKeys::from_hex(bad), None, "{bad:?}");
         }
-        assert!(keys.to_hex().starts_with("7200:"));
-        assert_eq!(t.lifetime(), 7200);
+        assert!(keys.to_hex().starts_with("300:"));
+        assert_eq!(t.lifetime(), 300);
         assert!(!format!("{rotated:?}").contains(&rotated.to_hex()[5..13]));
     }
 

@@ -19,6 +19,13 @@
 //! (lowercase or unknown methods, binary, an SSH banner, a TLS hello) to the messenger, because
 //! a real client's first bytes there cannot be told from those with confidence (ARCHITECTURE.md,
 //! "Decoy"). They count as distinguishable and are what [`ALLOWED`] allows.
+//!
+//! Every HTTP probe of the plain port is sent again inside TLS (`in-tls:*`), and a battery of
+//! `openssl s_client` handshakes (`hs:*`: versions, suites, groups, ALPN lists, SNI, a session
+//! resumed from the ticket) compares what a TLS scanner sees: version, suite, ALPN, key
+//! exchange, signature, chain, session id, ticket lifetime and count, alerts. The few that
+//! differ because rustls lacks what OpenSSL has, or Sluice will not refuse a client over ALPN,
+//! are [`TLS_BY_DESIGN`].
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -45,14 +52,27 @@ const BY_DESIGN: &[&str] = &[
     "ssh-banner",
     "tls-hello-on-plain",
 ];
-/// Distinguishable probes allowed: those of [`BY_DESIGN`] (ARCHITECTURE.md, "Decoy").
-const ALLOWED: usize = BY_DESIGN.len();
+/// TLS handshakes that differ by design: a client offering only `h2` gets no ALPN where nginx
+/// refuses it (Sluice never refuses a ClientHello over ALPN: a messenger client offers none or
+/// its own), and what rustls does not implement: CBC suites (TLS 1.2 only, with known
+/// padding-oracle history) and the X448 group (ARCHITECTURE.md, "Decoy").
+const TLS_BY_DESIGN: &[&str] = &["hs:alpn-h2", "hs:tls1.2-cbc", "hs:group-x448"];
+/// Distinguishable probes allowed: those of [`BY_DESIGN`] and [`TLS_BY_DESIGN`]
+/// (ARCHITECTURE.md, "Decoy").
+const ALLOWED: usize = BY_DESIGN.len() + TLS_BY_DESIGN.len();
+
+/// Whether a probe differs from nginx by design.
+fn by_design(name: &str) -> bool {
+    BY_DESIGN.contains(&name) || TLS_BY_DESIGN.contains(&name)
+}
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Port {
     Plain,
     /// The TLS port, spoken to in plaintext.
     Tls,
+    /// The TLS port, inside TLS (a rustls client offering `h2` and `http/1.1`, as browsers do).
+    TlsInside,
 }
 
 #[derive(Clone)]
@@ -96,7 +116,7 @@ fn battery() -> Vec<Probe> {
         &format!("X-Big: {}\r\n", "a".repeat(12 * 1024)),
     );
     let long_uri = req(&format!("GET /{} HTTP/1.1", "b".repeat(9 * 1024)), "");
-    vec![
+    let mut probes = vec![
         probe("get-1.1", Plain, vec![send(&get("/"))]),
         probe("get-1.0", Plain, vec![send(b"GET / HTTP/1.0\r\n\r\n")]),
         probe(
@@ -379,7 +399,19 @@ fn battery() -> Vec<Probe> {
             Tls,
             vec![send(&req("get / HTTP/1.1", ""))],
         ),
-    ]
+    ];
+    // Every HTTP probe of the plain port again, inside TLS on the TLS port.
+    let inside: Vec<Probe> = probes
+        .iter()
+        .filter(|p| p.port == Plain && !BY_DESIGN.contains(&p.name))
+        .map(|p| Probe {
+            name: Box::leak(format!("in-tls:{}", p.name).into_boxed_str()),
+            port: Port::TlsInside,
+            steps: p.steps.clone(),
+        })
+        .collect();
+    probes.extend(inside);
+    probes
 }
 
 /// How a connection ended, as a probe saw it.
@@ -389,7 +421,19 @@ enum End {
     ClosedAfterWait,
     ResetAtOnce,
     ResetAfterWait,
+    /// Inside TLS: a FIN without a `close_notify` before it (OpenSSL's quiet shutdown).
+    TruncatedAtOnce,
+    TruncatedAfterWait,
     Open,
+}
+
+/// What ended a connection.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum How {
+    Fin,
+    Reset,
+    /// Inside TLS: the peer closed without `close_notify`.
+    Truncated,
 }
 
 /// What came back for one probe.
@@ -401,8 +445,25 @@ struct Seen {
     write_failed: bool,
 }
 
-/// Reads into `got` until `done` says so; returns the end if the connection ended.
-fn read_some(s: &mut TcpStream, got: &mut Vec<u8>, until: Instant, quiet: bool) -> Option<bool> {
+/// A probe's connection: TCP, or TLS over it.
+trait Conn: Read + Write {
+    fn read_timeout(&mut self, d: Duration);
+}
+
+impl Conn for TcpStream {
+    fn read_timeout(&mut self, d: Duration) {
+        self.set_read_timeout(Some(d)).unwrap();
+    }
+}
+
+impl Conn for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn read_timeout(&mut self, d: Duration) {
+        self.sock.set_read_timeout(Some(d)).unwrap();
+    }
+}
+
+/// Reads into `got` until `done` says so; returns how the connection ended, if it did.
+fn read_some(s: &mut dyn Conn, got: &mut Vec<u8>, until: Instant, quiet: bool) -> Option<How> {
     let mut buf = [0u8; 16 * 1024];
     let start = got.len();
     loop {
@@ -415,10 +476,9 @@ fn read_some(s: &mut TcpStream, got: &mut Vec<u8>, until: Instant, quiet: bool) 
         } else {
             until - now
         };
-        s.set_read_timeout(Some(wait.min(until - now).max(Duration::from_millis(1))))
-            .unwrap();
+        s.read_timeout(wait.min(until - now).max(Duration::from_millis(1)));
         match s.read(&mut buf) {
-            Ok(0) => return Some(false),
+            Ok(0) => return Some(How::Fin),
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 if quiet && got.len() > start {
@@ -426,27 +486,77 @@ fn read_some(s: &mut TcpStream, got: &mut Vec<u8>, until: Instant, quiet: bool) 
                 }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(_) => return Some(true),
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Some(How::Truncated),
+            Err(_) => return Some(How::Reset),
         }
     }
 }
 
-fn run(p: &Probe, addr: SocketAddr) -> Seen {
-    let mut s = client::connect(addr);
+/// A TLS client as a browser's first flight has it (SNI, ALPN `h2` then `http/1.1`) that
+/// trusts `ca` (PEM), connected and through its handshake; `Err` says why the handshake failed.
+fn tls_connect(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::pem::PemObject::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, client::connect(addr));
+    s.sock.set_read_timeout(Some(END_WAIT)).unwrap();
+    while s.conn.is_handshaking() {
+        s.conn
+            .complete_io(&mut s.sock)
+            .map_err(|e| format!("handshake failed: {e}"))?;
+    }
+    let alpn = s
+        .conn
+        .alpn_protocol()
+        .map(|a| String::from_utf8_lossy(a).into_owned());
+    if alpn.as_deref() != Some("http/1.1") {
+        return Err(format!("ALPN {alpn:?}"));
+    }
+    Ok(s)
+}
+
+fn run(p: &Probe, addr: SocketAddr, ca: &std::path::Path) -> Seen {
+    let mut s: Box<dyn Conn> = if p.port == Port::TlsInside {
+        match tls_connect(addr, ca) {
+            Ok(s) => Box::new(s),
+            Err(e) => {
+                return Seen {
+                    bytes: e.into_bytes(),
+                    end: End::Open,
+                    write_failed: false,
+                };
+            }
+        }
+    } else {
+        Box::new(client::connect(addr))
+    };
     let mut got = Vec::new();
     let mut write_failed = false;
     let mut last = Instant::now();
     for step in &p.steps {
         match step {
             Step::Send(b) => {
-                if s.write_all(b).is_err() {
+                if s.write_all(b).and_then(|()| s.flush()).is_err() {
                     write_failed = true;
                 }
                 last = Instant::now();
             }
             Step::Read => {
-                if let Some(reset) = read_some(&mut s, &mut got, Instant::now() + END_WAIT, true) {
-                    let end = end_kind(reset, last.elapsed());
+                if let Some(how) = read_some(&mut *s, &mut got, Instant::now() + END_WAIT, true) {
+                    let end = end_kind(how, last.elapsed());
                     return Seen {
                         bytes: got,
                         end,
@@ -458,8 +568,8 @@ fn run(p: &Probe, addr: SocketAddr) -> Seen {
             Step::Sleep(ms) => thread::sleep(Duration::from_millis(*ms)),
         }
     }
-    let end = match read_some(&mut s, &mut got, last + END_WAIT, false) {
-        Some(reset) => end_kind(reset, last.elapsed()),
+    let end = match read_some(&mut *s, &mut got, last + END_WAIT, false) {
+        Some(how) => end_kind(how, last.elapsed()),
         None => End::Open,
     };
     Seen {
@@ -469,13 +579,152 @@ fn run(p: &Probe, addr: SocketAddr) -> Seen {
     }
 }
 
-fn end_kind(reset: bool, after: Duration) -> End {
-    match (reset, after < AT_ONCE) {
-        (false, true) => End::ClosedAtOnce,
-        (false, false) => End::ClosedAfterWait,
-        (true, true) => End::ResetAtOnce,
-        (true, false) => End::ResetAfterWait,
+fn end_kind(how: How, after: Duration) -> End {
+    match (how, after < AT_ONCE) {
+        (How::Fin, true) => End::ClosedAtOnce,
+        (How::Fin, false) => End::ClosedAfterWait,
+        (How::Reset, true) => End::ResetAtOnce,
+        (How::Reset, false) => End::ResetAfterWait,
+        (How::Truncated, true) => End::TruncatedAtOnce,
+        (How::Truncated, false) => End::TruncatedAfterWait,
     }
+}
+
+/// TLS handshakes a scanner makes with `openssl s_client` (name, arguments), each followed by
+/// one HTTP request inside: protocol versions, ALPN lists, cipher and group restrictions, SNI,
+/// tickets and resumption.
+fn handshakes() -> Vec<(&'static str, Vec<&'static str>)> {
+    let v = |a: &[&'static str]| a.to_vec();
+    vec![
+        ("hs:default", v(&[])),
+        ("hs:alpn-h2-http1.1", v(&["-alpn", "h2,http/1.1"])),
+        ("hs:alpn-http1.1", v(&["-alpn", "http/1.1"])),
+        ("hs:alpn-h2", v(&["-alpn", "h2"])),
+        ("hs:alpn-http1.0", v(&["-alpn", "http/1.0"])),
+        ("hs:tls1.2", v(&["-tls1_2"])),
+        ("hs:tls1.2-alpn", v(&["-tls1_2", "-alpn", "h2,http/1.1"])),
+        ("hs:tls1.1", v(&["-tls1_1"])),
+        ("hs:tls1.0", v(&["-tls1"])),
+        ("hs:no-sni", v(&["-noservername"])),
+        ("hs:other-sni", v(&["-servername", "other.example"])),
+        (
+            "hs:aes128-only",
+            v(&["-ciphersuites", "TLS_AES_128_GCM_SHA256"]),
+        ),
+        (
+            "hs:chacha-only",
+            v(&["-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"]),
+        ),
+        (
+            "hs:client-prefers-aes128",
+            v(&[
+                "-ciphersuites",
+                "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384",
+            ]),
+        ),
+        (
+            "hs:tls1.2-client-order",
+            v(&[
+                "-tls1_2",
+                "-cipher",
+                "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384",
+            ]),
+        ),
+        (
+            "hs:tls1.2-cbc",
+            v(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"]),
+        ),
+        ("hs:group-p384", v(&["-groups", "secp384r1"])),
+        ("hs:group-p256", v(&["-groups", "prime256v1"])),
+        ("hs:group-x448", v(&["-groups", "X448"])),
+        ("hs:no-ticket", v(&["-no_ticket"])),
+        ("hs:tls1.2-no-ticket", v(&["-tls1_2", "-no_ticket"])),
+        ("hs:resume", v(&["RESUME"])),
+        ("hs:tls1.2-resume", v(&["RESUME", "-tls1_2"])),
+    ]
+}
+
+/// What `openssl s_client ARGS` saw of `addr`'s TLS, as comparable lines: the handshake's
+/// outcome (or the error), version and cipher, ALPN, key exchange, signature, renegotiation,
+/// EMS, the certificate chain's shape, tickets (count, lifetime hint), and the status line of
+/// the HTTP request sent inside. With `RESUME` first, a first connection saves its session and
+/// what a second one that offers it sees is reported.
+fn s_client(addr: SocketAddr, args: &[&str], dir: &std::path::Path, tag: &str) -> String {
+    let (resume, args) = match args.first() {
+        Some(&"RESUME") => (true, &args[1..]),
+        _ => (false, args),
+    };
+    let run = |extra: &[String]| {
+        let mut cmd = sluice_tests::peers::openssl();
+        cmd.args(["s_client", "-connect", &addr.to_string()]);
+        if !args.iter().any(|a| a.contains("servername")) {
+            cmd.args(["-servername", "relay.test"]);
+        }
+        cmd.args(args).args(extra).arg("-ign_eof");
+        sluice_tests::run_with_input(
+            &mut cmd,
+            b"GET / HTTP/1.1\r\nHost: relay.test\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(20),
+        )
+    };
+    let out = if resume {
+        let sess = dir.join(format!("{tag}.sess"));
+        let sess = sess.to_str().unwrap().to_string();
+        run(&["-sess_out".into(), sess.clone()]);
+        run(&["-sess_in".into(), sess])
+    } else {
+        run(&[])
+    };
+    let mut lines = Vec::new();
+    let mut tickets = 0;
+    for l in out.stdout.lines() {
+        let t = l.trim();
+        if t.starts_with("Post-Handshake New Session Ticket arrived") {
+            tickets += 1;
+        }
+        let keep = [
+            "New, ",
+            "Reused, ",
+            "Secure Renegotiation",
+            "ALPN protocol:",
+            "No ALPN negotiated",
+            "Server Temp Key:",
+            "Peer signing digest:",
+            "Peer signature type:",
+            "Server public key is",
+            "Extended master secret:",
+            "Max Early Data:",
+            "TLS session ticket lifetime hint:",
+            "HTTP/1.",
+        ];
+        if keep.iter().any(|k| t.starts_with(k)) {
+            lines.push(t.to_string());
+        } else if t.starts_with("Protocol  :") || t.starts_with("Cipher    :") {
+            lines.push(t.split_whitespace().collect::<Vec<_>>().join(" "));
+        } else if t.starts_with("Session-ID:") {
+            let empty = t.trim_start_matches("Session-ID:").trim().is_empty();
+            lines.push(format!(
+                "Session-ID: {}",
+                if empty { "empty" } else { "present" }
+            ));
+        } else if l.len() > 3 && l.as_bytes()[1].is_ascii_digit() && l[2..].starts_with(" s:") {
+            lines.push(format!("chain: {}", l.trim()));
+        }
+    }
+    // Within one answer, lines from the session printed twice (the handshake, then each
+    // ticket) are kept once each.
+    let mut seen = std::collections::HashSet::new();
+    lines.retain(|l| seen.insert(l.clone()));
+    lines.push(format!("post-handshake tickets: {tickets}"));
+    for l in out.stderr.lines() {
+        // "...:error:0A000410:SSL routines:ssl3_read_bytes:sslv3 alert handshake failure:..."
+        if let Some(i) = l.find("SSL routines:") {
+            let reason = l[i..].split(':').nth(2).unwrap_or("");
+            let alert = l.rsplit_once("SSL alert number ").map_or("", |x| x.1);
+            lines.push(format!("error: {reason} {alert}").trim_end().to_string());
+        }
+    }
+    lines.join("\n")
 }
 
 /// The text compared: the bytes with `Date`/`ETag`/`Last-Modified` values and nginx's version
@@ -605,7 +854,9 @@ fn differential_with(engine: &str, dir: Option<()>) {
          [[listen]]\nname = \"plain\"\nbind = \"{s_plain}\"\nupstream = [\"{up}\"]\n\
          decoy = \"{decoy}\"\n\n\
          [[listen]]\nname = \"tls\"\nbind = \"{s_tls}\"\nupstream = [\"{up}\"]\n\
-         decoy = \"{decoy}\"\n[listen.tls]\ndns_names = [\"relay.test\"]\n",
+         decoy = \"{decoy}\"\n[listen.tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+        cert = leaf.fullchain.display(),
+        key = leaf.key.display(),
         t = TIMEOUT_S * 1000,
         decoy = match dir {
             Some(()) => format!("dir:{}", nginx.root().display()),
@@ -627,10 +878,12 @@ fn differential_with(engine: &str, dir: Option<()>) {
             .map(|p| {
                 let (n, s) = match p.port {
                     Port::Plain => (n_plain, s_plain),
-                    Port::Tls => (n_tls, s_tls),
+                    Port::Tls | Port::TlsInside => (n_tls, s_tls),
                 };
-                let a = scope.spawn(move || run(p, n));
-                let b = scope.spawn(move || run(p, s));
+                let ca = pki.ca();
+                let a = scope.spawn(move || run(p, n, &ca));
+                let ca = pki.ca();
+                let b = scope.spawn(move || run(p, s, &ca));
                 (a, b)
             })
             .collect();
@@ -639,6 +892,16 @@ fn differential_with(engine: &str, dir: Option<()>) {
             .map(|(a, b)| (a.join().unwrap(), b.join().unwrap()))
             .collect()
     });
+
+    let tmp = sluice_tests::TempDir::new();
+    let tls_rows: Vec<(&str, String, String)> = handshakes()
+        .into_iter()
+        .map(|(name, args)| {
+            let n = s_client(n_tls, &args, tmp.path(), &format!("n-{name}"));
+            let s = s_client(s_tls, &args, tmp.path(), &format!("s-{name}"));
+            (name, n, s)
+        })
+        .collect();
 
     let mut table = format!(
         "{:<22} {:<36} {:<36} {}\n",
@@ -663,27 +926,48 @@ fn differential_with(engine: &str, dir: Option<()>) {
             summary(s),
             if same {
                 "same"
-            } else if BY_DESIGN.contains(&p.name) {
+            } else if by_design(p.name) {
                 "DIFF (by design)"
             } else {
                 "DIFF"
             }
         ));
     }
+    for (name, n, s) in &tls_rows {
+        let same = n == s;
+        if std::env::var_os("SCANNER_DUMP").is_some() {
+            println!("=== {name}\nnginx:\n{n}\nsluice:\n{s}\n");
+        }
+        let first = |t: &str| t.lines().next().unwrap_or("").to_string();
+        if !same {
+            different.push(name);
+            details.push_str(&format!("{name}: {}\n", first_difference(n, s)));
+        }
+        table.push_str(&format!(
+            "{:<22} {:<36} {:<36} {}\n",
+            name,
+            first(n),
+            first(s),
+            if same {
+                "same"
+            } else if by_design(name) {
+                "DIFF (by design)"
+            } else {
+                "DIFF"
+            }
+        ));
+    }
+    let total = probes.len() + tls_rows.len();
     println!(
-        "{table}\n{details}\n{} of {} probes distinguishable",
+        "{table}\n{details}\n{} of {total} probes distinguishable",
         different.len(),
-        probes.len()
     );
-    let unexpected: Vec<_> = different
-        .iter()
-        .filter(|n| !BY_DESIGN.contains(n))
-        .collect();
+    let unexpected: Vec<_> = different.iter().filter(|n| !by_design(n)).collect();
     assert!(
         different.len() <= ALLOWED && unexpected.is_empty(),
-        "{} of {} probes distinguishable (allowed {ALLOWED}: {BY_DESIGN:?}); unexpected: {unexpected:?}\n{table}\n{details}\n{}",
+        "{} of {} probes distinguishable (allowed {ALLOWED}: {BY_DESIGN:?} {TLS_BY_DESIGN:?}); unexpected: {unexpected:?}\n{table}\n{details}\n{}",
         different.len(),
-        probes.len(),
+        total,
         relay.status(),
     );
 }
