@@ -91,6 +91,7 @@ pub fn run(opts: &Options) -> Vec<Check> {
         .collect();
     out.extend(ports(&opts.config, &held_by_sluice));
     out.extend(proxy_trust(&opts.config));
+    out.extend(certificates(&opts.config));
     out.extend(upstreams(&opts.config, opts.timeout));
     if let Some(host) = &opts.config.public_host {
         out.push(public_host(host, opts.timeout));
@@ -444,6 +445,51 @@ fn proxy_trust(config: &Config) -> Vec<Check> {
                     Level::Ok,
                     format!("{} is internal; PROXY headers from {list}", l.bind),
                     "",
+                ),
+            }
+        })
+        .collect()
+}
+
+/// Per TLS listener: a certificate from files loads (chain and key match), and a generated one
+/// is a warning: a private CA's certificate on a port that looks like a web server is what a
+/// censor's scanner looks for (it is the one thing the decoy cannot hide; ARCHITECTURE.md,
+/// "Decoy").
+fn certificates(config: &Config) -> Vec<Check> {
+    config
+        .listeners
+        .iter()
+        .filter_map(|l| Some((l, l.tls.as_ref()?)))
+        .map(|(l, tls)| {
+            let name = format!("certificate {}", l.name);
+            match (&tls.cert, &tls.key) {
+                (Some(cert), Some(key)) => {
+                    match crate::proto::tls::TlsServer::from_pem_files(cert, key) {
+                        Ok(_) => check(
+                            name,
+                            Level::Ok,
+                            format!("{} with its key {}", cert.display(), key.display()),
+                            "",
+                        ),
+                        Err(e) => check(
+                            name,
+                            Level::Fail,
+                            e.to_string(),
+                            "point `cert` at the full chain and `key` at its private key, \
+                             both readable by root",
+                        ),
+                    }
+                }
+                _ => check(
+                    name,
+                    Level::Warn,
+                    format!(
+                        "{} serves a self-signed certificate from a private CA, generated at \
+                         start: scanners fingerprint exactly that",
+                        l.bind
+                    ),
+                    "give the relay a domain name and a real certificate for it (`cert` and \
+                     `key`, e.g. certbot's fullchain.pem and privkey.pem)",
                 ),
             }
         })
@@ -933,6 +979,45 @@ mod tests {
         )
         .unwrap();
         assert!(proxy_trust(&plain).is_empty(), "no accept_proxy, no check");
+    }
+
+    #[test]
+    fn a_generated_certificate_warns_and_a_broken_one_fails() {
+        let listener = |tls: &str| {
+            let text = format!(
+                "[[listen]]\nname = \"t\"\nbind = \"0.0.0.0:443\"\nupstream = [\"127.0.0.1:9\"]\n\
+                 [listen.tls]\n{tls}"
+            );
+            certificates(&Config::from_toml(&text, "t").unwrap())
+        };
+        let generated = listener("");
+        assert_eq!(generated[0].level, Level::Warn, "{generated:?}");
+        assert!(generated[0].detail.contains("self-signed"), "{generated:?}");
+
+        let dir = std::env::temp_dir().join(format!("sluice-doctor-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let id = crate::proto::tls::PemIdentity::generate(
+            &["relay.example".to_string()],
+            &[],
+            crate::proto::tls::KeyKind::EcdsaP256,
+        )
+        .unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, &id.chain_pem).unwrap();
+        std::fs::write(&key, &id.key_pem).unwrap();
+        let files = format!("cert = {:?}\nkey = {:?}\n", cert, key);
+        let good = listener(&files);
+        assert_eq!(good[0].level, Level::Ok, "{good:?}");
+        std::fs::write(&key, "not a key").unwrap();
+        let bad = listener(&files);
+        assert_eq!(bad[0].level, Level::Fail, "{bad:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let plain = Config::from_toml(
+            "[[listen]]\nname = \"a\"\nbind = \"0.0.0.0:1\"\nupstream = [\"127.0.0.1:9\"]\n",
+            "t",
+        )
+        .unwrap();
+        assert!(certificates(&plain).is_empty(), "no TLS, no check");
     }
 
     #[test]
