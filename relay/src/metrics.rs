@@ -117,10 +117,14 @@ pub enum Counter {
     TlsHandshakes,
     /// Of those, resumed from a session ticket (no certificate signature).
     TlsResumed,
+    /// Supervisor row: certificates an ACME CA issued ([`crate::acme`]).
+    AcmeRenewalsOk,
+    /// Supervisor row: tries to get a certificate from an ACME CA that failed.
+    AcmeRenewalsError,
 }
 
 // Every counter has its slot in a row (the last variant is the highest).
-const _: () = assert!((Counter::TlsResumed as usize) < COUNTERS);
+const _: () = assert!((Counter::AcmeRenewalsError as usize) < COUNTERS);
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::Active, "active"),

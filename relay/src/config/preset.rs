@@ -134,6 +134,7 @@ fn whatsapp() -> Config {
         user: None,
         metrics: Default::default(),
         public_host: None,
+        state_dir: super::DEFAULT_STATE_DIR.into(),
         timeouts: Timeouts {
             connect_ms: 5_000,
             idle_ms: 200_000,
@@ -199,6 +200,7 @@ fn signal() -> Config {
         user: None,
         metrics: Default::default(),
         public_host: None,
+        state_dir: super::DEFAULT_STATE_DIR.into(),
         timeouts: Timeouts {
             connect_ms: 60_000,
             idle_ms: 600_000,

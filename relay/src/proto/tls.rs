@@ -109,13 +109,19 @@ pub enum TlsError {
     Generate(String),
     #[error("tls protocol error: {0}")]
     Protocol(#[source] rustls::Error),
+    #[error("bad acme challenge certificate: {0}")]
+    AcmeCertificate(String),
+    /// Not a failure: a TLS-ALPN-01 validation's handshake is done, and such a connection
+    /// carries nothing after it (RFC 8737 section 3).
+    #[error("acme tls-alpn-01 challenge answered")]
+    AcmeAnswered,
 }
 
 impl TlsError {
     /// A protocol error is the client's doing; setup errors are this relay's.
     pub fn side(&self) -> Side {
         match self {
-            TlsError::Protocol(_) => Side::Client,
+            TlsError::Protocol(_) | TlsError::AcmeAnswered => Side::Client,
             _ => Side::Local,
         }
     }
@@ -143,6 +149,8 @@ pub struct TlsServer {
     config: Arc<ServerConfig>,
     /// The generated CA in PEM, for a self-signed server.
     ca_pem: Option<Arc<str>>,
+    /// TLS-ALPN-01 answers pending now ([`TlsServer::with_challenges`]); None almost always.
+    acme: Option<Arc<AcmeAnswers>>,
 }
 
 impl std::fmt::Debug for TlsServer {
@@ -150,6 +158,7 @@ impl std::fmt::Debug for TlsServer {
         f.debug_struct("TlsServer")
             .field("self_signed", &self.ca_pem.is_some())
             .field("alpn_protocols", &self.config.alpn_protocols)
+            .field("acme_challenges", &self.acme.as_ref().map_or(0, |a| a.names.len()))
             .finish_non_exhaustive()
     }
 }
@@ -181,6 +190,7 @@ impl TlsServer {
         Ok(TlsServer {
             config: Arc::new(server_config(chain, key_der)?),
             ca_pem: None,
+            acme: None,
         })
     }
 
@@ -203,6 +213,7 @@ impl TlsServer {
         Ok(TlsServer {
             config: Arc::new(server_config(chain, key.into())?),
             ca_pem: Some(generated.ca.pem().into()),
+            acme: None,
         })
     }
 
@@ -213,6 +224,7 @@ impl TlsServer {
         TlsServer {
             config: Arc::new(config),
             ca_pem: self.ca_pem,
+            acme: self.acme,
         }
     }
 
@@ -233,7 +245,32 @@ impl TlsServer {
         TlsServer {
             config: Arc::new(config),
             ca_pem: self.ca_pem.clone(),
+            acme: self.acme.clone(),
         }
+    }
+
+    /// Answers TLS-ALPN-01 challenges (RFC 8737) for these domains: a ClientHello that offers
+    /// ALPN `acme-tls/1` and names one of them gets its challenge certificate and `acme-tls/1`,
+    /// and the connection ends once the handshake does ([`TlsError::AcmeAnswered`]). Every
+    /// other ClientHello is served as before. An empty list ends the answering.
+    pub fn with_challenges(&self, challenges: &[AcmeChallenge]) -> Result<TlsServer, TlsError> {
+        let acme = if challenges.is_empty() {
+            None
+        } else {
+            Some(Arc::new(AcmeAnswers::new(challenges)?))
+        };
+        Ok(TlsServer {
+            config: self.config.clone(),
+            ca_pem: self.ca_pem.clone(),
+            acme,
+        })
+    }
+
+    /// The TLS-ALPN-01 challenges this server answers now.
+    pub fn challenges(&self) -> Vec<AcmeChallenge> {
+        self.acme
+            .as_ref()
+            .map_or_else(Vec::new, |a| a.challenges.clone())
     }
 
     /// Whether this server issues and accepts session tickets.
@@ -258,6 +295,17 @@ impl TlsServer {
             pending: Vec::new(),
             close_notify: false,
             eof: false,
+            // While a challenge is pending, the ClientHello is read first to pick the config
+            // (rustls decides ALPN from the config alone); `conn` waits unused until then.
+            hello: self.acme.as_ref().map(|acme| {
+                Box::new(Hello {
+                    acceptor: rustls::server::Acceptor::default(),
+                    normal: self.config.clone(),
+                    acme: acme.clone(),
+                    alert: Vec::new(),
+                })
+            }),
+            challenge: false,
         })
     }
 }
@@ -337,6 +385,7 @@ impl TlsServer {
         Ok(TlsServer {
             config: Arc::new(server_config(chain, key)?),
             ca_pem: id.ca_pem.as_deref().map(Arc::from),
+            acme: None,
         })
     }
 }
@@ -354,6 +403,20 @@ pub struct TlsConn {
     close_notify: bool,
     /// The client's TCP stream ended.
     eof: bool,
+    /// The ClientHello is still being read to choose between the usual config and a
+    /// TLS-ALPN-01 answer (only while a challenge is pending).
+    hello: Option<Box<Hello>>,
+    /// This connection answers a TLS-ALPN-01 challenge: it ends when its handshake does.
+    challenge: bool,
+}
+
+/// The ClientHello stage of a connection accepted while a TLS-ALPN-01 challenge is pending.
+struct Hello {
+    acceptor: rustls::server::Acceptor,
+    normal: Arc<ServerConfig>,
+    acme: Arc<AcmeAnswers>,
+    /// An alert to send when the ClientHello was refused.
+    alert: Vec<u8>,
 }
 
 impl std::fmt::Debug for TlsConn {
@@ -370,6 +433,12 @@ impl TlsConn {
     /// Processes bytes received from the client; all of `data` is consumed. Bytes after the
     /// client's close_notify are discarded.
     pub fn feed_ciphertext(&mut self, mut data: &[u8]) -> Result<(), TlsError> {
+        if self.hello.is_some() {
+            data = match self.feed_hello(data)? {
+                Some(rest) => rest,
+                None => return Ok(()),
+            };
+        }
         while !data.is_empty() {
             let n = match self.conn.read_tls(&mut data) {
                 Ok(n) => n,
@@ -389,7 +458,58 @@ impl TlsConn {
                 break;
             }
         }
+        if self.challenge && !self.conn.is_handshaking() {
+            return Err(TlsError::AcmeAnswered);
+        }
         Ok(())
+    }
+
+    /// Reads the ClientHello through the acceptor; once it is whole, picks the config and
+    /// returns the bytes that followed it (None: more are needed).
+    fn feed_hello<'a>(&mut self, mut data: &'a [u8]) -> Result<Option<&'a [u8]>, TlsError> {
+        let hello = self.hello.as_mut().expect("in the hello stage");
+        loop {
+            if data.is_empty() {
+                return Ok(None);
+            }
+            hello.acceptor.read_tls(&mut data).map_err(io_to_tls)?;
+            let accepted = match hello.acceptor.accept() {
+                Ok(None) => continue,
+                Ok(Some(accepted)) => accepted,
+                Err((e, mut alert)) => {
+                    let _ = alert.write_all(&mut hello.alert);
+                    return Err(TlsError::Protocol(e));
+                }
+            };
+            let ch = accepted.client_hello();
+            let challenge = ch
+                .alpn()
+                .is_some_and(|mut p| p.any(|p| p == ACME_TLS_ALPN))
+                && ch.server_name().is_some_and(|n| hello.acme.answers(n));
+            let config = if challenge {
+                hello.acme.config.clone()
+            } else {
+                hello.normal.clone()
+            };
+            let mut conn = match accepted.into_connection(config) {
+                Ok(conn) => conn,
+                Err((e, mut alert)) => {
+                    let _ = alert.write_all(&mut hello.alert);
+                    return Err(TlsError::Protocol(e));
+                }
+            };
+            conn.set_buffer_limit(None);
+            self.conn = conn;
+            self.challenge = challenge;
+            self.hello = None;
+            // Bytes the acceptor read past the ClientHello are in `conn` now.
+            let state = self
+                .conn
+                .process_new_packets()
+                .map_err(TlsError::Protocol)?;
+            self.close_notify |= state.peer_has_closed();
+            return Ok(Some(data));
+        }
     }
 
     /// Records that the client's TCP stream ended (a recv of 0 bytes).
@@ -425,6 +545,10 @@ impl TlsConn {
     /// Appends the bytes to send to the client to `out`; returns how many bytes.
     pub fn take_ciphertext(&mut self, out: &mut Vec<u8>) -> usize {
         let before = out.len();
+        if let Some(hello) = self.hello.as_mut() {
+            out.append(&mut hello.alert);
+            return out.len() - before;
+        }
         while self.conn.wants_write() {
             // Writing into a Vec cannot fail.
             match self.conn.write_tls(out) {
@@ -437,7 +561,10 @@ impl TlsConn {
 
     /// There are bytes for [`TlsConn::take_ciphertext`].
     pub fn wants_write(&self) -> bool {
-        self.conn.wants_write()
+        match &self.hello {
+            Some(hello) => !hello.alert.is_empty(),
+            None => self.conn.wants_write(),
+        }
     }
 
     /// The handshake has not finished yet.
@@ -476,6 +603,114 @@ impl TlsConn {
         let mut pending = std::mem::take(&mut self.pending);
         self.take_plaintext(&mut pending);
         self.pending = pending;
+    }
+}
+
+/// The ALPN protocol a TLS-ALPN-01 validation offers (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// One pending TLS-ALPN-01 challenge: the domain and its self-signed certificate carrying the
+/// acmeIdentifier extension ([`AcmeChallenge::new`]), as PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AcmeChallenge {
+    pub domain: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for AcmeChallenge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcmeChallenge")
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AcmeChallenge {
+    /// The certificate RFC 8737 asks for: self-signed, the domain as its only SAN, and the
+    /// SHA-256 of the key authorization in a critical acmeIdentifier extension. ECDSA P-256.
+    pub fn new(domain: &str, key_authorization_sha256: &[u8]) -> Result<AcmeChallenge, TlsError> {
+        if key_authorization_sha256.len() != 32 {
+            return Err(TlsError::AcmeCertificate(
+                "the key authorization digest is not 32 bytes".into(),
+            ));
+        }
+        let fail = |e: rcgen::Error| TlsError::AcmeCertificate(e.to_string());
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(fail)?;
+        let mut params = CertificateParams::new(vec![domain.to_owned()]).map_err(fail)?;
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::new_acme_identifier(
+                key_authorization_sha256,
+            ));
+        let cert = params.self_signed(&key).map_err(fail)?;
+        Ok(AcmeChallenge {
+            domain: domain.to_ascii_lowercase(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// The pending challenges of one listener, and the config that answers them.
+struct AcmeAnswers {
+    challenges: Vec<AcmeChallenge>,
+    names: Vec<String>,
+    config: Arc<ServerConfig>,
+}
+
+impl AcmeAnswers {
+    fn new(challenges: &[AcmeChallenge]) -> Result<AcmeAnswers, TlsError> {
+        let provider = Arc::new(default_provider());
+        let mut keys = Vec::new();
+        for c in challenges {
+            let bad = |e: rustls::pki_types::pem::Error| TlsError::AcmeCertificate(e.to_string());
+            let chain = CertificateDer::pem_slice_iter(c.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(bad)?;
+            let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).map_err(bad)?;
+            let key = rustls::sign::CertifiedKey::from_der(chain, key, &provider)
+                .map_err(TlsError::Config)?;
+            keys.push((c.domain.to_ascii_lowercase(), Arc::new(key)));
+        }
+        let names = keys.iter().map(|(n, _)| n.clone()).collect();
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(TlsError::Config)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(ChallengeCerts(keys)));
+        config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        config.ticketer = Arc::new(NoTickets);
+        config.send_tls13_tickets = 0;
+        Ok(AcmeAnswers {
+            challenges: challenges.to_vec(),
+            names,
+            config: Arc::new(config),
+        })
+    }
+
+    fn answers(&self, server_name: &str) -> bool {
+        self.names
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(server_name))
+    }
+}
+
+/// Picks the challenge certificate by the ClientHello's server name.
+#[derive(Debug)]
+struct ChallengeCerts(Vec<(String, Arc<rustls::sign::CertifiedKey>)>);
+
+impl rustls::server::ResolvesServerCert for ChallengeCerts {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let name = hello.server_name()?;
+        self.0
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, k)| k.clone())
     }
 }
 
