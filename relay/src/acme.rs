@@ -148,7 +148,10 @@ fn cert_paths(job: &Job) -> (PathBuf, PathBuf) {
 fn paths_for(state_dir: &Path, settings: &AcmeSettings) -> (PathBuf, PathBuf) {
     let name = settings.domains[0].to_ascii_lowercase();
     let d = dir(state_dir);
-    (d.join(format!("{name}.crt.pem")), d.join(format!("{name}.key.pem")))
+    (
+        d.join(format!("{name}.crt.pem")),
+        d.join(format!("{name}.key.pem")),
+    )
 }
 
 /// The account file for a directory URL (one account per CA).
@@ -158,7 +161,13 @@ fn account_path(job: &Job) -> PathBuf {
         .directory
         .trim_start_matches("https://")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     dir(&job.state_dir).join(format!("account-{host}.json"))
 }
@@ -184,7 +193,9 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
 pub fn leaf_facts(chain_pem: &str, domains: &[String]) -> Option<(u64, bool)> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
-    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).next()?.ok()?;
+    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()?
+        .ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
     let not_after = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
     let sans: Vec<String> = cert
@@ -402,7 +413,11 @@ async fn issue(
         }
         Err(e) => return Err(step("reading the stored account")(e)),
     };
-    let ids: Vec<Identifier> = s.domains.iter().map(|d| Identifier::Dns(d.clone())).collect();
+    let ids: Vec<Identifier> = s
+        .domains
+        .iter()
+        .map(|d| Identifier::Dns(d.clone()))
+        .collect();
     let mut order = account
         .new_order(&NewOrder::new(&ids))
         .await

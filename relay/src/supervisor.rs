@@ -1662,7 +1662,9 @@ fn restart_needed(old: &Config, new: &Config, nworkers: usize, nofile: u64) -> O
             crate::acme::jobs(old)
                 .iter()
                 .map(|j| (&j.settings, &j.listeners))
-                .ne(crate::acme::jobs(new).iter().map(|j| (&j.settings, &j.listeners))),
+                .ne(crate::acme::jobs(new)
+                    .iter()
+                    .map(|j| (&j.settings, &j.listeners))),
         ),
         (
             "admission.xdp_interfaces",
@@ -1786,9 +1788,8 @@ fn admission_handler(
     let tx = Mutex::new(tx);
     // Waits until every live worker reports `generation` applied (at most APPLY_WAIT); returns
     // how many did.
-    let applied = move |generation: u64| -> usize {
-        applied_by(&shared, nworkers, generation, APPLY_WAIT)
-    };
+    let applied =
+        move |generation: u64| -> usize { applied_by(&shared, nworkers, generation, APPLY_WAIT) };
     Box::new(move |line| {
         if line == "reload" {
             let (reply_tx, reply_rx) = mpsc::channel();

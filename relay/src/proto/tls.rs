@@ -158,7 +158,10 @@ impl std::fmt::Debug for TlsServer {
         f.debug_struct("TlsServer")
             .field("self_signed", &self.ca_pem.is_some())
             .field("alpn_protocols", &self.config.alpn_protocols)
-            .field("acme_challenges", &self.acme.as_ref().map_or(0, |a| a.names.len()))
+            .field(
+                "acme_challenges",
+                &self.acme.as_ref().map_or(0, |a| a.names.len()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -482,9 +485,7 @@ impl TlsConn {
                 }
             };
             let ch = accepted.client_hello();
-            let challenge = ch
-                .alpn()
-                .is_some_and(|mut p| p.any(|p| p == ACME_TLS_ALPN))
+            let challenge = ch.alpn().is_some_and(|mut p| p.any(|p| p == ACME_TLS_ALPN))
                 && ch.server_name().is_some_and(|n| hello.acme.answers(n));
             let config = if challenge {
                 hello.acme.config.clone()
