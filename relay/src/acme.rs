@@ -128,8 +128,8 @@ pub fn dir(state_dir: &Path) -> PathBuf {
     state_dir.join("acme")
 }
 
-/// Makes `state_dir`/acme (0700) if missing: at start, before privileges are dropped, so a
-/// missing state directory fails the start with its name rather than every renewal later.
+/// Makes `state_dir`/acme (0700) if missing; the ACME thread does it at its start, after the
+/// privilege drop (the supervisor made `state_dir` itself before).
 pub fn prepare(state_dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let d = dir(state_dir);
@@ -303,6 +303,10 @@ async fn run(
     shared: Arc<Shared>,
     applied_wait: Box<dyn Fn(u64, Duration) + Send>,
 ) {
+    // After the privilege drop: the directory belongs to the user the daemon runs as.
+    if let Err(e) = prepare(&job.state_dir) {
+        tracing::error!(listener = %job.name, "acme: {e}; certificates cannot be stored");
+    }
     let interval = check_interval();
     let renew_before = u64::from(job.settings.renew_before_days) * 86_400;
     let mut current: Option<u64> = None;
