@@ -533,3 +533,22 @@ async fn validate_and_finalize(
         .map_err(step("downloading the certificate"))?;
     Ok((chain, key.serialize_pem()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_challenge_certificate_is_accepted_by_the_workers_server() {
+        // RFC 8737's certificate has a critical acmeIdentifier extension that webpki refuses:
+        // the server must take it anyway (a worker that refused it answered no challenge).
+        let c = AcmeChallenge::new("Relay.Example.org", &[7; 32]).unwrap();
+        assert_eq!(c.domain, "relay.example.org");
+        let server =
+            crate::proto::tls::TlsServer::self_signed(&["relay.example.org".into()], &[]).unwrap();
+        let with = server.with_challenges(std::slice::from_ref(&c)).unwrap();
+        assert_eq!(with.challenges(), vec![c]);
+        assert!(with.with_challenges(&[]).unwrap().challenges().is_empty());
+        assert!(AcmeChallenge::new("relay.example.org", &[7; 31]).is_err());
+    }
+}

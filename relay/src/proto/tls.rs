@@ -670,8 +670,13 @@ impl AcmeAnswers {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(bad)?;
             let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).map_err(bad)?;
-            let key = rustls::sign::CertifiedKey::from_der(chain, key, &provider)
+            // Not `CertifiedKey::from_der`: its key check parses the certificate with webpki,
+            // which refuses the critical acmeIdentifier extension RFC 8737 requires.
+            let key = provider
+                .key_provider
+                .load_private_key(key)
                 .map_err(TlsError::Config)?;
+            let key = rustls::sign::CertifiedKey::new(chain, key);
             keys.push((c.domain.to_ascii_lowercase(), Arc::new(key)));
         }
         let names = keys.iter().map(|(n, _)| n.clone()).collect();
