@@ -319,9 +319,6 @@ async fn run(
         {
             // At start, or a certificate another process stored: serve it.
             current = Some(*t);
-            if first {
-                tracing::info!(listener = %job.name, "acme: using the stored certificate (valid {} more days)", t.saturating_sub(now_s()) / 86_400);
-            }
             if !events(AcmeEvent::Certificate {
                 listeners: job.listeners.clone(),
                 id: id.clone(),
@@ -333,6 +330,15 @@ async fn run(
             Some((_, t)) => t.saturating_sub(now_s()) < renew_before,
             None => true,
         };
+        if first && let Some((_, t)) = &have {
+            // Said once the decision is taken: nothing is ordered before the next check.
+            let days = t.saturating_sub(now_s()) / 86_400;
+            if due {
+                tracing::info!(listener = %job.name, "acme: the stored certificate is valid {days} more days, fewer than renew_before_days ({}): renewing it", job.settings.renew_before_days);
+            } else {
+                tracing::info!(listener = %job.name, "acme: using the stored certificate (valid {days} more days; renewed when fewer than {} remain)", job.settings.renew_before_days);
+            }
+        }
         // A new certificate that is due at once (renew_before_days above the CA's validity)
         // is renewed at each check, never in a loop: every order is followed by a wait.
         let wait = if due {
