@@ -103,6 +103,9 @@ pub struct ListenerStatus {
     /// The listener's own `max_connections`; 0: none (only the daemon's applies).
     #[serde(default)]
     pub max_connections: u32,
+    /// When its certificate expires (seconds since the epoch); absent without TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_expiry_unix: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,6 +139,7 @@ impl Status {
                     bind: l.bind.to_string(),
                     active: 0,
                     max_connections: l.max_connections,
+                    cert_expiry_unix: None,
                 })
                 .collect(),
             workers: (0..workers)

@@ -96,6 +96,7 @@ pub fn run(opts: &Options) -> Vec<Check> {
     if let Some(host) = &opts.config.public_host {
         out.push(public_host(host, opts.timeout));
     }
+    out.extend(acme_domains(&opts.config, opts.timeout));
     out.push(clock());
     out.extend(sysctls());
     out
@@ -462,6 +463,19 @@ fn certificates(config: &Config) -> Vec<Check> {
         .filter_map(|l| Some((l, l.tls.as_ref()?)))
         .map(|(l, tls)| {
             let name = format!("certificate {}", l.name);
+            if let Some(acme) = &tls.acme {
+                return check(
+                    name,
+                    Level::Ok,
+                    format!(
+                        "from the ACME CA {} for {} (a self-signed one until the first is \
+                         issued; see `acme domain` below)",
+                        acme.directory,
+                        acme.domains.join(", ")
+                    ),
+                    "",
+                );
+            }
             match (&tls.cert, &tls.key) {
                 (Some(cert), Some(key)) => {
                     match crate::proto::tls::TlsServer::from_pem_files(cert, key) {
@@ -639,25 +653,123 @@ fn check_upstream(u: &HostPort, fixed: Option<std::net::IpAddr>, timeout: Durati
 /// `public_host` (what `sluicectl share` puts in the links) resolves, within `timeout`, to an
 /// address of this host: compared with its interfaces' addresses.
 fn public_host(host: &str, timeout: Duration) -> Check {
-    let name = host.to_string();
+    let resolved = lookup(host, timeout);
+    let interfaces = crate::sys::interface_addrs().unwrap_or_default();
+    public_host_check(host, resolved, &interfaces)
+}
+
+/// The addresses `host` resolves to, within `timeout`.
+fn lookup(host: &str, timeout: Duration) -> Result<Vec<std::net::IpAddr>, String> {
     let (tx, rx) = mpsc::channel();
-    let lookup = name.clone();
+    let name = host.to_string();
     let spawned = std::thread::Builder::new()
-        .name("doctor-public".into())
+        .name("doctor-lookup".into())
         .spawn(move || {
-            let r = (lookup.as_str(), 0u16)
+            let r = (name.as_str(), 0u16)
                 .to_socket_addrs()
                 .map(|a| a.map(|s| s.ip()).collect::<Vec<_>>());
             let _ = tx.send(r);
         });
-    let resolved = match spawned.map(|_| rx.recv_timeout(timeout)) {
+    match spawned.map(|_| rx.recv_timeout(timeout)) {
         Ok(Ok(Ok(a))) => Ok(a),
         Ok(Ok(Err(e))) => Err(e.to_string()),
         Ok(Err(_)) => Err(format!("no answer within {timeout:?}")),
         Err(e) => Err(format!("cannot start the lookup: {e}")),
-    };
+    }
+}
+
+/// Each domain of a `[listen.tls] acme` table (once): the CA validates it by connecting to
+/// port 443 of what it resolves to, so it must resolve to this host.
+fn acme_domains(config: &Config, timeout: Duration) -> Vec<Check> {
+    let mut domains: Vec<&str> = Vec::new();
+    for l in &config.listeners {
+        if let Some(a) = l.tls.as_ref().and_then(|t| t.acme.as_ref()) {
+            for d in &a.domains {
+                if !domains.iter().any(|x| x.eq_ignore_ascii_case(d)) {
+                    domains.push(d);
+                }
+            }
+        }
+    }
+    if domains.is_empty() {
+        return Vec::new();
+    }
     let interfaces = crate::sys::interface_addrs().unwrap_or_default();
-    public_host_check(&name, resolved, &interfaces)
+    domains
+        .into_iter()
+        .map(|d| acme_domain_check(d, lookup(d, timeout), &interfaces))
+        .collect()
+}
+
+/// The verdict of [`acme_domains`] for one domain.
+fn acme_domain_check(
+    domain: &str,
+    resolved: Result<Vec<std::net::IpAddr>, String>,
+    interfaces: &[(String, std::net::IpAddr)],
+) -> Check {
+    let name = format!("acme domain {domain}");
+    let addrs = match resolved {
+        Ok(a) if !a.is_empty() => a,
+        Ok(_) => {
+            return check(
+                name,
+                Level::Fail,
+                format!("`{domain}` resolves to no address"),
+                "the CA cannot validate it, so no certificate is issued and the generated one \
+                 is served: create an A (or AAAA) record pointing at this host",
+            );
+        }
+        Err(e) => {
+            return check(
+                name,
+                Level::Fail,
+                format!("`{domain}` does not resolve: {e}"),
+                "the CA cannot validate it, so no certificate is issued and the generated one \
+                 is served: create an A (or AAAA) record pointing at this host",
+            );
+        }
+    };
+    let found = addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let internal = |a: &std::net::IpAddr| {
+        crate::upstream::refused_kind(*a).is_some() || is_internal(&IpNet::from(*a))
+    };
+    let on: Vec<String> = addrs
+        .iter()
+        .filter_map(|a| {
+            interfaces
+                .iter()
+                .find(|(_, ip)| ip == a)
+                .map(|(ifname, _)| format!("{a} on {ifname}"))
+        })
+        .collect();
+    if addrs.iter().all(internal) {
+        return check(
+            name,
+            Level::Fail,
+            format!("resolves to {found}, not an internet address"),
+            "the CA connects from the internet to port 443 of that address and cannot reach \
+             it: point the name at this host's public address",
+        );
+    }
+    if on.is_empty() {
+        return check(
+            name,
+            Level::Warn,
+            format!("resolves to {found}, which no interface of this host has"),
+            "right if that address forwards port 443 to this relay (NAT, a load balancer); \
+             otherwise the CA validates another host and no certificate is issued",
+        );
+    }
+    check(
+        name,
+        Level::Ok,
+        format!("resolves to {found}, this host's ({})", on.join(", ")),
+        "",
+    )
 }
 
 /// The verdict of [`public_host`], from what the name resolved to and the interfaces' addresses.
@@ -914,6 +1026,46 @@ mod tests {
     }
 
     #[test]
+    fn acme_domains_must_resolve_to_this_host() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let ifs = vec![
+            ("lo".to_string(), ip("127.0.0.1")),
+            ("eth0".to_string(), ip("203.0.113.5")),
+        ];
+        let c = acme_domain_check("relay.example", Ok(vec![ip("203.0.113.5")]), &ifs);
+        assert_eq!(c.level, Level::Ok, "{c:?}");
+        assert!(c.detail.contains("203.0.113.5 on eth0"), "{c:?}");
+        // Another address: maybe NAT forwarding 443 here, maybe another host.
+        let c = acme_domain_check("relay.example", Ok(vec![ip("198.51.100.7")]), &ifs);
+        assert_eq!(c.level, Level::Warn, "{c:?}");
+        assert!(c.fix.contains("another host"), "{c:?}");
+        // Unreachable from the CA, even on an interface: fail.
+        let c = acme_domain_check("relay.example", Ok(vec![ip("127.0.0.1")]), &ifs);
+        assert_eq!(c.level, Level::Fail, "{c:?}");
+        for r in [Ok(Vec::new()), Err("no such name".to_string())] {
+            let c = acme_domain_check("nx.example", r, &ifs);
+            assert_eq!(c.level, Level::Fail, "{c:?}");
+            assert!(
+                c.name == "acme domain nx.example" && c.fix.contains("record"),
+                "{c:?}"
+            );
+        }
+        // Only for listeners with `acme`, each domain once.
+        let mut config = crate::config::preset::Preset::Signal.config();
+        assert!(acme_domains(&config, Duration::from_millis(100)).is_empty());
+        config.listeners[0].tls.as_mut().unwrap().acme = Some(crate::config::AcmeSettings {
+            domains: vec!["localhost".into(), "LOCALHOST".into()],
+            email: None,
+            directory: crate::acme::LETS_ENCRYPT.into(),
+            directory_ca: None,
+            renew_before_days: 30,
+        });
+        let checks = acme_domains(&config, Duration::from_secs(5));
+        assert_eq!(checks.len(), 1, "{checks:?}");
+        assert_eq!(checks[0].name, "acme domain localhost");
+    }
+
+    #[test]
     fn this_hosts_interfaces_are_read_and_loopback_is_found() {
         let ifs = crate::sys::interface_addrs().unwrap();
         assert!(
@@ -992,6 +1144,8 @@ mod tests {
         };
         let generated = listener("");
         assert_eq!(generated[0].level, Level::Warn, "{generated:?}");
+        let acme = listener("acme = { domains = [\"relay.example\"] }");
+        assert_eq!(acme[0].level, Level::Ok, "{acme:?}");
         assert!(generated[0].detail.contains("self-signed"), "{generated:?}");
 
         let dir = std::env::temp_dir().join(format!("sluice-doctor-{}", std::process::id()));

@@ -644,7 +644,7 @@ fn encode_all(src: &Source, mut e: DescriptorEncoder) -> Result<(), std::fmt::Er
     let total = |c: Counter| sh.total(n, c);
     let sup = |c: Counter| sh.supervisor_get(c);
     let e = &mut e;
-    let (capacity, listener_limits, upstreams) = {
+    let (capacity, listener_limits, upstreams, cert_expiry) = {
         let st = src.status.lock().unwrap_or_else(|p| p.into_inner());
         (
             st.capacity,
@@ -653,8 +653,33 @@ fn encode_all(src: &Source, mut e: DescriptorEncoder) -> Result<(), std::fmt::Er
                 .map(|l| (l.name.clone(), l.max_connections))
                 .collect::<Vec<_>>(),
             st.upstreams.clone(),
+            st.listeners
+                .iter()
+                .filter_map(|l| Some((l.name.clone(), l.cert_expiry_unix?)))
+                .collect::<Vec<_>>(),
         )
     };
+    family(
+        e,
+        "sluice_certificate_expiry_timestamp_seconds",
+        "When the certificate each TLS listener serves now expires, in seconds since the Unix \
+         epoch (an ACME certificate is renewed renew_before_days before)",
+        G,
+        cert_expiry
+            .iter()
+            .map(|(l, t)| ([("listener", l.as_str())], *t)),
+    )?;
+    family(
+        e,
+        "sluice_acme_renewals",
+        "Tries to get a certificate from an ACME CA, by result (ok: issued; error: failed, \
+         retried with back-off while the current certificate is kept)",
+        C,
+        [
+            ([("result", "ok")], sup(Counter::AcmeRenewalsOk)),
+            ([("result", "error")], sup(Counter::AcmeRenewalsError)),
+        ],
+    )?;
     family(
         e,
         "sluice_build_info",

@@ -136,10 +136,14 @@ pub enum Counter {
     /// Allowances the daemon-wide budget (`sockmap_queue_total_mib`) cut short: the direction
     /// got less than its `sockmap_queue_limit_mib`, so its bytes wait for the worker sooner.
     FastPathBudgetShort,
+    /// Supervisor row: certificates an ACME CA issued ([`crate::acme`]).
+    AcmeRenewalsOk,
+    /// Supervisor row: tries to get a certificate from an ACME CA that failed.
+    AcmeRenewalsError,
 }
 
 // Every counter has its slot in a row (the last variant is the highest).
-const _: () = assert!((Counter::FastPathBudgetShort as usize) < COUNTERS);
+const _: () = assert!((Counter::AcmeRenewalsError as usize) < COUNTERS);
 
 pub const ALL_COUNTERS: &[(Counter, &str)] = &[
     (Counter::Active, "active"),

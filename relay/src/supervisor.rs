@@ -117,6 +117,8 @@ enum Event {
     CheckFiles,
     /// `sluicectl allow|deny|dest ...` from the control socket.
     Admission(admission::Command, mpsc::Sender<AdmissionAnswer>),
+    /// A certificate or TLS-ALPN-01 challenges from an ACME thread ([`crate::acme`]).
+    Acme(crate::acme::AcmeEvent),
 }
 
 /// How long `sluicectl` waits for the workers to confirm a list change.
@@ -456,6 +458,12 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     {
         tracing::warn!("no control socket at {}: {e}", path.display());
     }
+    let acme_jobs = crate::acme::jobs(&config);
+    if !acme_jobs.is_empty() {
+        // Made (and given to the user's group) while still root; the ACME thread writes in it
+        // after the drop.
+        prepare_state_dir(&config.state_dir, run_as.as_ref())?;
+    }
     if let Some((name, ids)) = &run_as {
         drop_privileges(name, *ids, opts.control.as_deref())?;
     }
@@ -510,6 +518,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         metrics_fd: sys::dup_high(shared.fd(), 1000)?,
         histo_fd,
         tls,
+        challenges: Vec::new(),
         tickets: TicketKeys::generate(crate::proto::tls::ticket_rotate())
             .map_err(std::io::Error::other)?,
         tickets_made: Instant::now(),
@@ -533,11 +542,26 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         spawn_held_relay(ring, sup.tx.clone())?;
     }
     sup.watch_cert_files()?;
+    sup.challenges = vec![Vec::new(); sup.config.listeners.len()];
     for i in 0..nworkers {
         let p = sup.spawn(i)?;
         sup.procs.push(Some(p));
     }
     sup.publish_status();
+    sup.publish_cert_expiry();
+    for job in acme_jobs {
+        let tx = sup.tx.clone();
+        let shared = sup.shared.clone();
+        crate::acme::spawn(
+            job,
+            Box::new(move |ev| tx.send(Event::Acme(ev)).is_ok()),
+            sup.shared.clone(),
+            Box::new(move |generation, wait| {
+                applied_by(&shared, nworkers, generation, wait);
+            }),
+        )
+        .map_err(|e| std::io::Error::other(format!("cannot start the acme thread: {e}")))?;
+    }
     tracing::info!(
         listeners = sup.config.listeners.len(),
         workers = nworkers,
@@ -586,6 +610,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
                 }
             }
             Event::CheckFiles => sup.reload_tls(false),
+            Event::Acme(ev) => sup.acme(ev),
             Event::Admission(cmd, reply) => {
                 let _ = reply.send(Ok(sup.admission(&cmd)));
             }
@@ -629,8 +654,14 @@ fn load_tls(
             out.push(Some(id.clone()));
             continue;
         }
+        let stored = t
+            .acme
+            .as_ref()
+            .and_then(|a| crate::acme::stored_for(&config.state_dir, a, &l.name));
         let id = match (&t.cert, &t.key) {
             (Some(cert), Some(key)) => PemIdentity::from_files(cert, key),
+            // A certificate the CA issued before, from the state directory.
+            _ if stored.is_some() => Ok(stored.expect("checked")),
             _ => {
                 let started = Instant::now();
                 let kind = t.generated_key();
@@ -685,6 +716,8 @@ struct Supervisor {
     histo_fd: OwnedFd,
     /// Certificate and key of each TLS listener, sent to every worker at its start.
     tls: Vec<Option<PemIdentity>>,
+    /// The TLS-ALPN-01 challenges each listener answers now (almost always none).
+    challenges: Vec<Vec<crate::proto::tls::AcmeChallenge>>,
     /// The session-ticket keys every worker shares, when the current one was made, and how
     /// often a new one is ([`crate::proto::tls::ticket_rotate`]).
     tickets: TicketKeys,
@@ -759,6 +792,17 @@ impl Supervisor {
         let mut start = ControlMsg::TicketKeys(self.tickets.clone()).encode();
         for listener in 0..self.tls.len() {
             start.push_str(&self.tls_message(listener));
+        }
+        for (listener, challenges) in self.challenges.iter().enumerate() {
+            if !challenges.is_empty() {
+                start.push_str(
+                    &ControlMsg::Challenges {
+                        listener,
+                        challenges: challenges.clone(),
+                    }
+                    .encode(),
+                );
+            }
         }
         start.push_str(&self.decoy_message());
         start.push_str(&self.admission_message());
@@ -995,10 +1039,65 @@ impl Supervisor {
         }
     }
 
+    /// What an ACME thread asks: challenges to answer (acknowledged with the generation the
+    /// workers report once they applied them), or a certificate to serve from now on.
+    fn acme(&mut self, ev: crate::acme::AcmeEvent) {
+        use crate::acme::AcmeEvent;
+        match ev {
+            AcmeEvent::Challenges {
+                listeners,
+                challenges,
+                applied,
+            } => {
+                let mut msg = String::new();
+                for &l in &listeners {
+                    if let Some(slot) = self.challenges.get_mut(l) {
+                        slot.clone_from(&challenges);
+                    }
+                    msg.push_str(
+                        &ControlMsg::Challenges {
+                            listener: l,
+                            challenges: challenges.clone(),
+                        }
+                        .encode(),
+                    );
+                }
+                // The admission line after it carries a generation the workers report back
+                // once everything before it is applied.
+                self.generation += 1;
+                msg.push_str(&self.admission_message());
+                self.broadcast(&msg);
+                let _ = applied.send(self.generation);
+            }
+            AcmeEvent::Certificate { listeners, id } => {
+                for l in listeners {
+                    if l >= self.tls.len() || self.tls[l].as_ref() == Some(&id) {
+                        continue;
+                    }
+                    self.tls[l] = Some(id.clone());
+                    let msg = self.tls_message(l);
+                    self.broadcast(&msg);
+                }
+                self.publish_cert_expiry();
+            }
+        }
+    }
+
+    /// Each TLS listener's certificate expiry, for `sluice_certificate_expiry_timestamp_seconds`.
+    fn publish_cert_expiry(&self) {
+        let mut st = self.status.lock().expect("status lock");
+        for (l, id) in st.listeners.iter_mut().zip(&self.tls) {
+            l.cert_expiry_unix = id
+                .as_ref()
+                .and_then(|id| crate::acme::not_after(&id.chain_pem));
+        }
+    }
+
     /// Reads certificate files again; a changed pair goes to every worker, which uses it for new
     /// connections (established ones keep their session). A pair that does not load is logged
     /// and the old one kept. `always` logs even when nothing changed (SIGHUP).
     fn reload_tls(&mut self, always: bool) {
+        let mut changed = false;
         for (i, l) in self.config.listeners.iter().enumerate() {
             let Some((cert, key)) = l
                 .tls
@@ -1020,11 +1119,15 @@ impl Supervisor {
                         p.send(msg.as_bytes());
                     }
                     tracing::info!(listener = %l.name, "new certificate loaded; new connections use it");
+                    changed = true;
                 }
                 Err(e) => {
                     tracing::error!(listener = %l.name, "certificate reload failed, keeping the old one: {e}")
                 }
             }
+        }
+        if changed {
+            self.publish_cert_expiry();
         }
     }
 
@@ -1563,6 +1666,16 @@ fn restart_needed(old: &Config, new: &Config, nworkers: usize, nofile: u64) -> O
         ("user", old.user != new.user),
         ("workers", old.workers != new.workers),
         ("metrics", old.metrics != new.metrics),
+        ("state_dir", old.state_dir != new.state_dir),
+        (
+            "listen.tls.acme",
+            crate::acme::jobs(old)
+                .iter()
+                .map(|j| (&j.settings, &j.listeners))
+                .ne(crate::acme::jobs(new)
+                    .iter()
+                    .map(|j| (&j.settings, &j.listeners))),
+        ),
         (
             "admission.xdp_interfaces",
             old.admission.xdp_interfaces != new.admission.xdp_interfaces,
@@ -1625,6 +1738,56 @@ fn attach_xdp(
     (out, names)
 }
 
+/// Waits until every live worker reports `generation` applied, at most `wait`; returns how many
+/// did.
+fn applied_by(shared: &Shared, nworkers: usize, generation: u64, wait: Duration) -> usize {
+    let deadline = Instant::now() + wait;
+    loop {
+        let live: Vec<usize> = (0..nworkers)
+            .filter(|&i| shared.get(i, Counter::Pid) != 0)
+            .collect();
+        let applied = live
+            .iter()
+            .filter(|&&i| shared.get(i, Counter::AdmissionGeneration) >= generation)
+            .count();
+        if applied == live.len() || Instant::now() >= deadline {
+            return applied;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Makes `state_dir` (0700) if it is missing; with `user`, gives it to the user's group (0770)
+/// so the ACME thread can write there after the privilege drop. systemd's
+/// `StateDirectory=sluice` makes it already.
+fn prepare_state_dir(
+    dir: &std::path::Path,
+    run_as: Option<&(String, sys::UserIds)>,
+) -> Result<(), StartError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                std::io::Error::other(format!(
+                    "acme: cannot create state_dir {}: {e}",
+                    dir.display()
+                ))
+            })?;
+    }
+    if let Some((name, ids)) = run_as {
+        give_to_group(dir, name, ids.gid, 0o770).map_err(|e| {
+            std::io::Error::other(format!(
+                "acme: state_dir {} cannot be given to user `{name}`'s group: {e}",
+                dir.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 /// The control socket's handler for list commands and `reload`: hands the command to the main
 /// loop, then waits (at most [`APPLY_WAIT`]) until every live worker reports the change applied.
 fn admission_handler(
@@ -1635,22 +1798,8 @@ fn admission_handler(
     let tx = Mutex::new(tx);
     // Waits until every live worker reports `generation` applied (at most APPLY_WAIT); returns
     // how many did.
-    let applied = move |generation: u64| -> usize {
-        let deadline = Instant::now() + APPLY_WAIT;
-        loop {
-            let live: Vec<usize> = (0..nworkers)
-                .filter(|&i| shared.get(i, Counter::Pid) != 0)
-                .collect();
-            let applied = live
-                .iter()
-                .filter(|&&i| shared.get(i, Counter::AdmissionGeneration) >= generation)
-                .count();
-            if applied == live.len() || Instant::now() >= deadline {
-                return applied;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
+    let applied =
+        move |generation: u64| -> usize { applied_by(&shared, nworkers, generation, APPLY_WAIT) };
     Box::new(move |line| {
         if line == "reload" {
             let (reply_tx, reply_rx) = mpsc::channel();

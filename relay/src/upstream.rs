@@ -71,6 +71,12 @@ pub enum ControlMsg {
         addr: Option<SocketAddr>,
         https_addr: Option<SocketAddr>,
     },
+    /// The TLS-ALPN-01 challenges listener `listener` answers now, whole (empty: none);
+    /// [`crate::proto::tls::TlsServer::with_challenges`].
+    Challenges {
+        listener: usize,
+        challenges: Vec<crate::proto::tls::AcmeChallenge>,
+    },
     /// Close every live connection whose client (its peer address now) is in one of `cidrs`
     /// (`sluicectl deny add --kill-existing`), then report `generation`.
     Kill { generation: u64, cidrs: Vec<Cidr> },
@@ -134,6 +140,22 @@ impl ControlMsg {
             ControlMsg::Kill { generation, cidrs } => {
                 format!("kill {generation} {}\n", encode_list(cidrs))
             }
+            ControlMsg::Challenges {
+                listener,
+                challenges,
+            } => {
+                let mut line = format!("acme {listener}");
+                for c in challenges {
+                    line.push_str(&format!(
+                        " {}:{}:{}",
+                        hex(&c.domain),
+                        hex(&c.cert_pem),
+                        hex(&c.key_pem)
+                    ));
+                }
+                line.push('\n');
+                line
+            }
         }
     }
 
@@ -154,7 +176,25 @@ impl ControlMsg {
                     cidrs: decode_list(cidrs)?,
                 });
             }
-            ["admission" | "kill", ..] => return None,
+            ["acme", listener, challenges @ ..] => {
+                let challenges = challenges
+                    .iter()
+                    .map(|c| {
+                        let mut parts = c.split(':');
+                        let c = crate::proto::tls::AcmeChallenge {
+                            domain: unhex(parts.next()?)?,
+                            cert_pem: unhex(parts.next()?)?,
+                            key_pem: unhex(parts.next()?)?,
+                        };
+                        parts.next().is_none().then_some(c)
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                return Some(ControlMsg::Challenges {
+                    listener: listener.parse().ok()?,
+                    challenges,
+                });
+            }
+            ["admission" | "kill" | "acme", ..] => return None,
             _ => {}
         }
         let mut parts = line.trim_end().splitn(4, ' ');
@@ -654,6 +694,20 @@ mod tests {
         check(ControlMsg::TicketKeys(keys.clone()));
         check(ControlMsg::TicketKeys(keys.rotate().unwrap()));
         assert_eq!(ControlMsg::decode("tickets 00ff\n"), None);
+        check(ControlMsg::Challenges {
+            listener: 1,
+            challenges: Vec::new(),
+        });
+        let c = |d: &str| crate::proto::tls::AcmeChallenge {
+            domain: d.into(),
+            cert_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            key_pem: "k\n".into(),
+        };
+        check(ControlMsg::Challenges {
+            listener: 0,
+            challenges: vec![c("a.example"), c("b.example")],
+        });
+        assert_eq!(ControlMsg::decode("acme 0 61:62\n"), None);
         check(ControlMsg::Tls {
             listener: 2,
             chain_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),

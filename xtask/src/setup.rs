@@ -29,6 +29,8 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
     // The SYN flood in tests/src/tests/faults.rs.
     "hping3",
+    // Let's Encrypt's test CA and its DNS server: the ACME tests (tests/src/tests/acme.rs).
+    "pebble",
     // dist tests: strace traces the relay's system calls against the Docker seccomp profile,
     // systemd-analyze verifies the unit.
     "strace",

@@ -33,6 +33,13 @@ enum Cmd {
         /// A built-in deployment: `whatsapp` (the WhatsApp proxy's ports and upstreams).
         #[arg(long, value_enum)]
         preset: Option<sluice::config::preset::Preset>,
+        /// The name users reach the relay at: with `--preset signal`, port 443's certificate
+        /// comes from Let's Encrypt for it (ACME, TLS-ALPN-01; stored under /var/lib/sluice).
+        #[arg(long, value_name = "NAME", conflicts_with = "config")]
+        domain: Option<String>,
+        /// The Let's Encrypt account's contact address, for its expiry warnings (with --domain).
+        #[arg(long, value_name = "ADDR", requires = "domain")]
+        email: Option<String>,
         /// Point an upstream host name at an address, like /etc/hosts (repeatable).
         #[arg(long, value_name = "HOST=IP")]
         resolve: Vec<ResolveOverride>,
@@ -188,12 +195,17 @@ fn build(cmd: Cmd) -> Result<Option<(Config, Options)>, String> {
         Cmd::Run {
             config,
             preset,
+            domain,
+            email,
             resolve,
             common,
         } => {
-            let mut c = match (&config, preset) {
-                (Some(path), _) => Config::from_file(path).map_err(|e| e.to_string())?,
-                (None, p) => p.unwrap_or_default().config(),
+            let mut c = match (&config, preset, &domain) {
+                (Some(path), ..) => Config::from_file(path).map_err(|e| e.to_string())?,
+                (None, p, Some(d)) => p
+                    .unwrap_or_default()
+                    .config_for_domain(d, email.as_deref())?,
+                (None, p, None) => p.unwrap_or_default().config(),
             };
             for r in &resolve {
                 c.apply_resolve(&r.host, r.ip);

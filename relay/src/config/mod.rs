@@ -63,6 +63,10 @@ pub struct Config {
     /// The metrics/stats HTTP listener and histogram recording (`[metrics]`).
     #[serde(default)]
     pub metrics: MetricsSettings,
+    /// Where the daemon keeps what must outlive a restart (ACME account and certificates), as
+    /// files of mode 0600; the systemd unit's `StateDirectory=sluice`.
+    #[serde(default = "defaults::state_dir")]
+    pub state_dir: std::path::PathBuf,
     /// One table per listening port.
     #[serde(rename = "listen")]
     pub listeners: Vec<Listener>,
@@ -96,6 +100,10 @@ impl AdmissionSettings {
 
 /// Default address of the metrics/stats HTTP listener.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9199";
+
+/// `state_dir` when the configuration does not name one: what systemd's
+/// `StateDirectory=sluice` makes.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sluice";
 
 /// `[metrics]`: where Prometheus text and the stats page are served, and whether workers record
 /// latency histograms.
@@ -464,6 +472,34 @@ pub struct TlsSettings {
     /// turns it off like Signal-TLS-Proxy's nginx (`ssl_session_tickets off`).
     #[serde(default = "defaults::yes")]
     pub session_tickets: bool,
+    /// Get and renew the certificate from an ACME CA (Let's Encrypt by default) instead of
+    /// files: `acme = { domains = ["relay.example.org"], email = "ops@example.org" }`. Until
+    /// the first certificate is issued the listener serves a generated one (from `dns_names`,
+    /// `ips` and `key_type`, as without `acme`). Not with `cert`/`key`. See [`crate::acme`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeSettings>,
+}
+
+/// `[listen.tls] acme`: where a listener's certificate comes from when an ACME CA issues it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeSettings {
+    /// The names the certificate is for (each must resolve to this host: the CA connects to
+    /// it to validate). No wildcards: TLS-ALPN-01 and HTTP-01 cannot validate them.
+    pub domains: Vec<String>,
+    /// The account's contact address (the CA's expiry warnings go there); none: no contact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// The CA's directory URL: Let's Encrypt's production directory by default.
+    #[serde(default = "defaults::acme_directory")]
+    pub directory: String,
+    /// A PEM file of the root that the directory's HTTPS certificate chains to, when it is not
+    /// a public one (a test CA such as Pebble's); none: the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory_ca: Option<std::path::PathBuf>,
+    /// Renew when fewer than this many days of the certificate's validity remain.
+    #[serde(default = "defaults::acme_renew_before_days")]
+    pub renew_before_days: u32,
 }
 
 impl Default for TlsSettings {
@@ -475,6 +511,7 @@ impl Default for TlsSettings {
             ips: Vec::new(),
             key_type: None,
             session_tickets: true,
+            acme: None,
         }
     }
 }
@@ -500,6 +537,54 @@ impl KeyType {
             KeyType::Rsa4096 => KeyKind::Rsa(4096),
         }
     }
+}
+
+impl AcmeSettings {
+    /// Why these settings cannot work, or None.
+    pub fn invalid(&self) -> Option<String> {
+        if self.domains.is_empty() {
+            return Some("`domains` is empty: name at least one".into());
+        }
+        for d in &self.domains {
+            if d.starts_with("*.") {
+                return Some(format!(
+                    "`{d}`: a wildcard needs DNS-01, which Sluice does not do"
+                ));
+            }
+            if !is_dns_name(d) {
+                return Some(format!("`{d}` is not a DNS name"));
+            }
+        }
+        if let Some(e) = &self.email
+            && (e.split('@').count() != 2 || e.starts_with('@') || e.ends_with('@'))
+        {
+            return Some(format!("email `{e}` is not an address"));
+        }
+        if !self.directory.starts_with("https://") {
+            return Some(format!(
+                "directory `{}` is not an https:// URL",
+                self.directory
+            ));
+        }
+        if self.renew_before_days == 0 {
+            return Some("`renew_before_days` must be at least 1".into());
+        }
+        None
+    }
+}
+
+/// A host name of letters, digits and hyphens in dot-separated labels of 1 to 63 characters,
+/// with at least two labels.
+fn is_dns_name(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').count() >= 2
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 impl TlsSettings {
@@ -654,6 +739,15 @@ pub enum ConfigError {
 }
 
 mod defaults {
+    pub fn acme_directory() -> String {
+        crate::acme::LETS_ENCRYPT.to_owned()
+    }
+    pub fn acme_renew_before_days() -> u32 {
+        30
+    }
+    pub fn state_dir() -> std::path::PathBuf {
+        super::DEFAULT_STATE_DIR.into()
+    }
     pub fn metrics_listen() -> super::MetricsListen {
         super::MetricsListen(Some(
             super::DEFAULT_METRICS_ADDR.parse().expect("valid default"),
@@ -767,6 +861,7 @@ impl Config {
             user: None,
             metrics: MetricsSettings::default(),
             public_host: None,
+            state_dir: defaults::state_dir(),
             listeners: vec![Listener {
                 name: "forward".into(),
                 bind: listen,
@@ -960,6 +1055,21 @@ impl Config {
                      decides"
                         .into(),
                 );
+            }
+            if let Some(a) = l.tls.as_ref().and_then(|t| t.acme.as_ref()) {
+                let t = l.tls.as_ref().expect("acme is inside tls");
+                let key = format!("listen[{i}].tls.acme");
+                if t.cert.is_some() {
+                    return err(
+                        &key,
+                        "`acme` and `cert`/`key` exclude each other: the certificate comes \
+                         from the CA or from files"
+                            .into(),
+                    );
+                }
+                if let Some(why) = a.invalid() {
+                    return err(&key, why);
+                }
             }
             if l.max_connections > self.max_connections {
                 return err(

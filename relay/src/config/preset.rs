@@ -37,6 +37,36 @@ impl Preset {
             Preset::Signal => signal(),
         }
     }
+
+    /// The preset for a relay users reach at `domain` (`--domain`): the Signal preset's port
+    /// 443 gets its certificate for it from Let's Encrypt (`[listen.tls] acme`, with `email` as
+    /// the account's contact) instead of a generated one, and `public_host` is `domain`. The
+    /// WhatsApp preset has no use for it: the app does not check the proxy's certificate.
+    pub fn config_for_domain(self, domain: &str, email: Option<&str>) -> Result<Config, String> {
+        let mut c = self.config();
+        match self {
+            Preset::Whatsapp => Err(
+                "--domain applies to the Signal preset: WhatsApp does not check the proxy's \
+                 certificate"
+                    .into(),
+            ),
+            Preset::Signal => {
+                let tls = c.listeners[0]
+                    .tls
+                    .as_mut()
+                    .expect("the Signal preset terminates TLS");
+                tls.acme = Some(super::AcmeSettings {
+                    domains: vec![domain.to_owned()],
+                    email: email.map(str::to_owned),
+                    directory: super::defaults::acme_directory(),
+                    directory_ca: None,
+                    renew_before_days: super::defaults::acme_renew_before_days(),
+                });
+                c.public_host = Some(domain.to_owned());
+                Ok(c)
+            }
+        }
+    }
 }
 
 /// New connections per second one client (an IPv4 address or an IPv6 /64; with a PROXY
@@ -135,6 +165,7 @@ fn whatsapp() -> Config {
         user: None,
         metrics: Default::default(),
         public_host: None,
+        state_dir: super::DEFAULT_STATE_DIR.into(),
         timeouts: Timeouts {
             connect_ms: 5_000,
             idle_ms: 200_000,
@@ -201,6 +232,7 @@ fn signal() -> Config {
         user: None,
         metrics: Default::default(),
         public_host: None,
+        state_dir: super::DEFAULT_STATE_DIR.into(),
         timeouts: Timeouts {
             connect_ms: 60_000,
             idle_ms: 600_000,
@@ -303,6 +335,43 @@ mod tests {
             let c = p.config();
             assert_eq!(Config::from_toml(&c.to_toml(), "printed").unwrap(), c);
         }
+    }
+
+    #[test]
+    fn signal_preset_with_a_domain_gets_its_certificate_by_acme() {
+        let c = Preset::Signal
+            .config_for_domain("relay.example.org", Some("ops@example.org"))
+            .unwrap();
+        c.validate().unwrap();
+        let tls = c.listeners[0].tls.as_ref().unwrap();
+        let acme = tls.acme.as_ref().expect("acme with a domain");
+        assert_eq!(acme.domains, ["relay.example.org"]);
+        assert_eq!(acme.email.as_deref(), Some("ops@example.org"));
+        assert_eq!(acme.directory, crate::acme::LETS_ENCRYPT);
+        assert!(tls.cert.is_none() && !tls.session_tickets, "{tls:?}");
+        assert_eq!(c.public_host.as_deref(), Some("relay.example.org"));
+        // Everything else is the preset's.
+        let mut plain = c.clone();
+        plain.listeners[0].tls.as_mut().unwrap().acme = None;
+        plain.public_host = None;
+        assert_eq!(plain.to_toml(), Preset::Signal.config().to_toml());
+        assert!(
+            Preset::Signal.config().listeners[0]
+                .tls
+                .as_ref()
+                .unwrap()
+                .acme
+                .is_none()
+        );
+        // A name the CA cannot validate is refused by the usual check; WhatsApp refuses it.
+        let bad = Preset::Signal
+            .config_for_domain("*.example.org", None)
+            .unwrap();
+        assert!(bad.validate().is_err());
+        let e = Preset::Whatsapp
+            .config_for_domain("relay.example.org", None)
+            .unwrap_err();
+        assert!(e.contains("Signal"), "{e}");
     }
 
     #[test]

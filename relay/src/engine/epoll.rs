@@ -658,8 +658,11 @@ impl<'a> Worker<'a> {
             tls.take_plaintext(&mut conn.dirs[0].pending);
             tls.take_ciphertext(&mut conn.dirs[1].pending);
             flush(&conn.client, &mut conn.dirs[1].pending, 1)?;
-            if fed.is_err() {
-                self.ctx.row.inc(Counter::RefusedBadTls);
+            if let Err(e) = fed {
+                // A TLS-ALPN-01 validation ends with its handshake; it is no bad client.
+                if !matches!(e, crate::proto::tls::TlsError::AcmeAnswered) {
+                    self.ctx.row.inc(Counter::RefusedBadTls);
+                }
                 return Err(End::Graceful);
             }
             if !tls.is_handshaking() {

@@ -468,12 +468,28 @@ impl<'a> WorkerCtx<'a> {
                             } else {
                                 server.with_alpn(crate::proto::tls::HTTP_ALPN)
                             };
-                            *slot = Some(server.with_tickets(keys));
+                            let server = server.with_tickets(keys);
+                            // A pending TLS-ALPN-01 challenge outlives a new certificate.
+                            let pending = slot.as_ref().map(|s| s.challenges()).unwrap_or_default();
+                            *slot = Some(match server.with_challenges(&pending) {
+                                Ok(with) => with,
+                                Err(_) => server,
+                            });
                         }
                         (Err(e), _) => tracing::error!("tls certificate from the supervisor: {e}"),
                         (_, None) => tracing::warn!("tls certificate for an unknown listener"),
                     }
                 }
+                Some(ControlMsg::Challenges {
+                    listener,
+                    challenges,
+                }) => match self.tls.get_mut(listener).and_then(|s| s.as_mut()) {
+                    Some(server) => match server.with_challenges(&challenges) {
+                        Ok(with) => *server = with,
+                        Err(e) => tracing::error!("acme challenge from the supervisor: {e}"),
+                    },
+                    None => tracing::warn!("acme challenge for a listener without tls"),
+                },
                 Some(ControlMsg::TicketKeys(keys)) => {
                     for slot in &mut self.tls {
                         if let Some(server) = slot.as_mut()

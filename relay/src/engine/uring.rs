@@ -2577,7 +2577,10 @@ impl<'a> Worker<'a> {
                 self.recycle(bid);
                 if let Err(e) = r {
                     tracing::debug!("tls: {e}");
-                    self.ctx.row.inc(Counter::RefusedBadTls);
+                    // A TLS-ALPN-01 validation ends with its handshake; it is no bad client.
+                    if !matches!(e, crate::proto::tls::TlsError::AcmeAnswered) {
+                        self.ctx.row.inc(Counter::RefusedBadTls);
+                    }
                     self.tls_abort(slot);
                     return;
                 }

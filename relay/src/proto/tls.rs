@@ -134,13 +134,19 @@ pub enum TlsError {
     Generate(String),
     #[error("tls protocol error: {0}")]
     Protocol(#[source] rustls::Error),
+    #[error("bad acme challenge certificate: {0}")]
+    AcmeCertificate(String),
+    /// Not a failure: a TLS-ALPN-01 validation's handshake is done, and such a connection
+    /// carries nothing after it (RFC 8737 section 3).
+    #[error("acme tls-alpn-01 challenge answered")]
+    AcmeAnswered,
 }
 
 impl TlsError {
     /// A protocol error is the client's doing; setup errors are this relay's.
     pub fn side(&self) -> Side {
         match self {
-            TlsError::Protocol(_) => Side::Client,
+            TlsError::Protocol(_) | TlsError::AcmeAnswered => Side::Client,
             _ => Side::Local,
         }
     }
@@ -169,6 +175,8 @@ pub struct TlsServer {
     configs: [Arc<ServerConfig>; 4],
     /// The generated CA in PEM, for a self-signed server.
     ca_pem: Option<Arc<str>>,
+    /// TLS-ALPN-01 answers pending now ([`TlsServer::with_challenges`]); None almost always.
+    acme: Option<Arc<AcmeAnswers>>,
 }
 
 impl std::fmt::Debug for TlsServer {
@@ -176,6 +184,10 @@ impl std::fmt::Debug for TlsServer {
         f.debug_struct("TlsServer")
             .field("self_signed", &self.ca_pem.is_some())
             .field("alpn_protocols", &self.configs[0].alpn_protocols)
+            .field(
+                "acme_challenges",
+                &self.acme.as_ref().map_or(0, |a| a.names.len()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -234,6 +246,7 @@ impl TlsServer {
         TlsServer {
             configs: [config.clone(), config.clone(), config.clone(), config],
             ca_pem,
+            acme: None,
         }
     }
 
@@ -252,6 +265,7 @@ impl TlsServer {
         TlsServer {
             configs,
             ca_pem: self.ca_pem.clone(),
+            acme: self.acme.clone(),
         }
     }
 
@@ -287,6 +301,29 @@ impl TlsServer {
         })
     }
 
+    /// Answers TLS-ALPN-01 challenges (RFC 8737) for these domains: a ClientHello that offers
+    /// ALPN `acme-tls/1` and names one of them gets its challenge certificate and `acme-tls/1`,
+    /// and the connection ends once the handshake does ([`TlsError::AcmeAnswered`]). Every
+    /// other ClientHello is served as before. An empty list ends the answering.
+    pub fn with_challenges(&self, challenges: &[AcmeChallenge]) -> Result<TlsServer, TlsError> {
+        let acme = if challenges.is_empty() {
+            None
+        } else {
+            Some(Arc::new(AcmeAnswers::new(challenges)?))
+        };
+        Ok(TlsServer {
+            acme,
+            ..self.clone()
+        })
+    }
+
+    /// The TLS-ALPN-01 challenges this server answers now.
+    pub fn challenges(&self) -> Vec<AcmeChallenge> {
+        self.acme
+            .as_ref()
+            .map_or_else(Vec::new, |a| a.challenges.clone())
+    }
+
     /// Whether this server issues and accepts session tickets.
     pub fn tickets(&self) -> bool {
         self.configs[0].ticketer.enabled()
@@ -313,6 +350,7 @@ impl TlsServer {
             close_notify: false,
             eof: false,
             answered: false,
+            challenge: false,
         })
     }
 }
@@ -411,6 +449,8 @@ pub struct TlsConn {
     eof: bool,
     /// Plaintext was pushed to the client ([`TlsConn::push_plaintext`]).
     answered: bool,
+    /// This connection answers a TLS-ALPN-01 challenge: it ends when its handshake does.
+    challenge: bool,
 }
 
 /// Before the ClientHello is in, rustls's `Acceptor` holds it; its ALPN list picks the
@@ -454,7 +494,7 @@ impl Hello {
     /// Feeds `data` to the acceptor until the ClientHello is complete; returns the
     /// connection then (the rest of `data` is for it), or `None` when all of `data` was taken
     /// and more is needed.
-    fn feed(&mut self, data: &mut &[u8]) -> Result<Option<ServerConnection>, TlsError> {
+    fn feed(&mut self, data: &mut &[u8]) -> Result<Option<(ServerConnection, bool)>, TlsError> {
         while !data.is_empty() {
             let before = *data;
             self.acceptor.read_tls(data).map_err(io_to_tls)?;
@@ -491,7 +531,19 @@ impl Hello {
             } else {
                 0
             };
-            let config = self.server.configs[variant].clone();
+            // A TLS-ALPN-01 validation (RFC 8737) for a domain with a pending challenge gets
+            // the challenge certificate and `acme-tls/1`; nothing else ever does.
+            let acme = self.server.acme.as_ref().filter(|acme| {
+                hello
+                    .alpn()
+                    .is_some_and(|mut p| p.any(|p| p == ACME_TLS_ALPN))
+                    && hello.server_name().is_some_and(|n| acme.answers(n))
+            });
+            let challenge = acme.is_some();
+            let config = match acme {
+                Some(acme) => acme.config.clone(),
+                None => self.server.configs[variant].clone(),
+            };
             self.seen = Vec::new();
             let mut conn = match accepted.into_connection(config) {
                 Ok(conn) => conn,
@@ -509,7 +561,7 @@ impl Hello {
             if self.close_notify {
                 conn.send_close_notify();
             }
-            return Ok(Some(conn));
+            return Ok(Some((conn, challenge)));
         }
         Ok(None)
     }
@@ -538,7 +590,10 @@ impl TlsConn {
     pub fn feed_ciphertext(&mut self, mut data: &[u8]) -> Result<(), TlsError> {
         if let State::Hello(hello) = &mut self.state {
             match hello.feed(&mut data)? {
-                Some(conn) => self.state = State::Running(Box::new(conn)),
+                Some((conn, challenge)) => {
+                    self.state = State::Running(Box::new(conn));
+                    self.challenge = challenge;
+                }
                 None => return Ok(()),
             }
             // The ClientHello itself: process it even when nothing follows in `data`.
@@ -564,6 +619,9 @@ impl TlsConn {
                 // close_notify was received: nothing after it counts.
                 break;
             }
+        }
+        if self.challenge && !self.is_handshaking() {
+            return Err(TlsError::AcmeAnswered);
         }
         Ok(())
     }
@@ -695,6 +753,119 @@ impl TlsConn {
         let mut pending = std::mem::take(&mut self.pending);
         self.take_plaintext(&mut pending);
         self.pending = pending;
+    }
+}
+
+/// The ALPN protocol a TLS-ALPN-01 validation offers (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// One pending TLS-ALPN-01 challenge: the domain and its self-signed certificate carrying the
+/// acmeIdentifier extension ([`AcmeChallenge::new`]), as PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AcmeChallenge {
+    pub domain: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for AcmeChallenge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcmeChallenge")
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AcmeChallenge {
+    /// The certificate RFC 8737 asks for: self-signed, the domain as its only SAN, and the
+    /// SHA-256 of the key authorization in a critical acmeIdentifier extension. ECDSA P-256.
+    pub fn new(domain: &str, key_authorization_sha256: &[u8]) -> Result<AcmeChallenge, TlsError> {
+        if key_authorization_sha256.len() != 32 {
+            return Err(TlsError::AcmeCertificate(
+                "the key authorization digest is not 32 bytes".into(),
+            ));
+        }
+        let fail = |e: rcgen::Error| TlsError::AcmeCertificate(e.to_string());
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(fail)?;
+        let mut params = CertificateParams::new(vec![domain.to_owned()]).map_err(fail)?;
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::new_acme_identifier(
+                key_authorization_sha256,
+            ));
+        let cert = params.self_signed(&key).map_err(fail)?;
+        Ok(AcmeChallenge {
+            domain: domain.to_ascii_lowercase(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// The pending challenges of one listener, and the config that answers them.
+struct AcmeAnswers {
+    challenges: Vec<AcmeChallenge>,
+    names: Vec<String>,
+    config: Arc<ServerConfig>,
+}
+
+impl AcmeAnswers {
+    fn new(challenges: &[AcmeChallenge]) -> Result<AcmeAnswers, TlsError> {
+        let provider = Arc::new(default_provider());
+        let mut keys = Vec::new();
+        for c in challenges {
+            let bad = |e: rustls::pki_types::pem::Error| TlsError::AcmeCertificate(e.to_string());
+            let chain = CertificateDer::pem_slice_iter(c.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(bad)?;
+            let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).map_err(bad)?;
+            // Not `CertifiedKey::from_der`: its key check parses the certificate with webpki,
+            // which refuses the critical acmeIdentifier extension RFC 8737 requires.
+            let key = provider
+                .key_provider
+                .load_private_key(key)
+                .map_err(TlsError::Config)?;
+            let key = rustls::sign::CertifiedKey::new(chain, key);
+            keys.push((c.domain.to_ascii_lowercase(), Arc::new(key)));
+        }
+        let names = keys.iter().map(|(n, _)| n.clone()).collect();
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(TlsError::Config)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(ChallengeCerts(keys)));
+        config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.ticketer = Arc::new(NoTickets);
+        config.send_tls13_tickets = 0;
+        Ok(AcmeAnswers {
+            challenges: challenges.to_vec(),
+            names,
+            config: Arc::new(config),
+        })
+    }
+
+    fn answers(&self, server_name: &str) -> bool {
+        self.names
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(server_name))
+    }
+}
+
+/// Picks the challenge certificate by the ClientHello's server name.
+#[derive(Debug)]
+struct ChallengeCerts(Vec<(String, Arc<rustls::sign::CertifiedKey>)>);
+
+impl rustls::server::ResolvesServerCert for ChallengeCerts {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let name = hello.server_name()?;
+        self.0
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, k)| k.clone())
     }
 }
 

@@ -69,6 +69,8 @@ fn systemd_unit_is_hardened_and_verifies() {
         ("ProtectHome", "yes"),
         ("PrivateTmp", "yes"),
         ("RuntimeDirectory", "sluice"),
+        // state_dir for ACME certificates: ProtectSystem=strict leaves /var/lib read-only.
+        ("StateDirectory", "sluice"),
         ("Group", "sluice"),
         ("LimitCORE", "0"),
         ("ProtectKernelTunables", "yes"),

@@ -33,6 +33,7 @@ macro_rules! engines {
     };
 }
 
+mod acme;
 mod admission;
 mod bulk;
 mod capacity;

@@ -20,13 +20,17 @@ pub struct ConfigArgs {
     /// A built-in deployment (`whatsapp` when neither this nor --config is given).
     #[arg(long, value_enum)]
     preset: Option<Preset>,
+    /// The preset's `sluice run --domain` (Signal: a certificate from Let's Encrypt for it).
+    #[arg(long, value_name = "NAME", conflicts_with = "config")]
+    domain: Option<String>,
 }
 
 impl ConfigArgs {
     fn load(&self) -> Result<Config, String> {
-        match (&self.config, self.preset) {
-            (Some(path), _) => Config::from_file(path).map_err(|e| e.to_string()),
-            (None, p) => Ok(p.unwrap_or_default().config()),
+        match (&self.config, self.preset, &self.domain) {
+            (Some(path), ..) => Config::from_file(path).map_err(|e| e.to_string()),
+            (None, p, Some(d)) => p.unwrap_or_default().config_for_domain(d, None),
+            (None, p, None) => Ok(p.unwrap_or_default().config()),
         }
     }
 }
