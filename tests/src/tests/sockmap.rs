@@ -498,9 +498,11 @@ fn fifty_clients_sending_to_upstreams_that_stop_reading_pin_bounded_kernel_memor
     /// buffer before blocking); the relay before the bounds pinned 53 MiB per client of 64.
     const OFFER: u64 = 16 << 20;
     const PAUSE_AT: u64 = 2 << 20;
-    /// Per direction, and for the whole daemon: 50 connections could queue 200 MiB each way.
+    /// Per direction: 50 connections could queue 200 MiB each way. For the whole daemon: less
+    /// than fifty first allowances (128 KiB each), so the daemon-wide bound is reached however
+    /// fast the machine is (a slow guest's allowances never grew to 32 MiB in all).
     const LIMIT_MIB: u64 = 4;
-    const TOTAL_MIB: u64 = 32;
+    const TOTAL_MIB: u64 = 4;
     /// No byte accepted by any client's kernel for this long: every client is blocked.
     const STALLED: Duration = Duration::from_secs(2);
     const KICK_BUF: u64 = 64 << 10;
@@ -635,8 +637,10 @@ fn fifty_clients_sending_to_upstreams_that_stop_reading_pin_bounded_kernel_memor
          daemon-wide budget of {TOTAL_MIB} MiB: {status}",
         outside_sockets >> 20
     );
+    // Overdrawn only by what the kernel had queued past a reservation given back (at most one
+    // skb per direction, `fast_budget_force`).
     assert!(
-        gauge("fast_path_reserved_bytes") <= TOTAL_MIB << 20,
+        gauge("fast_path_reserved_bytes") <= (TOTAL_MIB << 20) + slack,
         "the budget was overdrawn: {status}"
     );
     // The relay's own account (held on its sockets, queued by the fast path) covers what is in
