@@ -9,6 +9,13 @@
 //! applied it, and only then is the CA told to validate; the challenges are taken back once the
 //! order is decided. Workers never talk to the CA (they are unprivileged and sandboxed).
 //!
+//! HTTP-01 (RFC 8555 section 8.3) is used instead when `challenge = "http-01"` says so, or
+//! when the CA offers no TLS-ALPN-01 and the configuration has a plain listener on port 80
+//! with a local decoy ([`crate::config::Config::http01_listener`]): the thread offers the
+//! tokens to the decoy sites, which run in the supervisor's process like this thread
+//! ([`crate::decoy::AcmeTokens`], a map in the process: nothing goes to the workers), before
+//! the CA is told to validate, and takes them back once the order is decided.
+//!
 //! State (`state_dir`/acme, every file mode 0600, the directory 0700): the account's
 //! credentials per directory URL, and per certificate (named by its first domain) the chain
 //! and key. At start a stored certificate that covers the domains and is not yet due is served
@@ -31,7 +38,7 @@ use instant_acme::{
     NewOrder, OrderStatus, RetryPolicy,
 };
 
-use crate::config::AcmeSettings;
+use crate::config::{AcmeChallengeKind, AcmeSettings};
 use crate::metrics::{Counter, Shared};
 use crate::proto::tls::{AcmeChallenge, PemIdentity};
 
@@ -78,6 +85,9 @@ pub struct Job {
     /// The first listener's name, for the log.
     pub name: String,
     pub state_dir: PathBuf,
+    /// Whether HTTP-01 can be answered: the configuration has a plain port-80 listener with a
+    /// local decoy ([`crate::config::Config::http01_listener`]).
+    pub http01: bool,
 }
 
 /// Why getting a certificate failed; the message names the step.
@@ -117,6 +127,7 @@ pub fn jobs(config: &crate::config::Config) -> Vec<Job> {
                 listeners: vec![i],
                 name: l.name.clone(),
                 state_dir: config.state_dir.clone(),
+                http01: config.http01_listener().is_some(),
             }),
         }
     }
@@ -240,6 +251,7 @@ pub fn stored_for(state_dir: &Path, settings: &AcmeSettings, name: &str) -> Opti
         listeners: Vec::new(),
         name: name.to_owned(),
         state_dir: state_dir.to_owned(),
+        http01: false,
     })
     .map(|(id, _)| id)
 }
@@ -433,8 +445,11 @@ async fn issue(
         .await
         .map_err(step("ordering"))?;
 
-    // The challenge certificates first; the CA is told to look only once workers answer.
+    // The challenge certificates (or HTTP-01 tokens) first; the CA is told to look only once
+    // they are answered.
     let mut challenges = Vec::new();
+    let mut tokens = Vec::new();
+    let mut chosen = Vec::new();
     {
         let mut authzs = order.authorizations();
         while let Some(a) = authzs.next().await {
@@ -448,16 +463,38 @@ async fn issue(
                     )));
                 }
             }
+            let offered: Vec<ChallengeType> =
+                a.challenges.iter().map(|c| c.r#type.clone()).collect();
+            let kind = choose(job, &offered).map_err(step("authorizing"))?;
             let ch = a
-                .challenge(ChallengeType::TlsAlpn01)
-                .ok_or_else(|| step("authorizing")("the CA offers no tls-alpn-01 challenge"))?;
+                .challenge(kind.clone())
+                .ok_or_else(|| step("authorizing")("the chosen challenge vanished"))?;
             let domain = ch.identifier().to_string();
-            let c = AcmeChallenge::new(&domain, ch.key_authorization().digest().as_ref())
-                .map_err(step("making the challenge certificate"))?;
-            challenges.push(c);
+            if kind == ChallengeType::Http01 {
+                tokens.push((ch.token.clone(), ch.key_authorization().as_str().to_owned()));
+            } else {
+                let c = AcmeChallenge::new(&domain, ch.key_authorization().digest().as_ref())
+                    .map_err(step("making the challenge certificate"))?;
+                challenges.push(c);
+            }
+            chosen.push((domain, kind));
         }
     }
-    let result = validate_and_finalize(job, &mut order, challenges, events, applied_wait).await;
+    if !chosen.is_empty() {
+        let by: Vec<String> = chosen
+            .iter()
+            .map(|(d, k)| match k {
+                ChallengeType::Http01 => format!("{d} by http-01 (the port-80 decoy answers)"),
+                _ => format!("{d} by tls-alpn-01"),
+            })
+            .collect();
+        tracing::info!(listener = %job.name, "acme: validating {}", by.join(", "));
+    }
+    // Answered by the decoy sites from here until the order is decided (dropped below).
+    let offered = crate::decoy::AcmeTokens::offer(tokens).map_err(step("authorizing"))?;
+    let result =
+        validate_and_finalize(job, &mut order, challenges, &chosen, events, applied_wait).await;
+    drop(offered);
     // Whatever happened, the workers stop answering.
     let (tx, _rx) = mpsc::channel();
     events(AcmeEvent::Challenges {
@@ -483,6 +520,7 @@ async fn validate_and_finalize(
     job: &Job,
     order: &mut instant_acme::Order,
     challenges: Vec<AcmeChallenge>,
+    chosen: &[(String, ChallengeType)],
     events: &(dyn Fn(AcmeEvent) -> bool + Send),
     applied_wait: &(dyn Fn(u64, Duration) + Send),
 ) -> Result<(String, String), AcmeError> {
@@ -497,15 +535,23 @@ async fn validate_and_finalize(
             .recv_timeout(APPLY_WAIT)
             .map_err(step("handing the challenge to the workers"))?;
         applied_wait(generation, APPLY_WAIT);
+    }
+    if !chosen.is_empty() {
         let mut authzs = order.authorizations();
         while let Some(a) = authzs.next().await {
             let mut a = a.map_err(step("reading the authorizations"))?;
             if a.status != AuthorizationStatus::Pending {
                 continue;
             }
+            let domain = a.identifier().to_string();
+            let kind = chosen
+                .iter()
+                .find(|(d, _)| *d == domain)
+                .map(|(_, k)| k.clone())
+                .ok_or_else(|| step("authorizing")(format!("{domain} was not pending before")))?;
             let mut ch = a
-                .challenge(ChallengeType::TlsAlpn01)
-                .ok_or_else(|| step("authorizing")("the CA offers no tls-alpn-01 challenge"))?;
+                .challenge(kind)
+                .ok_or_else(|| step("authorizing")("the chosen challenge vanished"))?;
             ch.set_ready().await.map_err(step("starting validation"))?;
         }
     }
@@ -520,7 +566,12 @@ async fn validate_and_finalize(
     if status != OrderStatus::Ready {
         return Err(step("validation")(format!(
             "the order is {status:?} (does every domain resolve to this host, and reach \
-             this listener on port 443?)"
+             {}?)",
+            if chosen.iter().any(|(_, k)| *k == ChallengeType::Http01) {
+                "the plain listener on port 80"
+            } else {
+                "this listener on port 443"
+            }
         )));
     }
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
@@ -540,6 +591,34 @@ async fn validate_and_finalize(
     Ok((chain, key.serialize_pem()))
 }
 
+/// The challenge to answer among those the CA offers for an authorization: the configured
+/// one, else TLS-ALPN-01 when offered, else HTTP-01 when a port-80 decoy can answer it.
+fn choose(job: &Job, offered: &[ChallengeType]) -> Result<ChallengeType, String> {
+    let has = |t: &ChallengeType| offered.contains(t);
+    let (alpn, http) = (ChallengeType::TlsAlpn01, ChallengeType::Http01);
+    match job.settings.challenge {
+        Some(AcmeChallengeKind::TlsAlpn01) if has(&alpn) => Ok(alpn),
+        Some(AcmeChallengeKind::TlsAlpn01) => {
+            Err("the CA offers no tls-alpn-01 challenge (`challenge = \"tls-alpn-01\"`)".into())
+        }
+        Some(AcmeChallengeKind::Http01) if !job.http01 => Err(
+            "`challenge = \"http-01\"` but no plain listener on port 80 has a local decoy".into(),
+        ),
+        Some(AcmeChallengeKind::Http01) if has(&http) => Ok(http),
+        Some(AcmeChallengeKind::Http01) => {
+            Err("the CA offers no http-01 challenge (`challenge = \"http-01\"`)".into())
+        }
+        None if has(&alpn) => Ok(alpn),
+        None if job.http01 && has(&http) => Ok(http),
+        None if job.http01 => Err("the CA offers neither tls-alpn-01 nor http-01".into()),
+        None => Err(
+            "the CA offers no tls-alpn-01 challenge (http-01 would need a plain listener on \
+             port 80 with a local decoy)"
+                .into(),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -556,5 +635,42 @@ mod tests {
         assert_eq!(with.challenges(), vec![c]);
         assert!(with.with_challenges(&[]).unwrap().challenges().is_empty());
         assert!(AcmeChallenge::new("relay.example.org", &[7; 31]).is_err());
+    }
+
+    #[test]
+    fn tls_alpn_01_first_http_01_when_configured_or_the_only_way() {
+        let job = |challenge, http01| Job {
+            settings: AcmeSettings {
+                domains: vec!["relay.example.org".into()],
+                email: None,
+                directory: LETS_ENCRYPT.into(),
+                directory_ca: None,
+                renew_before_days: 30,
+                challenge,
+            },
+            listeners: vec![0],
+            name: "t".into(),
+            state_dir: PathBuf::from("/nonexistent"),
+            http01,
+        };
+        let (alpn, http, dns) = (
+            ChallengeType::TlsAlpn01,
+            ChallengeType::Http01,
+            ChallengeType::Dns01,
+        );
+        let all = [http.clone(), dns.clone(), alpn.clone()];
+        let no_alpn = [http.clone(), dns.clone()];
+        assert_eq!(choose(&job(None, true), &all), Ok(alpn.clone()));
+        assert_eq!(choose(&job(None, false), &all), Ok(alpn.clone()));
+        assert_eq!(choose(&job(None, true), &no_alpn), Ok(http.clone()));
+        assert!(choose(&job(None, false), &no_alpn).is_err());
+        assert!(choose(&job(None, true), std::slice::from_ref(&dns)).is_err());
+        let h = Some(AcmeChallengeKind::Http01);
+        assert_eq!(choose(&job(h, true), &all), Ok(http.clone()));
+        assert!(choose(&job(h, false), &all).is_err());
+        assert!(choose(&job(h, true), std::slice::from_ref(&alpn)).is_err());
+        let t = Some(AcmeChallengeKind::TlsAlpn01);
+        assert_eq!(choose(&job(t, true), &all), Ok(alpn.clone()));
+        assert!(choose(&job(t, true), &no_alpn).is_err());
     }
 }

@@ -34,12 +34,20 @@
 //! bytes of Debian's page and of the 404 and 403 pages; other files go out uncompressed. Not
 //! imitated (ARCHITECTURE.md, "Decoy"): compression of the operator's other files, multi-range
 //! requests, conditional requests (`304`), `Expect: 100-continue`, MSIE padding of error pages.
+//!
+//! ACME HTTP-01 ([`crate::acme`]): while an order waits for validation, the ACME thread (in
+//! the supervisor, like these sites) offers its tokens here ([`AcmeTokens`]); a `GET` or
+//! `HEAD` of `/.well-known/acme-challenge/TOKEN` for exactly such a token (base64url only)
+//! gets `200` with the key authorization as `application/octet-stream`, like certbot's
+//! standalone server. Any other path, and a token no longer pending, is answered as before
+//! (nginx's `404`). The tokens are taken back once the order is decided.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Request methods an HTTP/1.x request line starts with (and the HTTP/2 preface's `PRI`).
@@ -211,6 +219,98 @@ pub fn spawn(
             }
         })
         .map(drop)
+}
+
+// ---------------------------------------------------------------------------------------------
+// ACME HTTP-01 answers.
+
+/// Where HTTP-01 tokens are asked for (RFC 8555 section 8.3).
+const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// The HTTP-01 tokens pending in this process: token to key authorization. The ACME thread
+/// and the local sites both run in the supervisor.
+static ACME_PENDING: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+
+/// A token as RFC 8555 makes them: base64url characters only (no padding, no `.` or `/`), so a
+/// path that matches one can name nothing else; at most 256 of them.
+fn is_acme_token(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 256
+        && t.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+}
+
+/// HTTP-01 tokens answered by every local site while this lives (dropped: taken back).
+#[derive(Debug)]
+pub struct AcmeTokens(Vec<String>);
+
+impl AcmeTokens {
+    /// Offers `(token, key authorization)` pairs; a token outside the base64url alphabet, or a
+    /// key authorization that is not `token.thumbprint` of that alphabet, is refused.
+    pub fn offer(pairs: Vec<(String, String)>) -> Result<AcmeTokens, String> {
+        for (token, key_auth) in &pairs {
+            let ok = is_acme_token(token)
+                && key_auth
+                    .split_once('.')
+                    .is_some_and(|(t, thumb)| t == token && is_acme_token(thumb));
+            if !ok {
+                return Err(format!(
+                    "an http-01 token the CA sent is malformed: {token:?}"
+                ));
+            }
+        }
+        let mut map = ACME_PENDING.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tokens = Vec::with_capacity(pairs.len());
+        for (token, key_auth) in pairs {
+            map.insert(token.clone(), key_auth);
+            tokens.push(token);
+        }
+        Ok(AcmeTokens(tokens))
+    }
+}
+
+impl Drop for AcmeTokens {
+    fn drop(&mut self) {
+        let mut map = ACME_PENDING.lock().unwrap_or_else(|e| e.into_inner());
+        for t in &self.0 {
+            map.remove(t);
+        }
+    }
+}
+
+/// The key authorization for a request of a pending token's path, else None.
+fn acme_key_authorization(req: &Request) -> Option<String> {
+    if req.method != "GET" && req.method != "HEAD" {
+        return None;
+    }
+    let token = req.path.strip_prefix(ACME_PREFIX)?;
+    if !is_acme_token(token) {
+        return None;
+    }
+    ACME_PENDING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(token)
+        .cloned()
+}
+
+/// The answer with a key authorization (certbot's standalone server sends it this way too).
+fn acme_answer(req: &Request, key_auth: &str) -> Vec<u8> {
+    if req.http09 {
+        return key_auth.as_bytes().to_vec();
+    }
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nServer: {SERVER}\r\nDate: {}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
+        http_date(SystemTime::now()),
+        key_auth.len(),
+        if req.keepalive { "keep-alive" } else { "close" },
+    )
+    .into_bytes();
+    if req.method != "HEAD" {
+        out.extend_from_slice(key_auth.as_bytes());
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -856,6 +956,9 @@ fn answer(site: &Site, req: &Request, https_port: bool) -> (Vec<u8>, Option<(Fou
         let extra = Some("The plain HTTP request was sent to HTTPS port");
         return (error_answer(400, extra, false, false, req.http09), None);
     }
+    if let Some(key_auth) = acme_key_authorization(req) {
+        return (acme_answer(req, &key_auth), None);
+    }
     let found = match lookup(site, &req.path) {
         Ok(f) => f,
         Err(code) => {
@@ -1198,6 +1301,93 @@ mod tests {
         assert_eq!(http_date(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 GMT");
         let t = UNIX_EPOCH + Duration::from_secs(1_796_498_400);
         assert_eq!(http_date(t), "Sat, 05 Dec 2026 19:20:00 GMT");
+    }
+
+    #[test]
+    fn pending_acme_tokens_are_answered_and_nothing_else() {
+        let site = Site::Builtin { mtime: UNIX_EPOCH };
+        let get = |path: &str| {
+            let req = request(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+            let (head, file) = answer(&site, &req, false);
+            assert!(file.is_none());
+            String::from_utf8(head).unwrap()
+        };
+        let token = "decoyUnitTest_tok-3n8Q";
+        let key_auth = format!("{token}.thumbPRINT_-9");
+        let path = format!("/.well-known/acme-challenge/{token}");
+        assert!(
+            get(&path).starts_with("HTTP/1.1 404 Not Found\r\n"),
+            "not pending yet"
+        );
+        let offered = AcmeTokens::offer(vec![(token.into(), key_auth.clone())]).unwrap();
+        let a = get(&path);
+        assert!(
+            a.starts_with("HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n"),
+            "{a}"
+        );
+        assert!(
+            a.contains("\r\nContent-Type: application/octet-stream\r\n"),
+            "{a}"
+        );
+        assert!(
+            a.ends_with(&format!(
+                "Content-Length: {}\r\nConnection: keep-alive\r\n\r\n{key_auth}",
+                key_auth.len()
+            )),
+            "the body is exactly the key authorization: {a}"
+        );
+        // HEAD: the head alone; the same path reached another way is the same file.
+        let req = request(format!("HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+        let head = String::from_utf8(answer(&site, &req, false).0).unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 200 OK\r\n") && head.ends_with("\r\n\r\n"),
+            "{head}"
+        );
+        assert!(get(&format!("/.well-known/x/../acme-challenge/{token}?q")).ends_with(&key_auth));
+        // Unknown tokens, other paths, other methods, the TLS-port twin: as before.
+        for p in [
+            "/.well-known/acme-challenge/unknownToken",
+            "/.well-known/acme-challenge/",
+            "/.well-known/acme-challenge",
+            &format!("/.well-known/acme-challenge/{token}/"),
+            &format!("/.well-known/acme-challenge/{token}x"),
+            &format!("/.well-known/acme-challenge/{token}.x"),
+            &format!("/.well-known/acme-challenge/{token}/../../../etc/passwd"),
+            &format!("/.WELL-KNOWN/acme-challenge/{token}"),
+            &format!("/{token}"),
+        ] {
+            assert!(get(p).starts_with("HTTP/1.1 404 Not Found\r\n"), "{p}");
+        }
+        let req = request(format!("POST {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+        assert!(
+            answer(&site, &req, false)
+                .0
+                .starts_with(b"HTTP/1.1 404 Not Found\r\n")
+        );
+        let req = request(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+        assert!(
+            answer(&site, &req, true)
+                .0
+                .starts_with(b"HTTP/1.1 400 Bad Request\r\n")
+        );
+        // Malformed tokens are never offered.
+        for (t, k) in [
+            ("../x", "../x.y"),
+            ("a/b", "a/b.c"),
+            ("", ".x"),
+            ("ab", "ab"),
+            ("ab", "cd.x"),
+        ] {
+            assert!(
+                AcmeTokens::offer(vec![(t.into(), k.into())]).is_err(),
+                "{t:?} {k:?}"
+            );
+        }
+        drop(offered);
+        assert!(
+            get(&path).starts_with("HTTP/1.1 404 Not Found\r\n"),
+            "taken back"
+        );
     }
 
     #[test]

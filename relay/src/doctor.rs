@@ -1059,6 +1059,7 @@ mod tests {
             directory: crate::acme::LETS_ENCRYPT.into(),
             directory_ca: None,
             renew_before_days: 30,
+            challenge: None,
         });
         let checks = acme_domains(&config, Duration::from_secs(5));
         assert_eq!(checks.len(), 1, "{checks:?}");

@@ -1671,10 +1671,10 @@ fn restart_needed(old: &Config, new: &Config, nworkers: usize, nofile: u64) -> O
             "listen.tls.acme",
             crate::acme::jobs(old)
                 .iter()
-                .map(|j| (&j.settings, &j.listeners))
+                .map(|j| (&j.settings, &j.listeners, j.http01))
                 .ne(crate::acme::jobs(new)
                     .iter()
-                    .map(|j| (&j.settings, &j.listeners))),
+                    .map(|j| (&j.settings, &j.listeners, j.http01))),
         ),
         (
             "admission.xdp_interfaces",

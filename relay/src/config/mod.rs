@@ -500,6 +500,23 @@ pub struct AcmeSettings {
     /// Renew when fewer than this many days of the certificate's validity remain.
     #[serde(default = "defaults::acme_renew_before_days")]
     pub renew_before_days: u32,
+    /// How the CA validates the domains: absent, TLS-ALPN-01 on this TLS port when the CA
+    /// offers it, else HTTP-01 through the decoy of a plain port-80 listener (when the
+    /// configuration has one); `tls-alpn-01` or `http-01`: that one only (`http-01` needs a
+    /// plain listener on port 80 with `decoy = "builtin"` or `"dir:..."`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<AcmeChallengeKind>,
+}
+
+/// `[listen.tls] acme.challenge`: the ACME validation method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum AcmeChallengeKind {
+    /// RFC 8737: a challenge certificate on the TLS port itself.
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    /// RFC 8555 8.3: `GET /.well-known/acme-challenge/TOKEN` on port 80, answered by the decoy.
+    #[serde(rename = "http-01")]
+    Http01,
 }
 
 impl Default for TlsSettings {
@@ -882,6 +899,15 @@ impl Config {
         }
     }
 
+    /// The listener that can answer ACME HTTP-01 challenges: the first plain (no `tls`),
+    /// static-route listener on port 80 whose decoy is a local site (`builtin` or `dir:`),
+    /// which gets the CA's `GET /.well-known/acme-challenge/TOKEN` ([`crate::decoy`]).
+    pub fn http01_listener(&self) -> Option<usize> {
+        self.listeners.iter().position(|l| {
+            l.bind.port() == 80 && l.tls.is_none() && l.route == Route::Static && l.decoy.is_local()
+        })
+    }
+
     /// Checks what types alone cannot; on error returns (key path, message).
     pub fn validate(&self) -> Result<(), (String, String)> {
         let err = |k: &str, m: String| Err((k.to_string(), m));
@@ -1069,6 +1095,17 @@ impl Config {
                 }
                 if let Some(why) = a.invalid() {
                     return err(&key, why);
+                }
+                if a.challenge == Some(AcmeChallengeKind::Http01)
+                    && self.http01_listener().is_none()
+                {
+                    return err(
+                        &format!("{key}.challenge"),
+                        "`http-01` needs a plain listener on port 80 with a local decoy \
+                         (`decoy = \"builtin\"` or `\"dir:...\"`, static route, no `tls`): the \
+                         decoy answers the CA's `/.well-known/acme-challenge/` requests"
+                            .into(),
+                    );
                 }
             }
             if l.max_connections > self.max_connections {
@@ -1314,6 +1351,50 @@ mod tests {
         check_err(
             &tls("cert = \"/c.pem\"\nkey = \"/k.pem\"\nkey_type = \"ecdsa-p256\"\n"),
             "`listen[0].tls.key_type`: applies to a generated certificate only",
+        );
+    }
+
+    #[test]
+    fn acme_http01_needs_a_plain_port_80_decoy() {
+        let tls = |challenge: &str, port80: &str| {
+            format!(
+                "[[listen]]\nname = \"t\"\nbind = \"127.0.0.1:443\"\nupstream = [\"h:1\"]\n\
+                 [listen.tls]\nacme = {{ domains = [\"relay.example.org\"]{challenge} }}\n\
+                 [[listen]]\nname = \"http\"\nbind = \"127.0.0.1:80\"\nupstream = [\"h:2\"]\n\
+                 {port80}"
+            )
+        };
+        let c = Config::from_toml(&tls("", ""), "t").unwrap();
+        assert_eq!(c.http01_listener(), None);
+        let acme = |c: &Config| c.listeners[0].tls.as_ref().unwrap().acme.clone().unwrap();
+        assert_eq!(acme(&c).challenge, None, "absent: TLS-ALPN-01 first");
+        let c = Config::from_toml(
+            &tls(", challenge = \"http-01\"", "decoy = \"builtin\"\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.http01_listener(), Some(1));
+        assert_eq!(acme(&c).challenge, Some(AcmeChallengeKind::Http01));
+        assert_eq!(Config::from_toml(&c.to_toml(), "t").unwrap(), c);
+        let c = Config::from_toml(&tls(", challenge = \"tls-alpn-01\"", ""), "t").unwrap();
+        assert_eq!(acme(&c).challenge, Some(AcmeChallengeKind::TlsAlpn01));
+        let why = "`http-01` needs a plain listener on port 80 with a local decoy";
+        check_err(&tls(", challenge = \"http-01\"", ""), why);
+        // A remote decoy cannot answer, nor a TLS port 80.
+        check_err(
+            &tls(", challenge = \"http-01\"", "decoy = \"192.0.2.1:80\"\n"),
+            why,
+        );
+        check_err(
+            &tls(
+                ", challenge = \"http-01\"",
+                "decoy = \"builtin\"\n[listen.tls]\n",
+            ),
+            why,
+        );
+        check_err(
+            &tls(", challenge = \"dns-01\"", ""),
+            "unknown variant `dns-01`",
         );
     }
 

@@ -61,6 +61,7 @@ impl Preset {
                     directory: super::defaults::acme_directory(),
                     directory_ca: None,
                     renew_before_days: super::defaults::acme_renew_before_days(),
+                    challenge: None,
                 });
                 c.public_host = Some(domain.to_owned());
                 Ok(c)

@@ -9,6 +9,10 @@
 //! `unreachable_directory_keeps_the_fallback`: a directory nobody answers at gives an error
 //! line and `sluice_acme_renewals_total{result="error"}`, while the TLS port serves the
 //! generated certificate.
+//! `http01_on_the_plain_port_80_decoy`: with `challenge = "http-01"` Pebble validates by
+//! `GET /.well-known/acme-challenge/TOKEN` on port 80 of the relay's address, where a plain
+//! listener's builtin decoy answers the pending token; the certificate is issued, and the
+//! decoy serves its page as before. Without such a listener `check-config` refuses the key.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -23,7 +27,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 
 use sluice_tests::peers::{KeyKind, Pki};
 use sluice_tests::servers::EchoServer;
-use sluice_tests::{Host, Sluice, TempDir, init, require_program, wait_until};
+use sluice_tests::{Host, Sluice, TempDir, init, require_program, require_root, wait_until};
 
 /// The name the relay gets its certificate for (resolved by Pebble's DNS server only).
 const DOMAIN: &str = "relay.acme.test";
@@ -57,8 +61,9 @@ impl Drop for Pebble {
 }
 
 impl Pebble {
-    /// Pebble validating on `tls_port` of whatever `DOMAIN` resolves to: `relay_ip`.
-    fn start(relay_ip: std::net::Ipv4Addr, tls_port: u16) -> Pebble {
+    /// Pebble validating on `tls_port` (TLS-ALPN-01) or `http_port` (HTTP-01) of whatever
+    /// `DOMAIN` resolves to: `relay_ip`.
+    fn start(relay_ip: std::net::Ipv4Addr, tls_port: u16, http_port: u16) -> Pebble {
         let dir = TempDir::new();
         let host = Host::new();
         let (api, management, dns) = (host.addr(), host.addr(), host.addr());
@@ -75,7 +80,7 @@ impl Pebble {
                 "managementListenAddress": management.to_string(),
                 "certificate": cert,
                 "privateKey": key,
-                "httpPort": 1,
+                "httpPort": http_port,
                 "tlsPort": tls_port,
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": false,
@@ -280,7 +285,7 @@ fn issues_reuses_and_renews() {
     let host = Host::new();
     let relay = host.addr();
     let echo_server = EchoServer::start(Host::new().addr());
-    let pebble = Pebble::start(host.ip, relay.port());
+    let pebble = Pebble::start(host.ip, relay.port(), 1);
     let state = TempDir::new();
     let state_dir = state.join("state");
     let text = |renew: u32| {
@@ -427,6 +432,88 @@ fn unreachable_directory_keeps_the_fallback() {
         text.contains("sluice_certificate_expiry_timestamp_seconds{listener=\"tls\"}"),
         "{text}"
     );
+    let (status, log) = sluice.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn http01_on_the_plain_port_80_decoy() {
+    init();
+    if !require_root() || !require_program("pebble") || !require_program("pebble-challtestsrv") {
+        return;
+    }
+    let host = Host::new();
+    let relay = host.addr();
+    // Port 80 of the relay's own test address: where the CA looks for HTTP-01.
+    let http = SocketAddr::new(host.ip.into(), 80);
+    let echo_server = EchoServer::start(Host::new().addr());
+    let pebble = Pebble::start(host.ip, relay.port(), http.port());
+    let state = TempDir::new();
+    let tls = config(
+        relay,
+        echo_server.addr(),
+        &state.join("state"),
+        &pebble.directory,
+        &pebble.https_ca,
+        1,
+    )
+    .replace(" }\n", ", challenge = \"http-01\" }\n");
+    assert!(tls.contains("challenge = \"http-01\" }"), "{tls}");
+
+    // Refused at load without a plain port-80 listener with a decoy.
+    let out = Sluice::check_config(&tls);
+    assert!(
+        !out.status.success()
+            && out
+                .stderr
+                .contains("`http-01` needs a plain listener on port 80"),
+        "{out:?}"
+    );
+
+    let text = format!(
+        "{tls}[[listen]]\nname = \"http\"\nbind = \"{http}\"\nupstream = [\"{}\"]\n\
+         decoy = \"builtin\"\n",
+        echo_server.addr()
+    );
+    let started = Instant::now();
+    let sluice = Sluice::run_config_text(&text, vec![relay, http]).start();
+    let root = pebble.root();
+    let mut issued_at = None;
+    let issued = wait_until(ISSUE_WAIT, || {
+        let ok = leaf(relay, Some(&root)).is_some();
+        if ok {
+            issued_at = Some(started.elapsed());
+        }
+        ok
+    });
+    assert!(
+        issued,
+        "no certificate chained to pebble's root within {ISSUE_WAIT:?}; relay log:\n{}",
+        sluice.stderr_log()
+    );
+    eprintln!(
+        "acme: issued {:?} after the relay's start (pebble, HTTP-01)",
+        issued_at.unwrap()
+    );
+    assert_eq!(pebble.issued(), 1);
+    let log = sluice.stderr_log();
+    assert!(
+        log.contains(&format!("acme: validating {DOMAIN} by http-01")),
+        "{log}"
+    );
+    // The decoy is still nginx's default site; relayed bytes still go upstream.
+    let mut s = TcpStream::connect(http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut page = String::new();
+    let _ = s.read_to_string(&mut page);
+    assert!(
+        page.starts_with("HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n")
+            && page.contains("Welcome to nginx!"),
+        "{page}"
+    );
+    let mut s = tls_connect(relay, Some(&root)).unwrap();
+    assert_eq!(echo(&mut s, b"over http-01"), b"over http-01");
     let (status, log) = sluice.stop();
     assert!(status.success(), "{log}");
 }
