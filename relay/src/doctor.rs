@@ -701,6 +701,49 @@ fn acme_domains(config: &Config, timeout: Duration) -> Vec<Check> {
         .collect()
 }
 
+/// What a name resolved to, as a doctor check reports it: the addresses, them as a list, and
+/// those an interface of this host has (`ADDR on IFNAME`).
+struct Resolution {
+    addrs: Vec<std::net::IpAddr>,
+    found: String,
+    on: Vec<String>,
+}
+
+impl Resolution {
+    /// Err: why the name gave no address (the check's detail).
+    fn of(
+        name: &str,
+        resolved: Result<Vec<std::net::IpAddr>, String>,
+        interfaces: &[(String, std::net::IpAddr)],
+    ) -> Result<Resolution, String> {
+        let addrs = match resolved {
+            Ok(a) if !a.is_empty() => a,
+            Ok(_) => return Err(format!("`{name}` resolves to no address")),
+            Err(e) => return Err(format!("`{name}` does not resolve: {e}")),
+        };
+        let found = addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let on = addrs
+            .iter()
+            .filter_map(|a| {
+                interfaces
+                    .iter()
+                    .find(|(_, ip)| ip == a)
+                    .map(|(ifname, _)| format!("{a} on {ifname}"))
+            })
+            .collect();
+        Ok(Resolution { addrs, found, on })
+    }
+}
+
+/// Not an address the internet reaches: one a DNS answer may not give the relay, or internal.
+fn is_not_internet(a: &std::net::IpAddr) -> bool {
+    crate::upstream::refused_kind(*a).is_some() || is_internal(&IpNet::from(*a))
+}
+
 /// The verdict of [`acme_domains`] for one domain.
 fn acme_domain_check(
     domain: &str,
@@ -708,45 +751,19 @@ fn acme_domain_check(
     interfaces: &[(String, std::net::IpAddr)],
 ) -> Check {
     let name = format!("acme domain {domain}");
-    let addrs = match resolved {
-        Ok(a) if !a.is_empty() => a,
-        Ok(_) => {
+    let Resolution { addrs, found, on } = match Resolution::of(domain, resolved, interfaces) {
+        Ok(r) => r,
+        Err(detail) => {
             return check(
                 name,
                 Level::Fail,
-                format!("`{domain}` resolves to no address"),
-                "the CA cannot validate it, so no certificate is issued and the generated one \
-                 is served: create an A (or AAAA) record pointing at this host",
-            );
-        }
-        Err(e) => {
-            return check(
-                name,
-                Level::Fail,
-                format!("`{domain}` does not resolve: {e}"),
+                detail,
                 "the CA cannot validate it, so no certificate is issued and the generated one \
                  is served: create an A (or AAAA) record pointing at this host",
             );
         }
     };
-    let found = addrs
-        .iter()
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    let internal = |a: &std::net::IpAddr| {
-        crate::upstream::refused_kind(*a).is_some() || is_internal(&IpNet::from(*a))
-    };
-    let on: Vec<String> = addrs
-        .iter()
-        .filter_map(|a| {
-            interfaces
-                .iter()
-                .find(|(_, ip)| ip == a)
-                .map(|(ifname, _)| format!("{a} on {ifname}"))
-        })
-        .collect();
-    if addrs.iter().all(internal) {
+    if addrs.iter().all(is_not_internet) {
         return check(
             name,
             Level::Fail,
@@ -779,23 +796,15 @@ fn public_host_check(
     interfaces: &[(String, std::net::IpAddr)],
 ) -> Check {
     let name = format!("public_host {host}");
-    let addrs = match resolved {
-        Ok(a) if !a.is_empty() => a,
-        Ok(_) => {
+    let Resolution { addrs, found, on } = match Resolution::of(host, resolved, interfaces) {
+        Ok(r) => r,
+        Err(detail) => {
             return check(
                 name,
                 Level::Fail,
-                format!("`{host}` resolves to no address"),
-                "clients cannot use the shared links: fix the DNS record",
-            );
-        }
-        Err(e) => {
-            return check(
-                name,
-                Level::Fail,
-                format!("`{host}` does not resolve: {e}"),
-                "clients cannot use the shared links: create the DNS record, or set public_host \
-                 to the relay's public IP address",
+                detail,
+                "clients cannot use the shared links: create or fix the DNS record, or set \
+                 public_host to the relay's public IP address",
             );
         }
     };
@@ -805,21 +814,8 @@ fn public_host_check(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let found = list(&addrs);
-    let on: Vec<String> = addrs
-        .iter()
-        .filter_map(|a| {
-            interfaces
-                .iter()
-                .find(|(_, ip)| ip == a)
-                .map(|(ifname, _)| format!("{a} on {ifname}"))
-        })
-        .collect();
-    let internal = |a: &std::net::IpAddr| {
-        crate::upstream::refused_kind(*a).is_some() || is_internal(&IpNet::from(*a))
-    };
     if !on.is_empty() {
-        if addrs.iter().all(internal) {
+        if addrs.iter().all(is_not_internet) {
             return check(
                 name,
                 Level::Warn,
@@ -843,7 +839,7 @@ fn public_host_check(
         .map(|(_, a)| *a)
         .filter(|a| !a.is_loopback())
         .collect();
-    let public_mine = mine.iter().any(|a| !internal(a));
+    let public_mine = mine.iter().any(|a| !is_not_internet(a));
     let why = if public_mine {
         "if a load balancer or NAT in front of this host owns that address and forwards the \
          relay's ports here, this is right; otherwise the name points at another host"
