@@ -1,7 +1,7 @@
 //! Typed configuration: TOML (or a preset) parsed once into structs, validated once.
 //!
-//! Every key is listed in the table in ARCHITECTURE.md. Unknown keys are rejected; every error
-//! names the key and, for a file, the line. Nothing here touches the network: host names in
+//! Every key is in README.md's example (a test holds it to that). Unknown keys are rejected;
+//! every error names the key and, for a file, the line. Nothing here touches the network: host names in
 //! `upstream` are resolved later by [`crate::upstream`].
 
 use std::fmt;
@@ -1187,56 +1187,59 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
-/// Line of `key` (`a.b`, `listen[2].bind`) in `text`, found by walking the tables as written.
+/// Line of `key` (`a.b`, `listen[2].bind`, `listen[1].tls.cert`) in `text`, from the spans of
+/// the parsed document (so sub-tables, inline tables and arrays of tables are found as TOML
+/// reads them); a key that is not written (a missing one) gives the line of the nearest table
+/// that is.
 fn find_key_line(text: &str, key: &str) -> Option<usize> {
+    use toml_edit::{ImDocument, Item, Value};
+    let doc = ImDocument::parse(text).ok()?;
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut found = None;
     let parts: Vec<&str> = key.split('.').collect();
-    let (leaf, tables) = parts.split_last()?;
-    // The table header the key lives under, and for arrays of tables, which one.
-    let (want_table, want_index) = match tables.first() {
-        None => (None, 0),
-        Some(t) => match t.split_once('[') {
-            Some((name, idx)) => (Some(name), idx.trim_end_matches(']').parse().ok()?),
-            None => (Some(*t), 0),
-        },
-    };
-    let leaf_name = leaf.split('[').next()?;
-    let mut current: Option<&str> = None;
-    let mut seen_of_current = 0usize;
-    let mut header_line = None;
-    for (n, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if let Some(h) = line.strip_prefix("[[").and_then(|h| h.split("]]").next()) {
-            let h = h.trim();
-            if current == Some(h) {
-                seen_of_current += 1;
-            } else {
-                current = Some(h);
-                seen_of_current = 0;
+    for (i, part) in parts.iter().enumerate() {
+        let (name, index) = match part.split_once('[') {
+            Some((n, idx)) => (n, Some(idx.trim_end_matches(']').parse::<usize>().ok()?)),
+            None => (*part, None),
+        };
+        let Some((k, item)) = table.get_key_value(name) else {
+            break;
+        };
+        let last = i + 1 == parts.len();
+        let item: &Item = match (item, index) {
+            (Item::ArrayOfTables(a), Some(n)) => match a.get(n) {
+                Some(t) => {
+                    found = t.span().map(|s| s.start).or(found);
+                    if last {
+                        break;
+                    }
+                    table = t;
+                    continue;
+                }
+                None => break,
+            },
+            (item, _) => item,
+        };
+        found = k.span().map(|s| s.start).or(found);
+        match (item, index) {
+            (Item::Table(t), None) => table = t,
+            (Item::Value(Value::InlineTable(t)), None) => table = t,
+            (Item::Value(Value::Array(a)), Some(n)) => {
+                if let Some(Value::InlineTable(t)) = a.get(n) {
+                    found = t.span().map(|s| s.start).or(found);
+                    table = t;
+                } else {
+                    if let Some(v) = a.get(n) {
+                        found = v.span().map(|s| s.start).or(found);
+                    }
+                    break;
+                }
             }
-            if Some(h) == want_table && seen_of_current == want_index {
-                header_line = Some(n + 1);
-            }
-            continue;
-        }
-        if let Some(h) = line.strip_prefix('[').and_then(|h| h.split(']').next()) {
-            current = Some(h.trim());
-            seen_of_current = 0;
-            if Some(h.trim()) == want_table {
-                header_line = Some(n + 1);
-            }
-            continue;
-        }
-        let in_place = current == want_table
-            && (want_table.is_none() || header_line.is_some())
-            && (tables.first().is_none_or(|t| !t.contains('[')) || seen_of_current == want_index);
-        if in_place
-            && let Some((k, _)) = line.split_once('=')
-            && k.trim() == leaf_name
-        {
-            return Some(n + 1);
+            _ => break,
         }
     }
-    header_line
+    found.map(line_of)
 }
 
 /// Leaves a zero (off) per-client limit out of the printed configuration.
@@ -1314,6 +1317,75 @@ mod tests {
             &two,
             "line 7: `listen[1].bind`: 127.0.0.1:1 is already bound by listen[0]",
         );
+        // After a listener's sub-table, the next `[[listen]]` is still listen[1] (a scan of
+        // the headers used to count it as listen[0] again and give no line).
+        let after_sub_table = format!(
+            "{ONE}[listen.health]\nrise = 2\n[[listen]]\nname = \"b\"\n\
+             bind = \"127.0.0.1:1\"\nupstream = [\"h:3\"]\n"
+        );
+        check_err(
+            &after_sub_table,
+            "line 9: `listen[1].bind`: 127.0.0.1:1 is already bound by listen[0]",
+        );
+        // A table's own error: the line of its header.
+        check_err(
+            &format!("{ONE}[listen.health]\nrise = 0\n"),
+            "line 5: `listen[0].health`",
+        );
+    }
+
+    /// README.md's configuration example is a file the relay accepts, and it names every key
+    /// the effective configuration of each preset has (`sluice check-config --preset`), so a
+    /// reader finds each one there.
+    #[test]
+    fn the_readme_example_parses_and_names_every_key() {
+        let readme = include_str!("../../../README.md");
+        let at = readme
+            .find("A configuration file is TOML:")
+            .expect("README.md introduces its example");
+        let block = readme[at..]
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|b| b.split("\n```").next())
+            .expect("a ```toml block follows");
+        Config::from_toml(block, "README.md").unwrap();
+        fn keys(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        out.push(k.clone());
+                        if prefix != "resolve" {
+                            keys(k, v, out);
+                        }
+                    }
+                }
+                toml::Value::Array(a) => a.iter().for_each(|v| keys(prefix, v, out)),
+                _ => {}
+            }
+        }
+        let mut missing = Vec::new();
+        for preset in [preset::Preset::Whatsapp, preset::Preset::Signal] {
+            let mut all = Vec::new();
+            keys(
+                "",
+                &toml::Value::try_from(preset.config()).unwrap(),
+                &mut all,
+            );
+            for k in all {
+                let written = block.lines().any(|l| {
+                    let l = l.trim_start_matches(['#', ' ']);
+                    l.starts_with(&format!("{k} ="))
+                        || l.starts_with(&format!("[{k}]"))
+                        || l.starts_with(&format!("[[{k}]]"))
+                        || l.starts_with(&format!("[listen.{k}]"))
+                        || l.contains(&format!(" {k} = "))
+                });
+                if !written && !missing.contains(&k) {
+                    missing.push(k);
+                }
+            }
+        }
+        assert!(missing.is_empty(), "README.md's example lacks {missing:?}");
     }
 
     #[test]
