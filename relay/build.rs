@@ -3,7 +3,8 @@
 //!
 //! The object is built by a separate nightly cargo invocation (bpfel-unknown-none, build-std), not
 //! from here: a build script that runs cargo would lock the target directory it runs in and hide
-//! the eBPF compiler's output. So this script only checks, and says what to run when it is missing.
+//! the eBPF compiler's output. So this script only checks, and says what to run when it is missing
+//! (then the crate embeds an empty object, see below).
 
 use std::env;
 use std::path::PathBuf;
@@ -22,10 +23,21 @@ fn main() {
         }
     };
     if !object.is_file() {
-        panic!(
-            "the eBPF object {} is missing: run cargo xtask build-ebpf first",
+        // As aya-build does under `AYA_BUILD_SKIP`: an empty object, so `cargo check`, clippy and
+        // rust-analyzer work on a fresh clone. Such a binary says at load time that it has no
+        // eBPF programs (`EbpfError::NotBuilt`: the sockmap engine splices, XDP and `sluicectl
+        // load` refuse), and the unit test `ebpf::tests::the_object_is_built_in` fails on it, so
+        // `cargo xtask test` and `cargo xtask dist` (which build the object first) never ship one.
+        println!(
+            "cargo:warning=the eBPF object {} is missing (run `cargo xtask build-ebpf`): this \
+             build has no eBPF programs",
             object.display()
         );
+        let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join("no-ebpf");
+        std::fs::write(&out, b"").expect("OUT_DIR is writable");
+        println!("cargo:rerun-if-changed={}", object.display());
+        println!("cargo:rustc-env={OVERRIDE}={}", out.display());
+        return;
     }
     let object = object.canonicalize().expect("the object exists");
     println!("cargo:rerun-if-changed={}", object.display());

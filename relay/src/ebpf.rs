@@ -90,6 +90,12 @@ pub enum EbpfError {
     SamePeer,
     #[error("cannot create the pin directory (it must be on a bpffs): {0}")]
     PinDir(#[source] io::Error),
+    #[error(
+        "this binary was built without its eBPF programs (`cargo xtask build-ebpf` had not run \
+         before `cargo build`): the sockmap engine, XDP deny and `sluicectl load` need a build \
+         that has them"
+    )]
+    NotBuilt,
     #[error("invalid cidr: {0}")]
     Cidr(&'static str),
     #[error(
@@ -125,6 +131,9 @@ fn load_object(pin_dir: Option<&Path>) -> Result<Ebpf> {
 /// [`load_object`] with a flow-control event ring of `held_bytes` (a new ring only: a pinned one
 /// keeps its size).
 fn load_object_with(pin_dir: Option<&Path>, held_bytes: u32) -> Result<Ebpf> {
+    if object().is_empty() {
+        return Err(EbpfError::NotBuilt);
+    }
     let mut loader = EbpfLoader::new();
     if held_bytes != fast_path::HELD_BYTES {
         loader.map_max_entries(fast_path::HELD, held_bytes);
@@ -1050,7 +1059,19 @@ impl XdpDeny {
 
 #[cfg(test)]
 mod tests {
-    use super::{PROVEN_SINCE, parse_release};
+    use super::{PROVEN_SINCE, object, parse_release};
+
+    /// A build without `cargo xtask build-ebpf` embeds an empty object (so `cargo check` works
+    /// on a fresh clone); the suite refuses it, so a tested or packaged binary always has one.
+    #[test]
+    fn the_object_is_built_in() {
+        let o = object();
+        assert!(
+            o.len() > 4 && o.starts_with(b"\x7fELF"),
+            "the embedded eBPF object is missing or not ELF ({} bytes): run cargo xtask build-ebpf",
+            o.len()
+        );
+    }
 
     #[test]
     fn kernel_releases_parse_to_major_and_minor() {
