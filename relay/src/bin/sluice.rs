@@ -27,10 +27,11 @@ struct Cli {
 enum Cmd {
     /// Run the relay from a config file or a preset (default: the WhatsApp preset).
     Run {
-        /// TOML configuration file (see ARCHITECTURE.md for every key).
+        /// TOML configuration file (README.md's example names every key; `sluice check-config
+        /// --preset whatsapp` prints a complete one to start from).
         #[arg(long, conflicts_with = "preset")]
         config: Option<PathBuf>,
-        /// A built-in deployment: `whatsapp` (the WhatsApp proxy's ports and upstreams).
+        /// A built-in deployment: `whatsapp` (the WhatsApp proxy) or `signal` (Signal-TLS-Proxy).
         #[arg(long, value_enum)]
         preset: Option<sluice::config::preset::Preset>,
         /// The name users reach the relay at: with `--preset signal`, port 443's certificate
@@ -83,7 +84,7 @@ enum Cmd {
 /// Options shared by `run` and `forward`; they override the config file.
 #[derive(Args, Clone)]
 struct Common {
-    /// Relay engine: auto (io_uring if allowed, else epoll), splice, copy or epoll.
+    /// Relay engine: auto (io_uring if allowed, else epoll), splice, copy, epoll or sockmap.
     #[arg(long, value_enum)]
     engine: Option<EngineChoice>,
     /// Worker processes (default: cores, or more if max-connections needs more fds).
