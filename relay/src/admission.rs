@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::ebpf::Cidr;
+use ipnet::IpNet;
 
 /// A set of CIDRs with longest-prefix lookup: one hash set of networks per prefix length, probed
 /// from the longest length present to the shortest.
@@ -60,6 +60,96 @@ pub fn canonical_range(addr: IpAddr, len: u8) -> (IpAddr, u8) {
             None => (addr, len),
         },
         _ => (addr, len),
+    }
+}
+
+/// A client address range (an [`IpNet`] with its host bits zero, an IPv4-mapped range as the
+/// IPv4 one: see [`canonical_range`]). Written as text (config, `sluicectl`), a range with host
+/// bits set is refused (`10.1.2.3/8` is a typo for a host or for `10.0.0.0/8`; neither is
+/// guessed); a bare address is that one host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cidr(IpNet);
+
+/// Why text is not a [`Cidr`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CidrError(String);
+
+impl Cidr {
+    /// `addr/prefix_len` with its host bits cleared (for ranges that come from a map or are
+    /// computed; text goes through `FromStr`, which refuses host bits); fails if the prefix
+    /// is longer than the address.
+    pub fn new(addr: IpAddr, prefix_len: u8) -> Result<Self, CidrError> {
+        let (addr, prefix_len) = canonical_range(addr, prefix_len);
+        IpNet::new(addr, prefix_len)
+            .map(|n| Cidr(n.trunc()))
+            .map_err(|_| {
+                CidrError(format!(
+                    "an {} prefix is at most {} bits",
+                    if addr.is_ipv4() { "ipv4" } else { "ipv6" },
+                    if addr.is_ipv4() { 32 } else { 128 }
+                ))
+            })
+    }
+
+    /// The network address (host bits zero).
+    pub fn addr(&self) -> IpAddr {
+        self.0.addr()
+    }
+
+    /// How many leading bits of [`Cidr::addr`] count.
+    pub fn prefix_len(&self) -> u8 {
+        self.0.prefix_len()
+    }
+}
+
+/// `ADDRESS/PREFIX` without host bits, or a bare address meaning exactly that address.
+impl std::str::FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, CidrError> {
+        let net = match s.parse::<IpNet>() {
+            Ok(net) => net,
+            Err(_) => match s.parse::<IpAddr>() {
+                Ok(ip) => IpNet::from(ip),
+                Err(_) => {
+                    return Err(CidrError(
+                        "expected ADDRESS or ADDRESS/PREFIX (a prefix of at most 32 bits for \
+                         IPv4, 128 for IPv6)"
+                            .into(),
+                    ));
+                }
+            },
+        };
+        if net.trunc() != net {
+            return Err(CidrError(format!(
+                "`{net}` has host bits set (the range is {}): write the network address, or \
+                 the single host as /{}",
+                net.trunc(),
+                net.max_prefix_len()
+            )));
+        }
+        Cidr::new(net.addr(), net.prefix_len())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a CIDR ({e})")))
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr(), self.prefix_len())
     }
 }
 
@@ -543,7 +633,30 @@ mod tests {
         let all6 = cidr("::/0");
         assert!(all6.addr().is_ipv6());
         assert!(!CidrSet::from_rules([all6]).contains(ip("10.1.2.3")));
-        assert!(cidr("::ffff:10.0.0.0/8").addr().is_ipv6());
+        assert!(cidr("::/8").addr().is_ipv6());
+    }
+
+    /// Text with host bits set is refused, naming the range it would have meant; a bare
+    /// address is one host. (It used to become the range silently: `10.1.2.3/8` denied 10/8.)
+    #[test]
+    fn host_bits_are_refused_not_guessed() {
+        for (text, range) in [
+            ("10.1.2.3/8", "10.0.0.0/8"),
+            ("2001:db8::1/32", "2001:db8::/32"),
+            ("::ffff:10.0.0.0/8", "::/8"),
+        ] {
+            let e = text.parse::<Cidr>().unwrap_err().to_string();
+            assert!(e.contains("host bits") && e.contains(range), "{text}: {e}");
+        }
+        assert_eq!(cidr("10.1.2.3").to_string(), "10.1.2.3/32");
+        assert_eq!(cidr("2001:db8::/32").to_string(), "2001:db8::/32");
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("lb.example".parse::<Cidr>().is_err());
+        // From a map or computed: host bits cleared, as before.
+        assert_eq!(
+            Cidr::new(ip("10.1.2.3"), 8).unwrap().to_string(),
+            "10.0.0.0/8"
+        );
     }
 
     #[test]

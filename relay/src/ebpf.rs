@@ -26,10 +26,9 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::io::{self, Read as _};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::str::FromStr;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{
@@ -39,6 +38,8 @@ use aya::programs::{ProgramError, SkSkb, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 use sluice_common::{FLOW_STATS_SLOT, HeldEvent, Peer, XDP_STATS_SLOT, admission, fast_path};
 use socket2::SockRef;
+
+use crate::admission::Cidr;
 
 pub use sluice_common::{ConnCounters, Cookie, FlowStats, PIN_DIR, RuleId, XdpStats};
 
@@ -97,7 +98,7 @@ pub enum EbpfError {
     )]
     NotBuilt,
     #[error("invalid cidr: {0}")]
-    Cidr(&'static str),
+    Cidr(#[from] crate::admission::CidrError),
     #[error(
         "kernel {release} is older than {major}.{minor}, the oldest the sockmap fast path is \
          proven on (Debian 12's 6.1 sent relayed bytes twice under memory pressure); \
@@ -784,97 +785,6 @@ pub fn check_pins(dir: &Path) -> Result<()> {
         dir: dir.display().to_string(),
         missing: missing.join(", "),
     })
-}
-
-/// A client address range: an address and how many leading bits of it count. Host bits are
-/// cleared on construction, so `10.1.2.3/8` and `10.0.0.0/8` are the same value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix_len: u8,
-}
-
-impl Cidr {
-    /// `addr/prefix_len`; fails if the prefix is longer than the address (32 or 128 bits). An
-    /// IPv4-mapped range (`::ffff:10.0.0.0/104`) becomes the IPv4 one (`10.0.0.0/8`; see
-    /// [`crate::admission::canonical_range`]).
-    pub fn new(addr: IpAddr, prefix_len: u8) -> Result<Self> {
-        let (addr, prefix_len) = crate::admission::canonical_range(addr, prefix_len);
-        let addr = match addr {
-            IpAddr::V4(a) => {
-                if prefix_len > 32 {
-                    return Err(EbpfError::Cidr("an ipv4 prefix is at most 32 bits"));
-                }
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(prefix_len))
-                    .unwrap_or(0);
-                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
-            }
-            IpAddr::V6(a) => {
-                if prefix_len > 128 {
-                    return Err(EbpfError::Cidr("an ipv6 prefix is at most 128 bits"));
-                }
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(prefix_len))
-                    .unwrap_or(0);
-                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
-            }
-        };
-        Ok(Self { addr, prefix_len })
-    }
-
-    /// The network address (host bits zero).
-    pub fn addr(&self) -> IpAddr {
-        self.addr
-    }
-
-    /// How many leading bits of [`Cidr::addr`] count.
-    pub fn prefix_len(&self) -> u8 {
-        self.prefix_len
-    }
-}
-
-/// `ADDRESS/PREFIX`, or a bare address meaning exactly that address (/32 or /128).
-impl FromStr for Cidr {
-    type Err = EbpfError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((addr, prefix)) => (addr, Some(prefix)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| EbpfError::Cidr("expected ADDRESS or ADDRESS/PREFIX"))?;
-        let prefix_len = match prefix {
-            Some(p) => p
-                .parse()
-                .map_err(|_| EbpfError::Cidr("the prefix length is not a number"))?,
-            None if addr.is_ipv4() => 32,
-            None => 128,
-        };
-        Self::new(addr, prefix_len)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Cidr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse()
-            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a CIDR ({e})")))
-    }
-}
-
-impl serde::Serialize for Cidr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
 }
 
 /// `sluice_xdp_deny` attached to one interface, with the deny tries and the port map it reads

@@ -16,9 +16,9 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
+use crate::admission::Cidr;
 use crate::admission::{decode_list, encode_list};
 use crate::config::{Config, HostPort};
-use crate::ebpf::Cidr;
 use crate::health::{Changes, Checker};
 
 /// Seconds between attempts while a name does not resolve.

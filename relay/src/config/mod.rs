@@ -78,10 +78,10 @@ pub struct Config {
 pub struct AdmissionSettings {
     /// Clients that may connect (CIDRs); empty = every client not denied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub allow: Vec<crate::ebpf::Cidr>,
+    pub allow: Vec<crate::admission::Cidr>,
     /// Clients refused (CIDRs); deny wins over allow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub deny: Vec<crate::ebpf::Cidr>,
+    pub deny: Vec<crate::admission::Cidr>,
     /// Upstream `HOST:PORT`s the relay may connect to (names resolved once, at start); empty =
     /// any upstream of the listeners.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -21,9 +21,9 @@ use std::time::Instant;
 
 use socket2::SockRef;
 
+use crate::admission::Cidr;
 use crate::admission::{Rules, Verdict};
 use crate::config::{Config, EngineChoice, Listener, SendProxy};
-use crate::ebpf::Cidr;
 use crate::limits::{ClientSlot, ClientTable, Over};
 use crate::metrics::{Counter, Row, Shared};
 use crate::proto::proxy::{self, Parsed, ProxyHeader};

@@ -354,7 +354,13 @@ fn sluicectl_errors_are_clear() {
         cmd.arg("--control").arg(&absent).args(args);
         run_with_timeout(&mut cmd, Duration::from_secs(10))
     };
-    for bad in ["10.0.0.0/33", "nonsense", "10.0.0.1/x", "::1/129"] {
+    for bad in [
+        "10.0.0.0/33",
+        "nonsense",
+        "10.0.0.1/x",
+        "::1/129",
+        "10.1.2.3/8",
+    ] {
         let out = ctl(&["deny", "add", bad]);
         assert_eq!(out.status.code(), Some(2), "deny add {bad}: {}", out.text());
         assert!(

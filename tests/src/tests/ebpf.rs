@@ -17,7 +17,8 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-use sluice::ebpf::{Cidr, ConnCounters, EbpfError, FastPath, Kick, Occupancy, XdpDeny, kick};
+use sluice::admission::Cidr;
+use sluice::ebpf::{ConnCounters, EbpfError, FastPath, Kick, Occupancy, XdpDeny, kick};
 
 /// How long any single read or connect may take before the test fails (never a timing assert).
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
