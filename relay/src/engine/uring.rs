@@ -68,6 +68,9 @@ const FIRST_GRANT: u64 = 128 << 10;
 /// Fast-path connections whose kernel queues one tick samples (for the gauges, and to give back
 /// budget their destinations freed); the next tick goes on from there.
 const SAMPLE_BATCH: usize = 256;
+/// Samples in a row (about 10 s while a worker has under [`SAMPLE_BATCH`] fast-path
+/// connections) after which a direction whose held bytes did not move is logged (debug).
+const STALL_SAMPLES: u16 = 40;
 /// `tcpi_state` of a socket that was reset or fully closed.
 const TCP_CLOSE: u8 = 7;
 /// Slot value meaning "no connection" (listener, control, timer, cancel operations).
@@ -324,6 +327,11 @@ struct FastConn {
     sampled_bytes: [u64; 2],
     sampled_queued: [u64; 2],
     sampled_held: [u64; 2],
+    /// Samples in a row at which direction `d` had held bytes and neither the verdict's held
+    /// count nor what user space took of it moved: at [`STALL_SAMPLES`] it is logged once.
+    still: [u16; 2],
+    sampled_taken: [u64; 2],
+    sampled_kheld: [u64; 2],
 }
 
 impl FastConn {
@@ -350,6 +358,9 @@ impl FastConn {
             sampled_bytes: [0; 2],
             sampled_queued: [0; 2],
             sampled_held: [0; 2],
+            still: [0; 2],
+            sampled_taken: [0; 2],
+            sampled_kheld: [0; 2],
         }
     }
 }
@@ -1176,6 +1187,42 @@ impl<'a> Worker<'a> {
                     }
                 }
             }
+            if held > 0 && counters.held == f.sampled_kheld[d] && f.taken[d] == f.sampled_taken[d] {
+                f.still[d] = f.still[d].saturating_add(1);
+                if f.still[d] == STALL_SAMPLES {
+                    let src = if d == TO_UPSTREAM {
+                        c.client.as_fd()
+                    } else {
+                        up.as_fd()
+                    };
+                    let readable = sys::socket_queue(src, true).ok();
+                    let sent = sent_total(dst).ok();
+                    // Debug: a destination that does not read stalls a direction legitimately.
+                    tracing::debug!(
+                        direction = d,
+                        held = counters.held,
+                        released = f.released[d],
+                        taken = f.taken[d],
+                        pending = f.pending[d].len(),
+                        redirected = counters.bytes,
+                        allow = f.allow[d],
+                        reserved = f.reserved[d],
+                        written = f.written[d],
+                        sent_total = ?sent,
+                        source_inq = ?readable,
+                        waiting = f.waiting[d],
+                        holding = f.holding[d],
+                        watching = f.watching[d],
+                        fin = f.fin[d],
+                        "fast path: a direction holds bytes that have not moved for {} samples",
+                        STALL_SAMPLES
+                    );
+                }
+            } else {
+                f.still[d] = 0;
+            }
+            f.sampled_taken[d] = f.taken[d];
+            f.sampled_kheld[d] = counters.held;
             f.sampled_bytes[d] = counters.bytes;
             self.sampled_queued = self.sampled_queued - f.sampled_queued[d] + queued;
             self.sampled_held = self.sampled_held - f.sampled_held[d] + held;

@@ -696,12 +696,13 @@ fn fifty_clients_sending_to_upstreams_that_stop_reading_pin_bounded_kernel_memor
         blocked == 0,
         "the clients could not send everything once the upstreams read: {blocked} of \
          {CLIENTS} still blocked, {} of {} MiB sent, after {:?} (the last byte moved {:?} \
-         ago): {}",
+         ago): {}\nthe relay's log:\n{}",
         written.iter().sum::<u64>() >> 20,
         (CLIENTS as u64 * end) >> 20,
         resumed.elapsed(),
         progress.elapsed(),
         relay.status(),
+        sluice_tests::tail(&relay.stderr_log(), 60),
     );
     for c in &clients {
         // Those that had sent everything before the upstreams read.
