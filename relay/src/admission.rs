@@ -121,16 +121,24 @@ impl std::str::FromStr for Cidr {
                 }
             },
         };
-        if net.trunc() != net {
-            return Err(CidrError(format!(
-                "`{net}` has host bits set (the range is {}): write the network address, or \
-                 the single host as /{}",
-                net.trunc(),
-                net.max_prefix_len()
-            )));
+        if let Some(why) = host_bits(&net) {
+            return Err(CidrError(why));
         }
         Cidr::new(net.addr(), net.prefix_len())
     }
+}
+
+/// Why a range written with host bits set (`10.1.2.3/8`) is refused, naming the range it would
+/// be; None when it has none. Every place a range is read from text asks this.
+pub fn host_bits(net: &IpNet) -> Option<String> {
+    (net.trunc() != *net).then(|| {
+        format!(
+            "`{net}` has host bits set (the range is {}): write the network address, or the \
+             single host as /{}",
+            net.trunc(),
+            net.max_prefix_len()
+        )
+    })
 }
 
 impl<'de> serde::Deserialize<'de> for Cidr {

@@ -1,8 +1,8 @@
 //! Typed configuration: TOML (or a preset) parsed once into structs, validated once.
 //!
 //! Every key is in README.md's example (a test holds it to that). Unknown keys are rejected;
-//! every error names the key and, for a file, the line. Nothing here touches the network: host names in
-//! `upstream` are resolved later by [`crate::upstream`].
+//! every error names the key and, for a file, the line. Nothing here touches the network: host
+//! names in `upstream` are resolved later by [`crate::upstream`].
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -1051,16 +1051,8 @@ impl Config {
                             .into(),
                     );
                 }
-                if let Some(net) = list.iter().find(|n| n.trunc() != **n) {
-                    return err(
-                        &key,
-                        format!(
-                            "`{net}` has host bits set (the range is {}): write the network \
-                             address, or the single host as /{}",
-                            net.trunc(),
-                            net.max_prefix_len()
-                        ),
-                    );
+                if let Some(why) = list.iter().find_map(crate::admission::host_bits) {
+                    return err(&key, why);
                 }
             }
             if let Some(t) = &l.tls
