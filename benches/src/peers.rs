@@ -59,15 +59,24 @@ pub fn all() -> Vec<Candidate> {
         // The splice engine with histogram recording off: the cost of recording, measured
         // against `sluice-splice` in one run. Only when named in `--candidates`.
         c(NO_HISTOGRAMS, Kind::Sluice("splice"), 9),
+        // Another build of Sluice (`SLUICE_BENCH_BASELINE`: the directory holding its `sluice`),
+        // so a change is measured against the code before it in one run. Only when named.
+        c("baseline-splice", Kind::Sluice("splice"), 10),
+        c("baseline-copy", Kind::Sluice("copy"), 11),
+        c("baseline-epoll", Kind::Sluice("epoll"), 12),
+        c("baseline-sockmap", Kind::Sluice("sockmap"), 13),
     ]
 }
+
+/// The environment variable naming the directory of the `baseline-*` candidates' `sluice`.
+pub const BASELINE_ENV: &str = "SLUICE_BENCH_BASELINE";
 
 /// The candidate that runs Sluice with `--no-histograms`.
 pub const NO_HISTOGRAMS: &str = "sluice-splice-nohist";
 
 /// Candidates a run includes only when asked for by name.
 pub fn opt_in(name: &str) -> bool {
-    name == NO_HISTOGRAMS
+    name == NO_HISTOGRAMS || name.starts_with("baseline-")
 }
 
 /// HAProxy's pipe pool for `splice-auto`; each pipe is two fds.
@@ -161,7 +170,7 @@ impl Candidate {
         let cmd = match self.kind {
             Kind::Direct => return Ok(None),
             Kind::Sluice(engine) => {
-                let mut c = Command::new(env.bin_dir.join("sluice"));
+                let mut c = Command::new(self.sluice_bin(env)?);
                 c.arg("forward")
                     .arg(listen.to_string())
                     .arg(upstream.to_string())
@@ -224,6 +233,24 @@ impl Candidate {
         };
         running.wait_ready(self.target(SocketAddr::from(([0, 0, 0, 0], 0))), self, log)?;
         Ok(running)
+    }
+
+    /// The `sluice` binary this candidate runs: the run's own, or the baseline build's.
+    fn sluice_bin(&self, env: &Env) -> Result<PathBuf> {
+        if !self.name.starts_with("baseline-") {
+            return Ok(env.bin_dir.join("sluice"));
+        }
+        let dir = std::env::var_os(BASELINE_ENV).with_context(|| {
+            format!(
+                "candidate {} needs {BASELINE_ENV}: the directory of the build to compare with",
+                self.name
+            )
+        })?;
+        let bin = PathBuf::from(dir).join("sluice");
+        if !bin.is_file() {
+            bail!("{BASELINE_ENV}: {} is not a file", bin.display());
+        }
+        Ok(bin)
     }
 
     /// Where Sluice's control socket is for this candidate.

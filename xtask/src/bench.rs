@@ -36,7 +36,9 @@ pub struct BenchFlags {
     #[arg(long)]
     only: Option<String>,
     /// Only these candidates: direct, sluice-splice, sluice-copy, sluice-epoll, sluice-sockmap,
-    /// haproxy, nginx, socat, and (only when named) sluice-splice-nohist (histograms off)
+    /// haproxy, nginx, socat, and (only when named) sluice-splice-nohist (histograms off) and
+    /// baseline-{splice,copy,epoll,sockmap} (the `sluice` in $SLUICE_BENCH_BASELINE: another
+    /// build, to measure a change against the code before it in one run)
     /// (comma-separated). For tls-flood: sluice-tls, sluice-tls-nolimit, sluice-tls-rsa4096,
     /// nginx-tls-rsa4096, nginx-tls-ecdsa.
     #[arg(long)]
