@@ -1,10 +1,12 @@
 //! The `epoll` engine: the whole worker loop on readiness and nonblocking read/write, for hosts
 //! where io_uring is refused (Docker's default seccomp profile returns EPERM for io_uring_setup).
 //!
-//! Same semantics as [`super::uring`]: admission, failover over upstream addresses, half-close
-//! forwarded once every byte is written, RST propagated, the same timeouts. Bytes go through one
-//! scratch buffer per worker; a direction keeps its own buffer only while its destination is
-//! full (the unsent rest), so an idle connection holds none.
+//! Same semantics as [`super::uring`], because both drive the same [`Session`]: admission,
+//! failover over upstream addresses, the decoy, half-close forwarded once every byte is written,
+//! RST propagated, the same timeouts. Here the session times each connect attempt itself
+//! ([`ConnectTimer::Session`]). Bytes go through one scratch buffer per worker; a direction keeps
+//! its own buffer only while its destination is full (the unsent rest), so an idle connection
+//! holds none.
 //!
 //! Sockets are registered edge-triggered; any event on either socket of a connection pumps both
 //! directions until they would block.
@@ -15,8 +17,8 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use socket2::{SockAddr, Socket};
 
-use super::{HeaderStep, Inbound, SniStep, Sniff, WorkerCtx};
-use crate::config::Route;
+use super::session::{self, Close, ConnectTimer, Phase, Session, Source, Step};
+use super::{Around, HeaderStep, Inbound, WorkerCtx};
 use crate::metrics::Counter;
 use crate::proto::tls::TlsConn;
 use crate::sys::{self, Epoll};
@@ -28,18 +30,6 @@ const TOKEN_LISTENER: u64 = 1 << 62;
 const TOKEN_CONTROL: u64 = 1 << 61;
 const EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Reading the client's PROXY header.
-    Header,
-    /// TLS handshake with the client; the upstream is connected once it completes.
-    Handshake,
-    /// Reading the (inner, on a TLS port) ClientHello whose server name picks the upstream.
-    Sni,
-    Connecting,
-    Relaying,
-}
-
 #[derive(Debug, Default)]
 struct Dir {
     /// Bytes read but not yet written (the destination was full).
@@ -49,38 +39,35 @@ struct Dir {
 }
 
 struct Conn {
-    listener: usize,
-    phase: Phase,
+    /// The connection's phase and routing ([`Session`]).
+    s: Session,
     /// Where the client counts against its per-client limits, if one is set.
     client_slot: Option<crate::limits::ClientSlot>,
-    /// Going to the listener's decoy instead of its upstream ([`crate::decoy`]).
-    decoy: bool,
-    /// A TLS port with a decoy: the first byte was seen to start a TLS handshake.
-    sniffed: bool,
     client: TcpStream,
     upstream: Option<TcpStream>,
-    last_active_ms: u64,
-    addr_start: usize,
-    attempt: usize,
     dirs: [Dir; 2],
     inbound: Option<Box<Inbound>>,
     tls: Option<Box<TlsConn>>,
-    /// The upstream entry SNI routing chose; None = every address of the listener.
-    entry: Option<usize>,
     /// Bytes read each way (for the per-connection histograms).
     bytes: [u64; 2],
     /// Timestamps for the histograms ([`crate::histo`]).
     times: crate::histo::ConnTimes,
 }
 
-/// What ended a connection.
+/// Why the relay of a connection stopped, for its session to decide how it ends.
 enum End {
+    /// The client left, or a step's bytes could not be written: FIN.
     Graceful,
-    /// Reset or error; `from_client` tells which side caused it (for the counters).
-    Reset {
-        from_client: bool,
-        reset: bool,
+    /// An error on direction `d`, at its source or its destination.
+    Failed {
+        d: usize,
+        at_source: bool,
+        errno: i32,
     },
+    /// The TLS session failed (`acme`: a TLS-ALPN-01 validation ended with its handshake).
+    Tls { acme: bool },
+    /// The session decided.
+    Closed(Close),
 }
 
 pub struct Worker<'a> {
@@ -222,13 +209,8 @@ impl<'a> Worker<'a> {
                 continue;
             }
             n += 1;
-            self.end(
-                slot,
-                End::Reset {
-                    from_client: false,
-                    reset: false,
-                },
-            );
+            let step = self.drive(slot, |s, _| s.close(true));
+            self.apply(slot, step);
         }
         self.ctx.killed(generation, n);
     }
@@ -285,21 +267,15 @@ impl<'a> Worker<'a> {
                 continue;
             }
             super::tune_socket(client.as_fd());
+            let start = self.upstreams.start(listener);
             let conn = Conn {
-                listener,
-                phase: Phase::Connecting,
+                s: Session::new(listener, start, ConnectTimer::Session, self.now_ms),
                 client_slot,
-                decoy: false,
-                sniffed: false,
                 client: TcpStream::from(OwnedFd::from(client)),
                 upstream: None,
-                last_active_ms: self.now_ms,
-                addr_start: self.upstreams.start(listener),
-                attempt: 0,
                 dirs: Default::default(),
                 inbound: None,
                 tls: None,
-                entry: None,
                 bytes: [0, 0],
                 times: self.ctx.histos.accepted(),
             };
@@ -328,48 +304,86 @@ impl<'a> Worker<'a> {
             s.1 = Some(conn);
             self.active += 1;
             self.ctx.row.listener_open(listener);
-            if self.ctx.config.listeners[listener].accept_proxy {
-                self.slots[slot].1.as_mut().expect("just set").phase = Phase::Header;
-            } else {
-                self.after_header(slot);
-            }
+            let step = self.drive(slot, |s, env| s.begin(env));
+            self.apply_first(slot, step);
         }
     }
 
-    fn connect_next(&mut self, slot: usize) {
+    /// Runs `f` on slot `slot`'s session with the worker around it.
+    fn drive(
+        &mut self,
+        slot: usize,
+        f: impl FnOnce(&mut Session, &mut Around<'_, 'a>) -> Step,
+    ) -> Step {
+        let Some(conn) = self.slots[slot].1.as_mut() else {
+            return Step::Wait;
+        };
+        let mut env = Around {
+            ctx: &self.ctx,
+            upstreams: &self.upstreams,
+            now_ms: self.now_ms,
+        };
+        f(&mut conn.s, &mut env)
+    }
+
+    /// [`Worker::apply`], and a first look at the client's bytes when the session starts
+    /// waiting for them: edge-triggered readiness may have fired before (with the PROXY header).
+    fn apply_first(&mut self, slot: usize, step: Step) {
+        let sniff = step == Step::Sniff;
+        self.apply(slot, step);
+        if sniff {
+            self.plain_sni(slot);
+        }
+    }
+
+    /// Carries out a session's step.
+    fn apply(&mut self, slot: usize, step: Step) {
+        match step {
+            // Readiness brings the next bytes.
+            Step::Wait | Step::ReadHeader | Step::Sniff => {}
+            Step::StartTls => {
+                let conn = self.slots[slot].1.as_mut().expect("live slot");
+                let session = self.ctx.tls[conn.s.listener()].as_ref().map(|s| s.accept());
+                match session {
+                    Some(Ok(tls)) => {
+                        conn.tls = Some(Box::new(tls));
+                        match self.handshake(slot) {
+                            Ok(step) => self.apply(slot, step),
+                            Err(end) => self.end(slot, end),
+                        }
+                    }
+                    other => {
+                        if let Some(Err(e)) = other {
+                            tracing::warn!("tls session refused: {e}");
+                        }
+                        let step = self.drive(slot, |s, env| s.tls_refused(env));
+                        self.apply(slot, step);
+                    }
+                }
+            }
+            Step::Connect(addr) => self.connect(slot, addr),
+            Step::Relay(send) => {
+                if let Err(end) = self.start_relay(slot, send) {
+                    return self.end(slot, end);
+                }
+                if let Err(end) = self.pump(slot) {
+                    self.end(slot, end);
+                }
+            }
+            Step::Close(close) => self.close(slot, close),
+        }
+    }
+
+    /// Connects to `addr`, dropping an earlier attempt's socket; a socket that cannot be made
+    /// is a failed attempt.
+    fn connect(&mut self, slot: usize, addr: SocketAddr) {
         let generation = self.slots[slot].0;
         let conn = self.slots[slot].1.as_mut().expect("live slot");
-        let picked = if conn.decoy {
-            let plain_on_tls =
-                conn.tls.is_none() && self.ctx.config.listeners[conn.listener].tls.is_some();
-            self.ctx
-                .decoy_addr(conn.listener, plain_on_tls)
-                .filter(|_| conn.attempt == 0)
-        } else {
-            self.upstreams
-                .pick(conn.listener, conn.entry, conn.addr_start, conn.attempt)
-        };
-        let Some(addr) = picked else {
-            self.ctx.row.inc(
-                if conn.attempt == 0 && self.upstreams.dest_refused(conn.listener, conn.entry) {
-                    Counter::RefusedDest
-                } else {
-                    Counter::UpstreamUnreachable
-                },
-            );
-            self.end(
-                slot,
-                End::Reset {
-                    from_client: false,
-                    reset: false,
-                },
-            );
-            return;
-        };
-        conn.attempt += 1;
-        conn.last_active_ms = self.now_ms;
+        if let Some(up) = conn.upstream.take() {
+            let _ = self.epoll.delete(up.as_fd());
+        }
         self.ctx.histos.connecting(&mut conn.times);
-        let source = self.ctx.next_source(conn.listener, addr);
+        let source = self.ctx.next_source(conn.s.listener(), addr);
         match start_connect(addr, source) {
             Ok(s) => {
                 if self
@@ -380,14 +394,8 @@ impl<'a> Worker<'a> {
                     // The upstream socket cannot be watched (as at accept): the connection
                     // ends, and `end` gives its places back.
                     self.ctx.row.inc(Counter::RelayErrors);
-                    self.end(
-                        slot,
-                        End::Reset {
-                            from_client: false,
-                            reset: false,
-                        },
-                    );
-                    return;
+                    let step = conn.s.close(true);
+                    return self.apply(slot, step);
                 }
                 conn.upstream = Some(s);
             }
@@ -395,9 +403,42 @@ impl<'a> Worker<'a> {
                 let now = self.now_ms;
                 self.ctx
                     .connect_failed(e.raw_os_error().unwrap_or(libc::EIO), now);
-                self.connect_next(slot)
+                let step = self.drive(slot, |s, env| s.connect_failed(env));
+                self.apply(slot, step);
             }
         }
+    }
+
+    /// The upstream is connected: the PROXY header, then the bytes read before (the
+    /// ClientHello read for SNI routing, a probe's request) go first.
+    fn start_relay(&mut self, slot: usize, send: crate::config::SendProxy) -> Result<(), End> {
+        let conn = self.slots[slot].1.as_mut().expect("live slot");
+        let up = conn.upstream.as_ref().expect("connected upstream");
+        self.ctx
+            .histos
+            .connected(conn.s.listener(), &mut conn.times);
+        super::tune_socket(up.as_fd());
+        let inbound = conn.inbound.take().map(|i| *i).unwrap_or_default();
+        if !inbound.acc.is_empty() {
+            // Read while sniffing, relayed now: counted like any byte read.
+            let n = inbound.acc.len() as u64;
+            self.ctx.row.add(Counter::BytesClientToUpstream, n);
+            conn.bytes[0] += n;
+            let mut first = inbound.acc;
+            first.append(&mut conn.dirs[0].pending);
+            conn.dirs[0].pending = first;
+        }
+        super::send_proxy_header(
+            send,
+            conn.client.as_fd(),
+            up.as_fd(),
+            inbound.header.as_ref(),
+        )
+        .map_err(|e| End::Failed {
+            d: 0,
+            at_source: false,
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+        })
     }
 
     fn on_event(&mut self, tok: u64, bits: u32) {
@@ -410,54 +451,38 @@ impl<'a> Worker<'a> {
         if *g & 0xff_ffff != generation {
             return;
         }
-        match conn.phase {
+        match conn.s.phase() {
             Phase::Header if !upstream_side => {
                 let inbound = conn.inbound.get_or_insert_with(Box::default);
-                match super::read_proxy_header(conn.client.as_fd(), &mut inbound.acc) {
-                    HeaderStep::More => {}
+                let read = match super::read_proxy_header(conn.client.as_fd(), &mut inbound.acc) {
+                    HeaderStep::More => return,
                     HeaderStep::Done(h) => {
                         inbound.acc = Vec::new();
                         let admitted =
                             self.ctx
-                                .admit_proxied(conn.listener, &h, conn.client.as_fd());
+                                .admit_proxied(conn.s.listener(), &h, conn.client.as_fd());
                         inbound.header = Some(h);
-                        if let Ok(client_slot) = admitted {
-                            conn.client_slot = client_slot;
-                            self.after_header(slot);
-                        } else {
-                            self.end(
-                                slot,
-                                End::Reset {
-                                    from_client: true,
-                                    reset: false,
-                                },
-                            );
+                        match admitted {
+                            Ok(client_slot) => {
+                                conn.client_slot = client_slot;
+                                session::Header::Admitted
+                            }
+                            Err(_) => session::Header::Refused,
                         }
                     }
-                    HeaderStep::Bad => {
-                        self.ctx.row.inc(Counter::RefusedBadHeader);
-                        self.end(
-                            slot,
-                            End::Reset {
-                                from_client: true,
-                                reset: false,
-                            },
-                        );
-                    }
-                }
-                return;
+                    HeaderStep::Bad => session::Header::Bad,
+                };
+                let step = self.drive(slot, |s, env| s.header(env, read));
+                self.apply_first(slot, step);
             }
             Phase::Handshake | Phase::Sni if !upstream_side && conn.tls.is_some() => {
-                if let Err(end) = self.handshake(slot) {
-                    self.end(slot, end);
+                match self.handshake(slot) {
+                    Ok(step) => self.apply(slot, step),
+                    Err(end) => self.end(slot, end),
                 }
-                return;
             }
-            Phase::Sni if !upstream_side => {
-                self.plain_sni(slot);
-                return;
-            }
-            Phase::Header | Phase::Handshake | Phase::Sni => return,
+            Phase::Sni if !upstream_side => self.plain_sni(slot),
+            Phase::Header | Phase::Handshake | Phase::Sni | Phase::Closing => {}
             Phase::Connecting => {
                 if !upstream_side {
                     // Client bytes wait in its socket until the upstream is connected.
@@ -466,183 +491,63 @@ impl<'a> Worker<'a> {
                 let up = conn.upstream.as_ref().expect("connecting has a socket");
                 let failed = bits & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0
                     || super::take_socket_error(up).is_some();
-                if failed {
-                    if let Some(up) = conn.upstream.take() {
-                        let _ = self.epoll.delete(up.as_fd());
-                    }
-                    self.connect_next(slot);
-                    return;
-                }
-                if bits & libc::EPOLLOUT as u32 == 0 {
-                    return;
-                }
-                conn.phase = Phase::Relaying;
-                conn.last_active_ms = self.now_ms;
-                self.ctx.histos.connected(conn.listener, &mut conn.times);
-                super::tune_socket(up.as_fd());
-                let send = if conn.decoy {
-                    crate::config::SendProxy::None
+                let step = if failed {
+                    self.drive(slot, |s, env| s.connect_failed(env))
+                } else if bits & libc::EPOLLOUT as u32 != 0 {
+                    self.drive(slot, |s, env| s.connected(env))
                 } else {
-                    self.ctx.config.listeners[conn.listener].send_proxy
+                    Step::Wait
                 };
-                let inbound = conn.inbound.take().map(|i| *i).unwrap_or_default();
-                // The ClientHello read for SNI routing (plain port) goes out first.
-                if !inbound.acc.is_empty() {
-                    // Read while sniffing, relayed now: counted like any byte read.
-                    let n = inbound.acc.len() as u64;
-                    self.ctx.row.add(Counter::BytesClientToUpstream, n);
-                    conn.bytes[0] += n;
-                    let mut first = inbound.acc;
-                    first.append(&mut conn.dirs[0].pending);
-                    conn.dirs[0].pending = first;
-                }
-                if super::send_proxy_header(
-                    send,
-                    conn.client.as_fd(),
-                    up.as_fd(),
-                    inbound.header.as_ref(),
-                )
-                .is_err()
-                {
-                    self.end(
-                        slot,
-                        End::Reset {
-                            from_client: false,
-                            reset: false,
-                        },
-                    );
-                    return;
+                self.apply(slot, step);
+            }
+            Phase::Relaying => {
+                if let Err(end) = self.pump(slot) {
+                    self.end(slot, end);
                 }
             }
-            Phase::Relaying => {}
-        }
-        match self.pump(slot) {
-            Ok(()) => {}
-            Err(end) => self.end(slot, end),
         }
     }
 
     /// The first bytes decide (plain ports routed by SNI, and ports with a decoy): they are read
-    /// (kept, to go first) until the ClientHello's name picks the upstream, or they show a
-    /// probe, which goes to the decoy. A TLS port with a decoy only peeks at the first byte: a
-    /// TLS handshake goes on to the handshake, anything else to the decoy.
+    /// (kept, to go first) until the session has what it needs. A TLS port with a decoy only
+    /// peeks at the first byte; a probe's bytes are read to go to the decoy as they came.
     fn plain_sni(&mut self, slot: usize) {
-        let config = self.ctx.config.clone();
-        let conn = self.slots[slot].1.as_mut().expect("live slot");
-        let listener = &config.listeners[conn.listener];
-        if listener.tls.is_some() {
-            match super::peek_tls_start(conn.client.as_fd()) {
-                Ok(None) => {}
-                Ok(Some(true)) => {
-                    conn.sniffed = true;
-                    self.after_header(slot);
-                }
-                Ok(Some(false)) => {
-                    let acc = &mut conn.inbound.get_or_insert_with(Box::default).acc;
-                    let _ = super::read_available(conn.client.as_fd(), acc, super::SNI_PEEK_MAX);
-                    self.go_decoy(slot);
-                }
-                Err(_) => self.end(slot, End::Graceful),
-            }
+        let Some(conn) = self.slots[slot].1.as_mut() else {
+            return;
+        };
+        if conn.s.phase() != Phase::Sni {
             return;
         }
-        let acc = &mut conn.inbound.get_or_insert_with(Box::default).acc;
-        let closed = super::read_available(conn.client.as_fd(), acc, super::SNI_PEEK_MAX);
-        if listener.route == Route::Static {
-            let ended = !matches!(closed, Ok(false));
-            match super::sniff(acc, ended) {
-                Sniff::Decoy => self.go_decoy(slot),
-                Sniff::More => {}
-                Sniff::Relay if ended && acc.is_empty() => self.end(slot, End::Graceful),
-                Sniff::Relay => {
-                    conn.phase = Phase::Connecting;
-                    self.connect_next(slot);
-                }
+        let step = if self.ctx.config.listeners[conn.s.listener()].tls.is_some() {
+            let first = super::peek_tls_start(conn.client.as_fd());
+            if let Ok(Some(false)) = first {
+                let acc = &mut conn.inbound.get_or_insert_with(Box::default).acc;
+                let _ = super::read_available(conn.client.as_fd(), acc, super::SNI_PEEK_MAX);
             }
-            return;
-        }
-        match (super::route_by_sni(listener, acc), closed) {
-            (SniStep::Entry(e), _) => {
-                conn.entry = Some(e);
-                conn.phase = Phase::Connecting;
-                self.connect_next(slot);
+            self.drive(slot, |s, env| s.peeked(env, first))
+        } else {
+            let mut inbound = conn.inbound.take().unwrap_or_default();
+            let source = match super::read_available(
+                conn.client.as_fd(),
+                &mut inbound.acc,
+                super::SNI_PEEK_MAX,
+            ) {
+                Ok(false) => Source::Open,
+                Ok(true) => Source::Ended,
+                Err(_) => Source::Failed,
+            };
+            let step = self.drive(slot, |s, env| s.first_bytes(env, &inbound.acc, source));
+            if let Some(conn) = self.slots[slot].1.as_mut() {
+                conn.inbound = Some(inbound);
             }
-            (SniStep::More, Ok(false)) => {}
-            _ if !listener.decoy.is_off() => self.go_decoy(slot),
-            _ => {
-                self.ctx.row.inc(Counter::RefusedBadSni);
-                self.end(
-                    slot,
-                    End::Reset {
-                        from_client: true,
-                        reset: false,
-                    },
-                );
-            }
-        }
+            step
+        };
+        self.apply(slot, step);
     }
 
-    /// The connection is a probe: it goes to the listener's decoy with the bytes it sent so far
-    /// (no PROXY header), or is closed when there is no decoy to go to.
-    fn go_decoy(&mut self, slot: usize) {
-        self.ctx.row.inc(Counter::Decoyed);
-        let conn = self.slots[slot].1.as_mut().expect("live slot");
-        conn.decoy = true;
-        conn.entry = None;
-        conn.attempt = 0;
-        conn.phase = Phase::Connecting;
-        self.connect_next(slot);
-    }
-
-    /// The PROXY header (if any) is read: TLS handshake first on a TLS port, else connect.
-    fn after_header(&mut self, slot: usize) {
-        let conn = self.slots[slot].1.as_mut().expect("live slot");
-        let listener = conn.listener;
-        let l = &self.ctx.config.listeners[listener];
-        let decoy = !l.decoy.is_off();
-        if l.tls.is_none() {
-            if l.route == Route::Sni || decoy {
-                conn.phase = Phase::Sni;
-                self.plain_sni(slot);
-            } else {
-                conn.phase = Phase::Connecting;
-                self.connect_next(slot);
-            }
-            return;
-        }
-        if decoy && !conn.sniffed {
-            // Is it TLS at all? Looked at before the handshake, so a probe's bytes can still go
-            // to the decoy as they came.
-            conn.phase = Phase::Sni;
-            self.plain_sni(slot);
-            return;
-        }
-        let session = self.ctx.tls[listener].as_ref().map(|s| s.accept());
-        match session {
-            Some(Ok(tls)) => {
-                conn.tls = Some(Box::new(tls));
-                conn.phase = Phase::Handshake;
-                conn.last_active_ms = self.now_ms;
-                if let Err(end) = self.handshake(slot) {
-                    self.end(slot, end);
-                }
-            }
-            _ => {
-                // Never relay a TLS port's bytes as plaintext: no certificate, no service.
-                self.ctx.row.inc(Counter::RefusedBadTls);
-                self.end(
-                    slot,
-                    End::Reset {
-                        from_client: false,
-                        reset: false,
-                    },
-                );
-            }
-        }
-    }
-
-    /// Drives the TLS handshake with the client; connects upstream once it completes.
-    fn handshake(&mut self, slot: usize) -> Result<(), End> {
+    /// Drives the TLS handshake with the client, and once it is done, feeds what the client
+    /// sends inside it to the session until it chose where the connection goes.
+    fn handshake(&mut self, slot: usize) -> Result<Step, End> {
         let conn = self.slots[slot].1.as_mut().expect("live slot");
         for _ in 0..64 {
             let n = match (&conn.client).read(&mut self.scratch) {
@@ -652,65 +557,37 @@ impl<'a> Worker<'a> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(fail(0, true, &e)),
             };
-            // No refresh of `last_active_ms`: the handshake's limit counts from its start.
+            // No renewal of the session's time: the handshake's limit counts from its start.
             let tls = conn.tls.as_mut().expect("handshake has a session");
             let fed = tls.feed_ciphertext(&self.scratch[..n]);
             tls.take_plaintext(&mut conn.dirs[0].pending);
             tls.take_ciphertext(&mut conn.dirs[1].pending);
             flush(&conn.client, &mut conn.dirs[1].pending, 1)?;
             if let Err(e) = fed {
-                // A TLS-ALPN-01 validation ends with its handshake; it is no bad client.
-                if !matches!(e, crate::proto::tls::TlsError::AcmeAnswered) {
-                    self.ctx.row.inc(Counter::RefusedBadTls);
-                }
-                return Err(End::Graceful);
+                return Err(End::Tls {
+                    acme: matches!(e, crate::proto::tls::TlsError::AcmeAnswered),
+                });
             }
-            if !tls.is_handshaking() {
-                self.ctx.row.inc(Counter::TlsHandshakes);
-                if tls.resumed() {
-                    self.ctx.row.inc(Counter::TlsResumed);
-                }
-                let listener = &self.ctx.config.listeners[conn.listener];
-                let decoy = !listener.decoy.is_off();
-                if listener.route == Route::Static {
-                    // With a decoy, what the client sends first inside TLS decides.
-                    let step = if decoy {
-                        super::sniff(&conn.dirs[0].pending, false)
-                    } else {
-                        Sniff::Relay
-                    };
-                    match step {
-                        Sniff::More => conn.phase = Phase::Sni,
-                        Sniff::Decoy => self.go_decoy(slot),
-                        Sniff::Relay => {
-                            conn.phase = Phase::Connecting;
-                            self.connect_next(slot);
-                        }
-                    }
-                    return Ok(());
-                }
-                // The inner ClientHello is the start of the plaintext.
-                conn.phase = Phase::Sni;
-                match super::route_by_sni(listener, &conn.dirs[0].pending) {
-                    SniStep::Entry(e) => {
-                        conn.entry = Some(e);
-                        conn.phase = Phase::Connecting;
-                        self.connect_next(slot);
-                        return Ok(());
-                    }
-                    SniStep::More if conn.dirs[0].pending.len() < super::SNI_PEEK_MAX => {}
-                    _ if decoy => {
-                        self.go_decoy(slot);
-                        return Ok(());
-                    }
-                    _ => {
-                        self.ctx.row.inc(Counter::RefusedBadSni);
-                        return Err(End::Graceful);
-                    }
-                }
+            if tls.is_handshaking() {
+                continue;
+            }
+            let resumed = tls.resumed();
+            let mut env = Around {
+                ctx: &self.ctx,
+                upstreams: &self.upstreams,
+                now_ms: self.now_ms,
+            };
+            let step = if conn.s.phase() == Phase::Handshake {
+                conn.s
+                    .handshake_done(&mut env, resumed, &conn.dirs[0].pending, false)
+            } else {
+                conn.s.plaintext(&mut env, &conn.dirs[0].pending, false)
+            };
+            if step != Step::Wait {
+                return Ok(step);
             }
         }
-        Ok(())
+        Ok(Step::Wait)
     }
 
     /// Moves bytes both ways until each direction would block; Err ends the connection.
@@ -736,7 +613,7 @@ impl<'a> Worker<'a> {
                 let all = flush(dst, &mut conn.dirs[d].pending, d)?;
                 if conn.dirs[d].pending.len() < had {
                     // Bytes went out: not idle (timeouts count inactivity either way).
-                    conn.last_active_ms = self.now_ms;
+                    conn.s.touch(self.now_ms);
                 }
                 if !all {
                     break; // the destination is full; its EPOLLOUT brings us back
@@ -745,7 +622,9 @@ impl<'a> Worker<'a> {
                     if !conn.dirs[d].done {
                         conn.dirs[d].done = true;
                         super::shutdown_write(dst);
-                        conn.last_active_ms = self.now_ms;
+                        if let Step::Close(close) = conn.s.finished(d, self.now_ms) {
+                            return Err(End::Closed(close));
+                        }
                     }
                     break;
                 }
@@ -755,7 +634,7 @@ impl<'a> Worker<'a> {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(fail(d, true, &e)),
                 };
-                conn.last_active_ms = self.now_ms;
+                conn.s.touch(self.now_ms);
                 self.ctx.row.add(
                     if d == 0 {
                         Counter::BytesClientToUpstream
@@ -768,7 +647,7 @@ impl<'a> Worker<'a> {
                 if d == 1 && n > 0 {
                     self.ctx
                         .histos
-                        .upstream_bytes(conn.listener, &mut conn.times);
+                        .upstream_bytes(conn.s.listener(), &mut conn.times);
                 }
                 let data = &self.scratch[..n];
                 let Some(tls) = conn.tls.as_mut() else {
@@ -802,22 +681,23 @@ impl<'a> Worker<'a> {
                         if tls.feed_ciphertext(data).is_err() {
                             tls.take_ciphertext(&mut to_client.pending);
                             let _ = flush(&conn.client, &mut to_client.pending, 1);
-                            self.ctx.row.inc(Counter::RefusedBadTls);
-                            return Err(End::Graceful);
+                            return Err(End::Tls { acme: false });
                         }
                         if tls.peer_closed() {
                             to_up.eof = true;
                         }
                     }
                     (_, 0) => {
-                        tls.server_ended(conn.decoy);
+                        tls.server_ended(conn.s.is_decoy());
                         to_client.eof = true;
                     }
                     _ => {
-                        if tls.push_plaintext(data).is_err() {
-                            return Err(End::Reset {
-                                from_client: false,
-                                reset: false,
+                        if let Err(e) = tls.push_plaintext(data) {
+                            tracing::debug!("tls: {e}");
+                            return Err(End::Failed {
+                                d,
+                                at_source: false,
+                                errno: libc::EIO,
                             });
                         }
                     }
@@ -833,9 +713,6 @@ impl<'a> Worker<'a> {
             if dir.pending.is_empty() && dir.pending.capacity() > 0 {
                 dir.pending = Vec::new(); // an idle direction holds no buffer
             }
-        }
-        if conn.dirs.iter().all(|d| d.done) {
-            return Err(End::Graceful);
         }
         if again {
             self.again.push(token(slot, self.slots[slot].0, false));
@@ -858,96 +735,69 @@ impl<'a> Worker<'a> {
             self.scan.begin();
         }
         for slot in 0..if scan { self.slots.len() } else { 0 } {
-            let Some(conn) = self.slots[slot].1.as_ref() else {
+            let Some(deadline) = self.slots[slot].1.as_ref().and_then(|c| c.s.deadline(&t)) else {
                 continue;
             };
-            let limit = match conn.phase {
-                Phase::Header | Phase::Handshake | Phase::Sni => u64::from(t.header_ms),
-                Phase::Connecting => u64::from(t.connect_ms),
-                Phase::Relaying if conn.dirs.iter().any(|d| d.done) => u64::from(t.fin_ms),
-                Phase::Relaying => u64::from(t.idle_ms),
-            };
-            self.scan
-                .deadline(conn.last_active_ms.saturating_add(limit));
-            if self.now_ms.saturating_sub(conn.last_active_ms) < limit {
+            self.scan.deadline(deadline);
+            if self.now_ms < deadline {
                 continue;
             }
             self.scan.touch();
-            if conn.phase == Phase::Connecting {
-                // This address timed out: drop it and try the next one.
-                let conn = self.slots[slot].1.as_mut().expect("live");
-                if let Some(up) = conn.upstream.take() {
-                    let _ = self.epoll.delete(up.as_fd());
-                }
-                self.connect_next(slot);
-            } else {
-                self.ctx.row.inc(match conn.phase {
-                    Phase::Header => Counter::RefusedBadHeader,
-                    Phase::Handshake => Counter::RefusedBadTls,
-                    Phase::Sni => Counter::RefusedBadSni,
-                    _ => Counter::IdleTimeout,
-                });
-                // A port with a decoy closes a client that said nothing it could use as a web
-                // server does at its header timeout: quietly (FIN), not with a reset.
-                let quiet = conn.phase == Phase::Sni && self.ctx.decoy_on(conn.listener);
-                // As nginx's `SSL_shutdown` at its header timeout: close_notify first.
-                let conn = self.slots[slot].1.as_mut().expect("live");
-                if quiet
-                    && let Some(tls) = conn.tls.as_mut()
-                    && !tls.is_handshaking()
-                {
-                    let mut out = std::mem::take(&mut conn.dirs[1].pending);
-                    tls.send_close_notify();
-                    tls.take_ciphertext(&mut out);
-                    let _ = crate::sys::send(
-                        conn.client.as_fd(),
-                        &out,
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    );
-                }
-                self.end(
-                    slot,
-                    if quiet {
-                        End::Graceful
-                    } else {
-                        End::Reset {
-                            from_client: false,
-                            reset: false,
-                        }
-                    },
-                );
-            }
+            let step = self.drive(slot, |s, env| s.expire(env));
+            self.apply(slot, step);
         }
         if self.paused && !self.draining && self.active < self.ctx.worker_cap * 9 / 10 {
             self.set_accepting(true);
         }
     }
 
+    /// The relay stopped: the session decides how the connection ends.
     fn end(&mut self, slot: usize, end: End) {
-        let Some(conn) = self.slots[slot].1.take() else {
+        let step = match end {
+            End::Closed(close) => Step::Close(close),
+            End::Graceful => self.drive(slot, |s, _| s.close(false)),
+            End::Failed {
+                d,
+                at_source,
+                errno,
+            } => self.drive(slot, |s, env| s.failed(env, d, errno, at_source)),
+            End::Tls { acme } => self.drive(slot, |s, env| s.tls_failed(env, acme)),
+        };
+        self.apply(slot, step);
+    }
+
+    /// Ends the connection as its session decided: FIN or RST, after a close_notify when asked
+    /// to a TLS client whose handshake is done (as nginx's `SSL_shutdown` at its header timeout).
+    fn close(&mut self, slot: usize, close: Close) {
+        let Some(mut conn) = self.slots[slot].1.take() else {
             return;
         };
-        if let End::Reset { from_client, reset } = end {
-            if reset {
-                self.ctx.row.inc(if from_client {
-                    Counter::ClientReset
-                } else {
-                    Counter::UpstreamReset
-                });
-            }
+        if close.close_notify
+            && let Some(tls) = conn.tls.as_mut()
+            && !tls.is_handshaking()
+        {
+            let mut out = std::mem::take(&mut conn.dirs[1].pending);
+            tls.send_close_notify();
+            tls.take_ciphertext(&mut out);
+            let _ = crate::sys::send(
+                conn.client.as_fd(),
+                &out,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+        }
+        if close.reset {
             super::set_reset_on_close(&conn.client);
             if let Some(u) = &conn.upstream {
                 super::set_reset_on_close(u);
             }
         }
+        let listener = conn.s.listener();
         self.free.push(slot);
         self.active -= 1;
-        self.ctx.row.listener_close(conn.listener);
+        self.ctx.row.listener_close(listener);
         self.ctx.release(conn.client_slot);
         self.ctx.row.inc(Counter::Closed);
-        self.ctx
-            .histos
-            .closed(conn.listener, &conn.times, conn.bytes);
+        self.ctx.histos.closed(listener, &conn.times, conn.bytes);
         // Dropping the streams closes them; epoll forgets closed fds by itself.
     }
 }
@@ -969,10 +819,10 @@ fn flush(mut dst: &TcpStream, pending: &mut Vec<u8>, d: usize) -> Result<bool, E
 
 /// An error on direction `d` (0: client → upstream), at its source or destination.
 fn fail(d: usize, at_source: bool, e: &io::Error) -> End {
-    let from_client = (d == 0) == at_source;
-    End::Reset {
-        from_client,
-        reset: e.raw_os_error().is_some_and(super::is_reset),
+    End::Failed {
+        d,
+        at_source,
+        errno: e.raw_os_error().unwrap_or(libc::EIO),
     }
 }
 

@@ -6,12 +6,16 @@
 //! - [`epoll`]: the whole worker loop again on epoll and nonblocking read/write, for hosts that
 //!   refuse io_uring (Docker's default seccomp profile).
 //!
+//! - [`session`]: the life of one connection as plain data (phases, routing, decoy, failover,
+//!   time limits, how it ends), which both engines drive; no I/O.
+//!
 //! An engine is a closed `enum` ([`EngineKind`]), not a trait object: a worker runs exactly one
 //! loop, chosen once at start, and the hot path should not pay for dynamic dispatch.
 
 pub mod copy;
 pub mod epoll;
 pub mod features;
+pub mod session;
 pub mod splice;
 pub mod uring;
 
@@ -612,6 +616,46 @@ impl<'a> WorkerCtx<'a> {
             Refusal::ClientRate => Counter::RefusedClientRate,
             Refusal::UntrustedProxy => Counter::RefusedUntrustedProxy,
         });
+    }
+}
+
+/// A session's view of its worker ([`session::Env`]): the configuration in force, the
+/// upstream table, the decoys, the worker's counters and clock.
+pub struct Around<'x, 'a> {
+    pub ctx: &'x WorkerCtx<'a>,
+    pub upstreams: &'x Upstreams,
+    pub now_ms: u64,
+}
+
+impl session::Env for Around<'_, '_> {
+    fn listener(&self, l: usize) -> &Listener {
+        &self.ctx.config.listeners[l]
+    }
+
+    fn upstream(
+        &self,
+        listener: usize,
+        entry: Option<usize>,
+        start: usize,
+        attempt: usize,
+    ) -> Option<std::net::SocketAddr> {
+        self.upstreams.pick(listener, entry, start, attempt)
+    }
+
+    fn decoy(&self, listener: usize, plain_on_tls: bool) -> Option<std::net::SocketAddr> {
+        self.ctx.decoy_addr(listener, plain_on_tls)
+    }
+
+    fn dest_refused(&self, listener: usize, entry: Option<usize>) -> bool {
+        self.upstreams.dest_refused(listener, entry)
+    }
+
+    fn count(&mut self, c: Counter) {
+        self.ctx.row.inc(c);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.now_ms
     }
 }
 
