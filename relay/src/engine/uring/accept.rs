@@ -28,7 +28,7 @@ impl Worker<'_> {
                 .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
                 .build()
                 .user_data(UserData::global(Op::AcceptMulti, i as u32));
-            self.push(e);
+            self.push(&[e]);
         }
     }
 
@@ -47,7 +47,7 @@ impl Worker<'_> {
             let e = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target).all())
                 .build()
                 .user_data(UserData::global(Op::Cancel, 0));
-            self.push(e);
+            self.push(&[e]);
         }
     }
 
@@ -107,7 +107,7 @@ impl Worker<'_> {
             .build()
             .user_data(self.ud(slot, Op::HeaderPoll, 0));
         self.conn(slot).inflight += 1;
-        self.push(e);
+        self.push(&[e]);
     }
 
     pub(super) fn on_header_poll(&mut self, slot: u32, res: i32) {

@@ -191,6 +191,6 @@ impl Worker<'_> {
             }
         };
         self.conn(slot).inflight += 1;
-        self.push(e);
+        self.push(&[e]);
     }
 }

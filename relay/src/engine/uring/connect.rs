@@ -80,8 +80,7 @@ impl Worker<'_> {
             .build()
             .user_data(self.ud(slot, Op::LinkTimeout, 0));
         self.conn(slot).inflight += 2;
-        self.push(e.flags(squeue::Flags::IO_LINK));
-        self.push(timeout);
+        self.push(&[e.flags(squeue::Flags::IO_LINK), timeout]);
     }
 
     pub(super) fn on_connect(&mut self, slot: u32, res: i32) {

@@ -48,7 +48,7 @@ impl Worker<'_> {
                     let e = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target))
                         .build()
                         .user_data(UserData::global(Op::Cancel, 0));
-                    self.push(e);
+                    self.push(&[e]);
                 } else if !more {
                     self.rearm_recv(slot, d);
                 }
@@ -84,7 +84,7 @@ impl Worker<'_> {
         let c = self.conn(slot);
         c.dirs[d].sending = true;
         c.inflight += 1;
-        self.push(e);
+        self.push(&[e]);
     }
 
     /// What every SEND completion does first: nothing more once closing, fail on an error,

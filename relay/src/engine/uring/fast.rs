@@ -273,7 +273,7 @@ impl Worker<'_> {
             .build()
             .user_data(self.ud(slot, Op::PollIn, d));
         self.conn(slot).inflight += 1;
-        self.push(e);
+        self.push(&[e]);
     }
 
     /// A watch on direction `d`'s source fired: held bytes to forward (POLLIN: flow control left
@@ -347,7 +347,7 @@ impl Worker<'_> {
                     .build()
                     .user_data(self.ud(slot, Op::Drain, d));
                 self.conn(slot).inflight += 1;
-                self.push(e);
+                self.push(&[e]);
             }
             Err(e) => self.fail(slot, d, e.raw_os_error().unwrap_or(libc::EIO), false),
         }

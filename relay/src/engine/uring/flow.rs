@@ -170,7 +170,7 @@ impl<'a> Worker<'a> {
         let e = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
             .build()
             .user_data(UserData::global(Op::HeldPoll, 0));
-        self.push(e);
+        self.push(&[e]);
     }
 
     /// Flow-control events: each names a socket whose verdict started holding bytes; its
@@ -535,7 +535,7 @@ impl<'a> Worker<'a> {
             .build()
             .user_data(self.ud(slot, Op::Forward, d));
         self.conn(slot).inflight += 1;
-        self.push(e);
+        self.push(&[e]);
         Ok(Forward::Waiting)
     }
 
@@ -588,7 +588,7 @@ impl<'a> Worker<'a> {
                 .user_data(self.ud(slot, Op::Forward, d))
         };
         self.conn(slot).inflight += 1;
-        self.push(e);
+        self.push(&[e]);
         Forward::Waiting
     }
 

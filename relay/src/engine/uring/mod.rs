@@ -33,11 +33,12 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
-use io_uring::{IoUring, cqueue, opcode, types};
+use io_uring::{cqueue, opcode, types};
 
 use self::conn::{Phase, Slot};
 use self::connect::connect_timespec;
 use self::fast::DRAIN_WAITS_MS;
+use self::ring::Ring;
 use self::user_data::{NO_SLOT, Op, UserData};
 use super::copy::BufRing;
 use super::splice::PipePool;
@@ -69,7 +70,7 @@ const IOWQ_MAX_WORKERS: [u32; 2] = [2, 4];
 
 /// The worker. Field order matters: `ring` is dropped before `bufs` (registered memory).
 pub struct Worker<'a> {
-    ring: IoUring,
+    ring: Ring,
     bufs: BufRing,
     ctx: WorkerCtx<'a>,
     kind: EngineKind,
@@ -179,7 +180,7 @@ impl<'a> Worker<'a> {
             .and_then(|f| f.flow_stats().ok())
             .map_or(0, |s| s.unannounced);
         Ok(Worker {
-            ring,
+            ring: Ring::new(ring),
             bufs,
             kind,
             listeners,
@@ -232,8 +233,10 @@ impl<'a> Worker<'a> {
             .flags(types::TimeoutFlags::MULTISHOT)
             .build()
             .user_data(UserData::global(Op::Tick, 0));
-        self.push(e);
+        self.push(&[e]);
         loop {
+            // Chains the kernel could not take while completions were handled go first.
+            self.ring.flush();
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -372,7 +375,7 @@ impl<'a> Worker<'a> {
                         .flags(types::TimeoutFlags::MULTISHOT)
                         .build()
                         .user_data(UserData::global(Op::Tick, 0));
-                    self.push(e);
+                    self.push(&[e]);
                 }
                 self.on_tick();
                 if self.draining && self.active == 0 {
@@ -392,7 +395,7 @@ impl<'a> Worker<'a> {
         )
         .build()
         .user_data(UserData::global(Op::ControlRead, 0));
-        self.push(e);
+        self.push(&[e]);
     }
 
     fn on_control(&mut self, bytes: &[u8]) {

@@ -104,7 +104,7 @@ impl Worker<'_> {
         let pipe = c.dirs[d].pipe.as_ref().expect("splice_in holds a pipe");
         let e = splice::splice_in(src, pipe).user_data(ud);
         c.inflight += 1;
-        self.push(e);
+        self.push(&[e]);
     }
 
     pub(super) fn splice_out(&mut self, slot: u32, d: usize) {
@@ -115,7 +115,7 @@ impl Worker<'_> {
         let pipe = dir.pipe.as_ref().expect("splice_out holds a pipe");
         let e = splice::splice_out(pipe, dst, dir.in_pipe).user_data(ud);
         c.inflight += 1;
-        self.push(e);
+        self.push(&[e]);
     }
 
     pub(super) fn return_pipe(&mut self, slot: u32, d: usize) {
@@ -175,7 +175,7 @@ impl Worker<'_> {
             .build()
             .user_data(self.ud(slot, Op::PollOut, d));
         self.conn(slot).inflight += 1;
-        self.push(e);
+        self.push(&[e]);
     }
 
     pub(super) fn on_poll_out(&mut self, slot: u32, d: usize, res: i32) {

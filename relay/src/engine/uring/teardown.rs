@@ -113,7 +113,7 @@ impl Worker<'_> {
                 let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
                     .build()
                     .user_data(UserData::global(Op::Cancel, 0));
-                self.push(e);
+                self.push(&[e]);
             }
         }
     }

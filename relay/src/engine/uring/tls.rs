@@ -207,7 +207,7 @@ impl Worker<'_> {
                 let e = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target))
                     .build()
                     .user_data(UserData::global(Op::Cancel, 0));
-                self.push(e);
+                self.push(&[e]);
             }
         } else if !more {
             self.tls_rearm(slot, d);
@@ -263,7 +263,7 @@ impl Worker<'_> {
             .user_data(ud);
         ob.sending = true;
         self.conn(slot).inflight += 1;
-        self.push(e);
+        self.push(&[e]);
     }
 
     pub(super) fn on_tls_send(&mut self, slot: u32, d: usize, res: i32) {
