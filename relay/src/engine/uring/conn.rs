@@ -10,7 +10,7 @@ use super::fast::FastConn;
 use super::tls::TlsSide;
 use super::user_data::{Op, UserData};
 use crate::engine::Inbound;
-use crate::engine::copy::{self, Bid};
+use crate::engine::copy::{self, Lent};
 use crate::engine::splice::Pipe;
 use io_uring::{opcode, types};
 
@@ -47,8 +47,8 @@ pub(super) struct Dir {
     pub(super) pipe: Option<Pipe>,
     /// Splice: bytes in the pipe not yet spliced out.
     pub(super) in_pipe: u32,
-    /// Copy: filled buffers (id, length) waiting to be sent, front first.
-    pub(super) queue: VecDeque<(Bid, u32)>,
+    /// Copy: filled buffers (lent, length) waiting to be sent, front first.
+    pub(super) queue: VecDeque<(Lent, u32)>,
     /// Copy: bytes of the front buffer already sent.
     pub(super) sent: u32,
     pub(super) recv_armed: bool,

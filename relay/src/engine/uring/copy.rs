@@ -6,7 +6,7 @@ use io_uring::{cqueue, opcode, types};
 use super::Worker;
 use super::conn::Phase;
 use super::user_data::{Op, UserData};
-use crate::engine::copy::{self, Bid};
+use crate::engine::copy::{self, Lent};
 
 impl Worker<'_> {
     pub(super) fn on_recv(&mut self, slot: u32, d: usize, res: i32, flags: u32) {
@@ -15,17 +15,16 @@ impl Worker<'_> {
             self.on_tls_recv(slot, d, res, flags);
             return;
         }
-        if let Some(bid) = cqueue::buffer_select(flags) {
-            self.bufs.lend(bid);
+        if let Some(buf) = self.bufs.lend(flags) {
             if res > 0 && self.conn(slot).phase != Phase::Closing {
                 self.moved(slot, d, res as u64);
                 let dir = &mut self.conn(slot).dirs[d];
-                dir.queue.push_back((bid, res as u32));
+                dir.queue.push_back((buf, res as u32));
                 if !dir.sending {
                     self.send_front(slot, d);
                 }
             } else {
-                self.recycle(bid);
+                self.recycle(buf);
             }
         }
         if !more {
@@ -75,12 +74,12 @@ impl Worker<'_> {
     pub(super) fn send_front(&mut self, slot: u32, d: usize) {
         let (_, dst) = self.fds(slot, d);
         let ud = self.ud(slot, Op::Send, d);
-        let dir = &self.conn(slot).dirs[d];
-        let Some(&(bid, len)) = dir.queue.front() else {
+        let c = self.slots[slot as usize].conn.as_ref().expect("live slot");
+        let dir = &c.dirs[d];
+        let Some((buf, len)) = dir.queue.front() else {
             return;
         };
-        let sent = dir.sent;
-        let e = copy::send(&self.bufs, dst, bid, sent, len).user_data(ud);
+        let e = copy::send(&self.bufs, dst, buf, dir.sent, *len).user_data(ud);
         let c = self.conn(slot);
         c.dirs[d].sending = true;
         c.inflight += 1;
@@ -107,18 +106,19 @@ impl Worker<'_> {
             return;
         };
         let dir = &mut self.conn(slot).dirs[d];
-        let (bid, len) = *dir
+        let len = dir
             .queue
             .front()
-            .expect("a SEND completes the front buffer");
+            .expect("a SEND completes the front buffer")
+            .1;
         dir.sent += n;
         if dir.sent < len {
             self.send_front(slot, d);
             return;
         }
         dir.sent = 0;
-        dir.queue.pop_front();
-        self.recycle(bid);
+        let (buf, _) = dir.queue.pop_front().expect("checked above");
+        self.recycle(buf);
         if self.conn(slot).phase == Phase::Closing {
             return;
         }
@@ -142,8 +142,8 @@ impl Worker<'_> {
         }
     }
 
-    pub(super) fn recycle(&mut self, bid: Bid) {
-        self.bufs.recycle(bid);
+    pub(super) fn recycle(&mut self, buf: Lent) {
+        self.bufs.recycle(buf);
         // A buffer is free again: wake one direction that ran out.
         while let Some((slot, generation, d)) = self.starved.pop_front() {
             let live = self.slots.get(slot as usize).is_some_and(|s| {

@@ -180,8 +180,8 @@ impl Worker<'_> {
                 self.pipes.give(p);
                 self.ctx.row.dec(Counter::PipesInUse);
             }
-            for (bid, _) in dir.queue.drain(..) {
-                self.bufs.recycle(bid);
+            for (buf, _) in dir.queue.drain(..) {
+                self.bufs.recycle(buf);
             }
         }
         // Dropping `conn` closes both sockets (with RST when `reset` set linger 0).

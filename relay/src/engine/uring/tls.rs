@@ -87,18 +87,17 @@ impl Worker<'_> {
             self.conn(slot).dirs[d].recv_armed = false;
         }
         let closing = self.conn(slot).phase == Phase::Closing;
-        if let Some(bid) = cqueue::buffer_select(flags) {
-            self.bufs.lend(bid);
+        if let Some(buf) = self.bufs.lend(flags) {
             if res > 0 && !closing {
                 self.moved(slot, d, res as u64);
-                let data = self.bufs.bytes(bid, res as u32);
+                let data = self.bufs.bytes(&buf, res as u32);
                 let side = self.slots[slot as usize]
                     .conn
                     .as_mut()
                     .and_then(|c| c.tls.as_mut())
                     .expect("a TLS connection");
                 let r = tls_transform(side, d, data);
-                self.recycle(bid);
+                self.recycle(buf);
                 if let Err(e) = r {
                     tracing::debug!("tls: {e}");
                     // A TLS-ALPN-01 validation ends with its handshake; it is no bad client.
@@ -109,7 +108,7 @@ impl Worker<'_> {
                     return;
                 }
             } else {
-                self.recycle(bid);
+                self.recycle(buf);
             }
         }
         if closing {
