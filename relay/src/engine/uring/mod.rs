@@ -5,8 +5,8 @@
 //! CQE) is recognised by its generation and dropped.
 //!
 //! Lifecycle of a connection: multishot ACCEPT → admission → CONNECT (+ LINK_TIMEOUT), trying each
-//! upstream address in turn → relay, each direction on its own ([`Dir`](conn::Dir)) with SPLICE
-//! ([`super::splice`]) or RECV/SEND ([`super::copy`]) → half-close forwarded once every byte of a
+//! upstream address in turn → relay, each direction on its own ([`Dir`](conn::Dir)) with splice(2)
+//! on readiness ([`super::splice`]) or RECV/SEND ([`super::copy`]) → half-close forwarded once every byte of a
 //! direction was handed to the kernel → close when both directions are done, or at once with RST
 //! when either side reset or a timeout expired.
 //!
@@ -65,7 +65,8 @@ const RING_ENTRIES: u32 = 4096;
 /// The timer tick that checks every connection's timeout.
 const TICK_MS: u64 = 250;
 
-/// io-wq threads (bounded, unbounded) this ring may start: SPLICE always runs in io-wq.
+/// io-wq threads (bounded, unbounded) this ring may start, for the operations io_uring cannot
+/// complete inline (a CONNECT it could not arm a poll for, under load).
 const IOWQ_MAX_WORKERS: [u32; 2] = [2, 4];
 
 /// The worker. Field order matters: `ring` is dropped before `bufs` (registered memory).
@@ -309,8 +310,6 @@ impl<'a> Worker<'a> {
                 self.on_forward(u.slot, d)
             }
             Op::PollOut => self.on_poll_out(u.slot, d, res),
-            Op::SpliceIn => self.on_splice_in(u.slot, d, res),
-            Op::SpliceOut => self.on_splice_out(u.slot, d, res),
             Op::RecvMulti => self.on_recv(u.slot, d, res, flags),
             Op::Send
                 if self.slots[u.slot as usize]

@@ -10,10 +10,6 @@ use super::user_data::Op;
 use crate::engine::splice;
 use crate::metrics::Counter;
 
-/// Splice with splice(2) on readiness in this thread, instead of io_uring SPLICE operations
-/// (which always run in io-wq threads: a thread handoff per operation).
-pub(super) const SPLICE_INLINE: bool = true;
-
 /// Socket → pipe → socket rounds per readiness event before yielding to other connections.
 pub(super) const SPLICE_ROUNDS: usize = 16;
 
@@ -41,11 +37,7 @@ impl Worker<'_> {
                 }
             }
         }
-        if SPLICE_INLINE {
-            self.splice_now(slot, d);
-        } else {
-            self.splice_in(slot, d);
-        }
+        self.splice_now(slot, d);
     }
 
     /// Moves a direction's bytes with splice(2) called right here, on readiness (no io-wq hop):
@@ -97,75 +89,10 @@ impl Worker<'_> {
         }
     }
 
-    pub(super) fn splice_in(&mut self, slot: u32, d: usize) {
-        let (src, _) = self.fds(slot, d);
-        let ud = self.ud(slot, Op::SpliceIn, d);
-        let c = self.conn(slot);
-        let pipe = c.dirs[d].pipe.as_ref().expect("splice_in holds a pipe");
-        let e = splice::splice_in(src, pipe).user_data(ud);
-        c.inflight += 1;
-        self.push(&[e]);
-    }
-
-    pub(super) fn splice_out(&mut self, slot: u32, d: usize) {
-        let (_, dst) = self.fds(slot, d);
-        let ud = self.ud(slot, Op::SpliceOut, d);
-        let c = self.conn(slot);
-        let dir = &c.dirs[d];
-        let pipe = dir.pipe.as_ref().expect("splice_out holds a pipe");
-        let e = splice::splice_out(pipe, dst, dir.in_pipe).user_data(ud);
-        c.inflight += 1;
-        self.push(&[e]);
-    }
-
     pub(super) fn return_pipe(&mut self, slot: u32, d: usize) {
         if let Some(p) = self.conn(slot).dirs[d].pipe.take() {
             self.pipes.give(p);
             self.ctx.row.dec(Counter::PipesInUse);
-        }
-    }
-
-    pub(super) fn on_splice_in(&mut self, slot: u32, d: usize, res: i32) {
-        if self.conn(slot).phase == Phase::Closing {
-            return;
-        }
-        match res {
-            n if n > 0 => {
-                self.moved(slot, d, n as u64);
-                self.conn(slot).dirs[d].in_pipe = n as u32;
-                self.splice_out(slot, d);
-            }
-            0 => {
-                self.return_pipe(slot, d);
-                self.source_done(slot, d);
-            }
-            e if -e == libc::EAGAIN => {
-                // Nothing more for now: the pipe is empty, give it back and wait.
-                self.return_pipe(slot, d);
-                self.start_read(slot, d);
-            }
-            e => self.fail(slot, d, -e, true),
-        }
-    }
-
-    pub(super) fn on_splice_out(&mut self, slot: u32, d: usize, res: i32) {
-        if self.conn(slot).phase == Phase::Closing {
-            return;
-        }
-        match res {
-            n if n > 0 => {
-                self.touch(slot);
-                let dir = &mut self.conn(slot).dirs[d];
-                dir.in_pipe -= n as u32;
-                if dir.in_pipe > 0 {
-                    self.wait_writable(slot, d);
-                } else {
-                    // Drained: read more right away (bulk transfers rarely stop here).
-                    self.splice_in(slot, d);
-                }
-            }
-            e if -e == libc::EAGAIN || e == 0 => self.wait_writable(slot, d),
-            e => self.fail(slot, d, -e, false),
         }
     }
 
@@ -187,10 +114,6 @@ impl Worker<'_> {
             self.fail(slot, d, errno, false);
             return;
         }
-        if SPLICE_INLINE {
-            self.splice_now(slot, d);
-        } else {
-            self.splice_out(slot, d);
-        }
+        self.splice_now(slot, d);
     }
 }

@@ -16,8 +16,6 @@ pub(super) enum Op {
     LinkTimeout,
     PollIn,
     PollOut,
-    SpliceIn,
-    SpliceOut,
     RecvMulti,
     Send,
     /// Waiting for a client's PROXY header bytes.
@@ -46,15 +44,13 @@ impl Op {
             6 => LinkTimeout,
             7 => PollIn,
             8 => PollOut,
-            9 => SpliceIn,
-            10 => SpliceOut,
-            11 => RecvMulti,
-            12 => Send,
-            13 => HeaderPoll,
-            14 => Drain,
-            15 => Forward,
-            16 => HeldPoll,
-            17 => ConnectPoll,
+            9 => RecvMulti,
+            10 => Send,
+            11 => HeaderPoll,
+            12 => Drain,
+            13 => Forward,
+            14 => HeldPoll,
+            15 => ConnectPoll,
             _ => return None,
         })
     }
@@ -106,13 +102,14 @@ mod tests {
         let u = UserData {
             slot: 123_456,
             generation: 65_000,
-            op: Op::SpliceOut,
+            op: Op::ConnectPoll,
             dir: 1,
         };
         assert_eq!(UserData::decode(u.encode()), Some(u));
-        for v in 1..=13u8 {
+        for v in 1..=Op::ConnectPoll as u8 {
             assert_eq!(Op::from_u8(v).map(|o| o as u8), Some(v));
         }
         assert_eq!(Op::from_u8(0), None);
+        assert_eq!(Op::from_u8(Op::ConnectPoll as u8 + 1), None);
     }
 }
