@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
+use io_uring::{opcode, types};
 use socket2::SockAddr;
 
 use super::Worker;
@@ -12,11 +13,9 @@ use super::user_data::{Op, UserData};
 use crate::engine::Inbound;
 use crate::engine::copy::{self, Lent};
 use crate::engine::splice::Pipe;
-use io_uring::{opcode, types};
 
 /// Direction of a relayed byte stream: index into [`Conn::dirs`].
 pub(super) const TO_UPSTREAM: usize = 0;
-
 pub(super) const TO_CLIENT: usize = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

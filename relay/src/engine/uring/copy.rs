@@ -41,25 +41,34 @@ impl Worker<'_> {
             n if n > 0 => {
                 let dir = &self.conn(slot).dirs[d];
                 if dir.queue.len() >= copy::MAX_QUEUED && dir.recv_armed && !dir.paused {
-                    // Backpressure: stop receiving until the destination drains.
-                    self.conn(slot).dirs[d].paused = true;
-                    let target = self.ud(slot, Op::RecvMulti, d);
-                    let e = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target))
-                        .build()
-                        .user_data(UserData::global(Op::Cancel, 0));
-                    self.push(&[e]);
+                    self.pause_recv(slot, d);
                 } else if !more {
                     self.rearm_recv(slot, d);
                 }
             }
-            e if -e == libc::ENOBUFS => {
-                let generation = self.slots[slot as usize].generation;
-                self.conn(slot).dirs[d].starved = true;
-                self.starved.push_back((slot, generation, d as u8));
-            }
+            e if -e == libc::ENOBUFS => self.starve(slot, d),
             e if -e == libc::ECANCELED => self.rearm_recv(slot, d),
             e => self.fail(slot, d, -e, true),
         }
+    }
+
+    /// Backpressure: cancels direction `d`'s multishot RECV until its destination drains
+    /// ([`Worker::rearm_recv`] arms it again once there is room).
+    pub(super) fn pause_recv(&mut self, slot: u32, d: usize) {
+        self.conn(slot).dirs[d].paused = true;
+        let target = self.ud(slot, Op::RecvMulti, d);
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target))
+            .build()
+            .user_data(UserData::global(Op::Cancel, 0));
+        self.push(&[e]);
+    }
+
+    /// The buffer ring was empty (RECV ended with ENOBUFS): direction `d` waits for a recycled
+    /// buffer ([`Worker::recycle`] re-arms it).
+    pub(super) fn starve(&mut self, slot: u32, d: usize) {
+        let generation = self.slots[slot as usize].generation;
+        self.conn(slot).dirs[d].starved = true;
+        self.starved.push_back((slot, generation, d as u8));
     }
 
     /// Re-arms a copy direction's RECV if nothing stands in the way.

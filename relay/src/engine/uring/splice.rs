@@ -1,4 +1,5 @@
-//! Splice directions: socket → pipe → socket with splice(2) on readiness ([`crate::engine::splice`]).
+//! Splice directions: socket → pipe → socket with splice(2) on readiness
+//! ([`crate::engine::splice`]).
 
 use std::io;
 

@@ -7,7 +7,7 @@ use io_uring::{cqueue, opcode, types};
 
 use super::Worker;
 use super::conn::{Phase, TO_CLIENT, TO_UPSTREAM};
-use super::user_data::{Op, UserData};
+use super::user_data::Op;
 use crate::config::Route;
 use crate::metrics::Counter;
 use crate::proto::tls::TlsConn;
@@ -160,9 +160,7 @@ impl Worker<'_> {
             }
             n if n > 0 => {}
             e if -e == libc::ENOBUFS => {
-                let generation = self.slots[slot as usize].generation;
-                self.conn(slot).dirs[d].starved = true;
-                self.starved.push_back((slot, generation, d as u8));
+                self.starve(slot, d);
                 return;
             }
             e if -e == libc::ECANCELED => {
@@ -201,12 +199,7 @@ impl Worker<'_> {
         if self.tls(slot).out[d].queued() > TLS_OUT_MAX {
             let dir = &self.conn(slot).dirs[d];
             if dir.recv_armed && !dir.paused {
-                self.conn(slot).dirs[d].paused = true;
-                let target = self.ud(slot, Op::RecvMulti, d);
-                let e = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target))
-                    .build()
-                    .user_data(UserData::global(Op::Cancel, 0));
-                self.push(&[e]);
+                self.pause_recv(slot, d);
             }
         } else if !more {
             self.tls_rearm(slot, d);
