@@ -28,12 +28,21 @@ pub const BUF_SIZE: u32 = 16 * 1024;
 pub const MAX_QUEUED: usize = 4;
 
 /// Buffer id: which buffer of the ring.
-pub type Bid = u16;
+type Bid = u16;
+
+/// A buffer of the ring that the kernel filled and [`BufRing::lend`] lent to one holder, until
+/// [`BufRing::recycle`] gives it back. Neither `Copy` nor `Clone`, only `lend` makes one, and
+/// `recycle` takes it by value: a buffer cannot be given back twice (the kernel would then fill
+/// it for two RECVs at once, and one SEND would send the other's bytes).
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a lent buffer goes back with `BufRing::recycle`, or the ring has one fewer"]
+pub struct Lent(Bid);
 
 /// A provided-buffer ring registered with one io_uring.
 ///
 /// Invariant: every buffer id is either in the ring (the kernel may fill it) or lent to exactly
-/// one direction, which returns it with [`BufRing::recycle`] once its SEND completed.
+/// one holder of its [`Lent`], which returns it with [`BufRing::recycle`] once its SEND
+/// completed.
 pub struct BufRing {
     /// `BUFFERS` ring entries (the kernel reads them; the tail lives in the first entry).
     entries: AnonMap,
@@ -104,14 +113,17 @@ impl BufRing {
         }
     }
 
-    /// The kernel filled `bid` (a RECV completion said so): it is now lent to the caller.
-    pub fn lend(&mut self, _bid: Bid) {
+    /// The buffer the kernel filled for a RECV completion with `flags` (None when it names
+    /// none): lent to the caller from now on.
+    pub fn lend(&mut self, flags: u32) -> Option<Lent> {
+        let bid = io_uring::cqueue::buffer_select(flags)?;
         self.lent += 1;
+        Some(Lent(bid))
     }
 
-    /// Gives `bid` back to the kernel.
-    pub fn recycle(&mut self, bid: Bid) {
-        self.push(bid);
+    /// Gives a lent buffer back to the kernel.
+    pub fn recycle(&mut self, buf: Lent) {
+        self.push(buf.0);
         self.publish();
     }
 
@@ -121,7 +133,7 @@ impl BufRing {
     }
 
     /// Pointer to byte `off` of buffer `bid`.
-    pub fn ptr(&self, bid: Bid, off: u32) -> *const u8 {
+    fn ptr(&self, bid: Bid, off: u32) -> *const u8 {
         debug_assert!(off <= BUF_SIZE);
         // SAFETY: bid < BUFFERS and off <= BUF_SIZE, so the pointer is inside `data` (or one past
         // a buffer's end, which is allowed).
@@ -133,7 +145,8 @@ impl BufRing {
     }
 
     /// The filled bytes of a lent buffer (for protocol code that reads them).
-    pub fn bytes(&self, bid: Bid, len: u32) -> &[u8] {
+    pub fn bytes(&self, buf: &Lent, len: u32) -> &[u8] {
+        let bid = buf.0;
         assert!(bid < BUFFERS && len <= BUF_SIZE);
         // SAFETY: the range is inside `data`; the buffer is lent to the caller, so the kernel
         // does not write it while this borrow lives.
@@ -146,9 +159,9 @@ pub fn recv_multi(src: RawFd) -> squeue::Entry {
     opcode::RecvMulti::new(types::Fd(src), BGID).build()
 }
 
-/// SEND bytes `off..len` of buffer `bid` to `dst`.
-pub fn send(ring: &BufRing, dst: RawFd, bid: Bid, off: u32, len: u32) -> squeue::Entry {
-    opcode::Send::new(types::Fd(dst), ring.ptr(bid, off), len - off)
+/// SEND bytes `off..len` of a lent buffer to `dst`.
+pub fn send(ring: &BufRing, dst: RawFd, buf: &Lent, off: u32, len: u32) -> squeue::Entry {
+    opcode::Send::new(types::Fd(dst), ring.ptr(buf.0, off), len - off)
         .flags(libc::MSG_NOSIGNAL)
         .build()
 }
@@ -173,13 +186,12 @@ mod tests {
         ring.submit_and_wait(1).unwrap();
         let cqe = ring.completion().next().unwrap();
         assert_eq!(cqe.result(), 10);
-        let bid = io_uring::cqueue::buffer_select(cqe.flags()).unwrap();
-        br.lend(bid);
-        assert_eq!(br.bytes(bid, 10), b"hello ring");
+        let buf = br.lend(cqe.flags()).unwrap();
+        assert_eq!(br.bytes(&buf, 10), b"hello ring");
         assert_eq!(br.lent(), 1);
         // Send it back the other way through a SEND of the same buffer.
-        let e = send(&br, b.as_raw_fd(), bid, 6, 10).user_data(8);
-        // SAFETY: buffer `bid` stays lent (not recycled) until the completion below.
+        let e = send(&br, b.as_raw_fd(), &buf, 6, 10).user_data(8);
+        // SAFETY: `buf` stays lent (not recycled) until the completion below.
         unsafe { ring.submission().push(&e).unwrap() };
         // The multishot RECV stays armed and silent; wait for the SEND's completion only.
         let mut sent = None;
@@ -191,7 +203,7 @@ mod tests {
             }
         }
         assert_eq!(sent, Some(4));
-        br.recycle(bid);
+        br.recycle(buf);
         assert_eq!(br.lent(), 0);
         let mut buf = [0u8; 4];
         a.read_exact(&mut buf).unwrap();

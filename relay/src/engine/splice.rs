@@ -1,4 +1,4 @@
-//! The `splice` engine's parts: a bounded per-worker pool of pipes and the SPLICE operations.
+//! The `splice` engine's parts: a bounded per-worker pool of pipes and splice(2).
 //!
 //! A direction takes a pipe when its source becomes readable, splices socket → pipe → socket
 //! (the bytes never enter user space), and gives the pipe back as soon as it is empty and the
@@ -11,14 +11,12 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
-use io_uring::{opcode, squeue, types};
-
 use crate::sys;
 
 /// Pipes a worker holds at most (each costs 2 fds and up to [`PIPE_SIZE`] of kernel memory
 /// while it holds bytes). Linux also caps pipe memory per user (pipe-user-pages-soft).
 pub const PIPE_POOL_MAX: usize = 32;
-/// Requested pipe capacity; 256 KiB moves a socket buffer's worth per SPLICE.
+/// Requested pipe capacity; 256 KiB moves a socket buffer's worth per splice(2).
 pub const PIPE_SIZE: usize = 256 * 1024;
 
 /// One pipe: bytes go in at `w` and out at `r`.
@@ -88,26 +86,6 @@ impl PipePool {
 }
 
 const FLAGS: u32 = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
-
-/// SPLICE from a (nonblocking) socket into the pipe, up to the pipe's capacity.
-pub fn splice_in(src: RawFd, pipe: &Pipe) -> squeue::Entry {
-    opcode::Splice::new(
-        types::Fd(src),
-        -1,
-        types::Fd(pipe.w.as_raw_fd()),
-        -1,
-        pipe.size,
-    )
-    .flags(FLAGS)
-    .build()
-}
-
-/// SPLICE `len` bytes from the pipe into a (nonblocking) socket.
-pub fn splice_out(pipe: &Pipe, dst: RawFd, len: u32) -> squeue::Entry {
-    opcode::Splice::new(types::Fd(pipe.r.as_raw_fd()), -1, types::Fd(dst), -1, len)
-        .flags(FLAGS)
-        .build()
-}
 
 /// splice(2) from `from` to `to`, nonblocking, without io_uring: the calling thread moves up to
 /// `len` bytes at once. Ok(0) is end of stream (from a socket).
