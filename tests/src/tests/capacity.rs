@@ -4,7 +4,7 @@
 //! here): three clients of 10 000 connections from 127.0.0.x sources of their own, three echo
 //! upstreams sharing one port with SO_REUSEPORT. After they close, the workers' fds and memory
 //! are back to their baseline. (This test found io_uring answering a CONNECT with EINPROGRESS
-//! under load: see `on_connect` in `relay/src/engine/uring.rs`.)
+//! under load: see `on_connect` in `relay/src/engine/uring/connect.rs`.)
 
 use std::time::Duration;
 

@@ -1,16 +1,15 @@
-//! From ACCEPT to CONNECT: admission, the PROXY header, the first bytes (SNI routing, decoy
-//! sniffing), and the start of a TLS handshake.
+//! From ACCEPT to the session's first decision: admission, the PROXY header, the first bytes
+//! (SNI routing, decoy sniffing), each handed to the connection's [`Session`].
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use io_uring::{opcode, types};
 
 use super::Worker;
-use super::conn::{Conn, Dir, Mode, Phase, TO_UPSTREAM};
-use super::tls::TlsSide;
+use super::conn::{Conn, Dir, Mode, Phase};
 use super::user_data::{Op, UserData};
-use crate::config::Route;
-use crate::engine::{EngineKind, HeaderStep, SniStep, Sniff};
+use crate::engine::session::{ConnectTimer, Header, Session, Source};
+use crate::engine::{EngineKind, HeaderStep, SNI_PEEK_MAX};
 use crate::metrics::Counter;
 
 impl Worker<'_> {
@@ -66,41 +65,30 @@ impl Worker<'_> {
             EngineKind::Copy | EngineKind::Epoll => Mode::Copy,
             EngineKind::Splice | EngineKind::Sockmap => Mode::Splice,
         };
+        let start = self.upstreams.start(listener);
         let conn = Conn {
-            listener: listener as u16,
-            phase: Phase::Connecting,
+            // Each attempt is bounded by its LINK_TIMEOUT (`connect.rs`).
+            s: Session::new(listener, start, ConnectTimer::Engine, self.now_ms),
             client_slot,
-            decoy: false,
-            sniffed: false,
             client,
             upstream: None,
             inflight: 0,
-            last_active_ms: self.now_ms,
-            addr_start: self.upstreams.start(listener),
-            attempt: 0,
             connect_addr: None,
             dirs: [Dir::new(mode), Dir::new(mode)],
-            reset: false,
             bytes: [0, 0],
             inbound: None,
             tls: None,
-            entry: None,
             times: self.ctx.histos.accepted(),
             fast: None,
         };
         let slot = self.insert(conn);
         self.ctx.row.listener_open(listener);
-        if self.ctx.config.listeners[listener].accept_proxy {
-            let c = self.conn(slot);
-            c.phase = Phase::Header;
-            c.inbound = Some(Box::default());
-            self.poll_header(slot);
-        } else {
-            self.after_header(slot);
-        }
+        let step = self.drive(slot, |s, env| s.begin(env));
+        self.apply(slot, step);
         self.maybe_free(slot);
     }
 
+    /// Waits for the client's socket to be readable (its PROXY header, its first bytes).
     pub(super) fn poll_header(&mut self, slot: u32) {
         let fd = self.conn(slot).client.as_raw_fd();
         let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
@@ -111,26 +99,24 @@ impl Worker<'_> {
     }
 
     pub(super) fn on_header_poll(&mut self, slot: u32, res: i32) {
-        let phase = self.conn(slot).phase;
+        let phase = self.conn(slot).s.phase();
         if phase != Phase::Header && phase != Phase::Sni {
             return;
         }
         if res < 0 {
-            self.close(slot, true);
-            return;
+            return self.close(slot, true);
         }
         if phase == Phase::Sni {
-            self.on_sni_readable(slot);
-            return;
+            return self.on_sni_readable(slot);
         }
         let c = self.conn(slot);
-        let inbound = c.inbound.as_mut().expect("header phase has inbound state");
-        match crate::engine::read_proxy_header(c.client.as_fd(), &mut inbound.acc) {
-            HeaderStep::More => self.poll_header(slot),
+        let inbound = c.inbound.get_or_insert_with(Box::default);
+        let read = match crate::engine::read_proxy_header(c.client.as_fd(), &mut inbound.acc) {
+            HeaderStep::More => return self.poll_header(slot),
             HeaderStep::Done(h) => {
                 inbound.acc = Vec::new();
                 inbound.header = Some(h);
-                let listener = c.listener as usize;
+                let listener = c.s.listener();
                 // The fields apart, so the connection's socket is lent while `ctx` is read.
                 let client = self.slots[slot as usize]
                     .conn
@@ -141,169 +127,47 @@ impl Worker<'_> {
                 match self.ctx.admit_proxied(listener, &h, client) {
                     Ok(client_slot) => {
                         self.conn(slot).client_slot = client_slot;
-                        self.after_header(slot);
+                        Header::Admitted
                     }
-                    Err(_) => self.close(slot, true),
+                    Err(_) => Header::Refused,
                 }
             }
-            HeaderStep::Bad => {
-                self.ctx.row.inc(Counter::RefusedBadHeader);
-                self.close(slot, true);
-            }
-        }
+            HeaderStep::Bad => Header::Bad,
+        };
+        let step = self.drive(slot, |s, env| s.header(env, read));
+        self.apply(slot, step);
     }
 
     /// The first bytes decide (plain ports routed by SNI, and ports with a decoy): they are
-    /// read (kept, to be sent first) until the ClientHello's name picks the upstream, or they
-    /// show a probe, which goes to the decoy. A TLS port with a decoy only peeks at the first
-    /// byte: a TLS handshake goes on to the handshake, anything else to the decoy.
-    pub(super) fn on_sni_readable(&mut self, slot: u32) {
-        let config = self.ctx.config.clone();
-        let listener = self.conn(slot).listener as usize;
-        let l = &config.listeners[listener];
-        if l.tls.is_some() {
-            let c = self.conn(slot);
-            match crate::engine::peek_tls_start(c.client.as_fd()) {
-                Ok(None) => self.poll_header(slot),
-                Ok(Some(true)) => {
-                    c.sniffed = true;
-                    self.after_header(slot);
-                }
-                Ok(Some(false)) => {
-                    let acc = &mut c.inbound.get_or_insert_with(Box::default).acc;
-                    let _ = crate::engine::read_available(
-                        c.client.as_fd(),
-                        acc,
-                        crate::engine::SNI_PEEK_MAX,
-                    );
-                    self.go_decoy(slot);
-                }
-                Err(_) => self.close(slot, false),
-            }
-            return;
-        }
+    /// read (kept, to be sent first) until the session has what it needs. A TLS port with a
+    /// decoy only peeks at the first byte; a probe's bytes are read to go to the decoy as they
+    /// came.
+    fn on_sni_readable(&mut self, slot: u32) {
+        let listener = self.conn(slot).s.listener();
+        let tls_port = self.ctx.config.listeners[listener].tls.is_some();
         let c = self.conn(slot);
-        let acc = &mut c.inbound.get_or_insert_with(Box::default).acc;
-        let closed =
-            crate::engine::read_available(c.client.as_fd(), acc, crate::engine::SNI_PEEK_MAX);
-        if l.route == Route::Static {
-            let ended = !matches!(closed, Ok(false));
-            match crate::engine::sniff(acc, ended) {
-                Sniff::Decoy => self.go_decoy(slot),
-                Sniff::More => self.poll_header(slot),
-                Sniff::Relay if ended && acc.is_empty() => self.close(slot, false),
-                Sniff::Relay => {
-                    self.conn(slot).phase = Phase::Connecting;
-                    self.connect_next(slot);
-                }
+        let step = if tls_port {
+            let first = crate::engine::peek_tls_start(c.client.as_fd());
+            if let Ok(Some(false)) = first {
+                let acc = &mut c.inbound.get_or_insert_with(Box::default).acc;
+                let _ = crate::engine::read_available(c.client.as_fd(), acc, SNI_PEEK_MAX);
             }
-            return;
-        }
-        match (crate::engine::route_by_sni(l, acc), closed) {
-            (SniStep::Entry(e), _) => self.connect_entry(slot, e),
-            (SniStep::More, Ok(false)) => self.poll_header(slot),
-            _ if !l.decoy.is_off() => self.go_decoy(slot),
-            _ => {
-                self.ctx.row.inc(Counter::RefusedBadSni);
-                self.close(slot, true);
-            }
-        }
-    }
-
-    /// The connection is a probe: it goes to the listener's decoy with the bytes it sent so far
-    /// (no PROXY header), or is closed when there is no decoy to go to.
-    pub(super) fn go_decoy(&mut self, slot: u32) {
-        self.ctx.row.inc(Counter::Decoyed);
-        let c = self.conn(slot);
-        c.decoy = true;
-        c.entry = None;
-        c.attempt = 0;
-        c.phase = Phase::Connecting;
-        self.connect_next(slot);
-    }
-
-    /// SNI routing chose entry `e`: connect to its addresses.
-    pub(super) fn connect_entry(&mut self, slot: u32, e: usize) {
-        let c = self.conn(slot);
-        c.entry = Some(e as u16);
-        c.phase = Phase::Connecting;
-        self.connect_next(slot);
-    }
-
-    /// A TLS port routed by SNI, or with a decoy: the start of the plaintext (the inner
-    /// ClientHello, or what the client sends first) picks the upstream or the decoy.
-    pub(super) fn tls_route(&mut self, slot: u32) {
-        let config = self.ctx.config.clone();
-        let c = self.conn(slot);
-        let listener = &config.listeners[c.listener as usize];
-        let hello = &c.tls.as_ref().expect("a TLS connection").out[TO_UPSTREAM].pending;
-        if listener.route == Route::Static {
-            match crate::engine::sniff(hello, false) {
-                Sniff::Decoy => self.go_decoy(slot),
-                Sniff::Relay => {
-                    c.phase = Phase::Connecting;
-                    self.connect_next(slot);
-                }
-                Sniff::More => {}
-            }
-            return;
-        }
-        match crate::engine::route_by_sni(listener, hello) {
-            SniStep::Entry(e) => self.connect_entry(slot, e),
-            SniStep::More if hello.len() < crate::engine::SNI_PEEK_MAX => {}
-            _ if !listener.decoy.is_off() => self.go_decoy(slot),
-            _ => {
-                self.ctx.row.inc(Counter::RefusedBadSni);
-                self.close(slot, false);
-            }
-        }
-    }
-
-    /// The client's PROXY header (if any) is read: TLS handshake first, else connect.
-    pub(super) fn after_header(&mut self, slot: u32) {
-        let listener = self.conn(slot).listener as usize;
-        let l = &self.ctx.config.listeners[listener];
-        let decoy = !l.decoy.is_off();
-        if l.tls.is_none() {
-            if l.route == Route::Sni || decoy {
-                self.conn(slot).phase = Phase::Sni;
-                self.poll_header(slot);
-            } else {
-                self.conn(slot).phase = Phase::Connecting;
-                self.connect_next(slot);
-            }
-            return;
-        }
-        if decoy && !self.conn(slot).sniffed {
-            // Is it TLS at all? Looked at before the handshake, so a probe's bytes can still go
-            // to the decoy as they came.
-            self.conn(slot).phase = Phase::Sni;
-            self.poll_header(slot);
-            return;
-        }
-        let Some(server) = self.ctx.tls[listener].as_ref() else {
-            // Never relay a TLS port's bytes as plaintext: no certificate, no service.
-            self.ctx.row.inc(Counter::RefusedBadTls);
-            self.close(slot, true);
-            return;
+            self.drive(slot, |s, env| s.peeked(env, first))
+        } else {
+            let mut inbound = c.inbound.take().unwrap_or_default();
+            let source = match crate::engine::read_available(
+                c.client.as_fd(),
+                &mut inbound.acc,
+                SNI_PEEK_MAX,
+            ) {
+                Ok(false) => Source::Open,
+                Ok(true) => Source::Ended,
+                Err(_) => Source::Failed,
+            };
+            let step = self.drive(slot, |s, env| s.first_bytes(env, &inbound.acc, source));
+            self.conn(slot).inbound = Some(inbound);
+            step
         };
-        match server.accept() {
-            Ok(conn) => {
-                let now = self.now_ms;
-                let c = self.conn(slot);
-                c.tls = Some(Box::new(TlsSide {
-                    conn,
-                    out: Default::default(),
-                }));
-                c.phase = Phase::Handshake;
-                c.last_active_ms = now;
-                c.dirs = [Dir::new(Mode::Copy), Dir::new(Mode::Copy)];
-                self.start_read(slot, TO_UPSTREAM);
-            }
-            Err(e) => {
-                tracing::warn!("tls session refused: {e}");
-                self.close(slot, true);
-            }
-        }
+        self.apply(slot, step);
     }
 }

@@ -12,24 +12,11 @@ use super::tls::TlsSide;
 use super::user_data::{Op, UserData};
 use crate::engine::Inbound;
 use crate::engine::copy::{self, Lent};
+use crate::engine::session::Session;
 use crate::engine::splice::Pipe;
 
-/// Direction of a relayed byte stream: index into [`Conn::dirs`].
-pub(super) const TO_UPSTREAM: usize = 0;
-pub(super) const TO_CLIENT: usize = 1;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Phase {
-    /// Reading the client's PROXY header (`accept_proxy`).
-    Header,
-    /// TLS handshake with the client; the upstream is connected once it completes.
-    Handshake,
-    /// Reading the (inner, on a TLS port) ClientHello whose server name picks the upstream.
-    Sni,
-    Connecting,
-    Relaying,
-    Closing,
-}
+/// Directions of a relayed byte stream: indexes into [`Conn::dirs`].
+pub(super) use crate::engine::session::{Phase, TO_CLIENT, TO_UPSTREAM};
 
 /// How a direction moves bytes now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,35 +68,23 @@ impl Dir {
 }
 
 pub(super) struct Conn {
-    pub(super) listener: u16,
-    pub(super) phase: Phase,
+    /// The connection's phase and routing ([`Session`]): what happens next is its to decide.
+    pub(super) s: Session,
     /// Where the client counts against its per-client limits, if one is set.
     pub(super) client_slot: Option<crate::limits::ClientSlot>,
-    /// Going to the listener's decoy instead of its upstream ([`crate::decoy`]).
-    pub(super) decoy: bool,
-    /// A TLS port with a decoy: the first byte was seen to start a TLS handshake.
-    pub(super) sniffed: bool,
     pub(super) client: OwnedFd,
     pub(super) upstream: Option<OwnedFd>,
     /// Submissions whose completion has not arrived (multishot ones count once).
     pub(super) inflight: u32,
-    /// Coarse clock (ms) of the last byte moved, or of the phase start.
-    pub(super) last_active_ms: u64,
-    /// Failover: first address index and attempts so far.
-    pub(super) addr_start: usize,
-    pub(super) attempt: usize,
     /// The address a CONNECT in flight points at.
     pub(super) connect_addr: Option<Box<SockAddr>>,
     pub(super) dirs: [Dir; 2],
-    pub(super) reset: bool,
     /// Counters already bumped for this connection's accounting.
     pub(super) bytes: [u64; 2],
     /// The client's PROXY header: bytes so far, then what it said (only on `accept_proxy`).
     pub(super) inbound: Option<Box<Inbound>>,
     /// TLS termination state (only on `tls` listeners).
     pub(super) tls: Option<Box<TlsSide>>,
-    /// The upstream entry SNI routing chose; None = every address of the listener.
-    pub(super) entry: Option<u16>,
     /// Timestamps for the histograms ([`crate::histo`]).
     pub(super) times: crate::histo::ConnTimes,
     /// Set while the connection is on the sockmap fast path.

@@ -7,8 +7,9 @@ use io_uring::{opcode, squeue, types};
 use socket2::SockAddr;
 
 use super::Worker;
-use super::conn::{Phase, TO_CLIENT, TO_UPSTREAM};
+use super::conn::{TO_CLIENT, TO_UPSTREAM};
 use super::user_data::Op;
+use crate::config::SendProxy;
 use crate::metrics::Counter;
 
 /// The LINK_TIMEOUT of an upstream connect.
@@ -19,44 +20,18 @@ pub(super) fn connect_timespec(ms: u32) -> types::Timespec {
 }
 
 impl Worker<'_> {
-    /// Starts a CONNECT to the next upstream address, or gives up when all were tried.
-    pub(super) fn connect_next(&mut self, slot: u32) {
-        let (listener, start, attempt) = {
-            let c = self.conn(slot);
-            (c.listener as usize, c.addr_start, c.attempt)
-        };
-        let entry = self.conn(slot).entry.map(usize::from);
-        let picked = if self.conn(slot).decoy {
-            let plain_on_tls =
-                self.conn(slot).tls.is_none() && self.ctx.config.listeners[listener].tls.is_some();
-            self.ctx
-                .decoy_addr(listener, plain_on_tls)
-                .filter(|_| attempt == 0)
-        } else {
-            self.upstreams.pick(listener, entry, start, attempt)
-        };
-        let Some(addr) = picked else {
-            self.ctx.row.inc(
-                if attempt == 0 && self.upstreams.dest_refused(listener, entry) {
-                    Counter::RefusedDest
-                } else {
-                    Counter::UpstreamUnreachable
-                },
-            );
-            self.close(slot, true);
-            return;
-        };
-        self.conn(slot).attempt += 1;
+    /// Starts a CONNECT to `addr` (the session's next address), from a source address of the
+    /// listener's; a socket that cannot be made is a failed attempt.
+    pub(super) fn connect(&mut self, slot: u32, addr: std::net::SocketAddr) {
+        let listener = self.conn(slot).s.listener();
         let source = self.ctx.next_source(listener, addr);
         let sock = match crate::engine::upstream_socket(addr, source) {
             Ok(s) => OwnedFd::from(s),
             Err(e) => {
                 tracing::warn!("cannot create an upstream socket: {e}");
-                self.close(slot, true);
-                return;
+                return self.attempt_failed(slot, e.raw_os_error().unwrap_or(libc::EIO));
             }
         };
-        let now = self.now_ms;
         self.ctx
             .histos
             .connecting(&mut self.slots[slot as usize].conn.as_mut().expect("live").times);
@@ -68,9 +43,20 @@ impl Worker<'_> {
             let c = self.conn(slot);
             c.upstream = Some(sock);
             c.connect_addr = Some(sa);
-            c.last_active_ms = now;
         }
         self.push_under_connect_timeout(slot, connect);
+    }
+
+    /// The attempt in flight ended without a connection (`errno`): its socket goes, and the
+    /// session says where next.
+    fn attempt_failed(&mut self, slot: u32, errno: i32) {
+        let now = self.now_ms;
+        self.ctx.connect_failed(errno, now);
+        let c = self.conn(slot);
+        c.upstream = None;
+        c.connect_addr = None;
+        let step = self.drive(slot, |s, env| s.connect_failed(env));
+        self.apply(slot, step);
     }
 
     /// Submits a connect step linked to a LINK_TIMEOUT of the connect timeout (two operations
@@ -84,7 +70,7 @@ impl Worker<'_> {
     }
 
     pub(super) fn on_connect(&mut self, slot: u32, res: i32) {
-        if self.conn(slot).phase == Phase::Closing {
+        if self.conn(slot).s.is_closing() {
             return;
         }
         if res == -libc::EINPROGRESS || res == -libc::EALREADY {
@@ -96,36 +82,28 @@ impl Worker<'_> {
             return;
         }
         if res < 0 {
-            let now = self.now_ms;
             tracing::debug!(
                 "upstream connect failed: {}",
                 io::Error::from_raw_os_error(-res)
             );
-            self.ctx.connect_failed(-res, now);
             // Refused, unreachable, or cancelled by the linked timeout: next address.
-            let c = self.conn(slot);
-            c.upstream = None;
-            c.connect_addr = None;
-            self.connect_next(slot);
-            return;
+            return self.attempt_failed(slot, -res);
         }
-        let now = self.now_ms;
-        let listener = self.conn(slot).listener as usize;
-        let send_proxy = if self.conn(slot).decoy {
-            crate::config::SendProxy::None
-        } else {
-            self.ctx.config.listeners[listener].send_proxy
-        };
+        self.conn(slot).connect_addr = None;
+        let step = self.drive(slot, |s, env| s.connected(env));
+        self.apply(slot, step);
+    }
+
+    /// The upstream is connected: the PROXY header `send` says, then the bytes read before it
+    /// was chosen, then the relay (TLS, the fast path, or a direction each).
+    pub(super) fn start_relay(&mut self, slot: u32, send: SendProxy) {
         self.record_connected(slot);
         let c = self.conn(slot);
-        c.phase = Phase::Relaying;
-        c.last_active_ms = now;
-        c.connect_addr = None;
         let up = c.upstream.as_ref().expect("connected upstream");
         crate::engine::tune_socket(up.as_fd());
         let inbound = c.inbound.take().map(|i| *i).unwrap_or_default();
         if let Err(e) = crate::engine::send_proxy_header(
-            send_proxy,
+            send,
             c.client.as_fd(),
             up.as_fd(),
             inbound.header.as_ref(),
@@ -133,8 +111,7 @@ impl Worker<'_> {
         .and_then(|()| crate::engine::send_prefix(up.as_fd(), &inbound.acc))
         {
             tracing::debug!("cannot send the connection's first bytes: {e}");
-            self.close(slot, true);
-            return;
+            return self.close(slot, true);
         }
         // The bytes read while sniffing (or waiting for a ClientHello) are relayed bytes too.
         let prefix = inbound.acc.len() as u64;
@@ -170,7 +147,7 @@ impl Worker<'_> {
 
     /// The end of a connect that was in progress: SO_ERROR is its result.
     pub(super) fn on_connect_poll(&mut self, slot: u32, res: i32) {
-        if self.conn(slot).phase == Phase::Closing {
+        if self.conn(slot).s.is_closing() {
             return;
         }
         let res = if res == -libc::ECANCELED {

@@ -16,7 +16,7 @@ impl Worker<'_> {
             return;
         }
         if let Some(buf) = self.bufs.lend(flags) {
-            if res > 0 && self.conn(slot).phase != Phase::Closing {
+            if res > 0 && !self.conn(slot).s.is_closing() {
                 self.moved(slot, d, res as u64);
                 let dir = &mut self.conn(slot).dirs[d];
                 dir.queue.push_back((buf, res as u32));
@@ -30,7 +30,7 @@ impl Worker<'_> {
         if !more {
             self.conn(slot).dirs[d].recv_armed = false;
         }
-        if self.conn(slot).phase == Phase::Closing {
+        if self.conn(slot).s.is_closing() {
             return;
         }
         match res {
@@ -98,7 +98,7 @@ impl Worker<'_> {
     /// What every SEND completion does first: nothing more once closing, fail on an error,
     /// count the activity. Some(bytes sent) when the caller should go on.
     pub(super) fn send_done(&mut self, slot: u32, d: usize, res: i32) -> Option<u32> {
-        if self.conn(slot).phase == Phase::Closing {
+        if self.conn(slot).s.is_closing() {
             return None;
         }
         if res < 0 {
@@ -128,7 +128,7 @@ impl Worker<'_> {
         dir.sent = 0;
         let (buf, _) = dir.queue.pop_front().expect("checked above");
         self.recycle(buf);
-        if self.conn(slot).phase == Phase::Closing {
+        if self.conn(slot).s.is_closing() {
             return;
         }
         self.after_send(slot, d);
@@ -157,7 +157,9 @@ impl Worker<'_> {
         while let Some((slot, generation, d)) = self.starved.pop_front() {
             let live = self.slots.get(slot as usize).is_some_and(|s| {
                 s.generation == generation
-                    && s.conn.as_ref().is_some_and(|c| c.phase == Phase::Relaying)
+                    && s.conn
+                        .as_ref()
+                        .is_some_and(|c| c.s.phase() == Phase::Relaying)
             });
             if live {
                 self.conn(slot).dirs[d as usize].starved = false;

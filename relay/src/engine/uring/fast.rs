@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 use io_uring::{opcode, types};
 
 use super::Worker;
-use super::conn::{Phase, TO_CLIENT, TO_UPSTREAM};
+use super::conn::{TO_CLIENT, TO_UPSTREAM};
 use super::flow::{FIRST_GRANT, Forward, grant};
 use super::user_data::Op;
 use crate::config::Route;
@@ -170,7 +170,7 @@ impl Worker<'_> {
         let c = s.conn.as_mut().expect("live slot");
         let fast = self.fast.as_mut().expect("sockmap engine");
         let up = c.upstream.as_ref().expect("connected upstream");
-        let listener = &self.ctx.config.listeners[c.listener as usize];
+        let listener = &self.ctx.config.listeners[c.s.listener()];
         // User space read part of the client's bytes (a PROXY header, a ClientHello peeked for
         // SNI). The kernel hands a partly read skb to the verdict whole, so those bytes would be
         // sent again: whatever is queued now is moved here first, and only whole skbs arrive
@@ -230,7 +230,7 @@ impl Worker<'_> {
         // The kick: a read of each source runs the verdict over what was queued before
         // insertion; what it left on the socket is forwarded here, in order.
         for d in [TO_UPSTREAM, TO_CLIENT] {
-            if self.conn(slot).phase == Phase::Closing {
+            if self.conn(slot).s.is_closing() {
                 return;
             }
             self.fast_step(slot, d);
@@ -282,7 +282,7 @@ impl Worker<'_> {
     /// at once forever; the tick checks a half-closed socket for a reset instead
     /// ([`Worker::fast_check_half_closed`]).
     pub(super) fn on_fast_poll(&mut self, slot: u32, d: usize, res: i32) {
-        if self.conn(slot).phase == Phase::Closing {
+        if self.conn(slot).s.is_closing() {
             return;
         }
         self.fast_conn(slot).watching[d] = false;
@@ -354,7 +354,7 @@ impl Worker<'_> {
     }
 
     pub(super) fn on_drain(&mut self, slot: u32, d: usize) {
-        if self.conn(slot).phase != Phase::Closing
+        if !self.conn(slot).s.is_closing()
             && !self.conn(slot).dirs[d].done
             && !self.fast_conn(slot).waiting[d]
         {

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use io_uring::{opcode, types};
 
 use super::Worker;
-use super::conn::{Phase, TO_CLIENT, TO_UPSTREAM};
+use super::conn::{TO_CLIENT, TO_UPSTREAM};
 use super::fast::{DRAIN_WAITS_MS, FastConn, sent_total};
 use super::user_data::{Op, UserData};
 use crate::ebpf::{self, Cookie, FastPath, Kick};
@@ -189,7 +189,7 @@ impl<'a> Worker<'a> {
             } else {
                 TO_CLIENT
             };
-            if c.phase == Phase::Closing || c.dirs[d].done || f.waiting[d] {
+            if c.s.is_closing() || c.dirs[d].done || f.waiting[d] {
                 continue;
             }
             if kind == sluice_common::HeldEvent::LOW {
@@ -229,7 +229,7 @@ impl<'a> Worker<'a> {
                     continue;
                 };
                 let Some(f) = c.fast.as_ref() else { continue };
-                if c.phase == Phase::Closing || c.dirs[d].done || f.waiting[d] || f.holding[d] {
+                if c.s.is_closing() || c.dirs[d].done || f.waiting[d] || f.holding[d] {
                     continue;
                 }
                 let cookie = if d == TO_UPSTREAM {
@@ -271,7 +271,7 @@ impl<'a> Worker<'a> {
                 let live = self.slots[slot]
                     .conn
                     .as_ref()
-                    .is_some_and(|c| c.fast.is_some() && c.phase != Phase::Closing);
+                    .is_some_and(|c| c.fast.is_some() && !c.s.is_closing());
                 if live {
                     self.fast_sample_conn(slot, pressed, &pool);
                     sampled += 1;
@@ -594,7 +594,7 @@ impl<'a> Worker<'a> {
 
     /// A flow-control re-check of direction `d` is due (timer, or the destination is writable).
     pub(super) fn on_forward(&mut self, slot: u32, d: usize) {
-        if self.conn(slot).phase == Phase::Closing || self.conn(slot).dirs[d].done {
+        if self.conn(slot).s.is_closing() || self.conn(slot).dirs[d].done {
             return;
         }
         self.fast_conn(slot).waiting[d] = false;

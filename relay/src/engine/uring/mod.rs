@@ -55,6 +55,7 @@ mod fast;
 mod flow;
 mod ring;
 mod splice;
+mod steps;
 mod teardown;
 mod tls;
 mod user_data;
@@ -123,17 +124,6 @@ pub struct Worker<'a> {
 /// the error is what the supervisor falls back to epoll on.
 pub fn probe() -> Result<super::features::Features, super::features::Unusable> {
     super::features::detect()
-}
-
-/// What a timeout in `phase` counts as.
-fn timeout_counter(phase: Phase) -> Counter {
-    match phase {
-        Phase::Header => Counter::RefusedBadHeader,
-        Phase::Handshake => Counter::RefusedBadTls,
-        Phase::Sni => Counter::RefusedBadSni,
-        Phase::Connecting => Counter::UpstreamUnreachable,
-        Phase::Relaying | Phase::Closing => Counter::IdleTimeout,
-    }
 }
 
 impl<'a> Worker<'a> {
@@ -437,7 +427,7 @@ impl<'a> Worker<'a> {
             let Some(conn) = self.slots[i].conn.as_ref() else {
                 continue;
             };
-            if conn.phase == Phase::Closing || !WorkerCtx::kills(cidrs, conn.client.as_fd()) {
+            if conn.s.is_closing() || !WorkerCtx::kills(cidrs, conn.client.as_fd()) {
                 continue;
             }
             n += 1;
@@ -459,7 +449,7 @@ impl<'a> Worker<'a> {
             let Some(conn) = self.slots[i].conn.as_ref() else {
                 continue;
             };
-            if conn.phase == Phase::Relaying
+            if conn.s.phase() == Phase::Relaying
                 && conn.fast.as_ref().is_some_and(|f| f.fin.iter().any(|&x| x))
             {
                 // Watched every tick until its bytes are out.
@@ -467,36 +457,23 @@ impl<'a> Worker<'a> {
                 self.fast_check_half_closed(i as u32);
                 self.maybe_free(i as u32);
             }
-            let Some(conn) = self.slots[i].conn.as_ref() else {
+            let Some(deadline) = self.slots[i].conn.as_ref().and_then(|c| c.s.deadline(&t)) else {
                 continue;
             };
-            let limit = match conn.phase {
-                Phase::Closing => continue,
-                Phase::Header | Phase::Handshake | Phase::Sni => u64::from(t.header_ms),
-                // The linked timeout bounds each attempt; this catches a stuck connect.
-                Phase::Connecting => u64::from(t.connect_ms) * 2 + 1000,
-                Phase::Relaying if conn.dirs.iter().any(|d| d.done) => u64::from(t.fin_ms),
-                Phase::Relaying => u64::from(t.idle_ms),
-            };
-            self.scan
-                .deadline(conn.last_active_ms.saturating_add(limit));
-            if now.saturating_sub(conn.last_active_ms) >= limit {
-                self.scan.touch();
-                if conn.fast.is_some() && self.fast_moved(i as u32) {
-                    self.conn(i as u32).last_active_ms = now;
-                    continue;
-                }
-                let conn = self.slots[i].conn.as_ref().expect("live");
-                self.ctx.row.inc(timeout_counter(conn.phase));
-                // A port with a decoy closes a client that said nothing it could use as a web
-                // server does at its header timeout: quietly (FIN), not with a reset.
-                let quiet = conn.phase == Phase::Sni && self.ctx.decoy_on(conn.listener as usize);
-                if quiet {
-                    self.close_notify_now(i as u32);
-                }
-                self.close(i as u32, !quiet);
-                self.maybe_free(i as u32);
+            self.scan.deadline(deadline);
+            if now < deadline {
+                continue;
             }
+            self.scan.touch();
+            let slot = i as u32;
+            if self.conn(slot).fast.is_some() && self.fast_moved(slot) {
+                // The kernel moved its bytes meanwhile: not idle.
+                self.conn(slot).s.touch(now);
+                continue;
+            }
+            let step = self.drive(slot, |s, env| s.expire(env));
+            self.apply(slot, step);
+            self.maybe_free(slot);
         }
         if self.accept_paused && self.active < self.ctx.worker_cap * 9 / 10 {
             self.accept_paused = false;

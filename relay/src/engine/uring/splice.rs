@@ -6,7 +6,7 @@ use std::io;
 use io_uring::{opcode, types};
 
 use super::Worker;
-use super::conn::{Mode, Phase};
+use super::conn::Mode;
 use super::user_data::Op;
 use crate::engine::splice;
 use crate::metrics::Counter;
@@ -16,7 +16,7 @@ pub(super) const SPLICE_ROUNDS: usize = 16;
 
 impl Worker<'_> {
     pub(super) fn on_poll_in(&mut self, slot: u32, d: usize, res: i32) {
-        if self.conn(slot).phase == Phase::Closing {
+        if self.conn(slot).s.is_closing() {
             return;
         }
         if res < 0 {
@@ -107,7 +107,7 @@ impl Worker<'_> {
     }
 
     pub(super) fn on_poll_out(&mut self, slot: u32, d: usize, res: i32) {
-        if self.conn(slot).phase == Phase::Closing {
+        if self.conn(slot).s.is_closing() {
             return;
         }
         if res < 0 || res & (libc::POLLERR | libc::POLLHUP) as i32 != 0 {

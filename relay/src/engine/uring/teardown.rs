@@ -1,12 +1,11 @@
 //! Activity, accounting and the end of a connection: FIN forwarding, errors, close, free.
 
-use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use io_uring::{opcode, types};
 
 use super::Worker;
-use super::conn::{Phase, TO_CLIENT, TO_UPSTREAM};
+use super::conn::{TO_CLIENT, TO_UPSTREAM};
 use super::user_data::{Op, UserData};
 use crate::metrics::Counter;
 use crate::sys;
@@ -17,25 +16,20 @@ impl Worker<'_> {
     /// from its start, so a client trickling bytes cannot hold a connection open.
     pub(super) fn touch(&mut self, slot: u32) {
         let now = self.now_ms;
-        let c = self.conn(slot);
-        if c.phase == Phase::Relaying {
-            c.last_active_ms = now;
-        }
+        self.conn(slot).s.touch(now);
     }
 
     /// Histograms: the upstream connection is established.
     pub(super) fn record_connected(&mut self, slot: u32) {
         let c = self.slots[slot as usize].conn.as_mut().expect("live");
-        self.ctx.histos.connected(c.listener as usize, &mut c.times);
+        self.ctx.histos.connected(c.s.listener(), &mut c.times);
     }
 
     pub(super) fn moved(&mut self, slot: u32, d: usize, n: u64) {
         self.touch(slot);
         if d == TO_CLIENT {
             let c = self.slots[slot as usize].conn.as_mut().expect("live");
-            self.ctx
-                .histos
-                .upstream_bytes(c.listener as usize, &mut c.times);
+            self.ctx.histos.upstream_bytes(c.s.listener(), &mut c.times);
         }
         let c = self.conn(slot);
         c.bytes[d] += n;
@@ -56,7 +50,6 @@ impl Worker<'_> {
         let dir = &mut c.dirs[d];
         dir.eof = true;
         dir.done = true;
-        c.last_active_ms = now;
         let dst = if d == TO_UPSTREAM {
             c.upstream.as_ref().map(|u| u.as_fd())
         } else {
@@ -65,40 +58,28 @@ impl Worker<'_> {
         if let Some(dst) = dst {
             crate::engine::shutdown_write(dst);
         }
-        if c.dirs.iter().all(|d| d.done) {
-            self.close(slot, false);
-        }
+        let step = c.s.finished(d, now);
+        self.apply(slot, step);
     }
 
     /// An error on direction `d`: on its source (`at_source`) or its destination.
     pub(super) fn fail(&mut self, slot: u32, d: usize, errno: i32, at_source: bool) {
-        let from_client = (d == TO_UPSTREAM) == at_source;
-        if crate::engine::is_reset(errno) {
-            self.ctx.row.inc(if from_client {
-                Counter::ClientReset
-            } else {
-                Counter::UpstreamReset
-            });
-        } else {
-            self.ctx.row.inc(Counter::RelayErrors);
-            tracing::debug!(
-                from_client,
-                "relay error: {}",
-                io::Error::from_raw_os_error(errno)
-            );
-        }
-        self.close(slot, true);
+        let step = self.drive(slot, |s, env| s.failed(env, d, errno, at_source));
+        self.apply(slot, step);
     }
 
-    /// Starts closing: cancels what is in flight; the slot is freed when the last completion
-    /// arrives ([`Self::maybe_free`]). `reset` closes both sockets with RST.
+    /// The engine ends the connection itself (an error the session has no word for, `sluicectl
+    /// deny --kill-existing`): RST (`reset`) or FIN, through the session, once.
     pub(super) fn close(&mut self, slot: u32, reset: bool) {
+        let step = self.conn(slot).s.close(reset);
+        self.apply(slot, step);
+    }
+
+    /// Starts closing, as the session decided: cancels what is in flight; the slot is freed
+    /// when the last completion arrives ([`Self::maybe_free`]). `reset` closes both sockets
+    /// with RST.
+    pub(super) fn shut(&mut self, slot: u32, reset: bool) {
         let c = self.conn(slot);
-        if c.phase == Phase::Closing {
-            return;
-        }
-        c.phase = Phase::Closing;
-        c.reset = reset;
         if reset {
             crate::engine::set_reset_on_close(&c.client);
             if let Some(u) = &c.upstream {
@@ -125,7 +106,7 @@ impl Worker<'_> {
         let ready = s
             .conn
             .as_ref()
-            .is_some_and(|c| c.phase == Phase::Closing && c.inflight == 0);
+            .is_some_and(|c| c.s.is_closing() && c.inflight == 0);
         if !ready {
             return;
         }
@@ -152,7 +133,7 @@ impl Worker<'_> {
                     if from_upstream.first_ns != 0 {
                         let ago_ns = sys::monotonic_ns().saturating_sub(from_upstream.first_ns);
                         self.ctx.histos.upstream_bytes_ago(
-                            conn.listener as usize,
+                            conn.s.listener(),
                             &mut conn.times,
                             ago_ns / 1000,
                         );
@@ -169,12 +150,12 @@ impl Worker<'_> {
         }
         self.free.push(slot);
         self.active -= 1;
-        self.ctx.row.listener_close(conn.listener as usize);
+        self.ctx.row.listener_close(conn.s.listener());
         self.ctx.release(conn.client_slot);
         self.ctx.row.inc(Counter::Closed);
         self.ctx
             .histos
-            .closed(conn.listener as usize, &conn.times, conn.bytes);
+            .closed(conn.s.listener(), &conn.times, conn.bytes);
         for dir in &mut conn.dirs {
             if let Some(p) = dir.pipe.take() {
                 self.pipes.give(p);

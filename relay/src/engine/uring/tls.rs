@@ -8,9 +8,9 @@ use io_uring::{cqueue, opcode, types};
 use super::Worker;
 use super::conn::{Phase, TO_CLIENT, TO_UPSTREAM};
 use super::user_data::Op;
-use crate::config::Route;
-use crate::metrics::Counter;
-use crate::proto::tls::TlsConn;
+use crate::engine::Around;
+use crate::engine::session::Step;
+use crate::proto::tls::{TlsConn, TlsError};
 
 /// TLS termination of one connection: the session and the bytes waiting to be sent each way.
 pub(super) struct TlsSide {
@@ -86,7 +86,7 @@ impl Worker<'_> {
         if !more {
             self.conn(slot).dirs[d].recv_armed = false;
         }
-        let closing = self.conn(slot).phase == Phase::Closing;
+        let closing = self.conn(slot).s.is_closing();
         if let Some(buf) = self.bufs.lend(flags) {
             if res > 0 && !closing {
                 self.moved(slot, d, res as u64);
@@ -101,10 +101,7 @@ impl Worker<'_> {
                 if let Err(e) = r {
                     tracing::debug!("tls: {e}");
                     // A TLS-ALPN-01 validation ends with its handshake; it is no bad client.
-                    if !matches!(e, crate::proto::tls::TlsError::AcmeAnswered) {
-                        self.ctx.row.inc(Counter::RefusedBadTls);
-                    }
-                    self.tls_abort(slot);
+                    self.tls_abort(slot, matches!(e, TlsError::AcmeAnswered));
                     return;
                 }
             } else {
@@ -116,7 +113,7 @@ impl Worker<'_> {
         }
         match res {
             0 => {
-                let phase = self.conn(slot).phase;
+                let phase = self.conn(slot).s.phase();
                 if d == TO_UPSTREAM && matches!(phase, Phase::Sni | Phase::Connecting) {
                     // The client sent its bytes and FIN (or close_notify and FIN) before the
                     // upstream was connected: a half-close, not a departure. What it sent is
@@ -128,11 +125,8 @@ impl Worker<'_> {
                     tls.out[TO_UPSTREAM].pending = out;
                     self.conn(slot).dirs[d].eof = true;
                     if phase == Phase::Sni {
-                        self.tls_route(slot);
-                        if self.conn(slot).phase == Phase::Sni {
-                            // No more bytes will come to complete the ClientHello.
-                            self.close(slot, false);
-                        }
+                        // No more bytes will come: what there is decides, or nothing does.
+                        self.tls_decide(slot, true);
                     }
                     return;
                 }
@@ -141,7 +135,7 @@ impl Worker<'_> {
                     self.close(slot, false);
                     return;
                 }
-                let decoy = self.conn(slot).decoy;
+                let decoy = self.conn(slot).s.is_decoy();
                 let tls = self.tls(slot);
                 if d == TO_UPSTREAM {
                     tls.conn.feed_eof();
@@ -172,24 +166,8 @@ impl Worker<'_> {
                 return;
             }
         }
-        if self.conn(slot).phase == Phase::Handshake && !self.tls(slot).conn.is_handshaking() {
-            self.ctx.row.inc(Counter::TlsHandshakes);
-            if self.tls(slot).conn.resumed() {
-                self.ctx.row.inc(Counter::TlsResumed);
-            }
-            let listener = self.conn(slot).listener as usize;
-            let l = &self.ctx.config.listeners[listener];
-            if l.route == Route::Sni || !l.decoy.is_off() {
-                self.conn(slot).phase = Phase::Sni;
-            } else {
-                self.conn(slot).phase = Phase::Connecting;
-                self.connect_next(slot);
-            }
-        }
-        if self.conn(slot).phase == Phase::Sni {
-            self.tls_route(slot);
-        }
-        if self.conn(slot).phase == Phase::Closing {
+        self.tls_decide(slot, false);
+        if self.conn(slot).s.is_closing() {
             return;
         }
         if d == TO_UPSTREAM && self.tls(slot).conn.peer_closed() {
@@ -205,7 +183,7 @@ impl Worker<'_> {
             self.tls_rearm(slot, d);
         }
         self.tls_flush(slot, TO_CLIENT);
-        if self.conn(slot).phase == Phase::Relaying {
+        if self.conn(slot).s.phase() == Phase::Relaying {
             self.tls_flush(slot, TO_UPSTREAM);
         }
     }
@@ -219,7 +197,7 @@ impl Worker<'_> {
 
     /// Sends what is queued toward direction `d`'s destination, or forwards FIN when done.
     pub(super) fn tls_flush(&mut self, slot: u32, d: usize) {
-        if self.conn(slot).phase == Phase::Closing {
+        if self.conn(slot).s.is_closing() {
             return;
         }
         let ob = &mut self.tls(slot).out[d];
@@ -239,7 +217,7 @@ impl Worker<'_> {
                 self.source_done(slot, d);
             } else if !dir.recv_armed && !dir.eof {
                 // The upstream's side is read only once it is connected.
-                if d == TO_UPSTREAM || self.conn(slot).phase == Phase::Relaying {
+                if d == TO_UPSTREAM || self.conn(slot).s.phase() == Phase::Relaying {
                     self.tls_rearm(slot, d);
                 }
             }
@@ -267,8 +245,33 @@ impl Worker<'_> {
         self.tls_flush(slot, d);
     }
 
-    /// A TLS error: send the alert rustls queued (best effort, nonblocking), then close.
-    pub(super) fn tls_abort(&mut self, slot: u32) {
+    /// Before the upstream is chosen: the end of the handshake, then the plaintext so far (the
+    /// inner ClientHello, or what the client sends first), go to the session, which picks the
+    /// upstream or the decoy (`ended`: the client sent FIN, nothing more will come).
+    fn tls_decide(&mut self, slot: u32, ended: bool) {
+        let Some(c) = self.slots[slot as usize].conn.as_mut() else {
+            return;
+        };
+        let tls = c.tls.as_ref().expect("a TLS connection");
+        let hello = &tls.out[TO_UPSTREAM].pending;
+        let mut env = Around {
+            ctx: &self.ctx,
+            upstreams: &self.upstreams,
+            now_ms: self.now_ms,
+        };
+        let step = match c.s.phase() {
+            Phase::Handshake if !tls.conn.is_handshaking() => {
+                c.s.handshake_done(&mut env, tls.conn.resumed(), hello, ended)
+            }
+            Phase::Sni => c.s.plaintext(&mut env, hello, ended),
+            _ => Step::Wait,
+        };
+        self.apply(slot, step);
+    }
+
+    /// A TLS error: send the alert rustls queued (best effort, nonblocking), then close
+    /// (`acme`: a TLS-ALPN-01 validation that ended with its handshake, as it should).
+    pub(super) fn tls_abort(&mut self, slot: u32, acme: bool) {
         let c = self.conn(slot);
         if let Some(tls) = c.tls.as_mut() {
             let mut alert = Vec::new();
@@ -279,6 +282,7 @@ impl Worker<'_> {
                 libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
             );
         }
-        self.close(slot, false);
+        let step = self.drive(slot, |s, env| s.tls_failed(env, acme));
+        self.apply(slot, step);
     }
 }
