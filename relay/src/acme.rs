@@ -5,7 +5,7 @@
 //!
 //! Validation is TLS-ALPN-01 (RFC 8737) on the TLS listener itself, so no port 80 is needed:
 //! the thread builds each domain's challenge certificate, the supervisor pushes it to the
-//! workers ([`crate::upstream::ControlMsg::Challenges`]) and waits until every live worker
+//! workers ([`crate::wire::ControlMsg::Challenges`]) and waits until every live worker
 //! applied it, and only then is the CA told to validate; the challenges are taken back once the
 //! order is decided. Workers never talk to the CA (they are unprivileged and sandboxed).
 //!

@@ -26,4 +26,5 @@ pub mod share;
 pub mod supervisor;
 pub mod sys;
 pub mod upstream;
+pub mod wire;
 pub mod worker;

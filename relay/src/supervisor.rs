@@ -38,7 +38,8 @@ use crate::error::StartError;
 use crate::metrics::{self, Counter, Shared};
 use crate::proto::tls::{KeyKind, PemIdentity, TicketKeys};
 use crate::sys;
-use crate::upstream::{self, ControlMsg, Table};
+use crate::upstream::{self, Table};
+use crate::wire::ControlMsg;
 use crate::worker::{self, Identity};
 use crate::{histo, http};
 

@@ -3,7 +3,7 @@
 //! thread until its control pipe closes or it has drained.
 //!
 //! The fd contract between [`crate::supervisor`] and a worker:
-//! - fd 0: the control pipe (lines of [`crate::upstream::ControlMsg`]); EOF means "exit now";
+//! - fd 0: the control pipe (lines of [`crate::wire::ControlMsg`]); EOF means "exit now";
 //! - fd 3 .. 3+L: the L listening sockets, in config order (shared by all workers);
 //! - fd 3+L: the memfd of the shared counters ([`crate::metrics::Shared`]);
 //! - fd 4+L: the memfd of the histogram slots ([`crate::histo::Region`]);
@@ -22,7 +22,8 @@ use crate::engine::{self, EngineKind, WorkerCtx};
 use crate::error::StartError;
 use crate::metrics::{Counter, Shared};
 use crate::sys;
-use crate::upstream::{ControlMsg, Upstreams};
+use crate::upstream::Upstreams;
+use crate::wire::ControlMsg;
 
 /// First fd number of the listeners in a worker.
 pub const FIRST_LISTENER_FD: RawFd = 3;

@@ -30,7 +30,8 @@ use crate::proto::proxy::{self, Parsed, ProxyHeader};
 use crate::proto::sni::{self, SniResult};
 use crate::proto::tls::{PemIdentity, TicketKeys, TlsServer};
 use crate::sys;
-use crate::upstream::{ControlMsg, Upstreams};
+use crate::upstream::Upstreams;
+use crate::wire::ControlMsg;
 
 /// The engine a worker really runs (after `auto` was decided).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -434,7 +435,7 @@ impl<'a> WorkerCtx<'a> {
         let mut drain = false;
         while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
-            match ControlMsg::decode(&String::from_utf8_lossy(&line)) {
+            match ControlMsg::decode(&line) {
                 Some(ControlMsg::Addrs {
                     listener,
                     entry,

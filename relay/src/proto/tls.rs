@@ -761,7 +761,8 @@ pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// One pending TLS-ALPN-01 challenge: the domain and its self-signed certificate carrying the
 /// acmeIdentifier extension ([`AcmeChallenge::new`]), as PEM.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AcmeChallenge {
     pub domain: String,
     pub cert_pem: String,
