@@ -11,7 +11,8 @@
 use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
-use sluice::admission::{Command, canonical};
+use sluice::admission::Command;
+use sluice::cidr::canonical;
 use sluice::config::HostPort;
 use sluice::control::read_request;
 use sluice::wire::ControlMsg;

@@ -42,9 +42,6 @@ use crate::config::{AcmeChallengeKind, AcmeSettings};
 use crate::metrics::{Counter, Shared};
 use crate::proto::tls::{AcmeChallenge, PemIdentity};
 
-/// Let's Encrypt's production directory: `directory` when the configuration names none.
-pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
-
 /// How often a certificate's remaining validity is looked at (certbot's timer: 12 h).
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(12 * 3600);
 
@@ -643,7 +640,7 @@ mod tests {
             settings: AcmeSettings {
                 domains: vec!["relay.example.org".into()],
                 email: None,
-                directory: LETS_ENCRYPT.into(),
+                directory: crate::config::LETS_ENCRYPT.into(),
                 directory_ca: None,
                 renew_before_days: 30,
                 challenge,

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::engine::EngineKind;
+use crate::health::UpstreamStatus;
 use crate::metrics::{ALL_COUNTERS, Counter, Shared};
 
 /// Default path of the control socket.
@@ -60,29 +61,6 @@ pub struct Status {
     /// ([`crate::health::Checker::summary`]); updated by the resolver thread.
     #[serde(default)]
     pub upstreams: Vec<UpstreamStatus>,
-}
-
-/// One configured upstream (or fallback) `HOST:PORT` of a listener: how many addresses it
-/// resolved to and how many of those are down. Names only, never a client address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UpstreamStatus {
-    pub listener: String,
-    /// The configured `HOST:PORT`.
-    pub upstream: String,
-    /// A `fallback` entry (used while every `upstream` address is down).
-    #[serde(default)]
-    pub fallback: bool,
-    /// Addresses it resolved to (after the DNS filter).
-    pub addresses: usize,
-    /// Of those, addresses the health checks found down.
-    pub down: usize,
-}
-
-impl UpstreamStatus {
-    /// Usable: resolved, and at least one address not down.
-    pub fn up(&self) -> bool {
-        self.addresses > self.down
-    }
 }
 
 /// The admission part of [`Status`]: counts only.

@@ -1052,7 +1052,7 @@ mod tests {
         config.listeners[0].tls.as_mut().unwrap().acme = Some(crate::config::AcmeSettings {
             domains: vec!["localhost".into(), "LOCALHOST".into()],
             email: None,
-            directory: crate::acme::LETS_ENCRYPT.into(),
+            directory: crate::config::LETS_ENCRYPT.into(),
             directory_ca: None,
             renew_before_days: 30,
             challenge: None,
@@ -1150,7 +1150,7 @@ mod tests {
         let id = crate::proto::tls::PemIdentity::generate(
             &["relay.example".to_string()],
             &[],
-            crate::proto::tls::KeyKind::EcdsaP256,
+            crate::config::KeyKind::EcdsaP256,
         )
         .unwrap();
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));

@@ -39,7 +39,7 @@ use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 use sluice_common::{FLOW_STATS_SLOT, HeldEvent, Peer, XDP_STATS_SLOT, admission, fast_path};
 use socket2::SockRef;
 
-use crate::admission::Cidr;
+use crate::cidr::Cidr;
 
 pub use sluice_common::{ConnCounters, Cookie, FlowStats, PIN_DIR, RuleId, XdpStats};
 
@@ -98,7 +98,7 @@ pub enum EbpfError {
     )]
     NotBuilt,
     #[error("invalid cidr: {0}")]
-    Cidr(#[from] crate::admission::CidrError),
+    Cidr(#[from] crate::cidr::CidrError),
     #[error(
         "kernel {release} is older than {major}.{minor}, the oldest the sockmap fast path is \
          proven on (Debian 12's 6.1 sent relayed bytes twice under memory pressure); \

@@ -35,8 +35,9 @@ pub enum StartError {
         addr: std::net::SocketAddr,
         source: io::Error,
     },
+    /// Why ([`crate::engine::features::Unusable`], as text: this module is below the engines).
     #[error("io_uring is refused by this host ({0}); use --engine epoll or auto")]
-    UringRefused(crate::engine::features::Unusable),
+    UringRefused(String),
     #[error("{0}")]
     Io(#[from] io::Error),
 }

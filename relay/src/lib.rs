@@ -9,6 +9,7 @@
 
 pub mod acme;
 pub mod admission;
+pub mod cidr;
 pub mod config;
 pub mod control;
 pub mod decoy;

@@ -17,14 +17,10 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, HostPort};
-use crate::health::{Changes, Checker};
+use crate::health::{Changes, Checker, Dests, Table, UpstreamStatus};
 
 /// Seconds between attempts while a name does not resolve.
 pub const RETRY_S: u64 = 5;
-
-/// What the resolver thread reports to the supervisor's main loop: for each listener, for each
-/// of its upstream entries, the addresses in order.
-pub type Table = Vec<Vec<Vec<SocketAddr>>>;
 
 /// Why an address a DNS answer gave is not dialled, or None when it may be: loopback,
 /// private (RFC 1918), shared (CGNAT, 100.64.0.0/10), link-local (169.254.0.0/16 holds cloud
@@ -216,7 +212,8 @@ pub fn resolve_all(config: &Config, names: &mut Names) -> (Table, bool) {
 /// receiver is gone: resolves names when due, runs health checks when due ([`crate::health`]),
 /// and sends the table workers should use whenever it changes. `on_health` is told each round's
 /// state changes and how many addresses are down; `on_refused` how many addresses of DNS
-/// answers were refused in a round that refused some.
+/// answers were refused in a round that refused some. `dests` is the destination allowlist the
+/// health checks keep to, kept current by the supervisor.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_resolver<E: Send + 'static>(
     config: Config,
@@ -228,7 +225,8 @@ pub fn spawn_resolver<E: Send + 'static>(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     on_health: Box<dyn Fn(Changes, usize) + Send>,
     on_refused: Box<dyn Fn(u64) + Send>,
-    on_upstreams: Box<dyn Fn(Vec<crate::control::UpstreamStatus>) + Send>,
+    on_upstreams: Box<dyn Fn(Vec<UpstreamStatus>) + Send>,
+    dests: Dests,
 ) -> std::io::Result<()> {
     let stopped = move || stop.load(std::sync::atomic::Ordering::Relaxed);
     std::thread::Builder::new()
@@ -236,7 +234,7 @@ pub fn spawn_resolver<E: Send + 'static>(
         .spawn(move || {
             let mut resolved = first;
             let mut ok = first_ok;
-            let mut checker = Checker::new();
+            let mut checker = Checker::new(dests);
             let start = Instant::now();
             checker.track(&config, &resolved, start);
             let mut sent = checker.filter(&config, &resolved);

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::admission::Cidr;
+use crate::cidr::Cidr;
 use crate::proto::tls::{AcmeChallenge, TicketKeys};
 
 /// Messages from the supervisor to a worker, one per line on the worker's stdin ([`ControlMsg::encode`]).

@@ -14,6 +14,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub mod preset;
 
+/// Let's Encrypt's production directory: `directory` when the configuration names none.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
 /// The whole configuration of one `sluice` daemon.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -78,10 +81,10 @@ pub struct Config {
 pub struct AdmissionSettings {
     /// Clients that may connect (CIDRs); empty = every client not denied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub allow: Vec<crate::admission::Cidr>,
+    pub allow: Vec<crate::cidr::Cidr>,
     /// Clients refused (CIDRs); deny wins over allow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub deny: Vec<crate::admission::Cidr>,
+    pub deny: Vec<crate::cidr::Cidr>,
     /// Upstream `HOST:PORT`s the relay may connect to (names resolved once, at start); empty =
     /// any upstream of the listeners.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -312,7 +315,7 @@ mod cidr_list {
     use std::net::IpAddr;
 
     /// An IPv4-mapped range (`::ffff:10.0.0.0/104`) is read as the IPv4 one (`10.0.0.0/8`):
-    /// peers are compared as IPv4 ([`crate::admission::canonical_range`]).
+    /// peers are compared as IPv4 ([`crate::cidr::canonical_range`]).
     pub fn parse(s: &str) -> Result<IpNet, String> {
         let net = match s.parse::<IpNet>() {
             Ok(net) => net,
@@ -321,7 +324,7 @@ mod cidr_list {
                 .map(IpNet::from)
                 .map_err(|_| format!("`{s}` is not a CIDR (ADDRESS/PREFIX)"))?,
         };
-        let (addr, len) = crate::admission::canonical_range(net.addr(), net.prefix_len());
+        let (addr, len) = crate::cidr::canonical_range(net.addr(), net.prefix_len());
         IpNet::new(addr, len).map_err(|e| format!("`{s}`: {e}"))
     }
 
@@ -533,6 +536,22 @@ impl Default for TlsSettings {
     }
 }
 
+/// The key type of a generated certificate, as the generator ([`crate::proto::tls`]) takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// RSA with this many bits (at least 2048, what `ring` signs with); 4096 as WhatsApp's.
+    Rsa(u16),
+    /// ECDSA on P-256: fast to generate, far cheaper to sign with than RSA-4096.
+    EcdsaP256,
+}
+
+impl KeyKind {
+    /// What WhatsApp/proxy generates.
+    pub const WHATSAPP: KeyKind = KeyKind::Rsa(4096);
+    /// What a generated certificate uses unless the configuration says otherwise.
+    pub const DEFAULT: KeyKind = KeyKind::EcdsaP256;
+}
+
 /// The key type of a generated certificate (`[listen.tls] key_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum KeyType {
@@ -546,8 +565,7 @@ pub enum KeyType {
 
 impl KeyType {
     /// The key generator's name for it.
-    pub fn kind(self) -> crate::proto::tls::KeyKind {
-        use crate::proto::tls::KeyKind;
+    pub fn kind(self) -> KeyKind {
         match self {
             KeyType::EcdsaP256 => KeyKind::EcdsaP256,
             KeyType::Rsa2048 => KeyKind::Rsa(2048),
@@ -606,9 +624,8 @@ fn is_dns_name(s: &str) -> bool {
 
 impl TlsSettings {
     /// The key type a generated certificate gets.
-    pub fn generated_key(&self) -> crate::proto::tls::KeyKind {
-        self.key_type
-            .map_or(crate::proto::tls::KeyKind::DEFAULT, KeyType::kind)
+    pub fn generated_key(&self) -> KeyKind {
+        self.key_type.map_or(KeyKind::DEFAULT, KeyType::kind)
     }
 }
 
@@ -755,9 +772,55 @@ pub enum ConfigError {
     Invalid { origin: String, message: String },
 }
 
+/// Checks that `host` is something a phone can connect to: an IP address, or a DNS name
+/// (letters, digits, `-`, dots; labels of 1-63 characters not starting or ending with `-`).
+/// A URL, a port or spaces get an error saying what to give instead. For `public_host` here
+/// and the host of `sluicectl share` ([`crate::share`]).
+pub fn validate_host(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("the host is empty: give the relay's public DNS name or IP address".into());
+    }
+    if host.contains("://") || host.contains('/') {
+        return Err(format!(
+            "`{host}` looks like a URL: give only the host name or IP address, e.g. proxy.example.org"
+        ));
+    }
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if let Some((_, port)) = host.rsplit_once(':')
+        && port.parse::<u16>().is_ok()
+    {
+        return Err(format!(
+            "`{host}` has a port: give only the host; the ports come from the listeners"
+        ));
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "`{host}` is neither an IP address nor a DNS name (letters, digits, `-` and dots)"
+        ));
+    }
+    // An all-numeric name like 300.1.2.3 is a mistyped address, not a name.
+    if name
+        .split('.')
+        .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!("`{host}` is not a valid IP address"));
+    }
+    Ok(())
+}
+
 mod defaults {
     pub fn acme_directory() -> String {
-        crate::acme::LETS_ENCRYPT.to_owned()
+        super::LETS_ENCRYPT.to_owned()
     }
     pub fn acme_renew_before_days() -> u32 {
         30
@@ -976,7 +1039,7 @@ impl Config {
             }
         }
         if let Some(h) = &self.public_host
-            && let Err(e) = crate::share::validate_host(h)
+            && let Err(e) = validate_host(h)
         {
             return err("public_host", e);
         }
@@ -1051,7 +1114,7 @@ impl Config {
                             .into(),
                     );
                 }
-                if let Some(why) = list.iter().find_map(crate::admission::host_bits) {
+                if let Some(why) = list.iter().find_map(crate::cidr::host_bits) {
                     return err(&key, why);
                 }
             }
@@ -1392,7 +1455,7 @@ mod tests {
         let t = c.listeners[0].tls.as_ref().unwrap();
         assert_eq!(
             (t.key_type, t.generated_key(), t.session_tickets),
-            (None, crate::proto::tls::KeyKind::EcdsaP256, true),
+            (None, KeyKind::EcdsaP256, true),
             "absent: ECDSA P-256, tickets on"
         );
         assert_eq!(Config::from_toml(&c.to_toml(), "t").unwrap(), c);
@@ -1404,7 +1467,7 @@ mod tests {
         let t = c.listeners[0].tls.as_ref().unwrap();
         assert_eq!(
             (t.generated_key(), t.session_tickets),
-            (crate::proto::tls::KeyKind::Rsa(4096), false)
+            (KeyKind::Rsa(4096), false)
         );
         assert_eq!(Config::from_toml(&c.to_toml(), "t").unwrap(), c);
         check_err(

@@ -21,8 +21,8 @@ use std::time::Instant;
 
 use socket2::SockRef;
 
-use crate::admission::Cidr;
 use crate::admission::{Rules, Verdict};
+use crate::cidr::Cidr;
 use crate::config::{Config, EngineChoice, Listener, SendProxy};
 use crate::limits::{ClientSlot, ClientTable, Over};
 use crate::metrics::{Counter, Row, Shared};

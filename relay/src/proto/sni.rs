@@ -19,6 +19,7 @@
 
 use std::borrow::Cow;
 
+use crate::config::preset::SIGNAL_HOSTS;
 use crate::error::Side;
 
 /// Largest ClientHello accepted (the handshake message, without record headers).
@@ -37,23 +38,6 @@ const EXTENSION_PRE_SHARED_KEY: u16 = 41;
 const NAME_TYPE_HOST_NAME: u8 = 0x00;
 /// Longest DNS name.
 const MAX_NAME_LEN: usize = 253;
-
-/// The Signal service names Signal-TLS-Proxy relays to, from its nginx configuration.
-pub const SIGNAL_HOSTS: &[&str] = &[
-    "chat.signal.org",
-    "storage.signal.org",
-    "cdn.signal.org",
-    "cdn2.signal.org",
-    "cdn3.signal.org",
-    "cdsi.signal.org",
-    "contentproxy.signal.org",
-    "grpc.chat.signal.org",
-    "sfu.voip.signal.org",
-    "svr2.signal.org",
-    "svrb.signal.org",
-    "updates.signal.org",
-    "updates2.signal.org",
-];
 
 /// What [`peek_sni`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -68,6 +68,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{Acceptor, ProducesTickets, StoresServerSessions};
 use rustls::{ServerConfig, ServerConnection};
 
+use crate::config::KeyKind;
 use crate::error::Side;
 
 /// The generated CA's validity: 100 years, as WhatsApp/proxy's.
@@ -150,22 +151,6 @@ impl TlsError {
             _ => Side::Local,
         }
     }
-}
-
-/// The key type of a generated certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyKind {
-    /// RSA with this many bits (at least 2048, what `ring` signs with); 4096 as WhatsApp's.
-    Rsa(u16),
-    /// ECDSA on P-256: fast to generate, far cheaper to sign with than RSA-4096.
-    EcdsaP256,
-}
-
-impl KeyKind {
-    /// What WhatsApp/proxy generates.
-    pub const WHATSAPP: KeyKind = KeyKind::Rsa(4096);
-    /// What a generated certificate uses unless the configuration says otherwise.
-    pub const DEFAULT: KeyKind = KeyKind::EcdsaP256;
 }
 
 /// The server side of TLS for one listener: certificate, key and protocol settings.
