@@ -28,7 +28,7 @@ use crate::cidr::canonical;
 /// A set of CIDRs with longest-prefix lookup: one hash set of networks per prefix length, probed
 /// from the longest length present to the shortest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CidrSet {
+pub(crate) struct CidrSet {
     /// Prefix length -> networks (host bits zero), IPv4 as u32.
     v4: BTreeMap<u8, HashSet<u32>>,
     /// Prefix length -> networks (host bits zero), IPv6 as u128.
@@ -138,7 +138,7 @@ impl CidrSet {
         &self.rules
     }
 
-    pub fn from_rules(rules: impl IntoIterator<Item = Cidr>) -> CidrSet {
+    pub(crate) fn from_rules(rules: impl IntoIterator<Item = Cidr>) -> CidrSet {
         let mut set = CidrSet::default();
         for r in rules {
             set.insert(r);
@@ -149,7 +149,7 @@ impl CidrSet {
 
 /// Why a client was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Admit,
     /// It falls in a deny rule, or an allow list exists and it falls in none.
     Deny,
@@ -157,7 +157,7 @@ pub enum Verdict {
 
 /// The three lists, as the supervisor holds them and as every worker gets them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Rules {
+pub(crate) struct Rules {
     pub allow: CidrSet,
     pub deny: CidrSet,
     /// Upstream addresses the relay may connect to; empty = any.
@@ -166,7 +166,7 @@ pub struct Rules {
 
 impl Rules {
     /// Whether the client lists say anything (else no peer address needs to be looked up).
-    pub fn checks_clients(&self) -> bool {
+    pub(crate) fn checks_clients(&self) -> bool {
         !self.allow.is_empty() || !self.deny.is_empty()
     }
 
@@ -177,14 +177,6 @@ impl Rules {
         } else {
             Verdict::Admit
         }
-    }
-
-    /// Whether the relay may connect to `addr`.
-    pub fn dest_allowed(&self, addr: SocketAddr) -> bool {
-        self.dests.is_empty()
-            || self
-                .dests
-                .contains(&SocketAddr::new(canonical(addr.ip()), addr.port()))
     }
 }
 
@@ -243,12 +235,12 @@ pub enum Command {
 /// How long a name given to `dest add|del` may take to resolve: past it the command fails,
 /// naming the name and this deadline, instead of waiting for the resolver's own timeouts
 /// (`options timeout:` x `attempts:` x name servers in /etc/resolv.conf, tens of seconds).
-pub const DEST_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEST_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Lookups that may run at once on [`resolve_within`]'s helper threads, counting those given
 /// up on but still inside getaddrinfo (it cannot be interrupted): a resolver that never
 /// answers leaves at most this many threads behind.
-pub const MAX_LOOKUPS: usize = 8;
+pub(crate) const MAX_LOOKUPS: usize = 8;
 
 static LOOKUPS: AtomicUsize = AtomicUsize::new(0);
 
@@ -259,7 +251,7 @@ pub fn parse_dest(s: &str) -> Result<Vec<SocketAddr>, String> {
 }
 
 /// [`parse_dest`] with another deadline for a name.
-pub fn parse_dest_within(s: &str, timeout: Duration) -> Result<Vec<SocketAddr>, String> {
+pub(crate) fn parse_dest_within(s: &str, timeout: Duration) -> Result<Vec<SocketAddr>, String> {
     if let Ok(sa) = s.parse::<SocketAddr>() {
         return Ok(vec![SocketAddr::new(canonical(sa.ip()), sa.port())]);
     }
@@ -277,7 +269,11 @@ pub fn parse_dest_within(s: &str, timeout: Duration) -> Result<Vec<SocketAddr>, 
 /// Resolves `host` on a short-lived helper thread and waits for it at most `timeout`, so the
 /// caller (the control socket's thread, `sluicectl`) is never held by a resolver that does not
 /// answer. A lookup given up on finishes on its own thread, its answer dropped.
-pub fn resolve_within(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, String> {
+pub(crate) fn resolve_within(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<Vec<SocketAddr>, String> {
     if LOOKUPS.fetch_add(1, Ordering::SeqCst) >= MAX_LOOKUPS {
         LOOKUPS.fetch_sub(1, Ordering::SeqCst);
         return Err(format!(
@@ -569,18 +565,6 @@ mod tests {
         assert_eq!(r.client(ip("127.0.0.2")), Verdict::Admit);
         assert_eq!(r.client(ip("127.0.0.3")), Verdict::Deny, "deny wins");
         assert_eq!(r.client(ip("127.0.0.9")), Verdict::Deny, "not allowed");
-    }
-
-    #[test]
-    fn destinations() {
-        let mut r = Rules::default();
-        let a: SocketAddr = "127.0.0.5:80".parse().unwrap();
-        assert!(r.dest_allowed(a), "an empty allowlist allows all");
-        r.dests.insert("127.0.0.6:80".parse().unwrap());
-        assert!(!r.dest_allowed(a));
-        r.dests.insert(a);
-        assert!(r.dest_allowed(a));
-        assert!(r.dest_allowed("[::ffff:127.0.0.5]:80".parse().unwrap()));
     }
 
     #[test]

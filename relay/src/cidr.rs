@@ -19,7 +19,7 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 /// as IPv4 ([`canonical`]), so every rule side (allow/deny, `trusted_proxies`) goes through
 /// this too, or a `::ffff:` rule would match no client. A shorter IPv6 range (`::/0`) stays
 /// IPv6 and matches IPv6 clients only.
-pub fn canonical_range(addr: IpAddr, len: u8) -> (IpAddr, u8) {
+pub(crate) fn canonical_range(addr: IpAddr, len: u8) -> (IpAddr, u8) {
     match addr {
         IpAddr::V6(a) if (96..=128).contains(&len) => match a.to_ipv4_mapped() {
             Some(v4) => (IpAddr::V4(v4), len - 96),
@@ -64,7 +64,7 @@ impl Cidr {
     }
 
     /// How many leading bits of [`Cidr::addr`] count.
-    pub fn prefix_len(&self) -> u8 {
+    pub(crate) fn prefix_len(&self) -> u8 {
         self.0.prefix_len()
     }
 }
@@ -96,7 +96,7 @@ impl std::str::FromStr for Cidr {
 
 /// Why a range written with host bits set (`10.1.2.3/8`) is refused, naming the range it would
 /// be; None when it has none. Every place a range is read from text asks this.
-pub fn host_bits(net: &IpNet) -> Option<String> {
+pub(crate) fn host_bits(net: &IpNet) -> Option<String> {
     (net.trunc() != *net).then(|| {
         format!(
             "`{net}` has host bits set (the range is {}): write the network address, or the \

@@ -189,14 +189,14 @@ impl Status {
 
 /// Answers a command line other than `status` (the admission lists, `reload`), or None when it
 /// does not know it. Runs on the request's own thread, possibly beside others.
-pub type Handler = Box<dyn Fn(&str) -> Option<serde_json::Value> + Send + Sync>;
+pub(crate) type Handler = Box<dyn Fn(&str) -> Option<serde_json::Value> + Send + Sync>;
 
 /// Requests answered at once, each on a thread of its own; a connection past them is answered
 /// [`BUSY`] at once.
-pub const MAX_IN_FLIGHT: usize = 16;
+pub(crate) const MAX_IN_FLIGHT: usize = 16;
 
 /// The answer to a connection past [`MAX_IN_FLIGHT`].
-pub const BUSY: &str = "busy: too many control requests in progress; try again";
+pub(crate) const BUSY: &str = "busy: too many control requests in progress; try again";
 
 /// Serves the control socket: a thread accepts, and each request is read and answered on a
 /// short-lived thread of its own, so one that waits (a `dest` name to resolve, workers to
@@ -306,7 +306,7 @@ fn answer(
 }
 
 /// The answer to a peer running as the daemon's own (non-root) user.
-pub const REFUSED_DAEMON_USER: &str =
+pub(crate) const REFUSED_DAEMON_USER: &str =
     "refused: the daemon's own user may not use the control socket (its workers run as it)";
 
 /// Whether the peer may use the control socket: not when it runs as the daemon's own uid and
@@ -325,7 +325,7 @@ fn peer_allowed(stream: &UnixStream) -> bool {
 }
 
 /// Longest request line the server reads; the rest of a longer one is ignored.
-pub const MAX_REQUEST_LEN: u64 = 1024;
+pub(crate) const MAX_REQUEST_LEN: u64 = 1024;
 
 /// Reads a request: its first line (at most [`MAX_REQUEST_LEN`] bytes), surrounding whitespace
 /// trimmed. Errs on bytes that are not UTF-8. Public for the fuzz target (`fuzz/`).

@@ -318,7 +318,7 @@ fn capabilities(caps: &Caps, config: &Config) -> Check {
 // Limits and ports
 
 /// RLIMIT_NOFILE (soft, hard) of this process, from /proc/self/limits (u64::MAX = unlimited).
-pub fn nofile_limits() -> Option<(u64, u64)> {
+pub(crate) fn nofile_limits() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = text.lines().find(|l| l.starts_with("Max open files"))?;
     let mut cols = line["Max open files".len()..].split_whitespace();

@@ -1,6 +1,5 @@
-//! Errors of one relayed connection, tagged by the side that caused them.
-//!
-//! A connection error closes that connection and counts a metric; it never ends a worker.
+//! Who caused an error ([`Side`], which the protocol parsers tag their errors with: client,
+//! upstream or this relay), and the errors that stop a worker or the daemon from starting.
 //! Messages are lowercase, with no trailing period, and never contain an IP address.
 
 use std::io;
@@ -11,20 +10,6 @@ pub enum Side {
     Client,
     Upstream,
     Local,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConnError {
-    #[error("{side:?} reset the connection")]
-    Reset { side: Side },
-    #[error("{side:?} i/o failed: {source}")]
-    Io { side: Side, source: io::Error },
-    #[error("no upstream address is known yet (resolution pending or failed)")]
-    NoUpstream,
-    #[error("every upstream address refused or timed out")]
-    UpstreamUnreachable,
-    #[error("malformed or missing PROXY header")]
-    BadProxyHeader,
 }
 
 /// Errors that stop a worker or the daemon from starting.

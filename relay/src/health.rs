@@ -297,6 +297,25 @@ fn describe(config: &Config, table: &Table, l: usize, addr: SocketAddr) -> Strin
 mod tests {
     use super::*;
 
+    #[test]
+    fn dests_permit_what_the_allowlist_names() {
+        let dests = Dests::default();
+        let a: SocketAddr = "127.0.0.5:80".parse().unwrap();
+        assert!(dests.permits(a), "an empty allowlist permits any address");
+        let seen_by_the_resolver = dests.clone();
+        dests.set(&["127.0.0.6:80".parse().unwrap()].into_iter().collect());
+        assert!(
+            !seen_by_the_resolver.permits(a),
+            "a clone sees every change"
+        );
+        dests.set(&[a].into_iter().collect());
+        assert!(seen_by_the_resolver.permits(a));
+        assert!(seen_by_the_resolver.permits("[::ffff:127.0.0.5]:80".parse().unwrap()));
+        assert!(!seen_by_the_resolver.permits("127.0.0.5:81".parse().unwrap()));
+        dests.set(&BTreeSet::new());
+        assert!(seen_by_the_resolver.permits("127.0.0.9:1".parse().unwrap()));
+    }
+
     fn settings() -> HealthSettings {
         HealthSettings {
             interval_ms: 60_000,

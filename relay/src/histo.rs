@@ -45,7 +45,7 @@ pub enum Kind {
     BytesDown,
 }
 
-pub const KINDS: [Kind; 5] = [
+pub(crate) const KINDS: [Kind; 5] = [
     Kind::Connect,
     Kind::FirstByte,
     Kind::Duration,
@@ -76,7 +76,7 @@ impl Kind {
     }
 
     /// Times are recorded in microseconds, sizes in bytes.
-    pub fn is_time(self) -> bool {
+    pub(crate) fn is_time(self) -> bool {
         matches!(self, Kind::Connect | Kind::FirstByte | Kind::Duration)
     }
 
@@ -94,7 +94,7 @@ impl Kind {
 }
 
 /// The five histograms of one listener.
-pub type Set = [Histogram<u64>; 5];
+pub(crate) type Set = [Histogram<u64>; 5];
 
 fn new_set() -> Set {
     KINDS.map(Kind::histogram)
@@ -110,7 +110,7 @@ fn max_encoded(kind: Kind) -> usize {
 const HEADER_WORDS: usize = 3;
 
 /// Bytes of one worker's slot for `listeners` listeners (rounded up to whole words).
-pub fn slot_bytes(listeners: usize) -> usize {
+pub(crate) fn slot_bytes(listeners: usize) -> usize {
     let payload: usize = KINDS.iter().map(|&k| max_encoded(k)).sum::<usize>() * listeners;
     (HEADER_WORDS * 8 + payload).div_ceil(4096) * 4096
 }
@@ -240,7 +240,7 @@ pub struct Histos {
 }
 
 /// Ticks (250 ms each) between two publications.
-pub const PUBLISH_TICKS: u32 = 2;
+pub(crate) const PUBLISH_TICKS: u32 = 2;
 
 impl Histos {
     /// Histograms that record nothing (before the worker set them up, or `histograms = false`).
@@ -354,7 +354,7 @@ impl Histos {
     /// Like [`Histos::upstream_bytes`], for a first byte the kernel moved `ago_us` microseconds
     /// ago (the sockmap fast path stamps it in eBPF; user space learns it at close).
     #[inline]
-    pub fn upstream_bytes_ago(&mut self, listener: usize, t: &mut ConnTimes, ago_us: u64) {
+    pub(crate) fn upstream_bytes_ago(&mut self, listener: usize, t: &mut ConnTimes, ago_us: u64) {
         if !self.enabled || t.first_byte || t.connected == u32::MAX {
             return;
         }
@@ -590,7 +590,7 @@ pub struct Report {
 
 /// The kinds the stats page charts over a recent window (latency; sizes and durations stay
 /// cumulative).
-pub const RECENT_KINDS: [Kind; 2] = [Kind::Connect, Kind::FirstByte];
+pub(crate) const RECENT_KINDS: [Kind; 2] = [Kind::Connect, Kind::FirstByte];
 
 /// Percentiles of the last minute or so, from the differences of the merged histograms: the
 /// stats page's "now", where percentiles since start flatten with uptime.
@@ -607,7 +607,7 @@ pub struct Window {
 
 /// One listener's recent percentiles; `all` merges every listener.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RecentReport {
+pub(crate) struct RecentReport {
     /// Seconds the window covers (shorter right after the first request).
     pub window_s: f64,
     pub all: Vec<Summary>,
@@ -615,11 +615,11 @@ pub struct RecentReport {
 }
 
 impl Window {
-    pub const SPAN: std::time::Duration = std::time::Duration::from_secs(60);
-    pub const STEP: std::time::Duration = std::time::Duration::from_secs(10);
+    pub(crate) const SPAN: std::time::Duration = std::time::Duration::from_secs(60);
+    pub(crate) const STEP: std::time::Duration = std::time::Duration::from_secs(10);
 
     /// The recent percentiles of `merged` at `now` (taking a snapshot if one is due).
-    pub fn recent(&mut self, merged: &Merged, now: std::time::Instant) -> RecentReport {
+    pub(crate) fn recent(&mut self, merged: &Merged, now: std::time::Instant) -> RecentReport {
         let current: Vec<[Histogram<u64>; 2]> = merged
             .total
             .iter()
@@ -706,7 +706,7 @@ pub fn installed() -> Option<&'static std::sync::Arc<Stats>> {
 }
 
 /// Control-socket commands this module answers (`stats`, `stats-reset`); None = not ours.
-pub fn control_command(cmd: &str) -> Option<String> {
+pub(crate) fn control_command(cmd: &str) -> Option<String> {
     let reply = match cmd {
         "stats" | "stats-reset" => match installed() {
             None => serde_json::json!({ "error": "histograms are not available" }),

@@ -197,7 +197,7 @@ struct Down {
 }
 
 /// Worker processes needed so `max_connections` fit under the per-process fd limit.
-pub fn workers_needed(config: &Config, nofile: u64) -> usize {
+pub(crate) fn workers_needed(config: &Config, nofile: u64) -> usize {
     if config.workers > 0 {
         return config.workers as usize;
     }
@@ -212,7 +212,7 @@ pub fn workers_needed(config: &Config, nofile: u64) -> usize {
 /// Is some socket already listening on `addr`'s port at that address or a wildcard? Read from
 /// /proc/net/tcp{,6}: SO_REUSEPORT would otherwise let a second daemon (same user) share the
 /// port silently instead of failing with "address in use".
-pub fn already_listening(addr: SocketAddr) -> bool {
+pub(crate) fn already_listening(addr: SocketAddr) -> bool {
     let files: &[&str] = if addr.is_ipv4() {
         &["/proc/net/tcp"]
     } else {

@@ -105,11 +105,11 @@ mod ticket_keys {
 
     use crate::proto::tls::TicketKeys;
 
-    pub fn serialize<S: Serializer>(keys: &TicketKeys, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(keys: &TicketKeys, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&keys.to_hex())
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TicketKeys, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TicketKeys, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         TicketKeys::from_hex(&text)
             .ok_or_else(|| serde::de::Error::custom("malformed session-ticket keys"))

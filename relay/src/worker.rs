@@ -26,15 +26,15 @@ use crate::upstream::Upstreams;
 use crate::wire::ControlMsg;
 
 /// First fd number of the listeners in a worker.
-pub const FIRST_LISTENER_FD: RawFd = 3;
-pub const ENV_WORKER: &str = "SLUICE_WORKER";
-pub const ENV_CONFIG: &str = "SLUICE_CONFIG";
+pub(crate) const FIRST_LISTENER_FD: RawFd = 3;
+pub(crate) const ENV_WORKER: &str = "SLUICE_WORKER";
+pub(crate) const ENV_CONFIG: &str = "SLUICE_CONFIG";
 /// Set when the supervisor hands the worker the fast path's maps (always with sockmap).
-pub const ENV_SHARED_FAST_PATH: &str = "SLUICE_SHARED_FAST_PATH";
+pub(crate) const ENV_SHARED_FAST_PATH: &str = "SLUICE_SHARED_FAST_PATH";
 
 /// Who this worker is, as the supervisor said in [`ENV_WORKER`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Identity {
+pub(crate) struct Identity {
     pub index: usize,
     pub workers: usize,
     pub engine: EngineKind,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub mod preset;
 
 /// Let's Encrypt's production directory: `directory` when the configuration names none.
-pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub(crate) const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 /// The whole configuration of one `sluice` daemon.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -102,11 +102,11 @@ impl AdmissionSettings {
 }
 
 /// Default address of the metrics/stats HTTP listener.
-pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9199";
+pub(crate) const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9199";
 
 /// `state_dir` when the configuration does not name one: what systemd's
 /// `StateDirectory=sluice` makes.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/sluice";
+pub(crate) const DEFAULT_STATE_DIR: &str = "/var/lib/sluice";
 
 /// `[metrics]`: where Prometheus text and the stats page are served, and whether workers record
 /// latency histograms.
@@ -277,7 +277,7 @@ pub struct Listener {
 /// balancer in front of the relay lives (HAProxy's `expect-proxy layer4 if { src -f trusted }`,
 /// nginx's `set_real_ip_from`). A balancer reaching the relay from a public address has to be
 /// named.
-pub const DEFAULT_TRUSTED_PROXIES: &[&str] = &[
+pub(crate) const DEFAULT_TRUSTED_PROXIES: &[&str] = &[
     "127.0.0.0/8",
     "::1/128",
     "10.0.0.0/8",
@@ -288,7 +288,7 @@ pub const DEFAULT_TRUSTED_PROXIES: &[&str] = &[
 ];
 
 /// [`DEFAULT_TRUSTED_PROXIES`], parsed.
-pub fn default_trusted_proxies() -> Vec<IpNet> {
+pub(crate) fn default_trusted_proxies() -> Vec<IpNet> {
     DEFAULT_TRUSTED_PROXIES
         .iter()
         .map(|s| s.parse().expect("the default trusted proxies are CIDRs"))
@@ -328,7 +328,9 @@ mod cidr_list {
         IpNet::new(addr, len).map_err(|e| format!("`{s}`: {e}"))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<IpNet>>, D::Error> {
         Vec::<String>::deserialize(d)?
             .iter()
             .map(|s| parse(s).map_err(serde::de::Error::custom))
@@ -336,7 +338,10 @@ mod cidr_list {
             .map(Some)
     }
 
-    pub fn serialize<S: Serializer>(v: &Option<Vec<IpNet>>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(
+        v: &Option<Vec<IpNet>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.collect_seq(v.iter().flatten().map(|n| n.to_string()))
     }
 }
@@ -354,12 +359,12 @@ pub enum Decoy {
 }
 
 impl Decoy {
-    pub fn is_off(&self) -> bool {
+    pub(crate) fn is_off(&self) -> bool {
         *self == Decoy::Off
     }
 
     /// Served by the supervisor's own site ([`crate::decoy`]), not by another server.
-    pub fn is_local(&self) -> bool {
+    pub(crate) fn is_local(&self) -> bool {
         matches!(self, Decoy::Builtin | Decoy::Dir(_))
     }
 }
@@ -546,8 +551,6 @@ pub enum KeyKind {
 }
 
 impl KeyKind {
-    /// What WhatsApp/proxy generates.
-    pub const WHATSAPP: KeyKind = KeyKind::Rsa(4096);
     /// What a generated certificate uses unless the configuration says otherwise.
     pub const DEFAULT: KeyKind = KeyKind::EcdsaP256;
 }
@@ -624,7 +627,7 @@ fn is_dns_name(s: &str) -> bool {
 
 impl TlsSettings {
     /// The key type a generated certificate gets.
-    pub fn generated_key(&self) -> KeyKind {
+    pub(crate) fn generated_key(&self) -> KeyKind {
         self.key_type.map_or(KeyKind::DEFAULT, KeyType::kind)
     }
 }
@@ -776,7 +779,7 @@ pub enum ConfigError {
 /// (letters, digits, `-`, dots; labels of 1-63 characters not starting or ending with `-`).
 /// A URL, a port or spaces get an error saying what to give instead. For `public_host` here
 /// and the host of `sluicectl share` ([`crate::share`]).
-pub fn validate_host(host: &str) -> Result<(), String> {
+pub(crate) fn validate_host(host: &str) -> Result<(), String> {
     if host.is_empty() {
         return Err("the host is empty: give the relay's public DNS name or IP address".into());
     }
@@ -819,16 +822,16 @@ pub fn validate_host(host: &str) -> Result<(), String> {
 }
 
 mod defaults {
-    pub fn acme_directory() -> String {
+    pub(crate) fn acme_directory() -> String {
         super::LETS_ENCRYPT.to_owned()
     }
-    pub fn acme_renew_before_days() -> u32 {
+    pub(crate) fn acme_renew_before_days() -> u32 {
         30
     }
     pub fn state_dir() -> std::path::PathBuf {
         super::DEFAULT_STATE_DIR.into()
     }
-    pub fn metrics_listen() -> super::MetricsListen {
+    pub(crate) fn metrics_listen() -> super::MetricsListen {
         super::MetricsListen(Some(
             super::DEFAULT_METRICS_ADDR.parse().expect("valid default"),
         ))
@@ -866,19 +869,19 @@ mod defaults {
     pub fn decoy_keepalive_ms() -> u32 {
         75_000
     }
-    pub fn health_interval_ms() -> u32 {
+    pub(crate) fn health_interval_ms() -> u32 {
         60_000
     }
-    pub fn health_fast_interval_ms() -> u32 {
+    pub(crate) fn health_fast_interval_ms() -> u32 {
         1_000
     }
-    pub fn health_down_interval_ms() -> u32 {
+    pub(crate) fn health_down_interval_ms() -> u32 {
         3_000
     }
-    pub fn health_rise() -> u32 {
+    pub(crate) fn health_rise() -> u32 {
         2
     }
-    pub fn health_fall() -> u32 {
+    pub(crate) fn health_fall() -> u32 {
         3
     }
 }
@@ -918,7 +921,7 @@ impl Config {
 
     /// Writes out what a key left to its default means where the default is not a constant:
     /// each `accept_proxy` listener's `trusted_proxies`.
-    pub fn fill_defaults(&mut self) {
+    pub(crate) fn fill_defaults(&mut self) {
         for l in &mut self.listeners {
             if l.accept_proxy && l.trusted_proxies.is_none() {
                 l.trusted_proxies = Some(default_trusted_proxies());
@@ -965,7 +968,7 @@ impl Config {
     /// The listener that can answer ACME HTTP-01 challenges: the first plain (no `tls`),
     /// static-route listener on port 80 whose decoy is a local site (`builtin` or `dir:`),
     /// which gets the CA's `GET /.well-known/acme-challenge/TOKEN` ([`crate::decoy`]).
-    pub fn http01_listener(&self) -> Option<usize> {
+    pub(crate) fn http01_listener(&self) -> Option<usize> {
         self.listeners.iter().position(|l| {
             l.bind.port() == 80 && l.tls.is_none() && l.route == Route::Static && l.decoy.is_local()
         })

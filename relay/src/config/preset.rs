@@ -97,13 +97,13 @@ impl Preset {
 /// 3 600–5 900 a second on a 2-core host to 100, about 2 % of one core with the ECDSA
 /// certificate (docs/OPERATIONS.md, "Handshake floods"). With `key_type = "rsa-4096"` 100
 /// RSA-4096 handshakes a second are almost half a core: lower it there.
-pub const WHATSAPP_TLS_NEW_PER_SECOND: u32 = 100;
+pub(crate) const WHATSAPP_TLS_NEW_PER_SECOND: u32 = 100;
 
 /// The same for the Signal preset's port 443, twice as high: a Signal client opens several
 /// connections through the proxy at once (the authenticated and unauthenticated websockets,
 /// then storage, CDN, contact discovery as it needs them), each its own TLS session to the
 /// relay with no resumption (tickets are off, as upstream).
-pub const SIGNAL_TLS_NEW_PER_SECOND: u32 = 200;
+pub(crate) const SIGNAL_TLS_NEW_PER_SECOND: u32 = 200;
 
 fn hp(s: &str) -> HostPort {
     s.parse().expect("preset upstreams are valid")

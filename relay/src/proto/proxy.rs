@@ -33,7 +33,7 @@ use crate::error::Side;
 
 /// Longest v1 header, CRLF included (the spec's worst case: `PROXY UNKNOWN` with two full IPv6
 /// addresses and ports).
-pub const MAX_V1_LEN: usize = 107;
+pub(crate) const MAX_V1_LEN: usize = 107;
 
 /// Longest header accepted at all: a v2 header is 16 bytes plus its declared length, which may
 /// announce up to 64 KiB of TLVs; nothing a relay needs is that long.

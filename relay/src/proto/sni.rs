@@ -23,7 +23,7 @@ use crate::config::preset::SIGNAL_HOSTS;
 use crate::error::Side;
 
 /// Largest ClientHello accepted (the handshake message, without record headers).
-pub const MAX_CLIENT_HELLO_LEN: usize = 16 * 1024;
+pub(crate) const MAX_CLIENT_HELLO_LEN: usize = 16 * 1024;
 
 /// Largest TLS record (RFC 8446 section 5.1: a plaintext fragment is at most 2^14 bytes).
 const MAX_RECORD_LEN: usize = 1 << 14;
@@ -83,7 +83,7 @@ pub fn peek_sni(buf: &[u8]) -> Result<SniResult, SniError> {
 
 /// What a TLS server imitating OpenSSL needs of a ClientHello that rustls does not tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HelloFacts {
+pub(crate) struct HelloFacts {
     /// `legacy_version`: below 0x0303 the client can speak only TLS 1.1 or older.
     pub legacy_version: u16,
     /// It offers a session to resume (`pre_shared_key`, a TLS 1.3 ticket).
@@ -94,7 +94,7 @@ pub struct HelloFacts {
 
 /// [`HelloFacts`] of the complete ClientHello at the start of `buf`; `None` while incomplete or
 /// if malformed.
-pub fn hello_facts(buf: &[u8]) -> Option<HelloFacts> {
+pub(crate) fn hello_facts(buf: &[u8]) -> Option<HelloFacts> {
     let hello = client_hello(buf).ok()??;
     let legacy_version = u16::from_be_bytes([*hello.first()?, *hello.get(1)?]);
     let mut r = Reader(&hello);
