@@ -55,7 +55,7 @@ impl CidrSet {
     }
 
     /// Adds a rule; false if it was already there.
-    pub fn insert(&mut self, cidr: Cidr) -> bool {
+    pub(crate) fn insert(&mut self, cidr: Cidr) -> bool {
         if self.rules.contains(&cidr) {
             return false;
         }
@@ -78,7 +78,7 @@ impl CidrSet {
     }
 
     /// Removes exactly this rule; false if it was not there.
-    pub fn remove(&mut self, cidr: Cidr) -> bool {
+    pub(crate) fn remove(&mut self, cidr: Cidr) -> bool {
         let Some(pos) = self.rules.iter().position(|c| *c == cidr) else {
             return false;
         };
@@ -106,7 +106,7 @@ impl CidrSet {
     }
 
     /// The longest rule that contains `ip`, if any.
-    pub fn lookup(&self, ip: IpAddr) -> Option<Cidr> {
+    pub(crate) fn lookup(&self, ip: IpAddr) -> Option<Cidr> {
         match canonical(ip) {
             IpAddr::V4(a) => {
                 let a = u32::from(a);
@@ -171,7 +171,7 @@ impl Rules {
     }
 
     /// Deny wins; then, with an allow list, only what it contains is admitted.
-    pub fn client(&self, ip: IpAddr) -> Verdict {
+    pub(crate) fn client(&self, ip: IpAddr) -> Verdict {
         if self.deny.contains(ip) || (!self.allow.is_empty() && !self.allow.contains(ip)) {
             Verdict::Deny
         } else {
@@ -425,7 +425,7 @@ pub struct Reply {
 impl Rules {
     /// Applies a command; returns whether something changed and, for `deny add ... kill`, the
     /// range whose live connections must close.
-    pub fn apply(&mut self, cmd: &Command) -> (bool, Option<Cidr>) {
+    pub(crate) fn apply(&mut self, cmd: &Command) -> (bool, Option<Cidr>) {
         match cmd {
             Command::Add {
                 list,
@@ -462,7 +462,7 @@ impl Rules {
     }
 
     /// A list as text, for listing.
-    pub fn listing(&self, list: List) -> Vec<String> {
+    pub(crate) fn listing(&self, list: List) -> Vec<String> {
         match list {
             List::Allow => self.allow.rules().iter().map(|c| c.to_string()).collect(),
             List::Deny => self.deny.rules().iter().map(|c| c.to_string()).collect(),

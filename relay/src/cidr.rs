@@ -59,7 +59,7 @@ impl Cidr {
     }
 
     /// The network address (host bits zero).
-    pub fn addr(&self) -> IpAddr {
+    pub(crate) fn addr(&self) -> IpAddr {
         self.0.addr()
     }
 

@@ -202,7 +202,7 @@ pub(crate) const BUSY: &str = "busy: too many control requests in progress; try 
 /// short-lived thread of its own, so one that waits (a `dest` name to resolve, workers to
 /// apply a change, a reload generating a certificate, a client that sends nothing) never holds
 /// `status` or any other request up.
-pub fn serve(
+pub(crate) fn serve(
     path: &Path,
     status: Arc<Mutex<Status>>,
     shared: Arc<Shared>,

@@ -107,7 +107,7 @@ const MAX_AT_ONCE: usize = 64;
 
 /// What a local decoy serves.
 #[derive(Debug, Clone)]
-pub enum Site {
+pub(crate) enum Site {
     /// Debian's default page ([`PAGE`]), dated when the site started.
     Builtin { mtime: SystemTime },
     /// The operator's files under this directory.
@@ -116,7 +116,7 @@ pub enum Site {
 
 /// The site's timeouts (from `[timeouts]`).
 #[derive(Debug, Clone, Copy)]
-pub struct Timing {
+pub(crate) struct Timing {
     /// `client_header_timeout`: a total deadline for each request head.
     pub header: Duration,
     /// `keepalive_timeout`.
@@ -134,14 +134,14 @@ impl Timing {
 }
 
 /// Binds a local site on 127.0.0.1 (an ephemeral port).
-pub fn bind() -> std::io::Result<TcpListener> {
+pub(crate) fn bind() -> std::io::Result<TcpListener> {
     TcpListener::bind("127.0.0.1:0")
 }
 
 /// A local site as the supervisor runs it: the listener's decoy setting it serves, its address
 /// for probes, and its twin's for plaintext sent to a TLS port.
 #[derive(Debug, Clone)]
-pub struct Local {
+pub(crate) struct Local {
     pub decoy: crate::config::Decoy,
     pub addr: std::net::SocketAddr,
     pub https_addr: std::net::SocketAddr,
@@ -187,7 +187,7 @@ pub(crate) fn start_local(
 
 /// Serves a local site on its own thread (one short-lived thread per connection, at most
 /// [`MAX_AT_ONCE`]). `https_port`: what comes here is plaintext sent to a TLS port.
-pub fn spawn(
+pub(crate) fn spawn(
     listener: TcpListener,
     site: Site,
     timing: Timing,
@@ -247,7 +247,7 @@ pub(crate) struct AcmeTokens(Vec<String>);
 impl AcmeTokens {
     /// Offers `(token, key authorization)` pairs; a token outside the base64url alphabet, or a
     /// key authorization that is not `token.thumbprint` of that alphabet, is refused.
-    pub fn offer(pairs: Vec<(String, String)>) -> Result<AcmeTokens, String> {
+    pub(crate) fn offer(pairs: Vec<(String, String)>) -> Result<AcmeTokens, String> {
         for (token, key_auth) in &pairs {
             let ok = is_acme_token(token)
                 && key_auth

@@ -271,7 +271,7 @@ impl fmt::Debug for FastPath {
 /// bytes twice (every one of them moved by the kernel: no byte went through user space), which
 /// splice, copy and epoll never did on the same run; 6.1 has the upstream fix for duplicated
 /// data transmission, so the cause is elsewhere in its sockmap backports.
-pub const PROVEN_SINCE: (u32, u32) = (6, 12);
+pub(crate) const PROVEN_SINCE: (u32, u32) = (6, 12);
 
 /// Set to `1` to use the sockmap fast path on a kernel older than [`PROVEN_SINCE`] (tests of the
 /// kernel itself, or an operator who checked their kernel).
@@ -683,12 +683,12 @@ pub(crate) struct HeldRing(RingBuf<MapData>);
 
 impl HeldRing {
     /// Readable (POLLIN) when events wait.
-    pub fn fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()
     }
 
     /// Moves the waiting events to `out`.
-    pub fn drain(&mut self, out: &mut Vec<HeldEvent>) {
+    pub(crate) fn drain(&mut self, out: &mut Vec<HeldEvent>) {
         while let Some(item) = self.0.next() {
             // A `#[repr(C)]` HeldEvent in the host's byte order: cookie (8 bytes), owner (4),
             // kind (4).

@@ -1,16 +1,7 @@
-//! Who caused an error ([`Side`], which the protocol parsers tag their errors with: client,
-//! upstream or this relay), and the errors that stop a worker or the daemon from starting.
+//! The errors that stop a worker or the daemon from starting.
 //! Messages are lowercase, with no trailing period, and never contain an IP address.
 
 use std::io;
-
-/// Who caused an error: the client, the upstream, or this relay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Client,
-    Upstream,
-    Local,
-}
 
 /// Errors that stop a worker or the daemon from starting.
 #[derive(Debug, thiserror::Error)]

@@ -65,23 +65,13 @@ impl Kind {
         }
     }
 
-    pub fn help(self) -> &'static str {
-        match self {
-            Kind::Connect => "Upstream connect time (all failover attempts)",
-            Kind::FirstByte => "Upstream connection established to first byte from the upstream",
-            Kind::Duration => "Relayed connection duration, accept to close",
-            Kind::BytesUp => "Bytes relayed client to upstream per connection",
-            Kind::BytesDown => "Bytes relayed upstream to client per connection",
-        }
-    }
-
     /// Times are recorded in microseconds, sizes in bytes.
     pub(crate) fn is_time(self) -> bool {
         matches!(self, Kind::Connect | Kind::FirstByte | Kind::Duration)
     }
 
     /// A new empty histogram for this kind, fixed range (no auto-resize: never allocates).
-    pub fn histogram(self) -> Histogram<u64> {
+    pub(crate) fn histogram(self) -> Histogram<u64> {
         let high = if self.is_time() {
             // One day in microseconds.
             86_400_000_000
@@ -161,7 +151,7 @@ impl Region {
 
     /// Writes `payload` into `worker`'s slot (seqlock writer; only that worker writes it).
     /// Returns false when it does not fit (it always should: the slot is sized for the worst).
-    pub fn write(&self, worker: usize, pid: u32, payload: &[u8]) -> bool {
+    pub(crate) fn write(&self, worker: usize, pid: u32, payload: &[u8]) -> bool {
         let slot = self.slot(worker);
         if payload.len() > (slot.len() - HEADER_WORDS) * 8 {
             return false;
@@ -182,7 +172,7 @@ impl Region {
 
     /// A consistent copy of `worker`'s slot: (pid, payload); None if never written or the
     /// writer kept it busy through a few attempts.
-    pub fn read(&self, worker: usize) -> Option<(u32, Vec<u8>)> {
+    pub(crate) fn read(&self, worker: usize) -> Option<(u32, Vec<u8>)> {
         let slot = self.slot(worker);
         for _ in 0..100 {
             let s1 = slot[0].load(Ordering::Acquire);
@@ -209,7 +199,7 @@ impl Region {
         None
     }
 
-    pub fn workers(&self) -> usize {
+    pub(crate) fn workers(&self) -> usize {
         self.workers
     }
 }
@@ -278,10 +268,6 @@ impl Histos {
             serializer: V2Serializer::new(),
             warned: false,
         }
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.enabled
     }
 
     #[inline]
@@ -391,7 +377,7 @@ impl Histos {
     }
 
     /// Called on every timer tick: publishes every [`PUBLISH_TICKS`] ticks if anything changed.
-    pub fn tick(&mut self) {
+    pub(crate) fn tick(&mut self) {
         self.ticks += 1;
         if self.ticks >= PUBLISH_TICKS {
             self.ticks = 0;
@@ -442,7 +428,7 @@ pub fn decode(payload: &[u8], listeners: usize) -> Option<Vec<Set>> {
 }
 
 /// The supervisor's merged, cumulative histograms.
-pub struct Merged {
+pub(crate) struct Merged {
     listeners: Vec<String>,
     total: Vec<Set>,
     /// What was last seen in each worker's slot: (pid, histograms).
@@ -461,7 +447,7 @@ impl Merged {
     }
 
     /// Folds in what every worker published since the last call.
-    pub fn poll(&mut self, region: &Region) {
+    pub(crate) fn poll(&mut self, region: &Region) {
         let n = self.listeners.len();
         for w in 0..region.workers().min(self.last.len()) {
             let Some((pid, payload)) = region.read(w) else {
@@ -491,7 +477,7 @@ impl Merged {
     }
 
     /// Clears the totals (`sluicectl stats --reset`); later recordings count from now.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         for set in &mut self.total {
             for h in set {
                 h.reset();
@@ -500,17 +486,17 @@ impl Merged {
         self.since = std::time::SystemTime::now();
     }
 
-    pub fn listeners(&self) -> &[String] {
+    pub(crate) fn listeners(&self) -> &[String] {
         &self.listeners
     }
 
     /// The merged histograms of listener `l`.
-    pub fn set(&self, l: usize) -> &Set {
+    pub(crate) fn set(&self, l: usize) -> &Set {
         &self.total[l]
     }
 
     /// The summary `sluicectl stats` and stats.json show.
-    pub fn report(&self) -> Report {
+    pub(crate) fn report(&self) -> Report {
         Report {
             since_unix_s: self
                 .since
@@ -601,7 +587,7 @@ pub(crate) const RECENT_KINDS: [Kind; 2] = [Kind::Connect, Kind::FirstByte];
 /// minute after start: it then covers what was recorded since). Memory: at most
 /// `SPAN / STEP + 2` snapshots of two histograms per listener (about 30 KB each).
 #[derive(Default)]
-pub struct Window {
+pub(crate) struct Window {
     snapshots: std::collections::VecDeque<(std::time::Instant, Vec<[Histogram<u64>; 2]>)>,
 }
 
@@ -679,14 +665,14 @@ impl Window {
 
 /// The supervisor's histograms and the region they are read from, shared by the control
 /// socket and the HTTP thread.
-pub struct Stats {
+pub(crate) struct Stats {
     pub region: Region,
     pub merged: std::sync::Mutex<Merged>,
 }
 
 impl Stats {
     /// Reads the workers' slots and returns the merged state, locked.
-    pub fn fresh(&self) -> std::sync::MutexGuard<'_, Merged> {
+    pub(crate) fn fresh(&self) -> std::sync::MutexGuard<'_, Merged> {
         let mut m = self.merged.lock().unwrap_or_else(|e| e.into_inner());
         m.poll(&self.region);
         m
@@ -696,12 +682,12 @@ impl Stats {
 static STATS: std::sync::OnceLock<std::sync::Arc<Stats>> = std::sync::OnceLock::new();
 
 /// Installs the daemon's histograms (once, by the supervisor).
-pub fn install(stats: std::sync::Arc<Stats>) {
+pub(crate) fn install(stats: std::sync::Arc<Stats>) {
     let _ = STATS.set(stats);
 }
 
 /// The daemon's histograms, if this process is a supervisor that installed them.
-pub fn installed() -> Option<&'static std::sync::Arc<Stats>> {
+pub(crate) fn installed() -> Option<&'static std::sync::Arc<Stats>> {
     STATS.get()
 }
 

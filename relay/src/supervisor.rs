@@ -57,7 +57,7 @@ const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A worker with control bytes waiting that took none for this long does not read its pipe
 /// (stopped, or stuck): it is killed and a new one starts with the whole state.
-pub const CONTROL_STALL: Duration = Duration::from_secs(5);
+pub(crate) const CONTROL_STALL: Duration = Duration::from_secs(5);
 /// Queued control bytes for one worker beyond which it is killed at once (a bound on the
 /// supervisor's memory; far above what the whole state takes).
 const CONTROL_QUEUE_MAX: usize = 256 << 20;

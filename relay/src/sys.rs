@@ -18,7 +18,7 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
 
 /// A pipe `(read end, write end)`, nonblocking and close-on-exec, resized to `size` bytes when
 /// the kernel allows it (the result is the size it really has).
-pub fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
+pub(crate) fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: `fds` is a valid array of two c_ints for pipe2 to fill.
     cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
@@ -44,7 +44,7 @@ pub(crate) fn pipe_pending(fd: BorrowedFd<'_>) -> io::Result<usize> {
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
-pub fn raise_nofile_limit() -> io::Result<u64> {
+pub(crate) fn raise_nofile_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -144,7 +144,7 @@ pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// Makes a pipe end nonblocking (the supervisor's end of a worker's control pipe: a write it
 /// cannot finish now must not stop its event loop).
-pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: fcntl reads and sets the status flags of a borrowed, open fd.
     let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
     // SAFETY: as above.
@@ -153,7 +153,7 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// Sends `sig` to process `pid`.
-pub fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {
+pub(crate) fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {
     // SAFETY: kill takes plain integers.
     cvt(unsafe { libc::kill(pid as libc::pid_t, sig) })?;
     Ok(())
@@ -203,7 +203,7 @@ impl SharedMap {
     }
 
     /// Maps `len` bytes of an existing memfd (one another process made).
-    pub fn from_fd(fd: OwnedFd, len: usize) -> io::Result<SharedMap> {
+    pub(crate) fn from_fd(fd: OwnedFd, len: usize) -> io::Result<SharedMap> {
         // SAFETY: a fresh shared mapping of an fd we own; the kernel chooses the address.
         let ptr = unsafe {
             libc::mmap(
@@ -222,7 +222,7 @@ impl SharedMap {
         Ok(SharedMap { ptr, len, fd })
     }
 
-    pub fn fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.fd.as_fd()
     }
@@ -269,7 +269,7 @@ impl AnonMap {
         Ok(AnonMap { ptr, len })
     }
 
-    pub fn as_ptr(&self) -> *mut u8 {
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }
 }
@@ -283,7 +283,7 @@ impl Drop for AnonMap {
 }
 
 /// An epoll instance (for the engine used where io_uring is refused).
-pub struct Epoll {
+pub(crate) struct Epoll {
     fd: OwnedFd,
 }
 
@@ -305,20 +305,20 @@ impl Epoll {
         Ok(())
     }
 
-    pub fn add(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
+    pub(crate) fn add(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), events, token)
     }
 
-    pub fn modify(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
+    pub(crate) fn modify(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_MOD, fd.as_raw_fd(), events, token)
     }
 
-    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+    pub(crate) fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_DEL, fd.as_raw_fd(), 0, 0)
     }
 
     /// Waits up to `timeout_ms` and fills `events`; returns how many are valid.
-    pub fn wait(&self, events: &mut [EpollEvent], timeout_ms: i32) -> io::Result<usize> {
+    pub(crate) fn wait(&self, events: &mut [EpollEvent], timeout_ms: i32) -> io::Result<usize> {
         // SAFETY: the kernel writes at most `events.len()` entries into the slice.
         let n = unsafe {
             libc::epoll_wait(
@@ -352,7 +352,7 @@ pub(crate) fn dup_high(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
 
 /// IP_BIND_ADDRESS_NO_PORT: a later bind() to port 0 picks the address only; the port is chosen
 /// at connect() time, per destination, so source ports are not used up by bind().
-pub fn set_bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub(crate) fn set_bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
     const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
     let one: libc::c_int = 1;
     // SAFETY: setsockopt reads one c_int from the pointer, which points at `one`.
@@ -369,7 +369,7 @@ pub fn set_bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// Number of online CPUs.
-pub fn cpus() -> usize {
+pub(crate) fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
@@ -393,7 +393,7 @@ pub(crate) fn pass_fds(cmd: &mut std::process::Command, fds: Vec<RawFd>, first: 
 }
 
 /// recv(2) into `buf` with `flags` (e.g. MSG_PEEK | MSG_DONTWAIT).
-pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
     let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
     if n < 0 {
@@ -404,7 +404,7 @@ pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Resul
 }
 
 /// send(2) of `buf` with `flags` (e.g. MSG_NOSIGNAL | MSG_DONTWAIT).
-pub fn send(fd: BorrowedFd<'_>, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
+pub(crate) fn send(fd: BorrowedFd<'_>, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: the kernel reads at most `buf.len()` bytes from `buf`.
     let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), flags) };
     if n < 0 {
@@ -433,7 +433,7 @@ pub fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// read(2) from any fd (a pipe, here) into `buf`.
-pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
     let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
@@ -910,7 +910,7 @@ pub(crate) fn interface_addrs() -> io::Result<Vec<(String, std::net::IpAddr)>> {
 /// Tells systemd `state` (`READY=1`, `STOPPING=1`) through `$NOTIFY_SOCKET` (sd_notify(3)'s
 /// protocol: one datagram to a Unix socket, `@` for the abstract namespace). `Ok(false)` when
 /// not started by systemd with `Type=notify`.
-pub fn sd_notify(state: &str) -> io::Result<bool> {
+pub(crate) fn sd_notify(state: &str) -> io::Result<bool> {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::net::{SocketAddr, UnixDatagram};

@@ -298,7 +298,7 @@ pub(crate) fn default_trusted_proxies() -> Vec<IpNet> {
 impl Listener {
     /// The sources whose PROXY headers this listener believes (its `trusted_proxies`, or the
     /// default when it has none); empty when it does not take PROXY headers.
-    pub fn trusted_proxies(&self) -> std::borrow::Cow<'_, [IpNet]> {
+    pub(crate) fn trusted_proxies(&self) -> std::borrow::Cow<'_, [IpNet]> {
         match (&self.trusted_proxies, self.accept_proxy) {
             (_, false) => std::borrow::Cow::Borrowed(&[]),
             (Some(list), true) => std::borrow::Cow::Borrowed(list),
@@ -543,7 +543,7 @@ impl Default for TlsSettings {
 
 /// The key type of a generated certificate, as the generator ([`crate::proto::tls`]) takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyKind {
+pub(crate) enum KeyKind {
     /// RSA with this many bits (at least 2048, what `ring` signs with); 4096 as WhatsApp's.
     Rsa(u16),
     /// ECDSA on P-256: fast to generate, far cheaper to sign with than RSA-4096.
@@ -552,7 +552,7 @@ pub enum KeyKind {
 
 impl KeyKind {
     /// What a generated certificate uses unless the configuration says otherwise.
-    pub const DEFAULT: KeyKind = KeyKind::EcdsaP256;
+    pub(crate) const DEFAULT: KeyKind = KeyKind::EcdsaP256;
 }
 
 /// The key type of a generated certificate (`[listen.tls] key_type`).
@@ -568,7 +568,7 @@ pub enum KeyType {
 
 impl KeyType {
     /// The key generator's name for it.
-    pub fn kind(self) -> KeyKind {
+    pub(crate) fn kind(self) -> KeyKind {
         match self {
             KeyType::EcdsaP256 => KeyKind::EcdsaP256,
             KeyType::Rsa2048 => KeyKind::Rsa(2048),
@@ -579,7 +579,7 @@ impl KeyType {
 
 impl AcmeSettings {
     /// Why these settings cannot work, or None.
-    pub fn invalid(&self) -> Option<String> {
+    pub(crate) fn invalid(&self) -> Option<String> {
         if self.domains.is_empty() {
             return Some("`domains` is empty: name at least one".into());
         }
@@ -696,7 +696,7 @@ pub struct HostPort {
 
 impl HostPort {
     /// The address when the host is an IP literal, so no resolution is needed.
-    pub fn literal(&self) -> Option<SocketAddr> {
+    pub(crate) fn literal(&self) -> Option<SocketAddr> {
         self.host
             .parse::<IpAddr>()
             .ok()
@@ -828,7 +828,7 @@ mod defaults {
     pub(crate) fn acme_renew_before_days() -> u32 {
         30
     }
-    pub fn state_dir() -> std::path::PathBuf {
+    pub(crate) fn state_dir() -> std::path::PathBuf {
         super::DEFAULT_STATE_DIR.into()
     }
     pub(crate) fn metrics_listen() -> super::MetricsListen {
@@ -836,37 +836,37 @@ mod defaults {
             super::DEFAULT_METRICS_ADDR.parse().expect("valid default"),
         ))
     }
-    pub fn yes() -> bool {
+    pub(crate) fn yes() -> bool {
         true
     }
-    pub fn max_connections() -> u32 {
+    pub(crate) fn max_connections() -> u32 {
         27_500
     }
-    pub fn resolve_interval_s() -> u32 {
+    pub(crate) fn resolve_interval_s() -> u32 {
         300
     }
-    pub fn sockmap_queue_limit_mib() -> u32 {
+    pub(crate) fn sockmap_queue_limit_mib() -> u32 {
         16
     }
-    pub fn sockmap_queue_total_mib() -> u32 {
+    pub(crate) fn sockmap_queue_total_mib() -> u32 {
         256
     }
-    pub fn connect_ms() -> u32 {
+    pub(crate) fn connect_ms() -> u32 {
         5_000
     }
-    pub fn idle_ms() -> u32 {
+    pub(crate) fn idle_ms() -> u32 {
         200_000
     }
-    pub fn fin_ms() -> u32 {
+    pub(crate) fn fin_ms() -> u32 {
         1_000
     }
-    pub fn header_ms() -> u32 {
+    pub(crate) fn header_ms() -> u32 {
         5_000
     }
-    pub fn decoy_header_ms() -> u32 {
+    pub(crate) fn decoy_header_ms() -> u32 {
         60_000
     }
-    pub fn decoy_keepalive_ms() -> u32 {
+    pub(crate) fn decoy_keepalive_ms() -> u32 {
         75_000
     }
     pub(crate) fn health_interval_ms() -> u32 {

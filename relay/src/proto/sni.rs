@@ -20,7 +20,6 @@
 use std::borrow::Cow;
 
 use crate::config::preset::SIGNAL_HOSTS;
-use crate::error::Side;
 
 /// Largest ClientHello accepted (the handshake message, without record headers).
 pub(crate) const MAX_CLIENT_HELLO_LEN: usize = 16 * 1024;
@@ -63,13 +62,6 @@ pub enum SniError {
     Malformed(&'static str),
     #[error("server name is not a valid host name")]
     BadName,
-}
-
-impl SniError {
-    /// The ClientHello comes from the client.
-    pub fn side(&self) -> Side {
-        Side::Client
-    }
 }
 
 /// Reads the SNI of the ClientHello at the start of `buf`, which holds every byte received so far.

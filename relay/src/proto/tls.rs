@@ -69,7 +69,6 @@ use rustls::server::{Acceptor, ProducesTickets, StoresServerSessions};
 use rustls::{ServerConfig, ServerConnection};
 
 use crate::config::KeyKind;
-use crate::error::Side;
 
 /// The generated CA's validity: 100 years, as WhatsApp/proxy's.
 pub(crate) const CA_VALIDITY_DAYS: u32 = 36_500;
@@ -143,19 +142,9 @@ pub enum TlsError {
     AcmeAnswered,
 }
 
-impl TlsError {
-    /// A protocol error is the client's doing; setup errors are this relay's.
-    pub fn side(&self) -> Side {
-        match self {
-            TlsError::Protocol(_) | TlsError::AcmeAnswered => Side::Client,
-            _ => Side::Local,
-        }
-    }
-}
-
 /// The server side of TLS for one listener: certificate, key and protocol settings.
 #[derive(Clone)]
-pub struct TlsServer {
+pub(crate) struct TlsServer {
     /// The configuration, then its variants, by [`NO_ALPN`] and [`RESUMING`] bits.
     configs: [Arc<ServerConfig>; 4],
     /// The generated CA in PEM, for a self-signed server.
@@ -315,7 +304,7 @@ impl TlsServer {
     }
 
     /// Whether this server issues and accepts session tickets.
-    pub fn tickets(&self) -> bool {
+    pub(crate) fn tickets(&self) -> bool {
         self.configs[0].ticketer.enabled()
     }
 
@@ -327,7 +316,7 @@ impl TlsServer {
     }
 
     /// A new server-side connection for one accepted client.
-    pub fn accept(&self) -> Result<TlsConn, TlsError> {
+    pub(crate) fn accept(&self) -> Result<TlsConn, TlsError> {
         Ok(TlsConn {
             state: State::Hello(Box::new(Hello {
                 acceptor: Acceptor::default(),
@@ -367,7 +356,7 @@ impl std::fmt::Debug for PemIdentity {
 
 impl PemIdentity {
     /// Generates a chain like [`TlsServer::self_signed_with`] does.
-    pub fn generate(
+    pub(crate) fn generate(
         dns_names: &[String],
         ips: &[IpAddr],
         kind: KeyKind,
@@ -429,7 +418,7 @@ impl TlsServer {
 ///
 /// After an error from [`TlsConn::feed_ciphertext`], call [`TlsConn::take_ciphertext`] once more:
 /// rustls has queued the alert that tells the client why, then close the connection.
-pub struct TlsConn {
+pub(crate) struct TlsConn {
     state: State,
     /// Plaintext decrypted while more ciphertext was being fed than rustls buffers at once
     /// (16 KiB); empty, with no allocation, in the usual case.
@@ -684,7 +673,8 @@ impl TlsConn {
     }
 
     /// There are bytes for [`TlsConn::take_ciphertext`].
-    pub fn wants_write(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn wants_write(&self) -> bool {
         match &self.state {
             State::Hello(hello) => !hello.out.is_empty(),
             State::Running(conn) => conn.wants_write(),
@@ -692,28 +682,30 @@ impl TlsConn {
     }
 
     /// The handshake has not finished yet.
-    pub fn is_handshaking(&self) -> bool {
+    pub(crate) fn is_handshaking(&self) -> bool {
         self.conn().is_none_or(|c| c.is_handshaking())
     }
 
     /// The handshake resumed a session from a ticket (no certificate was sent or signed for).
-    pub fn resumed(&self) -> bool {
+    pub(crate) fn resumed(&self) -> bool {
         self.conn()
             .is_some_and(|c| c.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
     }
 
     /// The server name the client asked for (SNI), once its ClientHello is in.
+    #[cfg(test)]
     pub fn sni(&self) -> Option<&str> {
         self.conn()?.server_name()
     }
 
     /// The ALPN protocol agreed on, if any.
-    pub fn alpn(&self) -> Option<&[u8]> {
+    #[cfg(test)]
+    pub(crate) fn alpn(&self) -> Option<&[u8]> {
         self.conn()?.alpn_protocol()
     }
 
     /// Queues a close_notify alert; send it with [`TlsConn::take_ciphertext`].
-    pub fn send_close_notify(&mut self) {
+    pub(crate) fn send_close_notify(&mut self) {
         match &mut self.state {
             State::Running(conn) => conn.send_close_notify(),
             State::Hello(hello) => hello.close_notify = true,
@@ -967,7 +959,7 @@ impl std::fmt::Debug for TicketKeys {
 
 impl TicketKeys {
     /// A first key, none before it, for keys rotated every `period`.
-    pub fn generate(period: std::time::Duration) -> Result<TicketKeys, TlsError> {
+    pub(crate) fn generate(period: std::time::Duration) -> Result<TicketKeys, TlsError> {
         Ok(TicketKeys {
             current: TicketKey::generate()?,
             previous: None,
@@ -978,7 +970,7 @@ impl TicketKeys {
     }
 
     /// A new current key; the current one becomes the previous, the previous is forgotten.
-    pub fn rotate(&self) -> Result<TicketKeys, TlsError> {
+    pub(crate) fn rotate(&self) -> Result<TicketKeys, TlsError> {
         Ok(TicketKeys {
             current: TicketKey::generate()?,
             previous: Some(self.current.clone()),
@@ -1699,7 +1691,6 @@ mod tests {
             let mut conn = ecdsa_server().accept().unwrap();
             let error = conn.feed_ciphertext(input).unwrap_err();
             assert_eq!(error.to_string(), expect);
-            assert_eq!(error.side(), Side::Client);
             let mut alert = Vec::new();
             conn.take_ciphertext(&mut alert);
             assert_eq!(alert.first(), Some(&0x15), "an alert record is queued");
@@ -1742,7 +1733,6 @@ mod tests {
                 .starts_with("cannot read certificates from "),
             "{error}"
         );
-        assert_eq!(error.side(), Side::Local);
         let error = TlsServer::from_pem_files(&privkey, &privkey).unwrap_err();
         assert!(
             error.to_string().starts_with("no certificate in "),
