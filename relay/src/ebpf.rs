@@ -44,17 +44,14 @@ use crate::cidr::Cidr;
 pub use sluice_common::{ConnCounters, Cookie, FlowStats, PIN_DIR, RuleId, XdpStats};
 
 /// Every map of the object: pinning one pins all, so every loader of a pin directory shares them.
-const ALL_MAPS: [&str; 12] = [
+const ALL_MAPS: [&str; 9] = [
     fast_path::SOCKS,
     fast_path::PEERS,
     fast_path::COUNTERS,
     fast_path::HELD,
     fast_path::FLOW,
-    admission::ALLOW_V4,
-    admission::ALLOW_V6,
     admission::DENY_V4,
     admission::DENY_V6,
-    admission::DESTS,
     admission::XDP_STATS,
     admission::PORTS,
 ];
@@ -705,6 +702,11 @@ impl HeldRing {
     }
 }
 
+/// Maps an older `sluicectl load` pinned that this object no longer has (no program ever read
+/// them: the client and destination allowlists are checked in user space); `sluicectl unload`
+/// still removes their pins.
+const RETIRED_MAPS: [&str; 3] = ["SLUICE_ALLOW_V4", "SLUICE_ALLOW_V6", "SLUICE_DESTS"];
+
 /// How many map fds [`FastPath::map_fds`] hands to a worker.
 pub(crate) const MAP_FDS: usize = 4;
 
@@ -750,7 +752,11 @@ pub fn pin_all(dir: &Path) -> Result<Vec<&'static str>> {
 /// until their last user closes them.
 pub fn unpin_all(dir: &Path) -> Result<Vec<&'static str>> {
     let mut removed = Vec::new();
-    for name in ALL_MAPS.iter().chain(ALL_PROGRAMS.iter()) {
+    for name in ALL_MAPS
+        .iter()
+        .chain(ALL_PROGRAMS.iter())
+        .chain(RETIRED_MAPS.iter())
+    {
         match std::fs::remove_file(dir.join(name)) {
             Ok(()) => removed.push(*name),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
