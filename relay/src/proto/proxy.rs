@@ -73,7 +73,7 @@ pub struct ProxyHeader {
     pub local: bool,
 }
 
-/// Why a PROXY header is refused. Always the client's fault: see [`ProxyError::side`].
+/// Why a PROXY header is refused (always the client's doing: the header comes from it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
     #[error("not a PROXY protocol header")]
