@@ -1,4 +1,4 @@
-//! Criterion: `sluice::upstream::ControlMsg` encode and decode, the line the supervisor sends every
+//! Criterion: `sluice::wire::ControlMsg` encode and decode, the line the supervisor sends every
 //! worker each time an upstream name resolves differently.
 
 use std::hint::black_box;
@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sluice::upstream::ControlMsg;
+use sluice::wire::ControlMsg;
 
 fn bench(c: &mut Criterion) {
     // The WhatsApp Helm chart's six upstreams: two names on three ports each.
@@ -34,7 +34,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| ControlMsg::decode(black_box(&line)))
     });
     g.bench_function("decode/drain", |b| {
-        b.iter(|| ControlMsg::decode(black_box("drain\n")))
+        b.iter(|| ControlMsg::decode(black_box("\"drain\"\n")))
     });
     g.finish();
 }

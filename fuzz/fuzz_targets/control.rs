@@ -1,6 +1,6 @@
 //! The control protocols: a request line on the control socket (`control::read_request`, then
 //! `admission::Command::parse`, what `sluicectl` sends), and a supervisor-to-worker line
-//! (`upstream::ControlMsg::decode`).
+//! (`wire::ControlMsg::decode`, one JSON object a line).
 //!
 //! `dest` rules are parsed without DNS (IP literals only; a name is refused as unresolvable) so
 //! the fuzzer never waits on a resolver. Beyond "no panic": whatever parses is encoded back to
@@ -11,10 +11,11 @@
 use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
-use sluice::admission::{Command, canonical};
+use sluice::admission::Command;
+use sluice::cidr::canonical;
 use sluice::config::HostPort;
 use sluice::control::read_request;
-use sluice::upstream::ControlMsg;
+use sluice::wire::ControlMsg;
 
 /// `admission::parse_dest` without the resolver.
 fn literal_dest(s: &str) -> Result<Vec<SocketAddr>, String> {

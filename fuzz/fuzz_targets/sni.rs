@@ -10,7 +10,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice::proto::sni::{SIGNAL_HOSTS, SniAllowlist, SniResult, peek_sni};
+use sluice::config::preset::SIGNAL_HOSTS;
+use sluice::proto::sni::{SniAllowlist, SniResult, peek_sni};
 
 fuzz_target!(|data: &[u8]| {
     let result = peek_sni(data);

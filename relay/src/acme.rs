@@ -5,7 +5,7 @@
 //!
 //! Validation is TLS-ALPN-01 (RFC 8737) on the TLS listener itself, so no port 80 is needed:
 //! the thread builds each domain's challenge certificate, the supervisor pushes it to the
-//! workers ([`crate::upstream::ControlMsg::Challenges`]) and waits until every live worker
+//! workers ([`crate::wire::ControlMsg::Challenges`]) and waits until every live worker
 //! applied it, and only then is the CA told to validate; the challenges are taken back once the
 //! order is decided. Workers never talk to the CA (they are unprivileged and sandboxed).
 //!
@@ -41,9 +41,6 @@ use instant_acme::{
 use crate::config::{AcmeChallengeKind, AcmeSettings};
 use crate::metrics::{Counter, Shared};
 use crate::proto::tls::{AcmeChallenge, PemIdentity};
-
-/// Let's Encrypt's production directory: `directory` when the configuration names none.
-pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 /// How often a certificate's remaining validity is looked at (certbot's timer: 12 h).
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(12 * 3600);
@@ -643,7 +640,7 @@ mod tests {
             settings: AcmeSettings {
                 domains: vec!["relay.example.org".into()],
                 email: None,
-                directory: LETS_ENCRYPT.into(),
+                directory: crate::config::LETS_ENCRYPT.into(),
                 directory_ca: None,
                 renew_before_days: 30,
                 challenge,

@@ -4,7 +4,7 @@
 //! The supervisor owns the lists ([`Rules`]), seeded from the config's `[admission]` table and
 //! changed by `sluicectl allow|deny|dest` over the control socket ([`Command`]). Every change is
 //! sent whole to every worker down its control pipe (`admission` line of
-//! [`crate::upstream::ControlMsg`]), and to a restarted worker before `ready`. Workers check the
+//! [`crate::wire::ControlMsg`]), and to a restarted worker before `ready`. Workers check the
 //! client at accept (its peer address, looked up only while a client list is non-empty, and the
 //! source of a PROXY header once parsed) and never connect to an address outside a non-empty
 //! destination allowlist.
@@ -21,12 +21,14 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use ipnet::IpNet;
+/// Re-exported: the engines name the ranges of a kill by this path.
+pub use crate::cidr::Cidr;
+use crate::cidr::canonical;
 
 /// A set of CIDRs with longest-prefix lookup: one hash set of networks per prefix length, probed
 /// from the longest length present to the shortest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CidrSet {
+pub(crate) struct CidrSet {
     /// Prefix length -> networks (host bits zero), IPv4 as u32.
     v4: BTreeMap<u8, HashSet<u32>>,
     /// Prefix length -> networks (host bits zero), IPv6 as u128.
@@ -43,124 +45,6 @@ fn mask6(len: u8) -> u128 {
     u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
 }
 
-/// An IPv4-mapped IPv6 address (a v4 client on a dual-stack socket) as the IPv4 address it is.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
-}
-
-/// A range written in IPv4-mapped IPv6 (`::ffff:a.b.c.d/len`, `len` from 96 to 128) as the IPv4
-/// range it is (`a.b.c.d/len-96`); any other range as written. Client addresses are compared
-/// as IPv4 ([`canonical`]), so every rule side (allow/deny, `trusted_proxies`) goes through
-/// this too, or a `::ffff:` rule would match no client. A shorter IPv6 range (`::/0`) stays
-/// IPv6 and matches IPv6 clients only.
-pub fn canonical_range(addr: IpAddr, len: u8) -> (IpAddr, u8) {
-    match addr {
-        IpAddr::V6(a) if (96..=128).contains(&len) => match a.to_ipv4_mapped() {
-            Some(v4) => (IpAddr::V4(v4), len - 96),
-            None => (addr, len),
-        },
-        _ => (addr, len),
-    }
-}
-
-/// A client address range (an [`IpNet`] with its host bits zero, an IPv4-mapped range as the
-/// IPv4 one: see [`canonical_range`]). Written as text (config, `sluicectl`), a range with host
-/// bits set is refused (`10.1.2.3/8` is a typo for a host or for `10.0.0.0/8`; neither is
-/// guessed); a bare address is that one host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Cidr(IpNet);
-
-/// Why text is not a [`Cidr`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct CidrError(String);
-
-impl Cidr {
-    /// `addr/prefix_len` with its host bits cleared (for ranges that come from a map or are
-    /// computed; text goes through `FromStr`, which refuses host bits); fails if the prefix
-    /// is longer than the address.
-    pub fn new(addr: IpAddr, prefix_len: u8) -> Result<Self, CidrError> {
-        let (addr, prefix_len) = canonical_range(addr, prefix_len);
-        IpNet::new(addr, prefix_len)
-            .map(|n| Cidr(n.trunc()))
-            .map_err(|_| {
-                CidrError(format!(
-                    "an {} prefix is at most {} bits",
-                    if addr.is_ipv4() { "ipv4" } else { "ipv6" },
-                    if addr.is_ipv4() { 32 } else { 128 }
-                ))
-            })
-    }
-
-    /// The network address (host bits zero).
-    pub fn addr(&self) -> IpAddr {
-        self.0.addr()
-    }
-
-    /// How many leading bits of [`Cidr::addr`] count.
-    pub fn prefix_len(&self) -> u8 {
-        self.0.prefix_len()
-    }
-}
-
-/// `ADDRESS/PREFIX` without host bits, or a bare address meaning exactly that address.
-impl std::str::FromStr for Cidr {
-    type Err = CidrError;
-
-    fn from_str(s: &str) -> Result<Self, CidrError> {
-        let net = match s.parse::<IpNet>() {
-            Ok(net) => net,
-            Err(_) => match s.parse::<IpAddr>() {
-                Ok(ip) => IpNet::from(ip),
-                Err(_) => {
-                    return Err(CidrError(
-                        "expected ADDRESS or ADDRESS/PREFIX (a prefix of at most 32 bits for \
-                         IPv4, 128 for IPv6)"
-                            .into(),
-                    ));
-                }
-            },
-        };
-        if let Some(why) = host_bits(&net) {
-            return Err(CidrError(why));
-        }
-        Cidr::new(net.addr(), net.prefix_len())
-    }
-}
-
-/// Why a range written with host bits set (`10.1.2.3/8`) is refused, naming the range it would
-/// be; None when it has none. Every place a range is read from text asks this.
-pub fn host_bits(net: &IpNet) -> Option<String> {
-    (net.trunc() != *net).then(|| {
-        format!(
-            "`{net}` has host bits set (the range is {}): write the network address, or the \
-             single host as /{}",
-            net.trunc(),
-            net.max_prefix_len()
-        )
-    })
-}
-
-impl<'de> serde::Deserialize<'de> for Cidr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse()
-            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a CIDR ({e})")))
-    }
-}
-
-impl Serialize for Cidr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr(), self.prefix_len())
-    }
-}
-
 impl CidrSet {
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
@@ -171,7 +55,7 @@ impl CidrSet {
     }
 
     /// Adds a rule; false if it was already there.
-    pub fn insert(&mut self, cidr: Cidr) -> bool {
+    pub(crate) fn insert(&mut self, cidr: Cidr) -> bool {
         if self.rules.contains(&cidr) {
             return false;
         }
@@ -194,7 +78,7 @@ impl CidrSet {
     }
 
     /// Removes exactly this rule; false if it was not there.
-    pub fn remove(&mut self, cidr: Cidr) -> bool {
+    pub(crate) fn remove(&mut self, cidr: Cidr) -> bool {
         let Some(pos) = self.rules.iter().position(|c| *c == cidr) else {
             return false;
         };
@@ -222,7 +106,7 @@ impl CidrSet {
     }
 
     /// The longest rule that contains `ip`, if any.
-    pub fn lookup(&self, ip: IpAddr) -> Option<Cidr> {
+    pub(crate) fn lookup(&self, ip: IpAddr) -> Option<Cidr> {
         match canonical(ip) {
             IpAddr::V4(a) => {
                 let a = u32::from(a);
@@ -254,7 +138,7 @@ impl CidrSet {
         &self.rules
     }
 
-    pub fn from_rules(rules: impl IntoIterator<Item = Cidr>) -> CidrSet {
+    pub(crate) fn from_rules(rules: impl IntoIterator<Item = Cidr>) -> CidrSet {
         let mut set = CidrSet::default();
         for r in rules {
             set.insert(r);
@@ -265,7 +149,7 @@ impl CidrSet {
 
 /// Why a client was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Admit,
     /// It falls in a deny rule, or an allow list exists and it falls in none.
     Deny,
@@ -273,7 +157,7 @@ pub enum Verdict {
 
 /// The three lists, as the supervisor holds them and as every worker gets them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Rules {
+pub(crate) struct Rules {
     pub allow: CidrSet,
     pub deny: CidrSet,
     /// Upstream addresses the relay may connect to; empty = any.
@@ -282,45 +166,22 @@ pub struct Rules {
 
 impl Rules {
     /// Whether the client lists say anything (else no peer address needs to be looked up).
-    pub fn checks_clients(&self) -> bool {
+    pub(crate) fn checks_clients(&self) -> bool {
         !self.allow.is_empty() || !self.deny.is_empty()
     }
 
     /// Deny wins; then, with an allow list, only what it contains is admitted.
-    pub fn client(&self, ip: IpAddr) -> Verdict {
+    pub(crate) fn client(&self, ip: IpAddr) -> Verdict {
         if self.deny.contains(ip) || (!self.allow.is_empty() && !self.allow.contains(ip)) {
             Verdict::Deny
         } else {
             Verdict::Admit
         }
     }
-
-    /// Whether the relay may connect to `addr`.
-    pub fn dest_allowed(&self, addr: SocketAddr) -> bool {
-        self.dests.is_empty()
-            || self
-                .dests
-                .contains(&SocketAddr::new(canonical(addr.ip()), addr.port()))
-    }
 }
 
-/// The destination allowlist as the supervisor's health checker sees it (it runs on the
-/// resolver thread); set by the supervisor with [`publish_dests`].
-static HEALTH_DESTS: std::sync::RwLock<BTreeSet<SocketAddr>> =
-    std::sync::RwLock::new(BTreeSet::new());
-
-/// Tells the health checker the destination allowlist now in force.
-pub fn publish_dests(dests: &BTreeSet<SocketAddr>) {
-    *HEALTH_DESTS.write().unwrap_or_else(|p| p.into_inner()) = dests.clone();
-}
-
-/// Whether the health checker may connect to `addr` (empty allowlist: any address).
-pub fn dest_permitted(addr: SocketAddr) -> bool {
-    let dests = HEALTH_DESTS.read().unwrap_or_else(|p| p.into_inner());
-    dests.is_empty() || dests.contains(&SocketAddr::new(canonical(addr.ip()), addr.port()))
-}
-
-/// Encodes a list for a control line: comma separated, `-` when empty (no spaces in either).
+/// Encodes a list for a control-socket command (`dest add A,B`, what `sluicectl` sends): comma
+/// separated, `-` when empty (no spaces in either).
 pub fn encode_list<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
     let list: Vec<String> = items.into_iter().map(|i| i.to_string()).collect();
     if list.is_empty() {
@@ -328,14 +189,6 @@ pub fn encode_list<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> Strin
     } else {
         list.join(",")
     }
-}
-
-/// The reverse of [`encode_list`].
-pub fn decode_list<T: std::str::FromStr>(s: &str) -> Option<Vec<T>> {
-    if s == "-" {
-        return Some(Vec::new());
-    }
-    s.split(',').map(|i| i.parse().ok()).collect()
 }
 
 /// Which list a control command is about.
@@ -382,12 +235,12 @@ pub enum Command {
 /// How long a name given to `dest add|del` may take to resolve: past it the command fails,
 /// naming the name and this deadline, instead of waiting for the resolver's own timeouts
 /// (`options timeout:` x `attempts:` x name servers in /etc/resolv.conf, tens of seconds).
-pub const DEST_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEST_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Lookups that may run at once on [`resolve_within`]'s helper threads, counting those given
 /// up on but still inside getaddrinfo (it cannot be interrupted): a resolver that never
 /// answers leaves at most this many threads behind.
-pub const MAX_LOOKUPS: usize = 8;
+pub(crate) const MAX_LOOKUPS: usize = 8;
 
 static LOOKUPS: AtomicUsize = AtomicUsize::new(0);
 
@@ -398,7 +251,7 @@ pub fn parse_dest(s: &str) -> Result<Vec<SocketAddr>, String> {
 }
 
 /// [`parse_dest`] with another deadline for a name.
-pub fn parse_dest_within(s: &str, timeout: Duration) -> Result<Vec<SocketAddr>, String> {
+pub(crate) fn parse_dest_within(s: &str, timeout: Duration) -> Result<Vec<SocketAddr>, String> {
     if let Ok(sa) = s.parse::<SocketAddr>() {
         return Ok(vec![SocketAddr::new(canonical(sa.ip()), sa.port())]);
     }
@@ -416,7 +269,11 @@ pub fn parse_dest_within(s: &str, timeout: Duration) -> Result<Vec<SocketAddr>, 
 /// Resolves `host` on a short-lived helper thread and waits for it at most `timeout`, so the
 /// caller (the control socket's thread, `sluicectl`) is never held by a resolver that does not
 /// answer. A lookup given up on finishes on its own thread, its answer dropped.
-pub fn resolve_within(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, String> {
+pub(crate) fn resolve_within(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<Vec<SocketAddr>, String> {
     if LOOKUPS.fetch_add(1, Ordering::SeqCst) >= MAX_LOOKUPS {
         LOOKUPS.fetch_sub(1, Ordering::SeqCst);
         return Err(format!(
@@ -568,7 +425,7 @@ pub struct Reply {
 impl Rules {
     /// Applies a command; returns whether something changed and, for `deny add ... kill`, the
     /// range whose live connections must close.
-    pub fn apply(&mut self, cmd: &Command) -> (bool, Option<Cidr>) {
+    pub(crate) fn apply(&mut self, cmd: &Command) -> (bool, Option<Cidr>) {
         match cmd {
             Command::Add {
                 list,
@@ -605,7 +462,7 @@ impl Rules {
     }
 
     /// A list as text, for listing.
-    pub fn listing(&self, list: List) -> Vec<String> {
+    pub(crate) fn listing(&self, list: List) -> Vec<String> {
         match list {
             List::Allow => self.allow.rules().iter().map(|c| c.to_string()).collect(),
             List::Deny => self.deny.rules().iter().map(|c| c.to_string()).collect(),
@@ -711,18 +568,6 @@ mod tests {
     }
 
     #[test]
-    fn destinations() {
-        let mut r = Rules::default();
-        let a: SocketAddr = "127.0.0.5:80".parse().unwrap();
-        assert!(r.dest_allowed(a), "an empty allowlist allows all");
-        r.dests.insert("127.0.0.6:80".parse().unwrap());
-        assert!(!r.dest_allowed(a));
-        r.dests.insert(a);
-        assert!(r.dest_allowed(a));
-        assert!(r.dest_allowed("[::ffff:127.0.0.5]:80".parse().unwrap()));
-    }
-
-    #[test]
     fn commands_parse_and_round_trip() {
         for line in [
             "allow add 10.0.0.0/8",
@@ -775,10 +620,8 @@ mod tests {
         let v: Vec<Cidr> = vec![cidr("10.0.0.0/8"), cidr("::1")];
         let s = encode_list(&v);
         assert!(!s.contains(' '));
-        assert_eq!(decode_list::<Cidr>(&s), Some(v));
-        assert_eq!(decode_list::<Cidr>("-"), Some(vec![]));
+        assert_eq!(s, "10.0.0.0/8,::1/128");
         assert_eq!(encode_list(Vec::<Cidr>::new()), "-");
-        assert_eq!(decode_list::<Cidr>("x"), None);
     }
 
     #[test]

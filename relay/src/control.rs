@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::engine::EngineKind;
+use crate::health::UpstreamStatus;
 use crate::metrics::{ALL_COUNTERS, Counter, Shared};
 
 /// Default path of the control socket.
@@ -60,29 +61,6 @@ pub struct Status {
     /// ([`crate::health::Checker::summary`]); updated by the resolver thread.
     #[serde(default)]
     pub upstreams: Vec<UpstreamStatus>,
-}
-
-/// One configured upstream (or fallback) `HOST:PORT` of a listener: how many addresses it
-/// resolved to and how many of those are down. Names only, never a client address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UpstreamStatus {
-    pub listener: String,
-    /// The configured `HOST:PORT`.
-    pub upstream: String,
-    /// A `fallback` entry (used while every `upstream` address is down).
-    #[serde(default)]
-    pub fallback: bool,
-    /// Addresses it resolved to (after the DNS filter).
-    pub addresses: usize,
-    /// Of those, addresses the health checks found down.
-    pub down: usize,
-}
-
-impl UpstreamStatus {
-    /// Usable: resolved, and at least one address not down.
-    pub fn up(&self) -> bool {
-        self.addresses > self.down
-    }
 }
 
 /// The admission part of [`Status`]: counts only.
@@ -211,20 +189,20 @@ impl Status {
 
 /// Answers a command line other than `status` (the admission lists, `reload`), or None when it
 /// does not know it. Runs on the request's own thread, possibly beside others.
-pub type Handler = Box<dyn Fn(&str) -> Option<serde_json::Value> + Send + Sync>;
+pub(crate) type Handler = Box<dyn Fn(&str) -> Option<serde_json::Value> + Send + Sync>;
 
 /// Requests answered at once, each on a thread of its own; a connection past them is answered
 /// [`BUSY`] at once.
-pub const MAX_IN_FLIGHT: usize = 16;
+pub(crate) const MAX_IN_FLIGHT: usize = 16;
 
 /// The answer to a connection past [`MAX_IN_FLIGHT`].
-pub const BUSY: &str = "busy: too many control requests in progress; try again";
+pub(crate) const BUSY: &str = "busy: too many control requests in progress; try again";
 
 /// Serves the control socket: a thread accepts, and each request is read and answered on a
 /// short-lived thread of its own, so one that waits (a `dest` name to resolve, workers to
 /// apply a change, a reload generating a certificate, a client that sends nothing) never holds
 /// `status` or any other request up.
-pub fn serve(
+pub(crate) fn serve(
     path: &Path,
     status: Arc<Mutex<Status>>,
     shared: Arc<Shared>,
@@ -328,7 +306,7 @@ fn answer(
 }
 
 /// The answer to a peer running as the daemon's own (non-root) user.
-pub const REFUSED_DAEMON_USER: &str =
+pub(crate) const REFUSED_DAEMON_USER: &str =
     "refused: the daemon's own user may not use the control socket (its workers run as it)";
 
 /// Whether the peer may use the control socket: not when it runs as the daemon's own uid and
@@ -347,7 +325,7 @@ fn peer_allowed(stream: &UnixStream) -> bool {
 }
 
 /// Longest request line the server reads; the rest of a longer one is ignored.
-pub const MAX_REQUEST_LEN: u64 = 1024;
+pub(crate) const MAX_REQUEST_LEN: u64 = 1024;
 
 /// Reads a request: its first line (at most [`MAX_REQUEST_LEN`] bytes), surrounding whitespace
 /// trimmed. Errs on bytes that are not UTF-8. Public for the fuzz target (`fuzz/`).

@@ -80,15 +80,12 @@ pub fn looks_like_http(prefix: &[u8]) -> Option<bool> {
     if undecided { None } else { Some(false) }
 }
 
-/// Bytes that settle [`looks_like_http`] whatever they are (the longest method and its space).
-pub const SNIFF_MAX: usize = 8;
-
 /// The server it names (`Server:` and the error pages' signature): Debian 12's nginx.
-pub const SERVER: &str = "nginx/1.22.1";
+pub(crate) const SERVER: &str = "nginx/1.22.1";
 
 /// The page `builtin` serves at `/`: Debian's `index.nginx-debian.html`, byte for byte (from
 /// the package nginx-common, `/usr/share/nginx/html/index.html`; nginx's BSD licence).
-pub const PAGE: &[u8] = include_bytes!("decoy_page.html");
+pub(crate) const PAGE: &[u8] = include_bytes!("decoy_page.html");
 
 /// The name `builtin`'s page has (reachable as `/index.nginx-debian.html` too, as on Debian).
 const PAGE_NAME: &str = "index.nginx-debian.html";
@@ -110,7 +107,7 @@ const MAX_AT_ONCE: usize = 64;
 
 /// What a local decoy serves.
 #[derive(Debug, Clone)]
-pub enum Site {
+pub(crate) enum Site {
     /// Debian's default page ([`PAGE`]), dated when the site started.
     Builtin { mtime: SystemTime },
     /// The operator's files under this directory.
@@ -119,7 +116,7 @@ pub enum Site {
 
 /// The site's timeouts (from `[timeouts]`).
 #[derive(Debug, Clone, Copy)]
-pub struct Timing {
+pub(crate) struct Timing {
     /// `client_header_timeout`: a total deadline for each request head.
     pub header: Duration,
     /// `keepalive_timeout`.
@@ -127,7 +124,7 @@ pub struct Timing {
 }
 
 impl Timing {
-    pub fn from_config(t: &crate::config::Timeouts) -> Timing {
+    pub(crate) fn from_config(t: &crate::config::Timeouts) -> Timing {
         let ms = |v: u32| Duration::from_millis(u64::from(v));
         Timing {
             header: ms(t.decoy_header_ms),
@@ -137,14 +134,14 @@ impl Timing {
 }
 
 /// Binds a local site on 127.0.0.1 (an ephemeral port).
-pub fn bind() -> std::io::Result<TcpListener> {
+pub(crate) fn bind() -> std::io::Result<TcpListener> {
     TcpListener::bind("127.0.0.1:0")
 }
 
 /// A local site as the supervisor runs it: the listener's decoy setting it serves, its address
 /// for probes, and its twin's for plaintext sent to a TLS port.
 #[derive(Debug, Clone)]
-pub struct Local {
+pub(crate) struct Local {
     pub decoy: crate::config::Decoy,
     pub addr: std::net::SocketAddr,
     pub https_addr: std::net::SocketAddr,
@@ -153,7 +150,10 @@ pub struct Local {
 /// Starts a local site (and its TLS-port twin) for each `builtin` or `dir:` decoy of `config`
 /// that `running` does not have yet (sites are never stopped: a reload that drops one leaves
 /// an idle thread). Errors name the step.
-pub fn start_local(config: &crate::config::Config, running: &mut Vec<Local>) -> Result<(), String> {
+pub(crate) fn start_local(
+    config: &crate::config::Config,
+    running: &mut Vec<Local>,
+) -> Result<(), String> {
     let timing = Timing::from_config(&config.timeouts);
     for l in &config.listeners {
         if !l.decoy.is_local() || running.iter().any(|r| r.decoy == l.decoy) {
@@ -187,7 +187,7 @@ pub fn start_local(config: &crate::config::Config, running: &mut Vec<Local>) -> 
 
 /// Serves a local site on its own thread (one short-lived thread per connection, at most
 /// [`MAX_AT_ONCE`]). `https_port`: what comes here is plaintext sent to a TLS port.
-pub fn spawn(
+pub(crate) fn spawn(
     listener: TcpListener,
     site: Site,
     timing: Timing,
@@ -242,12 +242,12 @@ fn is_acme_token(t: &str) -> bool {
 
 /// HTTP-01 tokens answered by every local site while this lives (dropped: taken back).
 #[derive(Debug)]
-pub struct AcmeTokens(Vec<String>);
+pub(crate) struct AcmeTokens(Vec<String>);
 
 impl AcmeTokens {
     /// Offers `(token, key authorization)` pairs; a token outside the base64url alphabet, or a
     /// key authorization that is not `token.thumbprint` of that alphabet, is refused.
-    pub fn offer(pairs: Vec<(String, String)>) -> Result<AcmeTokens, String> {
+    pub(crate) fn offer(pairs: Vec<(String, String)>) -> Result<AcmeTokens, String> {
         for (token, key_auth) in &pairs {
             let ok = is_acme_token(token)
                 && key_auth
@@ -678,7 +678,7 @@ fn valid_host(h: &str) -> bool {
 
 /// The path of a request target: the query dropped, `%XX` decoded, `//` merged, `.` and `..`
 /// resolved; None (400) when it is malformed or leaves the root.
-pub fn normalise(raw: &[u8]) -> Option<String> {
+pub(crate) fn normalise(raw: &[u8]) -> Option<String> {
     let raw = match raw.iter().position(|&c| c == b'?' || c == b'#') {
         Some(q) => &raw[..q],
         None => raw,
@@ -727,7 +727,7 @@ pub fn normalise(raw: &[u8]) -> Option<String> {
 // Answers.
 
 /// `Date`'s format: `Sat, 05 Dec 2026 19:20:00 GMT`.
-pub fn http_date(t: SystemTime) -> String {
+pub(crate) fn http_date(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
@@ -772,7 +772,7 @@ fn reason(code: u16) -> &'static str {
 }
 
 /// nginx's error page for `code` (with its extra line for 494 and 497, both status 400).
-pub fn error_page(code: u16, extra: Option<&str>) -> String {
+pub(crate) fn error_page(code: u16, extra: Option<&str>) -> String {
     let title = match extra {
         Some(e) => format!("400 {e}"),
         None => format!("{code} {}", reason(code)),
@@ -819,7 +819,7 @@ fn error_answer(
 }
 
 /// The answer to a head the parser refused (nginx closes after each of them).
-pub fn refusal_answer(r: Refusal, http09: bool) -> Vec<u8> {
+pub(crate) fn refusal_answer(r: Refusal, http09: bool) -> Vec<u8> {
     match r {
         Refusal::BadRequest => error_answer(400, None, false, false, http09),
         Refusal::HeaderTooLarge => error_answer(

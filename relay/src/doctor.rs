@@ -318,7 +318,7 @@ fn capabilities(caps: &Caps, config: &Config) -> Check {
 // Limits and ports
 
 /// RLIMIT_NOFILE (soft, hard) of this process, from /proc/self/limits (u64::MAX = unlimited).
-pub fn nofile_limits() -> Option<(u64, u64)> {
+pub(crate) fn nofile_limits() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = text.lines().find(|l| l.starts_with("Max open files"))?;
     let mut cols = line["Max open files".len()..].split_whitespace();
@@ -1052,7 +1052,7 @@ mod tests {
         config.listeners[0].tls.as_mut().unwrap().acme = Some(crate::config::AcmeSettings {
             domains: vec!["localhost".into(), "LOCALHOST".into()],
             email: None,
-            directory: crate::acme::LETS_ENCRYPT.into(),
+            directory: crate::config::LETS_ENCRYPT.into(),
             directory_ca: None,
             renew_before_days: 30,
             challenge: None,
@@ -1150,7 +1150,7 @@ mod tests {
         let id = crate::proto::tls::PemIdentity::generate(
             &["relay.example".to_string()],
             &[],
-            crate::proto::tls::KeyKind::EcdsaP256,
+            crate::config::KeyKind::EcdsaP256,
         )
         .unwrap();
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));

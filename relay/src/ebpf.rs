@@ -39,22 +39,19 @@ use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 use sluice_common::{FLOW_STATS_SLOT, HeldEvent, Peer, XDP_STATS_SLOT, admission, fast_path};
 use socket2::SockRef;
 
-use crate::admission::Cidr;
+use crate::cidr::Cidr;
 
 pub use sluice_common::{ConnCounters, Cookie, FlowStats, PIN_DIR, RuleId, XdpStats};
 
 /// Every map of the object: pinning one pins all, so every loader of a pin directory shares them.
-const ALL_MAPS: [&str; 12] = [
+const ALL_MAPS: [&str; 9] = [
     fast_path::SOCKS,
     fast_path::PEERS,
     fast_path::COUNTERS,
     fast_path::HELD,
     fast_path::FLOW,
-    admission::ALLOW_V4,
-    admission::ALLOW_V6,
     admission::DENY_V4,
     admission::DENY_V6,
-    admission::DESTS,
     admission::XDP_STATS,
     admission::PORTS,
 ];
@@ -98,7 +95,7 @@ pub enum EbpfError {
     )]
     NotBuilt,
     #[error("invalid cidr: {0}")]
-    Cidr(#[from] crate::admission::CidrError),
+    Cidr(#[from] crate::cidr::CidrError),
     #[error(
         "kernel {release} is older than {major}.{minor}, the oldest the sockmap fast path is \
          proven on (Debian 12's 6.1 sent relayed bytes twice under memory pressure); \
@@ -186,7 +183,7 @@ fn is_not_found(err: &MapError) -> bool {
 }
 
 /// The socket's cookie (`SO_COOKIE`): the key the verdict program sees for its skbs.
-pub fn socket_cookie(socket: BorrowedFd<'_>) -> Result<Cookie> {
+pub(crate) fn socket_cookie(socket: BorrowedFd<'_>) -> Result<Cookie> {
     SockRef::from(&socket).cookie().map_err(EbpfError::Cookie)
 }
 
@@ -271,16 +268,16 @@ impl fmt::Debug for FastPath {
 /// bytes twice (every one of them moved by the kernel: no byte went through user space), which
 /// splice, copy and epoll never did on the same run; 6.1 has the upstream fix for duplicated
 /// data transmission, so the cause is elsewhere in its sockmap backports.
-pub const PROVEN_SINCE: (u32, u32) = (6, 12);
+pub(crate) const PROVEN_SINCE: (u32, u32) = (6, 12);
 
 /// Set to `1` to use the sockmap fast path on a kernel older than [`PROVEN_SINCE`] (tests of the
 /// kernel itself, or an operator who checked their kernel).
-pub const ENV_ANY_KERNEL: &str = "SLUICE_SOCKMAP_ANY_KERNEL";
+pub(crate) const ENV_ANY_KERNEL: &str = "SLUICE_SOCKMAP_ANY_KERNEL";
 
 /// Whether this kernel is one the fast path is proven on (see [`PROVEN_SINCE`]); the daemon
 /// and `doctor` ask this before loading, and splice instead when it says no. A release that
 /// cannot be read or parsed is let through: the load then says what the kernel refuses.
-pub fn kernel_proven() -> Result<()> {
+pub(crate) fn kernel_proven() -> Result<()> {
     if std::env::var(ENV_ANY_KERNEL).is_ok_and(|v| v == "1") {
         return Ok(());
     }
@@ -340,7 +337,7 @@ impl FastPath {
 
     /// The maps' fds (sockets, peers, counters, flow totals), to hand to the worker processes
     /// that share these maps ([`FastPath::from_fds`]).
-    pub fn map_fds(&self) -> [BorrowedFd<'_>; MAP_FDS] {
+    pub(crate) fn map_fds(&self) -> [BorrowedFd<'_>; MAP_FDS] {
         [
             self.socks.fd().as_fd(),
             self.peers.map().fd().as_fd(),
@@ -354,7 +351,7 @@ impl FastPath {
     /// [`FastPath::map_fds`] order. Needs no capability: the kernel checks map access against
     /// the fd. Pairs this value inserts carry `owner`, so [`FastPath::purge_owner`] can clear
     /// them if this process dies.
-    pub fn from_fds(
+    pub(crate) fn from_fds(
         [socks, peers, counters, flow]: [OwnedFd; MAP_FDS],
         owner: u32,
     ) -> Result<Self> {
@@ -377,7 +374,7 @@ impl FastPath {
 
     /// The fd to poll for flow-control events (readable when [`FastPath::held_events`] has some),
     /// if this value attached the verdict.
-    pub fn held_fd(&self) -> Option<BorrowedFd<'_>> {
+    pub(crate) fn held_fd(&self) -> Option<BorrowedFd<'_>> {
         self.held.as_ref().map(|r| r.0.as_fd())
     }
 
@@ -390,12 +387,12 @@ impl FastPath {
 
     /// Takes the event ring out (a process that shares its maps with workers reads it on a
     /// thread of its own and tells each event's owner).
-    pub fn take_held_ring(&mut self) -> Option<HeldRing> {
+    pub(crate) fn take_held_ring(&mut self) -> Option<HeldRing> {
         self.held.take()
     }
 
     /// Whether these maps are shared with other processes (handed over by fd).
-    pub fn is_shared(&self) -> bool {
+    pub(crate) fn is_shared(&self) -> bool {
         self.owner != Peer::PRIVATE
     }
 
@@ -410,7 +407,7 @@ impl FastPath {
     /// `SLUICE_HELD_RING_BYTES` (a diagnostic knob: the integration tests shrink the ring to
     /// check what happens when it is full). A value that is not a power of two of at least 4096
     /// is ignored.
-    pub fn ring_bytes_from_env() -> u32 {
+    pub(crate) fn ring_bytes_from_env() -> u32 {
         std::env::var("SLUICE_HELD_RING_BYTES")
             .ok()
             .and_then(|v| v.parse::<u32>().ok())
@@ -482,7 +479,7 @@ impl FastPath {
 
     /// [`FastPath::insert_pair_with`] with an `(allow, warn_at)` per socket: `flows[0]` for the
     /// bytes arriving on `client` (client to upstream), `flows[1]` for those on `upstream`.
-    pub fn insert_pair_flows(
+    pub(crate) fn insert_pair_flows(
         &mut self,
         client: BorrowedFd<'_>,
         upstream: BorrowedFd<'_>,
@@ -619,7 +616,7 @@ impl FastPath {
     /// Takes every pair `owner` inserted off the fast path (a dead worker's, with shared maps:
     /// its sockets left the sockmap when they closed, its peer and counter entries did not).
     /// Returns how many sockets' entries were removed.
-    pub fn purge_owner(&mut self, owner: u32) -> Result<usize> {
+    pub(crate) fn purge_owner(&mut self, owner: u32) -> Result<usize> {
         let mut keys = Vec::new();
         for entry in self.peers.iter() {
             let (cookie, peer) = entry.map_err(map_err(fast_path::PEERS))?;
@@ -645,7 +642,7 @@ impl FastPath {
 
     /// Peer entries of the pairs this value inserted (walks the map): with shared maps, the
     /// entries another worker holds are not this worker's leak.
-    pub fn owned_peers(&self) -> Result<usize> {
+    pub(crate) fn owned_peers(&self) -> Result<usize> {
         let mut n = 0;
         for entry in self.peers.iter() {
             let (_, peer) = entry.map_err(map_err(fast_path::PEERS))?;
@@ -679,16 +676,16 @@ impl FastPath {
 
 /// The verdict's flow-control events ([`fast_path::HELD`]): each names a socket whose verdict
 /// started holding bytes for user space.
-pub struct HeldRing(RingBuf<MapData>);
+pub(crate) struct HeldRing(RingBuf<MapData>);
 
 impl HeldRing {
     /// Readable (POLLIN) when events wait.
-    pub fn fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()
     }
 
     /// Moves the waiting events to `out`.
-    pub fn drain(&mut self, out: &mut Vec<HeldEvent>) {
+    pub(crate) fn drain(&mut self, out: &mut Vec<HeldEvent>) {
         while let Some(item) = self.0.next() {
             // A `#[repr(C)]` HeldEvent in the host's byte order: cookie (8 bytes), owner (4),
             // kind (4).
@@ -705,13 +702,18 @@ impl HeldRing {
     }
 }
 
+/// Maps an older `sluicectl load` pinned that this object no longer has (no program ever read
+/// them: the client and destination allowlists are checked in user space); `sluicectl unload`
+/// still removes their pins.
+const RETIRED_MAPS: [&str; 3] = ["SLUICE_ALLOW_V4", "SLUICE_ALLOW_V6", "SLUICE_DESTS"];
+
 /// How many map fds [`FastPath::map_fds`] hands to a worker.
-pub const MAP_FDS: usize = 4;
+pub(crate) const MAP_FDS: usize = 4;
 
 const ALL_PROGRAMS: [&str; 2] = [fast_path::PROG_VERDICT, admission::PROG_XDP_DENY];
 
 /// Where bpffs is mounted on every distribution; [`pin_all`] mounts it there when missing.
-pub const BPFFS: &str = "/sys/fs/bpf";
+pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 
 /// `sluicectl load`: mounts bpffs at [`BPFFS`] when `dir` is under it and nothing is mounted
 /// there, then loads the object with every map pinned under `dir` (created, or reused when
@@ -750,7 +752,11 @@ pub fn pin_all(dir: &Path) -> Result<Vec<&'static str>> {
 /// until their last user closes them.
 pub fn unpin_all(dir: &Path) -> Result<Vec<&'static str>> {
     let mut removed = Vec::new();
-    for name in ALL_MAPS.iter().chain(ALL_PROGRAMS.iter()) {
+    for name in ALL_MAPS
+        .iter()
+        .chain(ALL_PROGRAMS.iter())
+        .chain(RETIRED_MAPS.iter())
+    {
         match std::fs::remove_file(dir.join(name)) {
             Ok(()) => removed.push(*name),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -763,7 +769,7 @@ pub fn unpin_all(dir: &Path) -> Result<Vec<&'static str>> {
 
 /// Whether `sluicectl load` pinned the maps under `dir`: every map of this object is there.
 /// A directory with only some of them ([`check_pins`] names what is missing) is not.
-pub fn is_pinned(dir: &Path) -> bool {
+pub(crate) fn is_pinned(dir: &Path) -> bool {
     ALL_MAPS.iter().all(|m| dir.join(m).exists())
 }
 
@@ -772,7 +778,7 @@ pub fn is_pinned(dir: &Path) -> bool {
 /// next to maps another daemon may still use; `sluicectl load` adds them deliberately (the
 /// layouts of maps already pinned do not change; a change would be refused by the kernel's
 /// verifier or by the size checks of the typed maps). An empty or absent directory is fine.
-pub fn check_pins(dir: &Path) -> Result<()> {
+pub(crate) fn check_pins(dir: &Path) -> Result<()> {
     let missing: Vec<&str> = ALL_MAPS
         .iter()
         .copied()
@@ -813,7 +819,7 @@ impl XdpDeny {
     }
 
     /// Like [`XdpDeny::attach`], with the maps pinned under `dir` (see [`FastPath::load_pinned`]).
-    pub fn attach_pinned(ifname: &str, dir: &Path) -> Result<Self> {
+    pub(crate) fn attach_pinned(ifname: &str, dir: &Path) -> Result<Self> {
         Self::attach_from(ifname, Some(dir))
     }
 
@@ -898,7 +904,7 @@ impl XdpDeny {
     }
 
     /// [`XdpDeny::deny_add`] with the id of the config rule it comes from (for listing).
-    pub fn deny_add_rule(&mut self, cidr: Cidr, rule: RuleId) -> Result<()> {
+    pub(crate) fn deny_add_rule(&mut self, cidr: Cidr, rule: RuleId) -> Result<()> {
         let prefix_len = u32::from(cidr.prefix_len());
         match cidr.addr() {
             IpAddr::V4(a) => self

@@ -11,14 +11,62 @@
 //! Each change of state is one log line naming the upstream `HOST:PORT` and the address's
 //! position in its list (never the address) and bumps the supervisor's counters.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::mpsc;
+use std::sync::{Arc, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::{Config, HealthSettings};
-use crate::control::UpstreamStatus;
-use crate::upstream::Table;
+
+/// The resolved upstream addresses: for each listener, for each of its upstream entries, the
+/// addresses in order. What the resolver thread ([`crate::upstream::spawn_resolver`]) reports
+/// to the supervisor's main loop, and what the checks here track and filter.
+pub type Table = Vec<Vec<Vec<SocketAddr>>>;
+
+/// One configured upstream (or fallback) `HOST:PORT` of a listener: how many addresses it
+/// resolved to and how many of those are down. Names only, never a client address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    pub listener: String,
+    /// The configured `HOST:PORT`.
+    pub upstream: String,
+    /// A `fallback` entry (used while every `upstream` address is down).
+    #[serde(default)]
+    pub fallback: bool,
+    /// Addresses it resolved to (after the DNS filter).
+    pub addresses: usize,
+    /// Of those, addresses the health checks found down.
+    pub down: usize,
+}
+
+impl UpstreamStatus {
+    /// Usable: resolved, and at least one address not down.
+    pub fn up(&self) -> bool {
+        self.addresses > self.down
+    }
+}
+
+/// The destination allowlist as the health checks see it (empty: any address may be checked).
+/// The supervisor owns the lists ([`crate::admission::Rules`]): it makes one `Dests`, gives a
+/// clone to each resolver thread it starts and [`Dests::set`]s it at every change, so a check
+/// never connects where a worker may not.
+#[derive(Debug, Clone, Default)]
+pub struct Dests(Arc<RwLock<BTreeSet<SocketAddr>>>);
+
+impl Dests {
+    /// Replaces the allowlist the checks keep to.
+    pub fn set(&self, dests: &BTreeSet<SocketAddr>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = dests.clone();
+    }
+
+    /// Whether a check may connect to `addr` (an IPv4-mapped address compared as IPv4).
+    pub fn permits(&self, addr: SocketAddr) -> bool {
+        let dests = self.0.read().unwrap_or_else(|p| p.into_inner());
+        dests.is_empty() || dests.contains(&SocketAddr::new(addr.ip().to_canonical(), addr.port()))
+    }
+}
 
 /// State of one checked address.
 #[derive(Debug, Clone)]
@@ -36,15 +84,21 @@ pub struct Changes {
     pub went_up: u32,
 }
 
-/// Health of every checked address, keyed by (listener, address).
+/// Health of every checked address, keyed by (listener, address). `Checker::default()` checks
+/// any address (it is only asked to [`Checker::filter`] or [`Checker::summary`]).
 #[derive(Debug, Default)]
 pub struct Checker {
     state: HashMap<(usize, SocketAddr), AddrState>,
+    /// The destination allowlist: an address outside it is never connected to.
+    dests: Dests,
 }
 
 impl Checker {
-    pub fn new() -> Checker {
-        Checker::default()
+    pub fn new(dests: Dests) -> Checker {
+        Checker {
+            state: HashMap::new(),
+            dests,
+        }
     }
 
     /// Is this address usable? Addresses never checked count as up.
@@ -118,7 +172,7 @@ impl Checker {
         // An address outside the destination allowlist is never connected to, not even to
         // check it: its state stays as it is until the allowlist takes it back.
         due.retain(|&(l, addr)| {
-            let permitted = crate::admission::dest_permitted(addr);
+            let permitted = self.dests.permits(addr);
             if !permitted
                 && let (Some(st), Some(h)) = (
                     self.state.get_mut(&(l, addr)),
@@ -243,6 +297,25 @@ fn describe(config: &Config, table: &Table, l: usize, addr: SocketAddr) -> Strin
 mod tests {
     use super::*;
 
+    #[test]
+    fn dests_permit_what_the_allowlist_names() {
+        let dests = Dests::default();
+        let a: SocketAddr = "127.0.0.5:80".parse().unwrap();
+        assert!(dests.permits(a), "an empty allowlist permits any address");
+        let seen_by_the_resolver = dests.clone();
+        dests.set(&["127.0.0.6:80".parse().unwrap()].into_iter().collect());
+        assert!(
+            !seen_by_the_resolver.permits(a),
+            "a clone sees every change"
+        );
+        dests.set(&[a].into_iter().collect());
+        assert!(seen_by_the_resolver.permits(a));
+        assert!(seen_by_the_resolver.permits("[::ffff:127.0.0.5]:80".parse().unwrap()));
+        assert!(!seen_by_the_resolver.permits("127.0.0.5:81".parse().unwrap()));
+        dests.set(&BTreeSet::new());
+        assert!(seen_by_the_resolver.permits("127.0.0.9:1".parse().unwrap()));
+    }
+
     fn settings() -> HealthSettings {
         HealthSettings {
             interval_ms: 60_000,
@@ -297,7 +370,7 @@ mod tests {
         let p: SocketAddr = "127.0.0.2:9".parse().unwrap();
         let f: SocketAddr = "127.0.0.3:9".parse().unwrap();
         let table: Table = vec![vec![vec![p], vec![f]]];
-        let mut c = Checker::new();
+        let mut c = Checker::default();
         let now = Instant::now();
         c.track(&config, &table, now);
         assert_eq!(c.filter(&config, &table), vec![vec![vec![p], vec![]]]);
@@ -335,7 +408,7 @@ mod tests {
             l.local_addr().unwrap()
         };
         let table: Table = vec![vec![vec![up, closed], vec![]]];
-        let mut c = Checker::new();
+        let mut c = Checker::default();
         let mut now = Instant::now();
         c.track(&config, &table, now);
         let mut changes = Changes::default();

@@ -45,7 +45,7 @@ pub enum Kind {
     BytesDown,
 }
 
-pub const KINDS: [Kind; 5] = [
+pub(crate) const KINDS: [Kind; 5] = [
     Kind::Connect,
     Kind::FirstByte,
     Kind::Duration,
@@ -65,23 +65,13 @@ impl Kind {
         }
     }
 
-    pub fn help(self) -> &'static str {
-        match self {
-            Kind::Connect => "Upstream connect time (all failover attempts)",
-            Kind::FirstByte => "Upstream connection established to first byte from the upstream",
-            Kind::Duration => "Relayed connection duration, accept to close",
-            Kind::BytesUp => "Bytes relayed client to upstream per connection",
-            Kind::BytesDown => "Bytes relayed upstream to client per connection",
-        }
-    }
-
     /// Times are recorded in microseconds, sizes in bytes.
-    pub fn is_time(self) -> bool {
+    pub(crate) fn is_time(self) -> bool {
         matches!(self, Kind::Connect | Kind::FirstByte | Kind::Duration)
     }
 
     /// A new empty histogram for this kind, fixed range (no auto-resize: never allocates).
-    pub fn histogram(self) -> Histogram<u64> {
+    pub(crate) fn histogram(self) -> Histogram<u64> {
         let high = if self.is_time() {
             // One day in microseconds.
             86_400_000_000
@@ -94,7 +84,7 @@ impl Kind {
 }
 
 /// The five histograms of one listener.
-pub type Set = [Histogram<u64>; 5];
+pub(crate) type Set = [Histogram<u64>; 5];
 
 fn new_set() -> Set {
     KINDS.map(Kind::histogram)
@@ -110,7 +100,7 @@ fn max_encoded(kind: Kind) -> usize {
 const HEADER_WORDS: usize = 3;
 
 /// Bytes of one worker's slot for `listeners` listeners (rounded up to whole words).
-pub fn slot_bytes(listeners: usize) -> usize {
+pub(crate) fn slot_bytes(listeners: usize) -> usize {
     let payload: usize = KINDS.iter().map(|&k| max_encoded(k)).sum::<usize>() * listeners;
     (HEADER_WORDS * 8 + payload).div_ceil(4096) * 4096
 }
@@ -161,7 +151,7 @@ impl Region {
 
     /// Writes `payload` into `worker`'s slot (seqlock writer; only that worker writes it).
     /// Returns false when it does not fit (it always should: the slot is sized for the worst).
-    pub fn write(&self, worker: usize, pid: u32, payload: &[u8]) -> bool {
+    pub(crate) fn write(&self, worker: usize, pid: u32, payload: &[u8]) -> bool {
         let slot = self.slot(worker);
         if payload.len() > (slot.len() - HEADER_WORDS) * 8 {
             return false;
@@ -182,7 +172,7 @@ impl Region {
 
     /// A consistent copy of `worker`'s slot: (pid, payload); None if never written or the
     /// writer kept it busy through a few attempts.
-    pub fn read(&self, worker: usize) -> Option<(u32, Vec<u8>)> {
+    pub(crate) fn read(&self, worker: usize) -> Option<(u32, Vec<u8>)> {
         let slot = self.slot(worker);
         for _ in 0..100 {
             let s1 = slot[0].load(Ordering::Acquire);
@@ -209,7 +199,7 @@ impl Region {
         None
     }
 
-    pub fn workers(&self) -> usize {
+    pub(crate) fn workers(&self) -> usize {
         self.workers
     }
 }
@@ -240,7 +230,7 @@ pub struct Histos {
 }
 
 /// Ticks (250 ms each) between two publications.
-pub const PUBLISH_TICKS: u32 = 2;
+pub(crate) const PUBLISH_TICKS: u32 = 2;
 
 impl Histos {
     /// Histograms that record nothing (before the worker set them up, or `histograms = false`).
@@ -278,10 +268,6 @@ impl Histos {
             serializer: V2Serializer::new(),
             warned: false,
         }
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.enabled
     }
 
     #[inline]
@@ -354,7 +340,7 @@ impl Histos {
     /// Like [`Histos::upstream_bytes`], for a first byte the kernel moved `ago_us` microseconds
     /// ago (the sockmap fast path stamps it in eBPF; user space learns it at close).
     #[inline]
-    pub fn upstream_bytes_ago(&mut self, listener: usize, t: &mut ConnTimes, ago_us: u64) {
+    pub(crate) fn upstream_bytes_ago(&mut self, listener: usize, t: &mut ConnTimes, ago_us: u64) {
         if !self.enabled || t.first_byte || t.connected == u32::MAX {
             return;
         }
@@ -391,7 +377,7 @@ impl Histos {
     }
 
     /// Called on every timer tick: publishes every [`PUBLISH_TICKS`] ticks if anything changed.
-    pub fn tick(&mut self) {
+    pub(crate) fn tick(&mut self) {
         self.ticks += 1;
         if self.ticks >= PUBLISH_TICKS {
             self.ticks = 0;
@@ -442,7 +428,7 @@ pub fn decode(payload: &[u8], listeners: usize) -> Option<Vec<Set>> {
 }
 
 /// The supervisor's merged, cumulative histograms.
-pub struct Merged {
+pub(crate) struct Merged {
     listeners: Vec<String>,
     total: Vec<Set>,
     /// What was last seen in each worker's slot: (pid, histograms).
@@ -461,7 +447,7 @@ impl Merged {
     }
 
     /// Folds in what every worker published since the last call.
-    pub fn poll(&mut self, region: &Region) {
+    pub(crate) fn poll(&mut self, region: &Region) {
         let n = self.listeners.len();
         for w in 0..region.workers().min(self.last.len()) {
             let Some((pid, payload)) = region.read(w) else {
@@ -491,7 +477,7 @@ impl Merged {
     }
 
     /// Clears the totals (`sluicectl stats --reset`); later recordings count from now.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         for set in &mut self.total {
             for h in set {
                 h.reset();
@@ -500,17 +486,17 @@ impl Merged {
         self.since = std::time::SystemTime::now();
     }
 
-    pub fn listeners(&self) -> &[String] {
+    pub(crate) fn listeners(&self) -> &[String] {
         &self.listeners
     }
 
     /// The merged histograms of listener `l`.
-    pub fn set(&self, l: usize) -> &Set {
+    pub(crate) fn set(&self, l: usize) -> &Set {
         &self.total[l]
     }
 
     /// The summary `sluicectl stats` and stats.json show.
-    pub fn report(&self) -> Report {
+    pub(crate) fn report(&self) -> Report {
         Report {
             since_unix_s: self
                 .since
@@ -590,7 +576,7 @@ pub struct Report {
 
 /// The kinds the stats page charts over a recent window (latency; sizes and durations stay
 /// cumulative).
-pub const RECENT_KINDS: [Kind; 2] = [Kind::Connect, Kind::FirstByte];
+pub(crate) const RECENT_KINDS: [Kind; 2] = [Kind::Connect, Kind::FirstByte];
 
 /// Percentiles of the last minute or so, from the differences of the merged histograms: the
 /// stats page's "now", where percentiles since start flatten with uptime.
@@ -601,13 +587,13 @@ pub const RECENT_KINDS: [Kind; 2] = [Kind::Connect, Kind::FirstByte];
 /// minute after start: it then covers what was recorded since). Memory: at most
 /// `SPAN / STEP + 2` snapshots of two histograms per listener (about 30 KB each).
 #[derive(Default)]
-pub struct Window {
+pub(crate) struct Window {
     snapshots: std::collections::VecDeque<(std::time::Instant, Vec<[Histogram<u64>; 2]>)>,
 }
 
 /// One listener's recent percentiles; `all` merges every listener.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RecentReport {
+pub(crate) struct RecentReport {
     /// Seconds the window covers (shorter right after the first request).
     pub window_s: f64,
     pub all: Vec<Summary>,
@@ -615,11 +601,11 @@ pub struct RecentReport {
 }
 
 impl Window {
-    pub const SPAN: std::time::Duration = std::time::Duration::from_secs(60);
-    pub const STEP: std::time::Duration = std::time::Duration::from_secs(10);
+    pub(crate) const SPAN: std::time::Duration = std::time::Duration::from_secs(60);
+    pub(crate) const STEP: std::time::Duration = std::time::Duration::from_secs(10);
 
     /// The recent percentiles of `merged` at `now` (taking a snapshot if one is due).
-    pub fn recent(&mut self, merged: &Merged, now: std::time::Instant) -> RecentReport {
+    pub(crate) fn recent(&mut self, merged: &Merged, now: std::time::Instant) -> RecentReport {
         let current: Vec<[Histogram<u64>; 2]> = merged
             .total
             .iter()
@@ -679,14 +665,14 @@ impl Window {
 
 /// The supervisor's histograms and the region they are read from, shared by the control
 /// socket and the HTTP thread.
-pub struct Stats {
+pub(crate) struct Stats {
     pub region: Region,
     pub merged: std::sync::Mutex<Merged>,
 }
 
 impl Stats {
     /// Reads the workers' slots and returns the merged state, locked.
-    pub fn fresh(&self) -> std::sync::MutexGuard<'_, Merged> {
+    pub(crate) fn fresh(&self) -> std::sync::MutexGuard<'_, Merged> {
         let mut m = self.merged.lock().unwrap_or_else(|e| e.into_inner());
         m.poll(&self.region);
         m
@@ -696,17 +682,17 @@ impl Stats {
 static STATS: std::sync::OnceLock<std::sync::Arc<Stats>> = std::sync::OnceLock::new();
 
 /// Installs the daemon's histograms (once, by the supervisor).
-pub fn install(stats: std::sync::Arc<Stats>) {
+pub(crate) fn install(stats: std::sync::Arc<Stats>) {
     let _ = STATS.set(stats);
 }
 
 /// The daemon's histograms, if this process is a supervisor that installed them.
-pub fn installed() -> Option<&'static std::sync::Arc<Stats>> {
+pub(crate) fn installed() -> Option<&'static std::sync::Arc<Stats>> {
     STATS.get()
 }
 
 /// Control-socket commands this module answers (`stats`, `stats-reset`); None = not ours.
-pub fn control_command(cmd: &str) -> Option<String> {
+pub(crate) fn control_command(cmd: &str) -> Option<String> {
     let reply = match cmd {
         "stats" | "stats-reset" => match installed() {
             None => serde_json::json!({ "error": "histograms are not available" }),

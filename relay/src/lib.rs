@@ -7,23 +7,25 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-pub mod acme;
+pub(crate) mod acme;
 pub mod admission;
+pub mod cidr;
 pub mod config;
 pub mod control;
 pub mod decoy;
 pub mod doctor;
 pub mod ebpf;
-pub mod engine;
-pub mod error;
-pub mod health;
+pub(crate) mod engine;
+pub(crate) mod error;
+pub(crate) mod health;
 pub mod histo;
-pub mod http;
-pub mod limits;
-pub mod metrics;
+pub(crate) mod http;
+pub(crate) mod limits;
+pub(crate) mod metrics;
 pub mod proto;
 pub mod share;
 pub mod supervisor;
 pub mod sys;
-pub mod upstream;
+pub(crate) mod upstream;
+pub mod wire;
 pub mod worker;

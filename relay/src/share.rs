@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use qrcode::QrCode;
 use qrcode::render::unicode::Dense1x2;
 
-use crate::config::{Config, Listener, Route};
+use crate::config::{Config, Listener, Route, validate_host};
 
 /// One link to share, and the messenger it is for.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -25,51 +25,6 @@ pub struct Link {
 pub struct PortOverrides {
     pub chat_port: Option<u16>,
     pub media_port: Option<u16>,
-}
-
-/// Checks that `host` is something a phone can connect to: an IP address, or a DNS name
-/// (letters, digits, `-`, dots; labels of 1-63 characters not starting or ending with `-`).
-/// A URL, a port or spaces get an error saying what to give instead.
-pub fn validate_host(host: &str) -> Result<(), String> {
-    if host.is_empty() {
-        return Err("the host is empty: give the relay's public DNS name or IP address".into());
-    }
-    if host.contains("://") || host.contains('/') {
-        return Err(format!(
-            "`{host}` looks like a URL: give only the host name or IP address, e.g. proxy.example.org"
-        ));
-    }
-    if host.parse::<IpAddr>().is_ok() {
-        return Ok(());
-    }
-    if let Some((_, port)) = host.rsplit_once(':')
-        && port.parse::<u16>().is_ok()
-    {
-        return Err(format!(
-            "`{host}` has a port: give only the host; the ports come from the listeners"
-        ));
-    }
-    let name = host.strip_suffix('.').unwrap_or(host);
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    };
-    if name.len() > 253 || !name.split('.').all(label_ok) {
-        return Err(format!(
-            "`{host}` is neither an IP address nor a DNS name (letters, digits, `-` and dots)"
-        ));
-    }
-    // An all-numeric name like 300.1.2.3 is a mistyped address, not a name.
-    if name
-        .split('.')
-        .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
-    {
-        return Err(format!("`{host}` is not a valid IP address"));
-    }
-    Ok(())
 }
 
 /// The host as it goes into a link: names lowercased (without a trailing dot).

@@ -30,15 +30,18 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::admission::{self, Rules};
+use crate::config::KeyKind;
 use crate::config::{Config, EngineChoice, TlsSettings};
 use crate::control::{self, Status, WorkerStatus};
 use crate::ebpf::XdpDeny;
 use crate::engine::{self, EngineKind};
 use crate::error::StartError;
+use crate::health::Table;
 use crate::metrics::{self, Counter, Shared};
-use crate::proto::tls::{KeyKind, PemIdentity, TicketKeys};
+use crate::proto::tls::{PemIdentity, TicketKeys};
 use crate::sys;
-use crate::upstream::{self, ControlMsg, Table};
+use crate::upstream;
+use crate::wire::ControlMsg;
 use crate::worker::{self, Identity};
 use crate::{histo, http};
 
@@ -54,7 +57,7 @@ const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A worker with control bytes waiting that took none for this long does not read its pipe
 /// (stopped, or stuck): it is killed and a new one starts with the whole state.
-pub const CONTROL_STALL: Duration = Duration::from_secs(5);
+pub(crate) const CONTROL_STALL: Duration = Duration::from_secs(5);
 /// Queued control bytes for one worker beyond which it is killed at once (a bound on the
 /// supervisor's memory; far above what the whole state takes).
 const CONTROL_QUEUE_MAX: usize = 256 << 20;
@@ -194,7 +197,7 @@ struct Down {
 }
 
 /// Worker processes needed so `max_connections` fit under the per-process fd limit.
-pub fn workers_needed(config: &Config, nofile: u64) -> usize {
+pub(crate) fn workers_needed(config: &Config, nofile: u64) -> usize {
     if config.workers > 0 {
         return config.workers as usize;
     }
@@ -209,7 +212,7 @@ pub fn workers_needed(config: &Config, nofile: u64) -> usize {
 /// Is some socket already listening on `addr`'s port at that address or a wildcard? Read from
 /// /proc/net/tcp{,6}: SO_REUSEPORT would otherwise let a second daemon (same user) share the
 /// port silently instead of failing with "address in use".
-pub fn already_listening(addr: SocketAddr) -> bool {
+pub(crate) fn already_listening(addr: SocketAddr) -> bool {
     let files: &[&str] = if addr.is_ipv4() {
         &["/proc/net/tcp"]
     } else {
@@ -315,7 +318,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
             }
             Err(e) => {
                 if config.engine != EngineChoice::Auto {
-                    return Err(StartError::UringRefused(e));
+                    return Err(StartError::UringRefused(e.to_string()));
                 }
                 tracing::warn!("io_uring is refused here ({e}); using the epoll engine");
                 false
@@ -421,7 +424,8 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     // Before the resolver thread starts: its health checks skip addresses not on the
     // destination allowlist.
     let rules = initial_rules(&config);
-    admission::publish_dests(&rules.dests);
+    let health_dests = crate::health::Dests::default();
+    health_dests.set(&rules.dests);
 
     let mut names = upstream::Names::default();
     let (resolved, resolved_ok) = upstream::resolve_all(&config, &mut names);
@@ -430,7 +434,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         .add(Counter::UpstreamAddressesRefused, names.take_refused());
     let (tx, rx) = mpsc::channel::<Event>();
     // What workers start with: every address counts as up until checked.
-    let table = crate::health::Checker::new().filter(&config, &resolved);
+    let table = crate::health::Checker::default().filter(&config, &resolved);
     let mut interfaces = config.admission.xdp_interfaces.clone();
     interfaces.extend(opts.xdp.iter().cloned());
     let (xdp, xdp_interfaces) = attach_xdp(
@@ -445,7 +449,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
     let mut st = Status::new(&config, kind, nworkers);
     st.per_worker_capacity = engine::worker_capacity(nofile);
     st.fast_path = fast_path;
-    st.upstreams = crate::health::Checker::new().summary(&config, &resolved);
+    st.upstreams = crate::health::Checker::default().summary(&config, &resolved);
     st.capacity = (st.per_worker_capacity * nworkers as u64).min(u64::from(config.max_connections));
     let status = Arc::new(Mutex::new(st));
     if let Some(path) = &opts.control
@@ -533,6 +537,7 @@ pub fn run(config: Config, opts: Options) -> Result<(), StartError> {
         status,
         crash_streak: vec![0; nworkers],
         rules,
+        health_dests,
         generation: 1,
         xdp,
         xdp_interfaces,
@@ -738,6 +743,8 @@ struct Supervisor {
     crash_streak: Vec<u32>,
     /// The admission lists: the source of truth, pushed whole to every worker on each change.
     rules: Rules,
+    /// `rules.dests` as the resolver thread's health checks see it (set with every change).
+    health_dests: crate::health::Dests,
     /// Grows with every change sent to the workers (they report the last one applied).
     generation: u64,
     /// The XDP deny program on each interface asked for (deny rules mirrored into its tries).
@@ -875,6 +882,7 @@ impl Supervisor {
                     st.upstreams = upstreams;
                 }
             }),
+            self.health_dests.clone(),
         )
     }
 
@@ -969,7 +977,7 @@ impl Supervisor {
         self.tls = tls;
         if admission_changed {
             self.rules = initial_rules(&self.config);
-            admission::publish_dests(&self.rules.dests);
+            self.health_dests.set(&self.rules.dests);
         }
         // The deny tries (the lists may have started over) and the relay's ports.
         let ports = listener_ports(&self.config);
@@ -985,7 +993,7 @@ impl Supervisor {
         self.shared
             .supervisor()
             .add(Counter::UpstreamAddressesRefused, names.take_refused());
-        self.table = crate::health::Checker::new().filter(&self.config, &resolved);
+        self.table = crate::health::Checker::default().filter(&self.config, &resolved);
         self.start_resolver(resolved, ok, names)
             .map_err(|e| format!("cannot start the resolver thread: {e}"))?;
         self.watch_cert_files()
@@ -1204,7 +1212,7 @@ impl Supervisor {
         let (changed, kill) = self.rules.apply(cmd);
         if changed {
             self.generation += 1;
-            admission::publish_dests(&self.rules.dests);
+            self.health_dests.set(&self.rules.dests);
             let msg = self.admission_message();
             self.broadcast(&msg);
             let mut failed = None;

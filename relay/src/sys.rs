@@ -18,7 +18,7 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
 
 /// A pipe `(read end, write end)`, nonblocking and close-on-exec, resized to `size` bytes when
 /// the kernel allows it (the result is the size it really has).
-pub fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
+pub(crate) fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: `fds` is a valid array of two c_ints for pipe2 to fill.
     cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
@@ -36,7 +36,7 @@ pub fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
 }
 
 /// Bytes queued in a pipe, not yet read (FIONREAD).
-pub fn pipe_pending(fd: BorrowedFd<'_>) -> io::Result<usize> {
+pub(crate) fn pipe_pending(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one c_int through the pointer, which points at `n`.
     cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) })?;
@@ -44,7 +44,7 @@ pub fn pipe_pending(fd: BorrowedFd<'_>) -> io::Result<usize> {
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
-pub fn raise_nofile_limit() -> io::Result<u64> {
+pub(crate) fn raise_nofile_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -61,7 +61,7 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 
 /// Moves `fd` to the fixed number `target` and clears close-on-exec there, for a child about to
 /// exec. Only async-signal-safe calls: this runs between fork and exec.
-pub fn dup_to_for_exec(fd: RawFd, target: RawFd) -> io::Result<()> {
+pub(crate) fn dup_to_for_exec(fd: RawFd, target: RawFd) -> io::Result<()> {
     if fd == target {
         // SAFETY: fcntl on an fd number; failure is reported, nothing is dereferenced.
         let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
@@ -78,7 +78,7 @@ pub fn dup_to_for_exec(fd: RawFd, target: RawFd) -> io::Result<()> {
 ///
 /// Callable once per process (later calls fail), so no two owners of one fd can exist; an fd
 /// number that is not open is an error.
-pub fn take_inherited_fds(first: RawFd, n: usize) -> io::Result<Vec<OwnedFd>> {
+pub(crate) fn take_inherited_fds(first: RawFd, n: usize) -> io::Result<Vec<OwnedFd>> {
     use std::sync::atomic::{AtomicBool, Ordering};
     static TAKEN: AtomicBool = AtomicBool::new(false);
     if TAKEN.swap(true, Ordering::SeqCst) {
@@ -98,7 +98,7 @@ pub fn take_inherited_fds(first: RawFd, n: usize) -> io::Result<Vec<OwnedFd>> {
 }
 
 /// Is `fd` an open file descriptor here?
-pub fn fd_is_open(fd: RawFd) -> bool {
+pub(crate) fn fd_is_open(fd: RawFd) -> bool {
     // SAFETY: F_GETFD only inspects the fd table.
     unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
 }
@@ -106,7 +106,7 @@ pub fn fd_is_open(fd: RawFd) -> bool {
 /// Sets close-on-exec on an inherited fd, so workers do not pass it on.
 /// The uid of the process that connected Unix socket `fd` (SO_PEERCRED: the credentials the
 /// kernel recorded at its connect, which the peer cannot change afterwards).
-pub fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+pub(crate) fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -131,12 +131,12 @@ pub fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
 }
 
 /// This process's effective uid.
-pub fn effective_uid() -> u32 {
+pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid takes nothing and cannot fail.
     unsafe { libc::geteuid() }
 }
 
-pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: fcntl flags on a borrowed, open fd.
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) })?;
     Ok(())
@@ -144,7 +144,7 @@ pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// Makes a pipe end nonblocking (the supervisor's end of a worker's control pipe: a write it
 /// cannot finish now must not stop its event loop).
-pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: fcntl reads and sets the status flags of a borrowed, open fd.
     let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
     // SAFETY: as above.
@@ -153,7 +153,7 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// Sends `sig` to process `pid`.
-pub fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {
+pub(crate) fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {
     // SAFETY: kill takes plain integers.
     cvt(unsafe { libc::kill(pid as libc::pid_t, sig) })?;
     Ok(())
@@ -161,7 +161,7 @@ pub fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {
 
 /// Asks the kernel to send SIGKILL to this process when its parent dies (a worker must not
 /// outlive its supervisor).
-pub fn die_with_parent() -> io::Result<()> {
+pub(crate) fn die_with_parent() -> io::Result<()> {
     // SAFETY: PR_SET_PDEATHSIG takes a signal number.
     cvt(unsafe {
         libc::prctl(
@@ -177,7 +177,7 @@ pub fn die_with_parent() -> io::Result<()> {
 
 /// A shared, zero-filled memory region backed by a memfd, mapped read-write. The memfd can be
 /// passed to another process, which maps the same pages with [`SharedMap::from_fd`].
-pub struct SharedMap {
+pub(crate) struct SharedMap {
     ptr: NonNull<u8>,
     len: usize,
     fd: OwnedFd,
@@ -203,7 +203,7 @@ impl SharedMap {
     }
 
     /// Maps `len` bytes of an existing memfd (one another process made).
-    pub fn from_fd(fd: OwnedFd, len: usize) -> io::Result<SharedMap> {
+    pub(crate) fn from_fd(fd: OwnedFd, len: usize) -> io::Result<SharedMap> {
         // SAFETY: a fresh shared mapping of an fd we own; the kernel chooses the address.
         let ptr = unsafe {
             libc::mmap(
@@ -222,13 +222,13 @@ impl SharedMap {
         Ok(SharedMap { ptr, len, fd })
     }
 
-    pub fn fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.fd.as_fd()
     }
 
     /// The region as a slice of atomics.
-    pub fn atomics(&self) -> &[std::sync::atomic::AtomicU64] {
+    pub(crate) fn atomics(&self) -> &[std::sync::atomic::AtomicU64] {
         // SAFETY: the mapping is page-aligned, `len` bytes long and lives as long as `self`;
         // AtomicU64 has no invalid bit patterns and all access is atomic, so sharing the pages
         // with other processes is sound.
@@ -244,7 +244,7 @@ impl Drop for SharedMap {
 }
 
 /// Anonymous private memory, page-aligned, for io_uring's provided-buffer ring.
-pub struct AnonMap {
+pub(crate) struct AnonMap {
     ptr: NonNull<u8>,
     len: usize,
 }
@@ -269,16 +269,8 @@ impl AnonMap {
         Ok(AnonMap { ptr, len })
     }
 
-    pub fn as_ptr(&self) -> *mut u8 {
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
@@ -290,21 +282,8 @@ impl Drop for AnonMap {
     }
 }
 
-/// Resident and proportional set size of this process, in KiB, from /proc/self/smaps_rollup.
-pub fn rss_pss_kib(pid: u32) -> io::Result<(u64, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    Ok((field("Rss:"), field("Pss:")))
-}
-
 /// An epoll instance (for the engine used where io_uring is refused).
-pub struct Epoll {
+pub(crate) struct Epoll {
     fd: OwnedFd,
 }
 
@@ -326,20 +305,20 @@ impl Epoll {
         Ok(())
     }
 
-    pub fn add(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
+    pub(crate) fn add(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), events, token)
     }
 
-    pub fn modify(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
+    pub(crate) fn modify(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_MOD, fd.as_raw_fd(), events, token)
     }
 
-    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+    pub(crate) fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_DEL, fd.as_raw_fd(), 0, 0)
     }
 
     /// Waits up to `timeout_ms` and fills `events`; returns how many are valid.
-    pub fn wait(&self, events: &mut [EpollEvent], timeout_ms: i32) -> io::Result<usize> {
+    pub(crate) fn wait(&self, events: &mut [EpollEvent], timeout_ms: i32) -> io::Result<usize> {
         // SAFETY: the kernel writes at most `events.len()` entries into the slice.
         let n = unsafe {
             libc::epoll_wait(
@@ -358,13 +337,13 @@ impl Epoll {
 }
 
 /// A zeroed epoll event array entry.
-pub fn epoll_event_zeroed() -> EpollEvent {
+pub(crate) fn epoll_event_zeroed() -> EpollEvent {
     libc::epoll_event { events: 0, u64: 0 }
 }
 
 /// A close-on-exec duplicate of `fd` numbered at least `min` (so fds handed to a child at fixed
 /// low numbers never collide with their sources).
-pub fn dup_high(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+pub(crate) fn dup_high(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC returns a new fd that nothing else owns.
     let raw = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
     // SAFETY: as above.
@@ -373,7 +352,7 @@ pub fn dup_high(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
 
 /// IP_BIND_ADDRESS_NO_PORT: a later bind() to port 0 picks the address only; the port is chosen
 /// at connect() time, per destination, so source ports are not used up by bind().
-pub fn set_bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub(crate) fn set_bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
     const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
     let one: libc::c_int = 1;
     // SAFETY: setsockopt reads one c_int from the pointer, which points at `one`.
@@ -390,7 +369,7 @@ pub fn set_bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// Number of online CPUs.
-pub fn cpus() -> usize {
+pub(crate) fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
@@ -398,7 +377,7 @@ pub fn cpus() -> usize {
 ///
 /// Every source fd must be numbered at or above `first + fds.len()` (see [`dup_high`]), so no
 /// dup2 overwrites a source not yet moved.
-pub fn pass_fds(cmd: &mut std::process::Command, fds: Vec<RawFd>, first: RawFd) {
+pub(crate) fn pass_fds(cmd: &mut std::process::Command, fds: Vec<RawFd>, first: RawFd) {
     use std::os::unix::process::CommandExt;
     assert!(fds.iter().all(|&fd| fd >= first + fds.len() as RawFd));
     // SAFETY: the closure runs between fork and exec; it only calls dup2/fcntl, which are
@@ -414,7 +393,7 @@ pub fn pass_fds(cmd: &mut std::process::Command, fds: Vec<RawFd>, first: RawFd) 
 }
 
 /// recv(2) into `buf` with `flags` (e.g. MSG_PEEK | MSG_DONTWAIT).
-pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
     let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
     if n < 0 {
@@ -425,7 +404,7 @@ pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Resul
 }
 
 /// send(2) of `buf` with `flags` (e.g. MSG_NOSIGNAL | MSG_DONTWAIT).
-pub fn send(fd: BorrowedFd<'_>, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
+pub(crate) fn send(fd: BorrowedFd<'_>, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: the kernel reads at most `buf.len()` bytes from `buf`.
     let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), flags) };
     if n < 0 {
@@ -454,7 +433,7 @@ pub fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// read(2) from any fd (a pipe, here) into `buf`.
-pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
     let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
@@ -465,7 +444,7 @@ pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Whether a bpffs is mounted at `dir` (read from /proc/self/mounts).
-pub fn is_bpffs(dir: &std::path::Path) -> bool {
+pub(crate) fn is_bpffs(dir: &std::path::Path) -> bool {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
         return false;
     };
@@ -477,7 +456,7 @@ pub fn is_bpffs(dir: &std::path::Path) -> bool {
 }
 
 /// Mounts a bpffs at `dir` (`mount -t bpf bpf DIR`); needs CAP_SYS_ADMIN.
-pub fn mount_bpffs(dir: &std::path::Path) -> io::Result<()> {
+pub(crate) fn mount_bpffs(dir: &std::path::Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let target = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -514,7 +493,7 @@ const _: () = assert!(std::mem::size_of::<TcpInfoHead>() == 136);
 
 /// A TCP socket's delivery counters, for deciding when every relayed byte has left.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TcpProgress {
+pub(crate) struct TcpProgress {
     /// `tcpi_state` (TCP_ESTABLISHED = 1 .. TCP_CLOSING = 11).
     pub state: u8,
     /// Bytes the peer acknowledged (`tcpi_bytes_acked`).
@@ -524,7 +503,7 @@ pub struct TcpProgress {
 }
 
 /// `TCP_INFO`'s byte counters of `fd`.
-pub fn tcp_progress(fd: BorrowedFd<'_>) -> io::Result<TcpProgress> {
+pub(crate) fn tcp_progress(fd: BorrowedFd<'_>) -> io::Result<TcpProgress> {
     let mut info = TcpInfoHead::default();
     let mut len = std::mem::size_of::<TcpInfoHead>() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `info`, a plain-integer struct for which
@@ -555,7 +534,7 @@ pub fn tcp_progress(fd: BorrowedFd<'_>) -> io::Result<TcpProgress> {
 
 /// `SIOCINQ` (`in_queue`) or `SIOCOUTQ`: bytes received and not yet read, or written and not yet
 /// acknowledged.
-pub fn socket_queue(fd: BorrowedFd<'_>, in_queue: bool) -> io::Result<u64> {
+pub(crate) fn socket_queue(fd: BorrowedFd<'_>, in_queue: bool) -> io::Result<u64> {
     let req = if in_queue {
         libc::FIONREAD // SIOCINQ
     } else {
@@ -573,13 +552,13 @@ pub fn socket_queue(fd: BorrowedFd<'_>, in_queue: bool) -> io::Result<u64> {
 
 /// A user to run as: its uid and primary gid, from the system's user database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UserIds {
+pub(crate) struct UserIds {
     pub uid: libc::uid_t,
     pub gid: libc::gid_t,
 }
 
 /// Looks `name` up with getpwnam_r (NSS: /etc/passwd and whatever else is configured).
-pub fn lookup_user(name: &str) -> io::Result<Option<UserIds>> {
+pub(crate) fn lookup_user(name: &str) -> io::Result<Option<UserIds>> {
     let cname = std::ffi::CString::new(name).map_err(|_| io::Error::other("NUL in a user name"))?;
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     // SAFETY: `passwd` is plain data the call fills in; `out` receives a pointer to it or null.
@@ -669,7 +648,7 @@ const CAP_NAMES: [&str; 41] = [
 ];
 
 /// The name of capability `cap` (`CAP_BPF`), or `capability N` for one newer than this list.
-pub fn cap_name(cap: u32) -> String {
+pub(crate) fn cap_name(cap: u32) -> String {
     CAP_NAMES
         .get(cap as usize)
         .map_or_else(|| format!("capability {cap}"), |n| (*n).to_owned())
@@ -681,7 +660,7 @@ const CAP_SETPCAP: u32 = 8;
 
 /// The capability sets of this thread, read from /proc/thread-self/status (bit masks).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CapSets {
+pub(crate) struct CapSets {
     pub effective: u64,
     pub permitted: u64,
     pub inheritable: u64,
@@ -690,7 +669,7 @@ pub struct CapSets {
 }
 
 impl CapSets {
-    pub fn of_this_thread() -> io::Result<CapSets> {
+    pub(crate) fn of_this_thread() -> io::Result<CapSets> {
         let status = std::fs::read_to_string("/proc/thread-self/status")?;
         let field = |name: &str| -> io::Result<u64> {
             status
@@ -711,7 +690,7 @@ impl CapSets {
 
 /// Why [`become_user`] failed: the step, and what is missing for it.
 #[derive(Debug, thiserror::Error)]
-pub enum DropError {
+pub(crate) enum DropError {
     #[error("cannot read this thread's capabilities: {0}")]
     Read(io::Error),
     #[error("cannot become the user: {cap} is not in the bounding set")]
@@ -765,7 +744,7 @@ fn capset(effective: u64, permitted: u64) -> io::Result<()> {
 /// was, and [`become_user`] can empty only the calling thread's. Threads started afterwards
 /// inherit the empty sets. (Root's inheritable set is normally empty already; a container
 /// runtime or a wrapper such as `setpriv --inh-caps` may have filled it.)
-pub fn clear_inheritable() -> io::Result<()> {
+pub(crate) fn clear_inheritable() -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     cvt(unsafe {
         libc::prctl(
@@ -798,7 +777,7 @@ pub fn clear_inheritable() -> io::Result<()> {
 /// change itself reaches every thread, glibc makes sure of that, and the other threads lose
 /// their effective, permitted and ambient sets with it; see [`clear_inheritable`] for the
 /// rest).
-pub fn become_user(user: UserIds) -> Result<(), DropError> {
+pub(crate) fn become_user(user: UserIds) -> Result<(), DropError> {
     let step = |step: &'static str| move |source: io::Error| DropError::Step { step, source };
     let check = |r: libc::c_int| {
         if r < 0 {
@@ -857,7 +836,7 @@ pub fn become_user(user: UserIds) -> Result<(), DropError> {
 /// No core dumps from this process or what it executes: RLIMIT_CORE 0 (inherited across
 /// execve) and not dumpable (PR_SET_DUMPABLE 0, reset by execve, so each process calls this).
 /// A dump would hold client addresses, connection state and the TLS private key.
-pub fn no_core_dumps() -> io::Result<()> {
+pub(crate) fn no_core_dumps() -> io::Result<()> {
     let zero = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -885,7 +864,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Every address on this host's network interfaces, with the interface's name (getifaddrs).
-pub fn interface_addrs() -> io::Result<Vec<(String, std::net::IpAddr)>> {
+pub(crate) fn interface_addrs() -> io::Result<Vec<(String, std::net::IpAddr)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list it allocated into `head`; freed below with freeifaddrs.
     cvt(unsafe { libc::getifaddrs(&mut head) })?;
@@ -931,7 +910,7 @@ pub fn interface_addrs() -> io::Result<Vec<(String, std::net::IpAddr)>> {
 /// Tells systemd `state` (`READY=1`, `STOPPING=1`) through `$NOTIFY_SOCKET` (sd_notify(3)'s
 /// protocol: one datagram to a Unix socket, `@` for the abstract namespace). `Ok(false)` when
 /// not started by systemd with `Type=notify`.
-pub fn sd_notify(state: &str) -> io::Result<bool> {
+pub(crate) fn sd_notify(state: &str) -> io::Result<bool> {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::net::{SocketAddr, UnixDatagram};

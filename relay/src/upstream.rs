@@ -16,243 +16,11 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use crate::admission::Cidr;
-use crate::admission::{decode_list, encode_list};
 use crate::config::{Config, HostPort};
-use crate::health::{Changes, Checker};
+use crate::health::{Changes, Checker, Dests, Table, UpstreamStatus};
 
 /// Seconds between attempts while a name does not resolve.
 pub const RETRY_S: u64 = 5;
-
-/// Messages from the supervisor to a worker, one per line on the worker's stdin.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ControlMsg {
-    /// The full, ordered address list of upstream entry `entry` of listener `listener` (may be
-    /// empty).
-    Addrs {
-        listener: usize,
-        entry: usize,
-        addrs: Vec<SocketAddr>,
-    },
-    /// Stop accepting; exit once the open connections have closed.
-    Drain,
-    /// The certificate chain and key of TLS listener `listener` (PEM, hex-encoded on the wire).
-    Tls {
-        listener: usize,
-        chain_pem: String,
-        key_pem: String,
-    },
-    /// The session-ticket keys every TLS listener with `session_tickets` encrypts and decrypts
-    /// tickets with (the same in every worker; sent at start and at each rotation).
-    TicketKeys(crate::proto::tls::TicketKeys),
-    /// End of the start-up messages: the worker may start accepting.
-    Ready,
-    /// The admission lists, whole ([`crate::admission`]); `generation` grows with each change
-    /// and the worker reports it back in its counter row once applied.
-    Admission {
-        generation: u64,
-        allow: Vec<Cidr>,
-        deny: Vec<Cidr>,
-        dests: Vec<SocketAddr>,
-    },
-    /// A reload: the whole new configuration as TOML (hex-encoded on the wire). It has the
-    /// same listeners in the same order; the address lists, certificates and admission lists
-    /// that go with it follow in the next lines.
-    Config { toml: String },
-    /// The sockmap verdict started holding bytes of socket `cookie` (flow control; relayed by
-    /// the supervisor when it reads the event ring of maps shared through pins).
-    Held { cookie: u64, kind: u32 },
-    /// Where listener `listener`'s decoy is (the built-in site, or its `HOST:PORT` resolved);
-    /// None: off, or the name does not resolve (then such connections are closed).
-    /// `https_addr`: where plaintext sent to a TLS listener goes instead (the local site's twin
-    /// that answers nginx's "plain HTTP request was sent to HTTPS port"); None: to `addr`.
-    Decoy {
-        listener: usize,
-        addr: Option<SocketAddr>,
-        https_addr: Option<SocketAddr>,
-    },
-    /// The TLS-ALPN-01 challenges listener `listener` answers now, whole (empty: none);
-    /// [`crate::proto::tls::TlsServer::with_challenges`].
-    Challenges {
-        listener: usize,
-        challenges: Vec<crate::proto::tls::AcmeChallenge>,
-    },
-    /// Close every live connection whose client (its peer address now) is in one of `cidrs`
-    /// (`sluicectl deny add --kill-existing`), then report `generation`.
-    Kill { generation: u64, cidrs: Vec<Cidr> },
-}
-
-fn hex(s: &str) -> String {
-    s.bytes().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<String> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    let bytes = (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()?;
-    String::from_utf8(bytes).ok()
-}
-
-impl ControlMsg {
-    pub fn encode(&self) -> String {
-        match self {
-            ControlMsg::Addrs {
-                listener,
-                entry,
-                addrs,
-            } => {
-                let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-                format!("addrs {listener} {entry} {}\n", list.join(","))
-            }
-            ControlMsg::Drain => "drain\n".to_string(),
-            ControlMsg::Tls {
-                listener,
-                chain_pem,
-                key_pem,
-            } => format!("tls {listener} {} {}\n", hex(chain_pem), hex(key_pem)),
-            ControlMsg::TicketKeys(keys) => format!("tickets {}\n", keys.to_hex()),
-            ControlMsg::Ready => "ready\n".to_string(),
-            ControlMsg::Decoy {
-                listener,
-                addr,
-                https_addr,
-            } => {
-                let a = |a: &Option<SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
-                format!("decoy {listener} {} {}\n", a(addr), a(https_addr))
-            }
-            ControlMsg::Held { cookie, kind } => format!("held {cookie} {kind}\n"),
-            ControlMsg::Config { toml } => format!("config {}\n", hex(toml)),
-            ControlMsg::Admission {
-                generation,
-                allow,
-                deny,
-                dests,
-            } => format!(
-                "admission {generation} {} {} {}\n",
-                encode_list(allow),
-                encode_list(deny),
-                encode_list(dests)
-            ),
-            ControlMsg::Kill { generation, cidrs } => {
-                format!("kill {generation} {}\n", encode_list(cidrs))
-            }
-            ControlMsg::Challenges {
-                listener,
-                challenges,
-            } => {
-                let mut line = format!("acme {listener}");
-                for c in challenges {
-                    line.push_str(&format!(
-                        " {}:{}:{}",
-                        hex(&c.domain),
-                        hex(&c.cert_pem),
-                        hex(&c.key_pem)
-                    ));
-                }
-                line.push('\n');
-                line
-            }
-        }
-    }
-
-    pub fn decode(line: &str) -> Option<ControlMsg> {
-        let words: Vec<&str> = line.trim_end().split(' ').collect();
-        match words.as_slice() {
-            ["admission", generation, allow, deny, dests] => {
-                return Some(ControlMsg::Admission {
-                    generation: generation.parse().ok()?,
-                    allow: decode_list(allow)?,
-                    deny: decode_list(deny)?,
-                    dests: decode_list(dests)?,
-                });
-            }
-            ["kill", generation, cidrs] => {
-                return Some(ControlMsg::Kill {
-                    generation: generation.parse().ok()?,
-                    cidrs: decode_list(cidrs)?,
-                });
-            }
-            ["acme", listener, challenges @ ..] => {
-                let challenges = challenges
-                    .iter()
-                    .map(|c| {
-                        let mut parts = c.split(':');
-                        let c = crate::proto::tls::AcmeChallenge {
-                            domain: unhex(parts.next()?)?,
-                            cert_pem: unhex(parts.next()?)?,
-                            key_pem: unhex(parts.next()?)?,
-                        };
-                        parts.next().is_none().then_some(c)
-                    })
-                    .collect::<Option<Vec<_>>>()?;
-                return Some(ControlMsg::Challenges {
-                    listener: listener.parse().ok()?,
-                    challenges,
-                });
-            }
-            ["admission" | "kill" | "acme", ..] => return None,
-            _ => {}
-        }
-        let mut parts = line.trim_end().splitn(4, ' ');
-        let number = |parts: &mut std::str::SplitN<'_, char>| parts.next()?.parse::<usize>().ok();
-        match parts.next()? {
-            "addrs" => {
-                let listener = number(&mut parts)?;
-                let entry = number(&mut parts)?;
-                let addrs = match parts.next() {
-                    None | Some("") => Vec::new(),
-                    Some(list) if list.contains(' ') => return None,
-                    Some(list) => list
-                        .split(',')
-                        .map(|a| a.parse().ok())
-                        .collect::<Option<Vec<_>>>()?,
-                };
-                Some(ControlMsg::Addrs {
-                    listener,
-                    entry,
-                    addrs,
-                })
-            }
-            "drain" => Some(ControlMsg::Drain),
-            "tickets" => Some(ControlMsg::TicketKeys(
-                crate::proto::tls::TicketKeys::from_hex(parts.next()?)?,
-            )),
-            "ready" => Some(ControlMsg::Ready),
-            "decoy" => Some(ControlMsg::Decoy {
-                listener: number(&mut parts)?,
-                addr: match parts.next()? {
-                    "-" => None,
-                    a => Some(a.parse().ok()?),
-                },
-                https_addr: match parts.next()? {
-                    "-" => None,
-                    a => Some(a.parse().ok()?),
-                },
-            }),
-            "held" => Some(ControlMsg::Held {
-                cookie: parts.next()?.parse().ok()?,
-                kind: parts.next()?.parse().ok()?,
-            }),
-            "config" => Some(ControlMsg::Config {
-                toml: unhex(parts.next()?)?,
-            }),
-            "tls" => Some(ControlMsg::Tls {
-                listener: number(&mut parts)?,
-                chain_pem: unhex(parts.next()?)?,
-                key_pem: unhex(parts.next()?)?,
-            }),
-            _ => None,
-        }
-    }
-}
-
-/// What the resolver thread reports to the supervisor's main loop: for each listener, for each
-/// of its upstream entries, the addresses in order.
-pub type Table = Vec<Vec<Vec<SocketAddr>>>;
 
 /// Why an address a DNS answer gave is not dialled, or None when it may be: loopback,
 /// private (RFC 1918), shared (CGNAT, 100.64.0.0/10), link-local (169.254.0.0/16 holds cloud
@@ -444,7 +212,8 @@ pub fn resolve_all(config: &Config, names: &mut Names) -> (Table, bool) {
 /// receiver is gone: resolves names when due, runs health checks when due ([`crate::health`]),
 /// and sends the table workers should use whenever it changes. `on_health` is told each round's
 /// state changes and how many addresses are down; `on_refused` how many addresses of DNS
-/// answers were refused in a round that refused some.
+/// answers were refused in a round that refused some. `dests` is the destination allowlist the
+/// health checks keep to, kept current by the supervisor.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_resolver<E: Send + 'static>(
     config: Config,
@@ -456,7 +225,8 @@ pub fn spawn_resolver<E: Send + 'static>(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     on_health: Box<dyn Fn(Changes, usize) + Send>,
     on_refused: Box<dyn Fn(u64) + Send>,
-    on_upstreams: Box<dyn Fn(Vec<crate::control::UpstreamStatus>) + Send>,
+    on_upstreams: Box<dyn Fn(Vec<UpstreamStatus>) + Send>,
+    dests: Dests,
 ) -> std::io::Result<()> {
     let stopped = move || stop.load(std::sync::atomic::Ordering::Relaxed);
     std::thread::Builder::new()
@@ -464,7 +234,7 @@ pub fn spawn_resolver<E: Send + 'static>(
         .spawn(move || {
             let mut resolved = first;
             let mut ok = first_ok;
-            let mut checker = Checker::new();
+            let mut checker = Checker::new(dests);
             let start = Instant::now();
             checker.track(&config, &resolved, start);
             let mut sent = checker.filter(&config, &resolved);
@@ -661,95 +431,6 @@ impl Upstreams {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn check(msg: ControlMsg) {
-        let line = msg.encode();
-        assert!(line.ends_with('\n'));
-        assert_eq!(ControlMsg::decode(&line), Some(msg));
-    }
-
-    #[test]
-    fn control_messages_round_trip() {
-        check(ControlMsg::Drain);
-        check(ControlMsg::Ready);
-        check(ControlMsg::Decoy {
-            listener: 3,
-            addr: Some("127.0.0.1:4321".parse().unwrap()),
-            https_addr: Some("127.0.0.1:4322".parse().unwrap()),
-        });
-        check(ControlMsg::Decoy {
-            listener: 0,
-            addr: None,
-            https_addr: None,
-        });
-        check(ControlMsg::Held {
-            cookie: 1 << 40,
-            kind: 1,
-        });
-        check(ControlMsg::Config {
-            toml: "[[listen]]\nname = \"a b\"\n".into(),
-        });
-        let keys =
-            crate::proto::tls::TicketKeys::generate(crate::proto::tls::TICKET_ROTATE).unwrap();
-        check(ControlMsg::TicketKeys(keys.clone()));
-        check(ControlMsg::TicketKeys(keys.rotate().unwrap()));
-        assert_eq!(ControlMsg::decode("tickets 00ff\n"), None);
-        check(ControlMsg::Challenges {
-            listener: 1,
-            challenges: Vec::new(),
-        });
-        let c = |d: &str| crate::proto::tls::AcmeChallenge {
-            domain: d.into(),
-            cert_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
-            key_pem: "k\n".into(),
-        };
-        check(ControlMsg::Challenges {
-            listener: 0,
-            challenges: vec![c("a.example"), c("b.example")],
-        });
-        assert_eq!(ControlMsg::decode("acme 0 61:62\n"), None);
-        check(ControlMsg::Tls {
-            listener: 2,
-            chain_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
-            key_pem: "k\n".into(),
-        });
-        check(ControlMsg::Addrs {
-            listener: 3,
-            entry: 1,
-            addrs: vec![],
-        });
-        check(ControlMsg::Addrs {
-            listener: 0,
-            entry: 0,
-            addrs: vec![
-                "127.0.0.1:80".parse().unwrap(),
-                "[::1]:443".parse().unwrap(),
-            ],
-        });
-        check(ControlMsg::Admission {
-            generation: 7,
-            allow: vec!["10.0.0.0/8".parse().unwrap()],
-            deny: vec![
-                "127.0.0.3/32".parse().unwrap(),
-                "2001:db8::/32".parse().unwrap(),
-            ],
-            dests: vec![],
-        });
-        check(ControlMsg::Admission {
-            generation: 0,
-            allow: vec![],
-            deny: vec![],
-            dests: vec!["[::1]:443".parse().unwrap()],
-        });
-        check(ControlMsg::Kill {
-            generation: 9,
-            cidrs: vec!["127.0.0.3/32".parse().unwrap()],
-        });
-        assert_eq!(ControlMsg::decode("admission 1 - -\n"), None);
-        assert_eq!(ControlMsg::decode("kill 1 nonsense\n"), None);
-        assert_eq!(ControlMsg::decode("bogus 1\n"), None);
-        assert_eq!(ControlMsg::decode("addrs x 1.2.3.4:5\n"), None);
-    }
 
     #[test]
     fn failover_walks_every_address_once() {

@@ -3,7 +3,7 @@
 //! thread until its control pipe closes or it has drained.
 //!
 //! The fd contract between [`crate::supervisor`] and a worker:
-//! - fd 0: the control pipe (lines of [`crate::upstream::ControlMsg`]); EOF means "exit now";
+//! - fd 0: the control pipe (lines of [`crate::wire::ControlMsg`]); EOF means "exit now";
 //! - fd 3 .. 3+L: the L listening sockets, in config order (shared by all workers);
 //! - fd 3+L: the memfd of the shared counters ([`crate::metrics::Shared`]);
 //! - fd 4+L: the memfd of the histogram slots ([`crate::histo::Region`]);
@@ -22,18 +22,19 @@ use crate::engine::{self, EngineKind, WorkerCtx};
 use crate::error::StartError;
 use crate::metrics::{Counter, Shared};
 use crate::sys;
-use crate::upstream::{ControlMsg, Upstreams};
+use crate::upstream::Upstreams;
+use crate::wire::ControlMsg;
 
 /// First fd number of the listeners in a worker.
-pub const FIRST_LISTENER_FD: RawFd = 3;
-pub const ENV_WORKER: &str = "SLUICE_WORKER";
-pub const ENV_CONFIG: &str = "SLUICE_CONFIG";
+pub(crate) const FIRST_LISTENER_FD: RawFd = 3;
+pub(crate) const ENV_WORKER: &str = "SLUICE_WORKER";
+pub(crate) const ENV_CONFIG: &str = "SLUICE_CONFIG";
 /// Set when the supervisor hands the worker the fast path's maps (always with sockmap).
-pub const ENV_SHARED_FAST_PATH: &str = "SLUICE_SHARED_FAST_PATH";
+pub(crate) const ENV_SHARED_FAST_PATH: &str = "SLUICE_SHARED_FAST_PATH";
 
 /// Who this worker is, as the supervisor said in [`ENV_WORKER`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Identity {
+pub(crate) struct Identity {
     pub index: usize,
     pub workers: usize,
     pub engine: EngineKind,

@@ -41,18 +41,15 @@ pub mod fast_path {
     pub const MAX_SOCKETS: u32 = 262_144;
 }
 
-/// Client allow/deny lists (LPM tries, one per address family) and the destination allowlist.
+/// The XDP deny filter: denied clients (LPM tries, one per address family) and the ports it
+/// guards. (The client allowlist and the destination allowlist are checked by the workers in
+/// user space; the maps `SLUICE_ALLOW_V4`, `SLUICE_ALLOW_V6` and `SLUICE_DESTS` that an older
+/// `sluicectl load` pinned for them were never read by a program, and are gone.)
 pub mod admission {
-    /// `LpmTrie<[u8; 4], RuleId>`: IPv4 clients that may connect (checked at accept).
-    pub const ALLOW_V4: &str = "SLUICE_ALLOW_V4";
-    /// `LpmTrie<[u8; 16], RuleId>`: IPv6 clients that may connect (checked at accept).
-    pub const ALLOW_V6: &str = "SLUICE_ALLOW_V6";
     /// `LpmTrie<[u8; 4], RuleId>`: IPv4 clients refused; the XDP program drops their SYNs.
     pub const DENY_V4: &str = "SLUICE_DENY_V4";
     /// `LpmTrie<[u8; 16], RuleId>`: IPv6 clients refused; the XDP program drops their SYNs.
     pub const DENY_V6: &str = "SLUICE_DENY_V6";
-    /// `HashMap<DestKey, RuleId>`: upstream addresses the relay may connect to.
-    pub const DESTS: &str = "SLUICE_DESTS";
     /// `PerCpuArray<XdpStats>` with one slot ([`super::XDP_STATS_SLOT`]).
     pub const XDP_STATS: &str = "SLUICE_XDPSTATS";
     /// `HashMap<[u8; 2], u8>`: the relay's listening ports (network byte order; the value is
@@ -63,8 +60,6 @@ pub mod admission {
     pub const PROG_XDP_DENY: &str = "sluice_xdp_deny";
     /// Capacity of each client trie.
     pub const MAX_CLIENT_RULES: u32 = 65_536;
-    /// Capacity of the destination allowlist.
-    pub const MAX_DESTS: u32 = 4_096;
     /// Capacity of [`PORTS`] (a daemon has at most a few dozen listeners).
     pub const MAX_PORTS: u32 = 1_024;
 }
@@ -169,11 +164,11 @@ pub struct ConnCounters {
     pub held: u64,
 }
 
-/// Identifies the rule that put an entry in an allow/deny/destination map (for listing and per-rule
+/// Identifies the rule that put an entry in a deny map (for listing and per-rule
 /// metrics); 0 when the caller has none.
 pub type RuleId = u32;
 
-/// Key of [`admission::ALLOW_V4`]/[`admission::DENY_V4`], byte for byte aya's LPM `Key<[u8; 4]>`.
+/// Key of [`admission::DENY_V4`], byte for byte aya's LPM `Key<[u8; 4]>`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientKeyV4 {
@@ -183,7 +178,7 @@ pub struct ClientKeyV4 {
     pub addr: [u8; 4],
 }
 
-/// Key of [`admission::ALLOW_V6`]/[`admission::DENY_V6`], byte for byte aya's LPM `Key<[u8; 16]>`.
+/// Key of [`admission::DENY_V6`], byte for byte aya's LPM `Key<[u8; 16]>`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientKeyV6 {
@@ -191,34 +186,6 @@ pub struct ClientKeyV6 {
     pub prefix_len: u32,
     /// Address in network byte order.
     pub addr: [u8; 16],
-}
-
-/// Key of [`admission::DESTS`]: an upstream address and port. IPv4 addresses are stored
-/// IPv4-mapped (`::ffff:a.b.c.d`) so one map serves both families.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct DestKey {
-    /// IPv6 address, or IPv4-mapped IPv6 address, in network byte order.
-    pub addr: [u8; 16],
-    /// Port in network byte order.
-    pub port: [u8; 2],
-    /// Always zero (the key is hashed byte for byte).
-    pub reserved: [u8; 2],
-}
-
-impl DestKey {
-    /// The key for `addr`; IPv4 addresses become IPv4-mapped IPv6, the byte order is the network's.
-    pub fn new(addr: core::net::SocketAddr) -> Self {
-        let ip = match addr.ip() {
-            core::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-            core::net::IpAddr::V6(v6) => v6,
-        };
-        Self {
-            addr: ip.octets(),
-            port: addr.port().to_be_bytes(),
-            reserved: [0; 2],
-        }
-    }
 }
 
 /// Value of [`admission::XDP_STATS`] (per CPU): SYNs the XDP program saw and dropped.
@@ -241,7 +208,6 @@ const _: () = assert!(size_of::<FlowStats>() == 32);
 const _: () = assert!(size_of::<ConnCounters>() == 48);
 const _: () = assert!(size_of::<ClientKeyV4>() == 8);
 const _: () = assert!(size_of::<ClientKeyV6>() == 20);
-const _: () = assert!(size_of::<DestKey>() == 20);
 const _: () = assert!(size_of::<XdpStats>() == 24);
 const _: () = assert!(size_of::<RuleId>() == 4);
 
@@ -249,9 +215,7 @@ const _: () = assert!(size_of::<RuleId>() == 4);
 mod pod {
     //! `aya::Pod` for every map key and value: they are `#[repr(C)]`, `Copy`, and every bit
     //! pattern is valid (only integers and byte arrays, no padding), which is what `Pod` requires.
-    use super::{
-        ClientKeyV4, ClientKeyV6, ConnCounters, DestKey, FlowStats, HeldEvent, Peer, XdpStats,
-    };
+    use super::{ClientKeyV4, ClientKeyV6, ConnCounters, FlowStats, HeldEvent, Peer, XdpStats};
 
     // SAFETY: `#[repr(C)]` structs of integers and byte arrays without padding (the size asserts
     // above pin the layout); any bit pattern is a valid value.
@@ -266,8 +230,6 @@ mod pod {
     unsafe impl aya::Pod for ClientKeyV4 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ClientKeyV6 {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for DestKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for XdpStats {}
 }

@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
 };
 use sluice_common::{
-    ClientKeyV4, ClientKeyV6, ConnCounters, Cookie, DestKey, FlowStats, Peer, RuleId, XdpStats,
-    admission::{MAX_CLIENT_RULES, MAX_DESTS, MAX_PORTS},
+    ClientKeyV4, ClientKeyV6, ConnCounters, Cookie, FlowStats, Peer, RuleId, XdpStats,
+    admission::{MAX_CLIENT_RULES, MAX_PORTS},
     fast_path::{HELD_BYTES, MAX_SOCKETS},
 };
 
@@ -41,16 +41,6 @@ pub(crate) static HELD: RingBuf = RingBuf::with_byte_size(HELD_BYTES, 0);
 #[map(name = "SLUICE_FLOW")]
 pub(crate) static FLOW: Array<FlowStats> = Array::with_max_entries(1, 0);
 
-/// IPv4 clients that may connect (read by the relay at accept).
-#[map(name = "SLUICE_ALLOW_V4")]
-pub(crate) static ALLOW_V4: LpmTrie<[u8; 4], RuleId> =
-    LpmTrie::with_max_entries(MAX_CLIENT_RULES, 0);
-
-/// IPv6 clients that may connect (read by the relay at accept).
-#[map(name = "SLUICE_ALLOW_V6")]
-pub(crate) static ALLOW_V6: LpmTrie<[u8; 16], RuleId> =
-    LpmTrie::with_max_entries(MAX_CLIENT_RULES, 0);
-
 /// IPv4 clients whose SYNs [`crate::xdp_deny`] drops.
 #[map(name = "SLUICE_DENY_V4")]
 pub(crate) static DENY_V4: LpmTrie<[u8; 4], RuleId> =
@@ -65,11 +55,6 @@ pub(crate) static DENY_V6: LpmTrie<[u8; 16], RuleId> =
 /// these.
 #[map(name = "SLUICE_PORTS")]
 pub(crate) static PORTS: HashMap<[u8; 2], u8> = HashMap::with_max_entries(MAX_PORTS, 0);
-
-/// Upstream addresses the relay may connect to.
-#[map(name = "SLUICE_DESTS")]
-pub(crate) static DESTS: HashMap<DestKey, RuleId> =
-    HashMap::with_max_entries(MAX_DESTS, BPF_F_NO_PREALLOC);
 
 /// What [`crate::xdp_deny`] saw and dropped, per CPU, in slot `XDP_STATS_SLOT`.
 #[map(name = "SLUICE_XDPSTATS")]

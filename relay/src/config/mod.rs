@@ -14,6 +14,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub mod preset;
 
+/// Let's Encrypt's production directory: `directory` when the configuration names none.
+pub(crate) const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
 /// The whole configuration of one `sluice` daemon.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -78,10 +81,10 @@ pub struct Config {
 pub struct AdmissionSettings {
     /// Clients that may connect (CIDRs); empty = every client not denied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub allow: Vec<crate::admission::Cidr>,
+    pub allow: Vec<crate::cidr::Cidr>,
     /// Clients refused (CIDRs); deny wins over allow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub deny: Vec<crate::admission::Cidr>,
+    pub deny: Vec<crate::cidr::Cidr>,
     /// Upstream `HOST:PORT`s the relay may connect to (names resolved once, at start); empty =
     /// any upstream of the listeners.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -99,11 +102,11 @@ impl AdmissionSettings {
 }
 
 /// Default address of the metrics/stats HTTP listener.
-pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9199";
+pub(crate) const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9199";
 
 /// `state_dir` when the configuration does not name one: what systemd's
 /// `StateDirectory=sluice` makes.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/sluice";
+pub(crate) const DEFAULT_STATE_DIR: &str = "/var/lib/sluice";
 
 /// `[metrics]`: where Prometheus text and the stats page are served, and whether workers record
 /// latency histograms.
@@ -274,7 +277,7 @@ pub struct Listener {
 /// balancer in front of the relay lives (HAProxy's `expect-proxy layer4 if { src -f trusted }`,
 /// nginx's `set_real_ip_from`). A balancer reaching the relay from a public address has to be
 /// named.
-pub const DEFAULT_TRUSTED_PROXIES: &[&str] = &[
+pub(crate) const DEFAULT_TRUSTED_PROXIES: &[&str] = &[
     "127.0.0.0/8",
     "::1/128",
     "10.0.0.0/8",
@@ -285,7 +288,7 @@ pub const DEFAULT_TRUSTED_PROXIES: &[&str] = &[
 ];
 
 /// [`DEFAULT_TRUSTED_PROXIES`], parsed.
-pub fn default_trusted_proxies() -> Vec<IpNet> {
+pub(crate) fn default_trusted_proxies() -> Vec<IpNet> {
     DEFAULT_TRUSTED_PROXIES
         .iter()
         .map(|s| s.parse().expect("the default trusted proxies are CIDRs"))
@@ -295,7 +298,7 @@ pub fn default_trusted_proxies() -> Vec<IpNet> {
 impl Listener {
     /// The sources whose PROXY headers this listener believes (its `trusted_proxies`, or the
     /// default when it has none); empty when it does not take PROXY headers.
-    pub fn trusted_proxies(&self) -> std::borrow::Cow<'_, [IpNet]> {
+    pub(crate) fn trusted_proxies(&self) -> std::borrow::Cow<'_, [IpNet]> {
         match (&self.trusted_proxies, self.accept_proxy) {
             (_, false) => std::borrow::Cow::Borrowed(&[]),
             (Some(list), true) => std::borrow::Cow::Borrowed(list),
@@ -312,7 +315,7 @@ mod cidr_list {
     use std::net::IpAddr;
 
     /// An IPv4-mapped range (`::ffff:10.0.0.0/104`) is read as the IPv4 one (`10.0.0.0/8`):
-    /// peers are compared as IPv4 ([`crate::admission::canonical_range`]).
+    /// peers are compared as IPv4 ([`crate::cidr::canonical_range`]).
     pub fn parse(s: &str) -> Result<IpNet, String> {
         let net = match s.parse::<IpNet>() {
             Ok(net) => net,
@@ -321,11 +324,13 @@ mod cidr_list {
                 .map(IpNet::from)
                 .map_err(|_| format!("`{s}` is not a CIDR (ADDRESS/PREFIX)"))?,
         };
-        let (addr, len) = crate::admission::canonical_range(net.addr(), net.prefix_len());
+        let (addr, len) = crate::cidr::canonical_range(net.addr(), net.prefix_len());
         IpNet::new(addr, len).map_err(|e| format!("`{s}`: {e}"))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<IpNet>>, D::Error> {
         Vec::<String>::deserialize(d)?
             .iter()
             .map(|s| parse(s).map_err(serde::de::Error::custom))
@@ -333,7 +338,10 @@ mod cidr_list {
             .map(Some)
     }
 
-    pub fn serialize<S: Serializer>(v: &Option<Vec<IpNet>>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(
+        v: &Option<Vec<IpNet>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.collect_seq(v.iter().flatten().map(|n| n.to_string()))
     }
 }
@@ -351,12 +359,12 @@ pub enum Decoy {
 }
 
 impl Decoy {
-    pub fn is_off(&self) -> bool {
+    pub(crate) fn is_off(&self) -> bool {
         *self == Decoy::Off
     }
 
     /// Served by the supervisor's own site ([`crate::decoy`]), not by another server.
-    pub fn is_local(&self) -> bool {
+    pub(crate) fn is_local(&self) -> bool {
         matches!(self, Decoy::Builtin | Decoy::Dir(_))
     }
 }
@@ -533,6 +541,20 @@ impl Default for TlsSettings {
     }
 }
 
+/// The key type of a generated certificate, as the generator ([`crate::proto::tls`]) takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyKind {
+    /// RSA with this many bits (at least 2048, what `ring` signs with); 4096 as WhatsApp's.
+    Rsa(u16),
+    /// ECDSA on P-256: fast to generate, far cheaper to sign with than RSA-4096.
+    EcdsaP256,
+}
+
+impl KeyKind {
+    /// What a generated certificate uses unless the configuration says otherwise.
+    pub(crate) const DEFAULT: KeyKind = KeyKind::EcdsaP256;
+}
+
 /// The key type of a generated certificate (`[listen.tls] key_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum KeyType {
@@ -546,8 +568,7 @@ pub enum KeyType {
 
 impl KeyType {
     /// The key generator's name for it.
-    pub fn kind(self) -> crate::proto::tls::KeyKind {
-        use crate::proto::tls::KeyKind;
+    pub(crate) fn kind(self) -> KeyKind {
         match self {
             KeyType::EcdsaP256 => KeyKind::EcdsaP256,
             KeyType::Rsa2048 => KeyKind::Rsa(2048),
@@ -558,7 +579,7 @@ impl KeyType {
 
 impl AcmeSettings {
     /// Why these settings cannot work, or None.
-    pub fn invalid(&self) -> Option<String> {
+    pub(crate) fn invalid(&self) -> Option<String> {
         if self.domains.is_empty() {
             return Some("`domains` is empty: name at least one".into());
         }
@@ -606,9 +627,8 @@ fn is_dns_name(s: &str) -> bool {
 
 impl TlsSettings {
     /// The key type a generated certificate gets.
-    pub fn generated_key(&self) -> crate::proto::tls::KeyKind {
-        self.key_type
-            .map_or(crate::proto::tls::KeyKind::DEFAULT, KeyType::kind)
+    pub(crate) fn generated_key(&self) -> KeyKind {
+        self.key_type.map_or(KeyKind::DEFAULT, KeyType::kind)
     }
 }
 
@@ -676,7 +696,7 @@ pub struct HostPort {
 
 impl HostPort {
     /// The address when the host is an IP literal, so no resolution is needed.
-    pub fn literal(&self) -> Option<SocketAddr> {
+    pub(crate) fn literal(&self) -> Option<SocketAddr> {
         self.host
             .parse::<IpAddr>()
             .ok()
@@ -755,67 +775,113 @@ pub enum ConfigError {
     Invalid { origin: String, message: String },
 }
 
-mod defaults {
-    pub fn acme_directory() -> String {
-        crate::acme::LETS_ENCRYPT.to_owned()
+/// Checks that `host` is something a phone can connect to: an IP address, or a DNS name
+/// (letters, digits, `-`, dots; labels of 1-63 characters not starting or ending with `-`).
+/// A URL, a port or spaces get an error saying what to give instead. For `public_host` here
+/// and the host of `sluicectl share` ([`crate::share`]).
+pub(crate) fn validate_host(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("the host is empty: give the relay's public DNS name or IP address".into());
     }
-    pub fn acme_renew_before_days() -> u32 {
+    if host.contains("://") || host.contains('/') {
+        return Err(format!(
+            "`{host}` looks like a URL: give only the host name or IP address, e.g. proxy.example.org"
+        ));
+    }
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if let Some((_, port)) = host.rsplit_once(':')
+        && port.parse::<u16>().is_ok()
+    {
+        return Err(format!(
+            "`{host}` has a port: give only the host; the ports come from the listeners"
+        ));
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "`{host}` is neither an IP address nor a DNS name (letters, digits, `-` and dots)"
+        ));
+    }
+    // An all-numeric name like 300.1.2.3 is a mistyped address, not a name.
+    if name
+        .split('.')
+        .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!("`{host}` is not a valid IP address"));
+    }
+    Ok(())
+}
+
+mod defaults {
+    pub(crate) fn acme_directory() -> String {
+        super::LETS_ENCRYPT.to_owned()
+    }
+    pub(crate) fn acme_renew_before_days() -> u32 {
         30
     }
-    pub fn state_dir() -> std::path::PathBuf {
+    pub(crate) fn state_dir() -> std::path::PathBuf {
         super::DEFAULT_STATE_DIR.into()
     }
-    pub fn metrics_listen() -> super::MetricsListen {
+    pub(crate) fn metrics_listen() -> super::MetricsListen {
         super::MetricsListen(Some(
             super::DEFAULT_METRICS_ADDR.parse().expect("valid default"),
         ))
     }
-    pub fn yes() -> bool {
+    pub(crate) fn yes() -> bool {
         true
     }
-    pub fn max_connections() -> u32 {
+    pub(crate) fn max_connections() -> u32 {
         27_500
     }
-    pub fn resolve_interval_s() -> u32 {
+    pub(crate) fn resolve_interval_s() -> u32 {
         300
     }
-    pub fn sockmap_queue_limit_mib() -> u32 {
+    pub(crate) fn sockmap_queue_limit_mib() -> u32 {
         16
     }
-    pub fn sockmap_queue_total_mib() -> u32 {
+    pub(crate) fn sockmap_queue_total_mib() -> u32 {
         256
     }
-    pub fn connect_ms() -> u32 {
+    pub(crate) fn connect_ms() -> u32 {
         5_000
     }
-    pub fn idle_ms() -> u32 {
+    pub(crate) fn idle_ms() -> u32 {
         200_000
     }
-    pub fn fin_ms() -> u32 {
+    pub(crate) fn fin_ms() -> u32 {
         1_000
     }
-    pub fn header_ms() -> u32 {
+    pub(crate) fn header_ms() -> u32 {
         5_000
     }
-    pub fn decoy_header_ms() -> u32 {
+    pub(crate) fn decoy_header_ms() -> u32 {
         60_000
     }
-    pub fn decoy_keepalive_ms() -> u32 {
+    pub(crate) fn decoy_keepalive_ms() -> u32 {
         75_000
     }
-    pub fn health_interval_ms() -> u32 {
+    pub(crate) fn health_interval_ms() -> u32 {
         60_000
     }
-    pub fn health_fast_interval_ms() -> u32 {
+    pub(crate) fn health_fast_interval_ms() -> u32 {
         1_000
     }
-    pub fn health_down_interval_ms() -> u32 {
+    pub(crate) fn health_down_interval_ms() -> u32 {
         3_000
     }
-    pub fn health_rise() -> u32 {
+    pub(crate) fn health_rise() -> u32 {
         2
     }
-    pub fn health_fall() -> u32 {
+    pub(crate) fn health_fall() -> u32 {
         3
     }
 }
@@ -855,7 +921,7 @@ impl Config {
 
     /// Writes out what a key left to its default means where the default is not a constant:
     /// each `accept_proxy` listener's `trusted_proxies`.
-    pub fn fill_defaults(&mut self) {
+    pub(crate) fn fill_defaults(&mut self) {
         for l in &mut self.listeners {
             if l.accept_proxy && l.trusted_proxies.is_none() {
                 l.trusted_proxies = Some(default_trusted_proxies());
@@ -902,7 +968,7 @@ impl Config {
     /// The listener that can answer ACME HTTP-01 challenges: the first plain (no `tls`),
     /// static-route listener on port 80 whose decoy is a local site (`builtin` or `dir:`),
     /// which gets the CA's `GET /.well-known/acme-challenge/TOKEN` ([`crate::decoy`]).
-    pub fn http01_listener(&self) -> Option<usize> {
+    pub(crate) fn http01_listener(&self) -> Option<usize> {
         self.listeners.iter().position(|l| {
             l.bind.port() == 80 && l.tls.is_none() && l.route == Route::Static && l.decoy.is_local()
         })
@@ -976,7 +1042,7 @@ impl Config {
             }
         }
         if let Some(h) = &self.public_host
-            && let Err(e) = crate::share::validate_host(h)
+            && let Err(e) = validate_host(h)
         {
             return err("public_host", e);
         }
@@ -1051,7 +1117,7 @@ impl Config {
                             .into(),
                     );
                 }
-                if let Some(why) = list.iter().find_map(crate::admission::host_bits) {
+                if let Some(why) = list.iter().find_map(crate::cidr::host_bits) {
                     return err(&key, why);
                 }
             }
@@ -1392,7 +1458,7 @@ mod tests {
         let t = c.listeners[0].tls.as_ref().unwrap();
         assert_eq!(
             (t.key_type, t.generated_key(), t.session_tickets),
-            (None, crate::proto::tls::KeyKind::EcdsaP256, true),
+            (None, KeyKind::EcdsaP256, true),
             "absent: ECDSA P-256, tickets on"
         );
         assert_eq!(Config::from_toml(&c.to_toml(), "t").unwrap(), c);
@@ -1404,7 +1470,7 @@ mod tests {
         let t = c.listeners[0].tls.as_ref().unwrap();
         assert_eq!(
             (t.generated_key(), t.session_tickets),
-            (crate::proto::tls::KeyKind::Rsa(4096), false)
+            (KeyKind::Rsa(4096), false)
         );
         assert_eq!(Config::from_toml(&c.to_toml(), "t").unwrap(), c);
         check_err(

@@ -17,7 +17,23 @@ use super::{
     Config, Decoy, EngineChoice, HealthSettings, HostPort, Listener, Route, SendProxy, Timeouts,
     TlsSettings,
 };
-use crate::proto::sni::SIGNAL_HOSTS;
+
+/// The Signal service names Signal-TLS-Proxy relays to, from its nginx configuration.
+pub const SIGNAL_HOSTS: &[&str] = &[
+    "chat.signal.org",
+    "storage.signal.org",
+    "cdn.signal.org",
+    "cdn2.signal.org",
+    "cdn3.signal.org",
+    "cdsi.signal.org",
+    "contentproxy.signal.org",
+    "grpc.chat.signal.org",
+    "sfu.voip.signal.org",
+    "svr2.signal.org",
+    "svrb.signal.org",
+    "updates.signal.org",
+    "updates2.signal.org",
+];
 
 /// A named built-in configuration (`--preset`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -81,13 +97,13 @@ impl Preset {
 /// 3 600–5 900 a second on a 2-core host to 100, about 2 % of one core with the ECDSA
 /// certificate (docs/OPERATIONS.md, "Handshake floods"). With `key_type = "rsa-4096"` 100
 /// RSA-4096 handshakes a second are almost half a core: lower it there.
-pub const WHATSAPP_TLS_NEW_PER_SECOND: u32 = 100;
+pub(crate) const WHATSAPP_TLS_NEW_PER_SECOND: u32 = 100;
 
 /// The same for the Signal preset's port 443, twice as high: a Signal client opens several
 /// connections through the proxy at once (the authenticated and unauthenticated websockets,
 /// then storage, CDN, contact discovery as it needs them), each its own TLS session to the
 /// relay with no resumption (tickets are off, as upstream).
-pub const SIGNAL_TLS_NEW_PER_SECOND: u32 = 200;
+pub(crate) const SIGNAL_TLS_NEW_PER_SECOND: u32 = 200;
 
 fn hp(s: &str) -> HostPort {
     s.parse().expect("preset upstreams are valid")
@@ -320,7 +336,7 @@ mod tests {
             assert_eq!(l.max_connections_per_client, 0, "{}", l.name);
             if let Some(t) = &l.tls {
                 assert!(t.session_tickets, "HAProxy's TLS binds keep tickets on");
-                assert_eq!(t.generated_key(), crate::proto::tls::KeyKind::EcdsaP256);
+                assert_eq!(t.generated_key(), crate::config::KeyKind::EcdsaP256);
             }
         }
         assert_eq!(c.max_connections, 27_500);
@@ -348,7 +364,7 @@ mod tests {
         let acme = tls.acme.as_ref().expect("acme with a domain");
         assert_eq!(acme.domains, ["relay.example.org"]);
         assert_eq!(acme.email.as_deref(), Some("ops@example.org"));
-        assert_eq!(acme.directory, crate::acme::LETS_ENCRYPT);
+        assert_eq!(acme.directory, crate::config::LETS_ENCRYPT);
         assert!(tls.cert.is_none() && !tls.session_tickets, "{tls:?}");
         assert_eq!(c.public_host.as_deref(), Some("relay.example.org"));
         // Everything else is the preset's.
@@ -387,7 +403,7 @@ mod tests {
         assert_eq!(l.upstream.len(), 13);
         let t = l.tls.as_ref().unwrap();
         assert!(!t.session_tickets, "nginx's ssl_session_tickets off");
-        assert_eq!(t.generated_key(), crate::proto::tls::KeyKind::EcdsaP256);
+        assert_eq!(t.generated_key(), crate::config::KeyKind::EcdsaP256);
         assert_eq!(
             l.new_connections_per_second_per_client,
             SIGNAL_TLS_NEW_PER_SECOND

@@ -128,6 +128,7 @@ impl BufRing {
     }
 
     /// Buffers lent to directions now.
+    #[cfg(test)]
     pub fn lent(&self) -> usize {
         self.lent
     }

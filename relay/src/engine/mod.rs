@@ -25,8 +25,8 @@ use std::time::Instant;
 
 use socket2::SockRef;
 
-use crate::admission::Cidr;
 use crate::admission::{Rules, Verdict};
+use crate::cidr::Cidr;
 use crate::config::{Config, EngineChoice, Listener, SendProxy};
 use crate::limits::{ClientSlot, ClientTable, Over};
 use crate::metrics::{Counter, Row, Shared};
@@ -34,7 +34,8 @@ use crate::proto::proxy::{self, Parsed, ProxyHeader};
 use crate::proto::sni::{self, SniResult};
 use crate::proto::tls::{PemIdentity, TicketKeys, TlsServer};
 use crate::sys;
-use crate::upstream::{ControlMsg, Upstreams};
+use crate::upstream::Upstreams;
+use crate::wire::ControlMsg;
 
 /// The engine a worker really runs (after `auto` was decided).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -438,7 +439,7 @@ impl<'a> WorkerCtx<'a> {
         let mut drain = false;
         while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
-            match ControlMsg::decode(&String::from_utf8_lossy(&line)) {
+            match ControlMsg::decode(&line) {
                 Some(ControlMsg::Addrs {
                     listener,
                     entry,

@@ -80,6 +80,7 @@ impl PipePool {
     }
 
     /// Pipes lent out now.
+    #[cfg(test)]
     pub fn in_use(&self) -> usize {
         self.made - self.free.len()
     }

@@ -29,11 +29,10 @@ use std::net::SocketAddr;
 use ppp::{v1, v2};
 
 use crate::config::SendProxy;
-use crate::error::Side;
 
 /// Longest v1 header, CRLF included (the spec's worst case: `PROXY UNKNOWN` with two full IPv6
 /// addresses and ports).
-pub const MAX_V1_LEN: usize = 107;
+pub(crate) const MAX_V1_LEN: usize = 107;
 
 /// Longest header accepted at all: a v2 header is 16 bytes plus its declared length, which may
 /// announce up to 64 KiB of TLVs; nothing a relay needs is that long.
@@ -74,7 +73,7 @@ pub struct ProxyHeader {
     pub local: bool,
 }
 
-/// Why a PROXY header is refused. Always the client's fault: see [`ProxyError::side`].
+/// Why a PROXY header is refused (always the client's doing: the header comes from it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
     #[error("not a PROXY protocol header")]
@@ -93,13 +92,6 @@ pub enum ProxyError {
     V2Family(u8),
     #[error("PROXY v2 header describes a datagram connection, not a stream")]
     V2Datagram,
-}
-
-impl ProxyError {
-    /// A PROXY header comes from the client (the load balancer in front of this relay).
-    pub fn side(&self) -> Side {
-        Side::Client
-    }
 }
 
 /// Parses the PROXY header at the start of `buf`, which holds every byte received so far.
@@ -834,7 +826,6 @@ mod tests {
             b"PROXY TCP6 10.1.2.3 ::1 1 2\r\n",
         ] {
             let e = parse(input).unwrap_err();
-            assert_eq!(e.side(), Side::Client);
             writeln!(all, "{e}").unwrap();
         }
         assert!(!all.contains("10.1.2.3") && !all.contains("::1"), "{all}");

@@ -19,10 +19,10 @@
 
 use std::borrow::Cow;
 
-use crate::error::Side;
+use crate::config::preset::SIGNAL_HOSTS;
 
 /// Largest ClientHello accepted (the handshake message, without record headers).
-pub const MAX_CLIENT_HELLO_LEN: usize = 16 * 1024;
+pub(crate) const MAX_CLIENT_HELLO_LEN: usize = 16 * 1024;
 
 /// Largest TLS record (RFC 8446 section 5.1: a plaintext fragment is at most 2^14 bytes).
 const MAX_RECORD_LEN: usize = 1 << 14;
@@ -37,23 +37,6 @@ const EXTENSION_PRE_SHARED_KEY: u16 = 41;
 const NAME_TYPE_HOST_NAME: u8 = 0x00;
 /// Longest DNS name.
 const MAX_NAME_LEN: usize = 253;
-
-/// The Signal service names Signal-TLS-Proxy relays to, from its nginx configuration.
-pub const SIGNAL_HOSTS: &[&str] = &[
-    "chat.signal.org",
-    "storage.signal.org",
-    "cdn.signal.org",
-    "cdn2.signal.org",
-    "cdn3.signal.org",
-    "cdsi.signal.org",
-    "contentproxy.signal.org",
-    "grpc.chat.signal.org",
-    "sfu.voip.signal.org",
-    "svr2.signal.org",
-    "svrb.signal.org",
-    "updates.signal.org",
-    "updates2.signal.org",
-];
 
 /// What [`peek_sni`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,13 +64,6 @@ pub enum SniError {
     BadName,
 }
 
-impl SniError {
-    /// The ClientHello comes from the client.
-    pub fn side(&self) -> Side {
-        Side::Client
-    }
-}
-
 /// Reads the SNI of the ClientHello at the start of `buf`, which holds every byte received so far.
 /// The bytes are not consumed: the caller relays all of them to the upstream.
 pub fn peek_sni(buf: &[u8]) -> Result<SniResult, SniError> {
@@ -99,7 +75,7 @@ pub fn peek_sni(buf: &[u8]) -> Result<SniResult, SniError> {
 
 /// What a TLS server imitating OpenSSL needs of a ClientHello that rustls does not tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HelloFacts {
+pub(crate) struct HelloFacts {
     /// `legacy_version`: below 0x0303 the client can speak only TLS 1.1 or older.
     pub legacy_version: u16,
     /// It offers a session to resume (`pre_shared_key`, a TLS 1.3 ticket).
@@ -110,7 +86,7 @@ pub struct HelloFacts {
 
 /// [`HelloFacts`] of the complete ClientHello at the start of `buf`; `None` while incomplete or
 /// if malformed.
-pub fn hello_facts(buf: &[u8]) -> Option<HelloFacts> {
+pub(crate) fn hello_facts(buf: &[u8]) -> Option<HelloFacts> {
     let hello = client_hello(buf).ok()??;
     let legacy_version = u16::from_be_bytes([*hello.first()?, *hello.get(1)?]);
     let mut r = Reader(&hello);

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-use sluice::admission::Cidr;
+use sluice::cidr::Cidr;
 use sluice::ebpf::{ConnCounters, EbpfError, FastPath, Kick, Occupancy, XdpDeny, kick};
 
 /// How long any single read or connect may take before the test fails (never a timing assert).
