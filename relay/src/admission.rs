@@ -21,9 +21,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// Re-exported: the engines name the ranges of a kill by this path.
-pub use crate::cidr::Cidr;
-use crate::cidr::canonical;
+use crate::cidr::{Cidr, canonical};
 
 /// A set of CIDRs with longest-prefix lookup: one hash set of networks per prefix length, probed
 /// from the longest length present to the shortest.

@@ -387,12 +387,6 @@ impl<'a> WorkerCtx<'a> {
             .inspect_err(|&r| self.count_refusal(r))
     }
 
-    /// Whether listener `l` sends probes to a decoy (then a connection's first bytes are looked
-    /// at before its upstream is chosen).
-    pub fn decoy_on(&self, l: usize) -> bool {
-        !self.config.listeners[l].decoy.is_off()
-    }
-
     /// Listener `l`'s decoy address, if it has one that resolved; `plain_on_tls`: for bytes
     /// that came in plaintext to a TLS listener (the local site's twin, when there is one).
     pub fn decoy_addr(&self, l: usize, plain_on_tls: bool) -> Option<std::net::SocketAddr> {

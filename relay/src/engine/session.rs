@@ -203,11 +203,6 @@ impl Session {
         self.decoy
     }
 
-    /// Whether direction `d`'s FIN was forwarded.
-    pub fn is_done(&self, d: usize) -> bool {
-        self.done[d]
-    }
-
     /// The first step of an accepted connection.
     pub fn begin(&mut self, env: &mut impl Env) -> Step {
         if env.listener(self.listener()).accept_proxy {
@@ -521,12 +516,7 @@ impl Session {
         Some(self.since_ms.saturating_add(self.limit(t)?))
     }
 
-    /// Whether the present phase's time ran out at `now_ms`.
-    pub fn expired(&self, t: &Timeouts, now_ms: u64) -> bool {
-        self.deadline(t).is_some_and(|d| now_ms >= d)
-    }
-
-    /// The present phase's time ran out (the engine checked [`Session::expired`], and that a
+    /// The present phase's time ran out (the engine checked [`Session::deadline`], and that a
     /// fast-path connection's kernel moved nothing meanwhile). A connect attempt the session
     /// times goes on to the next address; anything else ends, counted by its phase. A port with
     /// a decoy closes a client that said nothing it could use as a web server does at its
@@ -630,6 +620,10 @@ mod tests {
             counted: Vec::new(),
             now: 1000,
         }
+    }
+
+    fn expired(s: &Session, t: &Timeouts, now: u64) -> bool {
+        s.deadline(t).is_some_and(|d| now >= d)
     }
 
     fn start(w: &mut World) -> (Session, Step) {
@@ -742,8 +736,8 @@ mod tests {
         let (mut s, _) = start(&mut w);
         s.touch(w.now + 1);
         assert_eq!(s.deadline(&t), Some(1000 + u64::from(t.header_ms)));
-        assert!(!s.expired(&t, 1000 + u64::from(t.header_ms) - 1));
-        assert!(s.expired(&t, 1000 + u64::from(t.header_ms)));
+        assert!(!expired(&s, &t, 1000 + u64::from(t.header_ms) - 1));
+        assert!(expired(&s, &t, 1000 + u64::from(t.header_ms)));
         assert_eq!(s.expire(&mut w), RESET);
         assert_eq!(w.counted, [Counter::RefusedBadHeader]);
     }
@@ -896,11 +890,11 @@ mod tests {
         s.touch(3000);
         assert_eq!(s.deadline(&t), Some(3000 + u64::from(t.idle_ms)));
         assert_eq!(s.finished(TO_UPSTREAM, 4000), Step::Wait);
-        assert!(s.is_done(TO_UPSTREAM) && !s.is_done(TO_CLIENT));
+        assert_eq!(s.done, [true, false]);
         assert_eq!(s.deadline(&t), Some(4000 + u64::from(t.fin_ms)));
         // The half-closed connection did not finish in time: reset, counted as idle.
         let mut late = s.clone();
-        assert!(late.expired(&t, 4000 + u64::from(t.fin_ms)));
+        assert!(expired(&late, &t, 4000 + u64::from(t.fin_ms)));
         assert_eq!(late.expire(&mut w), RESET);
         assert_eq!(w.counted, [Counter::IdleTimeout]);
         // The other direction's FIN: a graceful end.
@@ -934,16 +928,16 @@ mod tests {
         let connect = u64::from(t.connect_ms);
         let (mut s, _) = start(&mut w);
         w.now += connect;
-        assert!(s.expired(&t, w.now));
+        assert!(expired(&s, &t, w.now));
         assert_eq!(s.expire(&mut w), Step::Connect(addr(2)));
-        assert!(!s.expired(&t, w.now), "each attempt has its own time");
+        assert!(!expired(&s, &t, w.now), "each attempt has its own time");
         assert!(w.counted.is_empty());
 
         // The engine times each attempt (LINK_TIMEOUT): the session's limit is a backstop.
         let mut s = Session::new(0, 0, ConnectTimer::Engine, w.now);
         s.begin(&mut w);
-        assert!(!s.expired(&t, w.now + connect));
-        assert!(s.expired(&t, w.now + 2 * connect + 1000));
+        assert!(!expired(&s, &t, w.now + connect));
+        assert!(expired(&s, &t, w.now + 2 * connect + 1000));
         assert_eq!(s.expire(&mut w), RESET);
         assert_eq!(w.counted, [Counter::UpstreamUnreachable]);
     }

@@ -421,7 +421,7 @@ impl<'a> Worker<'a> {
 
     /// `sluicectl deny add --kill-existing`: closes (RST) every connection whose client is in
     /// `cidrs` now; no other connection is touched.
-    fn kill_clients(&mut self, generation: u64, cidrs: &[crate::admission::Cidr]) {
+    fn kill_clients(&mut self, generation: u64, cidrs: &[crate::cidr::Cidr]) {
         let mut n = 0;
         for i in 0..self.slots.len() {
             let Some(conn) = self.slots[i].conn.as_ref() else {
