@@ -4,6 +4,9 @@
 //! Byte `i` of stream `seed` is byte `i % 8` of `splitmix64(seed, i / 8)`: any chunking on either
 //! side gives the same stream, and a mismatch is reported with its offset.
 
+/// How far from a mismatch [`Pattern::locate`] looks for where the bytes came from.
+pub const LOCATE_WINDOW: u64 = 32 << 20;
+
 /// One stream of bytes, addressed by offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pattern {
@@ -57,6 +60,35 @@ impl Pattern {
         }
     }
 
+    /// Where in the stream, within [`LOCATE_WINDOW`] of offset `near`, the bytes `got` come from
+    /// (at least 32 of them must match): tells a duplicate (an offset before `near`) from bytes
+    /// left out (after it) when a relay garbles a stream. None if they are from nowhere near.
+    pub fn locate(&self, near: u64, got: &[u8]) -> Option<u64> {
+        const NEED: usize = 32;
+        if got.len() < NEED + 8 {
+            return None;
+        }
+        let first = near.saturating_sub(LOCATE_WINDOW) / 8;
+        let last = (near + LOCATE_WINDOW) / 8;
+        // `got[0]` is at some unknown offset x; for each of the 8 values of x % 8, the first
+        // whole word of `got` is looked for among the window's words.
+        for skip in 0..8 {
+            let word = u64::from_le_bytes(got[skip..skip + 8].try_into().expect("8 bytes"));
+            for index in first..=last {
+                if u64::from_le_bytes(self.word(index)) != word {
+                    continue;
+                }
+                let Some(x) = (index * 8).checked_sub(skip as u64) else {
+                    continue;
+                };
+                if self.bytes(x, NEED) == got[..NEED] {
+                    return Some(x);
+                }
+            }
+        }
+        None
+    }
+
     /// `len` bytes from `offset`, for small payloads.
     pub fn bytes(&self, offset: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0; len];
@@ -101,11 +133,23 @@ impl Verifier {
                 .zip(&self.expected)
                 .position(|(a, b)| a != b)
                 .unwrap_or(0);
+            let at = self.offset + i as u64;
+            let found = match self.pattern.locate(at, &data[i..]) {
+                Some(from) if from < at => format!(
+                    "; the bytes received from there are the stream's from offset {from}: \
+                     {} bytes sent again",
+                    at - from
+                ),
+                Some(from) => format!(
+                    "; the bytes received from there are the stream's from offset {from}: \
+                     {} bytes left out",
+                    from - at
+                ),
+                None => String::new(),
+            };
             return Err(format!(
-                "byte mismatch at offset {}: got {:#04x}, expected {:#04x}",
-                self.offset + i as u64,
-                data[i],
-                self.expected[i]
+                "byte mismatch at offset {at}: got {:#04x}, expected {:#04x}{found}",
+                data[i], self.expected[i]
             ));
         }
         self.offset += data.len() as u64;
@@ -116,6 +160,23 @@ impl Verifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mismatch_names_bytes_sent_again_or_left_out() {
+        let p = Pattern::new(3);
+        let mut v = Verifier::new(3);
+        v.check(&p.bytes(0, 100_000)).unwrap();
+        // 4 099 bytes sent again, then the stream goes on from there.
+        let e = v.check(&p.bytes(100_000 - 4_099, 4_096)).unwrap_err();
+        assert!(e.contains("offset 95901: 4099 bytes sent again"), "{e}");
+        let mut v = Verifier::new(3);
+        v.check(&p.bytes(0, 1_000)).unwrap();
+        let e = v.check(&p.bytes(1_013, 64)).unwrap_err();
+        assert!(e.contains("offset 1013: 13 bytes left out"), "{e}");
+        // Bytes from no nearby place of the stream: only the mismatch.
+        let e = Verifier::new(3).check(&[0xaa; 64]).unwrap_err();
+        assert!(!e.contains("; the bytes"), "{e}");
+    }
 
     #[test]
     fn any_chunking_gives_the_same_stream() {
