@@ -101,15 +101,6 @@ fn hello(name: &str) -> Vec<u8> {
     out
 }
 
-const RESET: Step = Step::Close(Close {
-    reset: true,
-    close_notify: false,
-});
-const FIN: Step = Step::Close(Close {
-    reset: false,
-    close_notify: false,
-});
-
 #[test]
 fn a_plain_port_connects_at_once_and_fails_over_address_by_address() {
     let mut w = world("");
