@@ -268,6 +268,12 @@ impl fmt::Debug for FastPath {
 /// bytes twice (every one of them moved by the kernel: no byte went through user space), which
 /// splice, copy and epoll never did on the same run; 6.1 has the upstream fix for duplicated
 /// data transmission, so the cause is elsewhere in its sockmap backports.
+///
+/// Every kernel since (6.12, 6.18) shares one defect that may be that cause: a segment the peer
+/// sent again that overlaps bytes already received is queued whole, and `tcp_read_skb` hands it
+/// to the verdict whole, so the overlap is redirected twice. The engine detects it and resets
+/// such a connection (`fast_path_duplicated_bytes`; `Worker::fast_duplicated` in the uring
+/// engine).
 pub(crate) const PROVEN_SINCE: (u32, u32) = (6, 12);
 
 /// Set to `1` to use the sockmap fast path on a kernel older than [`PROVEN_SINCE`] (tests of the

@@ -941,6 +941,14 @@ fn encode_all(src: &Source, mut e: DescriptorEncoder) -> Result<(), std::fmt::Er
     )?;
     single(
         e,
+        "sluice_fast_path_duplicated_bytes",
+        "Bytes the kernel's fast path sent on twice (a peer's retransmission overlapped bytes \
+         already received); each such connection was reset",
+        C,
+        total(Counter::FastPathDuplicatedBytes),
+    )?;
+    single(
+        e,
         "sluice_pipes_in_use",
         "Kernel pipes held by connections with bytes in flight (splice engine)",
         G,

@@ -136,6 +136,11 @@ pub enum Counter {
     /// Allowances the daemon-wide budget (`sockmap_queue_total_mib`) cut short: the direction
     /// got less than its `sockmap_queue_limit_mib`, so its bytes wait for the worker sooner.
     FastPathBudgetShort,
+    /// Bytes the kernel sent on twice on the fast path: its verdict saw more of a source than
+    /// TCP received in order, because a segment the peer sent again overlapped bytes already
+    /// received (the kernel hands such an skb to the verdict whole, [`crate::ebpf`]). Each such
+    /// connection is reset, so its destination never takes the stream as complete.
+    FastPathDuplicatedBytes,
     /// Supervisor row: certificates an ACME CA issued ([`crate::acme`]).
     AcmeRenewalsOk,
     /// Supervisor row: tries to get a certificate from an ACME CA that failed.
@@ -192,6 +197,10 @@ pub const ALL_COUNTERS: &[(Counter, &str)] = &[
         "fast_path_holds_unannounced",
     ),
     (Counter::FastPathBudgetShort, "fast_path_budget_short"),
+    (
+        Counter::FastPathDuplicatedBytes,
+        "fast_path_duplicated_bytes",
+    ),
 ];
 
 /// The reasons of `sluice_connections_refused_total{reason}` (Prometheus) and the counter of

@@ -396,13 +396,15 @@ fn print_status(v: &serde_json::Value) {
         let t = |k: &str| st.totals.get(k).copied().unwrap_or(0);
         println!(
             "  kernel queue {} (at most {} reserved), held on sockets {}; {} holds ({} found \
-             without an event), {} allowances cut short by the daemon-wide budget",
+             without an event), {} allowances cut short by the daemon-wide budget; {} bytes \
+             the kernel sent twice (their connections reset)",
             mib(t("fast_path_queued_bytes")),
             mib(t("fast_path_reserved_bytes")),
             mib(t("fast_path_held_bytes")),
             t("fast_path_holds"),
             t("fast_path_holds_unannounced"),
             t("fast_path_budget_short"),
+            t("fast_path_duplicated_bytes"),
         );
     }
     println!(

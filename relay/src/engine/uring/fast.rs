@@ -34,6 +34,11 @@ pub(super) struct FastConn {
     /// `written[d]`: bytes user space itself wrote to direction `d`'s destination (PROXY header,
     /// first bytes, bytes a kick returned), exact at insertion.
     pub(super) written: [u64; 2],
+    /// `before[d]`: bytes direction `d`'s source received in order that the verdict will never
+    /// see (user space read them before insertion). Past it, every byte TCP receives reaches
+    /// the verdict once; more than that is the kernel sending bytes on twice
+    /// ([`Worker::fast_duplicated`]).
+    pub(super) before: [u64; 2],
     /// The source of direction `d` sent FIN (POLLRDHUP seen, or a kick read EOF).
     pub(super) fin: [bool; 2],
     /// How many drain re-checks direction `d` had (picks the next delay).
@@ -97,6 +102,7 @@ impl FastConn {
         FastConn {
             cookies: (0, 0),
             written: [0; 2],
+            before: [0; 2],
             fin: [false; 2],
             waits: [0; 2],
             seen: 0,
@@ -160,6 +166,20 @@ pub(super) fn sent_total(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
     Err(io::Error::other("TCP_INFO kept moving"))
 }
 
+/// Bytes `fd` received in order and that were read already (not the ones still queued on it):
+/// `tcpi_bytes_received` minus SIOCINQ, retried until the received count did not move in
+/// between. Only meaningful before the socket enters the sockmap (SIOCINQ is plain TCP then).
+pub(super) fn read_total(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
+    for _ in 0..16 {
+        let before = sys::tcp_progress(fd)?.received;
+        let queued = sys::socket_queue(fd, true)?;
+        if sys::tcp_progress(fd)?.received == before {
+            return Ok(before.saturating_sub(queued));
+        }
+    }
+    Err(io::Error::other("TCP_INFO kept moving"))
+}
+
 impl Worker<'_> {
     /// Puts a connected plain connection on the fast path: both sockets into the sockmap, then a
     /// kick each (bytes queued before insertion go through the verdict now), then a POLLRDHUP
@@ -199,18 +219,20 @@ impl Worker<'_> {
             }
             // Exact now: nothing but this thread has written to either socket yet.
             let written = [sent_total(up.as_fd())?, sent_total(c.client.as_fd())?];
+            let before = [read_total(c.client.as_fd())?, read_total(up.as_fd())?];
             for fd in [c.client.as_fd(), up.as_fd()] {
                 let _ = socket2::SockRef::from(&fd).set_send_buffer_size(FAST_SNDBUF);
             }
             let cookies = fast
                 .insert_pair_flows(c.client.as_fd(), up.as_fd(), flows)
                 .map_err(io::Error::other)?;
-            Ok::<_, io::Error>((cookies, written))
+            Ok::<_, io::Error>((cookies, written, before))
         })();
         match inserted {
-            Ok((cookies, written)) => {
+            Ok((cookies, written, before)) => {
                 f.cookies = cookies;
                 f.written = written;
+                f.before = before;
                 c.fast = Some(Box::new(f));
                 self.fast_cookies.insert(cookies.0, slot);
                 self.fast_cookies.insert(cookies.1, slot);
@@ -337,6 +359,10 @@ impl Worker<'_> {
     /// Forwards direction `d`'s FIN if every byte of it reached the destination's send queue,
     /// else checks again after a short delay.
     pub(super) fn fast_drain(&mut self, slot: u32, d: usize) {
+        // A stream the kernel garbled never ends with a FIN, as if it were whole.
+        if self.fast_garbled(slot) {
+            return;
+        }
         match self.fast_drained(slot, d) {
             Ok(true) => self.source_done(slot, d),
             Ok(false) => {
@@ -411,6 +437,55 @@ impl Worker<'_> {
             Err(e) if e.raw_os_error().is_none() => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Bytes the verdict of direction `d` saw beyond what its source received in order: 0, unless
+    /// the kernel handed it bytes twice. TCP queues a segment that the peer sent again and that
+    /// overlaps bytes already received whole (readers skip the overlap by sequence number), and
+    /// `tcp_read_skb` gives the verdict that skb whole, overlap included (Linux up to 6.18 at
+    /// least): the overlap goes to the destination a second time. Read after the verdict's
+    /// counters, the received count can only be ahead of them, never behind.
+    pub(super) fn fast_duplicated(&self, slot: u32, d: usize) -> u64 {
+        let Some(c) = self.slots[slot as usize].conn.as_ref() else {
+            return 0;
+        };
+        let (Some(f), Some(up), Some(fast)) = (c.fast.as_ref(), c.upstream.as_ref(), &self.fast)
+        else {
+            return 0;
+        };
+        let (src, cookie) = if d == TO_UPSTREAM {
+            (c.client.as_fd(), f.cookies.0)
+        } else {
+            (up.as_fd(), f.cookies.1)
+        };
+        let Ok(Some(counters)) = fast.counters(cookie) else {
+            return 0;
+        };
+        let Ok(p) = sys::tcp_progress(src) else {
+            return 0;
+        };
+        (counters.bytes + counters.held).saturating_sub(p.received.saturating_sub(f.before[d]))
+    }
+
+    /// Whether the kernel sent bytes of either direction on twice ([`Self::fast_duplicated`]):
+    /// then the destination's stream is garbled past repair, so the connection is counted
+    /// (`fast_path_duplicated_bytes`) and reset both ways (a relay error), and true is returned.
+    pub(super) fn fast_garbled(&mut self, slot: u32) -> bool {
+        for d in [TO_UPSTREAM, TO_CLIENT] {
+            let dup = self.fast_duplicated(slot, d);
+            if dup > 0 {
+                tracing::warn!(
+                    direction = d,
+                    bytes = dup,
+                    "fast path: the kernel sent bytes twice (a retransmitted segment overlapped \
+                     bytes already received); the connection is reset"
+                );
+                self.ctx.row.add(Counter::FastPathDuplicatedBytes, dup);
+                self.fail(slot, d, libc::EBADMSG, true);
+                return true;
+            }
+        }
+        false
     }
 
     /// Whether the kernel moved or delivered any byte of a fast-path connection since the last

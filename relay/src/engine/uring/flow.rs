@@ -275,6 +275,7 @@ impl<'a> Worker<'a> {
                 if live {
                     self.fast_sample_conn(slot, pressed, &pool);
                     sampled += 1;
+                    self.fast_garbled(slot as u32);
                     if sampled == SAMPLE_BATCH {
                         break;
                     }
