@@ -890,3 +890,260 @@ fn an_older_pin_directory_is_refused_clearly_and_load_brings_it_up_to_date() {
     let out = ctl(&["unload", "--pin-dir", &pins_s]);
     assert!(out.status.success(), "sluicectl unload: {}", out.text());
 }
+
+/// `TCP_REPAIR` and its companions (linux/tcp.h), for moving a client's send sequence back.
+mod repair {
+    pub const TCP_REPAIR: i32 = 19;
+    pub const TCP_REPAIR_QUEUE: i32 = 20;
+    pub const TCP_QUEUE_SEQ: i32 = 21;
+    pub const TCP_REPAIR_OPTIONS: i32 = 22;
+    pub const TCP_REPAIR_WINDOW: i32 = 29;
+    pub const TCP_RECV_QUEUE: i32 = 1;
+    pub const TCP_SEND_QUEUE: i32 = 2;
+    pub const TCPOPT_MSS: u32 = 2;
+    pub const TCPOPT_WINDOW: u32 = 3;
+    pub const TCPOPT_SACK_PERM: u32 = 4;
+
+    /// `struct tcp_repair_window`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Window {
+        pub snd_wl1: u32,
+        pub snd_wnd: u32,
+        pub max_window: u32,
+        pub rcv_wnd: u32,
+        pub rcv_wup: u32,
+    }
+
+    /// `struct tcp_repair_opt`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct Opt {
+        pub code: u32,
+        pub val: u32,
+    }
+
+    pub fn set<T>(fd: i32, name: i32, v: &T) {
+        // SAFETY: `v` is a live value of the size passed; the kernel only reads it.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                name,
+                (v as *const T).cast(),
+                std::mem::size_of::<T>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "setsockopt({name}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    pub fn set_slice<T>(fd: i32, name: i32, v: &[T]) {
+        // SAFETY: `v` is a live slice of the size passed; the kernel only reads it.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                name,
+                v.as_ptr().cast(),
+                std::mem::size_of_val(v) as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "setsockopt({name}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    pub fn get<T: Default>(fd: i32, name: i32) -> T {
+        let mut v = T::default();
+        let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into `v`, a plain-integer value.
+        let r =
+            unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, name, (&raw mut v).cast(), &mut len) };
+        assert_eq!(
+            r,
+            0,
+            "getsockopt({name}): {}",
+            std::io::Error::last_os_error()
+        );
+        v
+    }
+}
+
+/// A client sends bytes again that the relay already received, with new ones behind them, in
+/// one segment: what a sender does when it retransmits a segment whose first part arrived and
+/// was acknowledged too late. TCP keeps such a segment whole (a reader skips the overlap by
+/// sequence number), but the kernel hands it to the sockmap verdict whole, so it sends the
+/// overlap to the upstream a second time. The relay sees it (the verdict counted more bytes than
+/// TCP received in order), counts exactly the overlap in `fast_path_duplicated_bytes` and resets
+/// the connection: the upstream gets a reset, never a FIN after a garbled stream.
+///
+/// The segment is made with TCP_REPAIR (as CRIU restores a socket): the client's socket is
+/// closed in repair mode (silently), and a new one takes its place with its send sequence moved
+/// back by `OVERLAP` bytes; its first write then starts that far before what the relay has.
+/// Timestamps are off in the test's namespace, so the new socket needs none of the old one's.
+///
+/// The other engines read through the socket, which skips the overlap: their upstream gets the
+/// stream exactly, then the FIN (the same segment, the reference behaviour).
+fn retransmission_overlapping_received_bytes(engine: &str) {
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::time::Duration;
+
+    const SENT: usize = 200_000;
+    const OVERLAP: usize = 1000;
+    const NEW: usize = 3000;
+    if !engine_ok(engine) || !sluice_tests::require_root() || !sluice_tests::require_netns() {
+        return;
+    }
+    let engine = engine.to_owned();
+    super::ebpf::in_netns(move || {
+        std::fs::write("/proc/sys/net/ipv4/tcp_timestamps", "0")
+            .expect("turn TCP timestamps off in the test's namespace");
+        let host = Host::new();
+        let upstream = TcpListener::bind(host.addr()).unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        // The upstream reads until the end: Ok(bytes) on FIN, Err(bytes, error) on a reset.
+        let reader = thread::spawn(move || {
+            let (mut s, _) = upstream.accept().unwrap();
+            s.set_read_timeout(Some(HUNG)).unwrap();
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return Ok(got),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => return Err((got, e)),
+                }
+            }
+        });
+        let relay = Sluice::forward(Host::new().addr(), up_addr)
+            .engine(&engine)
+            .workers(1)
+            .start();
+        assert_engine(&relay, &engine);
+        let sockmap = engine == "sockmap";
+        let stream: Vec<u8> = (0..SENT).map(|i| (i % 251) as u8).collect();
+        let mut client = TcpStream::connect(relay.addr()).unwrap();
+        client.write_all(&stream).unwrap();
+        if sockmap {
+            assert_eq!(relay.wait_counter("fast_path_pairs", 1, HUNG), 1);
+        }
+        // Every byte acknowledged by the relay: nothing left in the client's send queue.
+        assert!(
+            wait_until(HUNG, || {
+                let mut q: libc::c_int = 0;
+                // SAFETY: SIOCOUTQ writes one int.
+                unsafe { libc::ioctl(client.as_raw_fd(), libc::TIOCOUTQ, &mut q) };
+                q == 0
+            }),
+            "the relay did not take the client's bytes"
+        );
+        let (local, peer) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
+        let fd = client.as_raw_fd();
+        repair::set(fd, repair::TCP_REPAIR, &1i32);
+        repair::set(fd, repair::TCP_REPAIR_QUEUE, &repair::TCP_SEND_QUEUE);
+        let snd: u32 = repair::get(fd, repair::TCP_QUEUE_SEQ);
+        repair::set(fd, repair::TCP_REPAIR_QUEUE, &repair::TCP_RECV_QUEUE);
+        let rcv: u32 = repair::get(fd, repair::TCP_QUEUE_SEQ);
+        let window: repair::Window = repair::get(fd, repair::TCP_REPAIR_WINDOW);
+        let mss: i32 = repair::get(fd, libc::TCP_MAXSEG);
+        let info: libc::tcp_info = {
+            let mut v: libc::tcp_info = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            // SAFETY: the kernel writes at most `len` bytes of a plain-integer struct.
+            unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_INFO,
+                    (&raw mut v).cast(),
+                    &mut len,
+                )
+            };
+            v
+        };
+        // Closed in repair mode: no FIN, no RST; the relay still has the connection open.
+        drop(client);
+
+        let domain = socket2::Domain::for_address(peer);
+        let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+        let fd = s.as_raw_fd();
+        repair::set(fd, repair::TCP_REPAIR, &1i32);
+        s.set_reuse_address(true).unwrap();
+        repair::set(fd, repair::TCP_REPAIR_QUEUE, &repair::TCP_SEND_QUEUE);
+        repair::set(fd, repair::TCP_QUEUE_SEQ, &snd.wrapping_sub(OVERLAP as u32));
+        repair::set(fd, repair::TCP_REPAIR_QUEUE, &repair::TCP_RECV_QUEUE);
+        repair::set(fd, repair::TCP_QUEUE_SEQ, &rcv);
+        s.bind(&local.into()).unwrap();
+        s.connect(&peer.into()).unwrap();
+        // tcpi_snd_wscale : 4, tcpi_rcv_wscale : 4 share one byte.
+        let scales = info.tcpi_snd_rcv_wscale;
+        let (snd_wscale, rcv_wscale) = (u32::from(scales & 0xf), u32::from(scales >> 4));
+        repair::set_slice(
+            fd,
+            repair::TCP_REPAIR_OPTIONS,
+            &[
+                repair::Opt {
+                    code: repair::TCPOPT_MSS,
+                    val: mss as u32,
+                },
+                repair::Opt {
+                    code: repair::TCPOPT_WINDOW,
+                    val: snd_wscale | (rcv_wscale << 16),
+                },
+                repair::Opt {
+                    code: repair::TCPOPT_SACK_PERM,
+                    val: 0,
+                },
+            ],
+        );
+        repair::set(fd, repair::TCP_REPAIR_WINDOW, &window);
+        repair::set(fd, repair::TCP_REPAIR, &0i32);
+        let mut again = TcpStream::from(OwnedFd::from(s));
+        // The last OVERLAP bytes again, as a retransmission carries them, then NEW new bytes.
+        let mut segment = stream[SENT - OVERLAP..].to_vec();
+        segment.extend(std::iter::repeat_n(0xEEu8, NEW));
+        again.write_all(&segment).unwrap();
+        if !sockmap {
+            again.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+
+        let outcome = reader.join().unwrap();
+        let summary = match &outcome {
+            Ok(got) => format!("a FIN after {} bytes", got.len()),
+            Err((got, e)) => format!("{e} after {} bytes", got.len()),
+        };
+        if !sockmap {
+            let got = outcome.unwrap_or_else(|_| panic!("{engine}: upstream: {summary}"));
+            let mut want = stream.clone();
+            want.extend(std::iter::repeat_n(0xEEu8, NEW));
+            assert!(
+                got == want,
+                "{engine}: the upstream got {summary}, not the stream"
+            );
+            return;
+        }
+        let dup = relay.wait_counter("fast_path_duplicated_bytes", 1, Duration::from_secs(5));
+        eprintln!("upstream: {summary}; fast_path_duplicated_bytes = {dup}");
+        assert_eq!(
+            dup,
+            OVERLAP as u64,
+            "the relay counted {dup} duplicated bytes for an overlap of {OVERLAP} (upstream: \
+             {summary})\n{}",
+            relay.stderr_log()
+        );
+        let (got, e) = outcome.expect_err("the upstream's stream ended with a FIN, as if whole");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        assert_eq!(&got[..SENT], &stream[..], "the bytes before the overlap");
+        drop(again);
+    });
+}
+engines!(retransmission_overlapping_received_bytes);
