@@ -1056,6 +1056,7 @@ fn retransmission_overlapping_received_bytes(engine: &str) {
         let window: repair::Window = repair::get(fd, repair::TCP_REPAIR_WINDOW);
         let mss: i32 = repair::get(fd, libc::TCP_MAXSEG);
         let info: libc::tcp_info = {
+            // SAFETY: tcp_info is plain integers; all zeroes is a valid value.
             let mut v: libc::tcp_info = unsafe { std::mem::zeroed() };
             let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
             // SAFETY: the kernel writes at most `len` bytes of a plain-integer struct.
