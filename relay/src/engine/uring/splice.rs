@@ -42,11 +42,17 @@ impl Worker<'_> {
     }
 
     /// Moves a direction's bytes with splice(2) called right here, on readiness (no io-wq hop):
-    /// socket → pipe → socket until the source is empty (EAGAIN: the pipe goes back to the pool
-    /// and POLLIN is armed), the destination is full (POLLOUT is armed, the pipe is kept), or a
-    /// round limit is reached (fairness: re-armed, it fires again at once).
+    /// socket → pipe → socket until the source is empty (EAGAIN, or a read that did not fill the
+    /// pipe: the pipe goes back to the pool and POLLIN is armed), the destination is full
+    /// (POLLOUT is armed, the pipe is kept), or a round limit is reached (fairness: re-armed, it
+    /// fires again at once).
+    ///
+    /// A read shorter than the pipe took everything the socket had: a chat message is one read
+    /// and one write, with no third splice to learn what the poll re-armed next tells anyway (a
+    /// poll armed on a socket that is readable again completes at once).
     pub(super) fn splice_now(&mut self, slot: u32, d: usize) {
         let (src, dst) = self.fds(slot, d);
+        let mut drained = false;
         for _ in 0..SPLICE_ROUNDS {
             let dir = &mut self.conn(slot).dirs[d];
             let pipe = dir.pipe.as_ref().expect("splicing holds a pipe");
@@ -64,6 +70,10 @@ impl Worker<'_> {
                 if self.conn(slot).dirs[d].in_pipe > 0 {
                     return self.wait_writable(slot, d);
                 }
+                if drained {
+                    self.return_pipe(slot, d);
+                    return self.start_read(slot, d);
+                }
                 continue;
             }
             let size = pipe.size();
@@ -75,6 +85,7 @@ impl Worker<'_> {
                 Ok(n) => {
                     self.moved(slot, d, n as u64);
                     self.conn(slot).dirs[d].in_pipe = n as u32;
+                    drained = (n as u32) < size;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.return_pipe(slot, d);
@@ -91,8 +102,10 @@ impl Worker<'_> {
     }
 
     pub(super) fn return_pipe(&mut self, slot: u32, d: usize) {
-        if let Some(p) = self.conn(slot).dirs[d].pipe.take() {
-            self.pipes.give(p);
+        let dir = &mut self.conn(slot).dirs[d];
+        if let Some(p) = dir.pipe.take() {
+            let held = dir.in_pipe;
+            self.pipes.give(p, held);
             self.ctx.row.dec(Counter::PipesInUse);
         }
     }

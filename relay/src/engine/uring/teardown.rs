@@ -158,7 +158,7 @@ impl Worker<'_> {
             .closed(conn.s.listener(), &conn.times, conn.bytes);
         for dir in &mut conn.dirs {
             if let Some(p) = dir.pipe.take() {
-                self.pipes.give(p);
+                self.pipes.give(p, dir.in_pipe);
                 self.ctx.row.dec(Counter::PipesInUse);
             }
             for (buf, _) in dir.queue.drain(..) {
