@@ -103,6 +103,7 @@ impl<'a> Worker<'a> {
     ) -> io::Result<Worker<'a>> {
         let epoll = Epoll::new()?;
         for (i, l) in listeners.iter().enumerate() {
+            super::tune_listener(l.as_fd());
             epoll.add(
                 l.as_fd(),
                 (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
@@ -158,7 +159,7 @@ impl<'a> Worker<'a> {
             // Taken whole: a connection that spends its budget again is queued for the next
             // round, after the events that arrived meanwhile.
             for tok in std::mem::take(&mut self.again) {
-                self.on_event(tok, (libc::EPOLLIN | libc::EPOLLOUT) as u32);
+                self.on_again(tok);
             }
             if self.now_ms >= last_tick + TICK_MS as u64 {
                 last_tick = self.now_ms;
@@ -244,8 +245,8 @@ impl<'a> Worker<'a> {
                 self.set_accepting(false);
                 return;
             }
-            let client = match self.listeners[listener].accept() {
-                Ok((s, _)) => s,
+            let client = match crate::sys::accept_nonblocking(self.listeners[listener].as_fd()) {
+                Ok(fd) => Socket::from(fd),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -262,11 +263,6 @@ impl<'a> Worker<'a> {
                     continue;
                 }
             };
-            if client.set_nonblocking(true).is_err() {
-                self.ctx.release(client_slot);
-                continue;
-            }
-            super::tune_socket(client.as_fd());
             let start = self.upstreams.start(listener);
             let conn = Conn {
                 s: Session::new(listener, start, ConnectTimer::Session, self.now_ms),
@@ -366,7 +362,7 @@ impl<'a> Worker<'a> {
                 if let Err(end) = self.start_relay(slot, send) {
                     return self.end(slot, end);
                 }
-                if let Err(end) = self.pump(slot) {
+                if let Err(end) = self.pump(slot, [true; 2]) {
                     self.end(slot, end);
                 }
             }
@@ -441,16 +437,31 @@ impl<'a> Worker<'a> {
         })
     }
 
-    fn on_event(&mut self, tok: u64, bits: u32) {
-        let slot = (tok & 0xffff_ffff) as usize;
-        let generation = ((tok >> 32) & 0xff_ffff) as u32;
-        let upstream_side = tok & (1 << 60) != 0;
-        let Some((g, Some(conn))) = self.slots.get_mut(slot) else {
-            return;
-        };
-        if *g & 0xff_ffff != generation {
+    /// A connection that spent its budget runs again, both ways (either may have bytes left).
+    fn on_again(&mut self, tok: u64) {
+        let Some(slot) = self.live(tok) else { return };
+        if self.slots[slot].1.as_ref().map(|c| c.s.phase()) != Some(Phase::Relaying) {
             return;
         }
+        if let Err(end) = self.pump(slot, [true; 2]) {
+            self.end(slot, end);
+        }
+    }
+
+    /// The slot a connection's token names, if that connection still lives there.
+    fn live(&self, tok: u64) -> Option<usize> {
+        let slot = (tok & 0xffff_ffff) as usize;
+        let generation = ((tok >> 32) & 0xff_ffff) as u32;
+        match self.slots.get(slot) {
+            Some((g, Some(_))) if *g & 0xff_ffff == generation => Some(slot),
+            _ => None,
+        }
+    }
+
+    fn on_event(&mut self, tok: u64, bits: u32) {
+        let upstream_side = tok & (1 << 60) != 0;
+        let Some(slot) = self.live(tok) else { return };
+        let conn = self.slots[slot].1.as_mut().expect("live slot");
         match conn.s.phase() {
             Phase::Header if !upstream_side => {
                 let inbound = conn.inbound.get_or_insert_with(Box::default);
@@ -501,7 +512,8 @@ impl<'a> Worker<'a> {
                 self.apply(slot, step);
             }
             Phase::Relaying => {
-                if let Err(end) = self.pump(slot) {
+                let dirs = fired(conn, upstream_side, bits);
+                if let Err(end) = self.pump(slot, dirs) {
                     self.end(slot, end);
                 }
             }
@@ -590,12 +602,12 @@ impl<'a> Worker<'a> {
         Ok(Step::Wait)
     }
 
-    /// Moves bytes both ways until each direction would block; Err ends the connection.
-    fn pump(&mut self, slot: usize) -> Result<(), End> {
+    /// Moves the bytes of directions `dirs` until each would block; Err ends the connection.
+    fn pump(&mut self, slot: usize, dirs: [bool; 2]) -> Result<(), End> {
         let conn = self.slots[slot].1.as_mut().expect("live slot");
         let up = conn.upstream.as_ref().expect("relaying has an upstream");
         let mut again = false;
-        for d in 0..2 {
+        for d in (0..2).filter(|&d| dirs[d]) {
             let (mut src, dst) = if d == 0 {
                 (&conn.client, up)
             } else {
@@ -803,6 +815,23 @@ impl<'a> Worker<'a> {
 }
 
 /// Writes as much of `pending` to `dst` as it takes; true when all of it went.
+/// The directions an event on one socket of a relaying connection can move: the one it reads
+/// from when it is readable, and the one it writes to when it is writable and bytes wait for it.
+/// Edge-triggered epoll reports every ready bit, and a socket is nearly always writable, so
+/// without the second condition each message would also try a read that finds nothing. TLS
+/// connections, errors and hang-ups move both (a record read from the client can make bytes
+/// for it).
+fn fired(conn: &Conn, upstream_side: bool, bits: u32) -> [bool; 2] {
+    if conn.tls.is_some() || bits & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
+        return [true; 2];
+    }
+    let from = usize::from(upstream_side);
+    let mut dirs = [false; 2];
+    dirs[from] = bits & (libc::EPOLLIN | libc::EPOLLRDHUP) as u32 != 0;
+    dirs[1 - from] = bits & libc::EPOLLOUT as u32 != 0 && !conn.dirs[1 - from].pending.is_empty();
+    dirs
+}
+
 fn flush(mut dst: &TcpStream, pending: &mut Vec<u8>, d: usize) -> Result<bool, End> {
     while !pending.is_empty() {
         match dst.write(pending) {
