@@ -188,6 +188,14 @@ pub fn tune_socket(fd: BorrowedFd<'_>) {
     let _ = SockRef::from(&fd).set_nodelay(true);
 }
 
+/// Sets up a listening socket, once per worker: every socket accepted from it is born with
+/// TCP_NODELAY (Linux copies the listener's TCP state into each child), so no client costs a
+/// setsockopt of its own. Per worker rather than at bind, so listeners a previous version bound
+/// and handed over get it too.
+pub fn tune_listener(fd: BorrowedFd<'_>) {
+    tune_socket(fd);
+}
+
 /// Closes with RST instead of FIN when the fd is dropped (reset propagation, refusals).
 pub fn set_reset_on_close(fd: impl AsFd) {
     let _ = SockRef::from(&fd.as_fd()).set_linger(Some(std::time::Duration::ZERO));
@@ -379,6 +387,17 @@ pub fn send_proxy_header(
 
 #[cfg(test)]
 mod tests {
+    /// What [`super::tune_listener`] relies on: an accepted socket inherits TCP_NODELAY.
+    #[test]
+    fn accepted_sockets_inherit_no_delay_from_their_listener() {
+        use std::os::fd::AsFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        super::tune_listener(listener.as_fd());
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
+
     use super::*;
 
     #[test]

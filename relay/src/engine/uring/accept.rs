@@ -60,7 +60,6 @@ impl Worker<'_> {
                 return; // dropping `client` closes it: the refusal the client sees
             }
         };
-        crate::engine::tune_socket(client.as_fd());
         let mode = match self.kind {
             EngineKind::Copy | EngineKind::Epoll => Mode::Copy,
             EngineKind::Splice | EngineKind::Sockmap => Mode::Splice,

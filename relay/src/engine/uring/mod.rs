@@ -138,6 +138,9 @@ impl<'a> Worker<'a> {
         // The supervisor's probe found the kernel has what this engine needs; the setup flags
         // that are only optimisations are left out where the kernel lacks them.
         let (ring, _) = super::features::build_ring(RING_ENTRIES, RING_ENTRIES * 4)?;
+        for l in &listeners {
+            super::tune_listener(l.as_fd());
+        }
         let mut max = IOWQ_MAX_WORKERS;
         let _ = ring.submitter().register_iowq_max_workers(&mut max);
         let bufs = BufRing::register(&ring)?;
