@@ -8,9 +8,8 @@
 //! everything by exiting. One process holds up to ~19k sockets (RLIMIT_NOFILE 20000): the
 //! orchestrator starts several for more.
 
-use std::io::{self, BufRead, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -198,7 +197,7 @@ pub fn run(p: &Params) -> io::Result<()> {
         failed: p.count - held,
         setup_secs: start.elapsed().as_secs_f64(),
     });
-    wait_for_stdin(p.hold_max);
+    crate::net::wait_for_stdin(p.hold_max);
     drop(conns);
     Ok(())
 }
@@ -233,15 +232,4 @@ fn advance(conn: &mut Conn, buf: &mut [u8]) -> Option<bool> {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
         Err(_) => Some(false),
     }
-}
-
-/// Returns on a line or EOF on stdin, or after `max`.
-fn wait_for_stdin(max: Duration) {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = io::stdin().lock().read_line(&mut line);
-        let _ = tx.send(());
-    });
-    let _ = rx.recv_timeout(max);
 }

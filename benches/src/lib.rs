@@ -9,6 +9,8 @@
 //! - [`net`]: the 127.77.0.0/16 address plan, client sockets bound to a source address;
 //! - [`echo`], [`rr`], [`connrate`], [`idle`]: the upstream and the three socket workloads (bulk
 //!   is `iperf3`);
+//! - [`media`]: a few connections moving paced blocks through the relay beside the chat (the
+//!   mixed workload);
 //! - [`tlsflood`]: a TLS handshake flood from one host and a legitimate client's handshake
 //!   latency meanwhile;
 //! - [`wire`]: the `MARK`/`RESULT` lines a load generator prints;
@@ -23,6 +25,7 @@
 pub mod connrate;
 pub mod echo;
 pub mod idle;
+pub mod media;
 pub mod net;
 pub mod peers;
 pub mod plot;

@@ -116,3 +116,15 @@ pub fn tight_timer_slack() {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
     }
 }
+
+/// Returns on a line or EOF on stdin, or after `max`: how the orchestrator tells a load
+/// generator that holds connections (idle, media) to stop.
+pub fn wait_for_stdin(max: Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = io::BufRead::read_line(&mut io::stdin().lock(), &mut line);
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(max);
+}

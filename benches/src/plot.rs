@@ -23,7 +23,7 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
 ];
 
-type Get = fn(&Measurement) -> Option<f64>;
+type Get<'a> = &'a dyn Fn(&Measurement) -> Option<f64>;
 
 /// Writes the three SVGs into `dir`.
 pub fn write_all(r: &Report, dir: &Path) -> Result<()> {
@@ -34,7 +34,7 @@ pub fn write_all(r: &Report, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn value(r: &Report, cand: &str, workload: &str, get: Get) -> Option<f64> {
+fn value(r: &Report, cand: &str, workload: &str, get: Get<'_>) -> Option<f64> {
     r.measurements
         .iter()
         .find(|m| m.candidate == cand && m.workload == workload && m.error.is_none())
@@ -52,7 +52,7 @@ fn bars(
     title: &str,
     y_desc: &str,
     workload: &str,
-    get: Get,
+    get: Get<'_>,
 ) -> Result<()> {
     let names: Vec<&str> = r.candidates.iter().map(|c| c.name.as_str()).collect();
     let values: Vec<(usize, f64)> = names
@@ -144,10 +144,10 @@ fn throughput(r: &Report, path: &Path) -> Result<()> {
         "Throughput (splice, copy, epoll: Sluice's engines; higher is better)",
     )?;
     let panels = body.split_evenly((1, 3));
-    bars(&panels[0], r, "bulk, 1 stream", "Gbit/s", "bulk-1", |m| {
+    bars(&panels[0], r, "bulk, 1 stream", "Gbit/s", "bulk-1", &|m| {
         Some(m.bulk.as_ref()?.gbps)
     })?;
-    bars(&panels[1], r, "bulk, 8 streams", "Gbit/s", "bulk-8", |m| {
+    bars(&panels[1], r, "bulk, 8 streams", "Gbit/s", "bulk-8", &|m| {
         Some(m.bulk.as_ref()?.gbps)
     })?;
     bars(
@@ -156,28 +156,29 @@ fn throughput(r: &Report, path: &Path) -> Result<()> {
         "new connections (50 concurrent)",
         "conn/s",
         "connrate",
-        |m| Some(m.connrate.as_ref()?.conns_per_s),
+        &|m| Some(m.connrate.as_ref()?.conns_per_s),
     )?;
     root.present().map_err(err)?;
     Ok(())
 }
 
 fn cpu(r: &Report, path: &Path) -> Result<()> {
-    let root = SVGBackend::new(path, (1500, 440)).into_drawing_area();
+    let root = SVGBackend::new(path, (1500, 880)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (title, body) = root.split_vertically(26);
     caption(
         &title,
-        "Relay CPU per unit of work (splice, copy, epoll: Sluice's engines; lower is better)",
+        "CPU per unit of work: the relay's own (top), and all the machine's time it added over \
+         the direct run, kernel threads included (bottom); lower is better",
     )?;
-    let panels = body.split_evenly((1, 3));
+    let panels = body.split_evenly((2, 3));
     bars(
         &panels[0],
         r,
         "relay CPU per GB, 8 streams",
         "CPU-s / GB",
         "bulk-8",
-        |m| m.bulk.as_ref()?.relay_cpu_s_per_gb,
+        &|m| m.bulk.as_ref()?.relay_cpu_s_per_gb,
     )?;
     let rate = r
         .params
@@ -193,7 +194,7 @@ fn cpu(r: &Report, path: &Path) -> Result<()> {
         &format!("relay CPU per message, {rate} msg/s"),
         "CPU µs / message",
         &format!("rr-{rate}"),
-        |m| m.rr.as_ref()?.relay_cpu_us_per_msg,
+        &|m| m.rr.as_ref()?.relay_cpu_us_per_msg,
     )?;
     bars(
         &panels[2],
@@ -201,7 +202,26 @@ fn cpu(r: &Report, path: &Path) -> Result<()> {
         "relay CPU per new connection",
         "CPU µs / connection",
         "connrate",
-        |m| m.connrate.as_ref()?.relay_cpu_us_per_conn,
+        &|m| m.connrate.as_ref()?.relay_cpu_us_per_conn,
+    )?;
+    let low = r.params.rr_rates.iter().copied().min().unwrap_or(0);
+    for (panel, rate) in [(&panels[3], low), (&panels[4], rate)] {
+        bars(
+            panel,
+            r,
+            &format!("machine CPU added per message, {rate} msg/s"),
+            "machine µs / message",
+            &format!("rr-{rate}"),
+            &|m| crate::report::added_us_per_msg(r, m),
+        )?;
+    }
+    bars(
+        &panels[5],
+        r,
+        "machine CPU added per new connection",
+        "machine µs / connection",
+        "connrate",
+        &|m| crate::report::added_us_per_conn(r, m),
     )?;
     root.present().map_err(err)?;
     Ok(())

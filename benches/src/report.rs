@@ -64,6 +64,18 @@ impl<'a> View<'a> {
         let _ = writeln!(out, " {target} |");
     }
 
+    fn added_us_per_msg(&self, m: &Measurement) -> Option<f64> {
+        added_us_per_msg(self.r, m)
+    }
+
+    fn added_us_per_conn(&self, m: &Measurement) -> Option<f64> {
+        added_us_per_conn(self.r, m)
+    }
+
+    fn added_busy_pct(&self, m: &Measurement) -> Option<f64> {
+        added_busy_pct(self.r, m)
+    }
+
     /// The request/response rate the latency target is judged at: 20k msg/s, else the highest.
     fn judged_rate(&self) -> u32 {
         let rates = &self.r.params.rr_rates;
@@ -73,6 +85,52 @@ impl<'a> View<'a> {
             rates.iter().copied().max().unwrap_or(0)
         }
     }
+}
+
+/// The direct run's measurement of a workload.
+fn direct<'a>(r: &'a Report, workload: &str) -> Option<&'a Measurement> {
+    r.measurements
+        .iter()
+        .find(|m| m.candidate == "direct" && m.workload == workload && m.error.is_none())
+}
+
+/// Machine CPU (µs) a relay added per message of a request/response (or mixed) window: its
+/// run's machine busy time per second minus the direct run's in the same workload, over the
+/// offered rate (the same for both). Kernel threads (the sockmap path's kworkers, softirq
+/// work) are in it, as DESIGN.md asks; a relay's own process time alone would leave them out.
+pub fn added_us_per_msg(r: &Report, m: &Measurement) -> Option<f64> {
+    if m.candidate == "direct" {
+        return None;
+    }
+    let rate = f64::from(m.rr.as_ref()?.rate);
+    let (c, d) = (m.cpu.as_ref()?, direct(r, &m.workload)?.cpu.as_ref()?);
+    Some((c.machine_busy_s / c.wall_s - d.machine_busy_s / d.wall_s) * 1e6 / rate)
+        .filter(|_| rate > 0.0)
+}
+
+/// Machine CPU (µs) a relay added per connection: machine busy time per connection made,
+/// minus the direct run's (client and echo server alone).
+pub fn added_us_per_conn(r: &Report, m: &Measurement) -> Option<f64> {
+    if m.candidate == "direct" {
+        return None;
+    }
+    let per = |m: &Measurement| -> Option<f64> {
+        let c = m.cpu.as_ref()?;
+        let conns = m.connrate.as_ref()?.conns_per_s * c.wall_s;
+        Some(c.machine_busy_s * 1e6 / conns).filter(|_| conns > 0.0)
+    };
+    Some(per(m)? - per(direct(r, "connrate")?)?)
+}
+
+/// Share of the machine (%) a relay kept busy beyond the direct run of the same workload.
+pub fn added_busy_pct(r: &Report, m: &Measurement) -> Option<f64> {
+    if m.candidate == "direct" {
+        return None;
+    }
+    let (c, d) = (m.cpu.as_ref()?, direct(r, &m.workload)?.cpu.as_ref()?);
+    Some(
+        (c.machine_busy_s / c.machine_capacity_s - d.machine_busy_s / d.machine_capacity_s) * 100.0,
+    )
 }
 
 fn f(v: f64, digits: usize) -> String {
@@ -153,7 +211,12 @@ pub fn markdown(r: &Report, command: &str) -> String {
             "relay CPU-s per GB, {streams} stream{}",
             if streams == 1 { "" } else { "s" }
         );
-        v.row(&mut out, &label, &w, "≤ 0.15", |m| {
+        let target = if streams == 8 {
+            "≤ 0.5× HAProxy"
+        } else {
+            ""
+        };
+        v.row(&mut out, &label, &w, target, |m| {
             Some(f(m.bulk.as_ref()?.relay_cpu_s_per_gb?, 3))
         });
     }
@@ -161,7 +224,7 @@ pub fn markdown(r: &Report, command: &str) -> String {
     for &rate in &p.rr_rates {
         let w = format!("rr-{rate}");
         let target = if rate == judged {
-            "p99 ≤ 2× direct"
+            "p99 ≤ HAProxy's"
         } else {
             ""
         };
@@ -189,21 +252,33 @@ pub fn markdown(r: &Report, command: &str) -> String {
         );
     }
     for &rate in &p.rr_rates {
-        let w = format!("rr-{rate}");
-        let target = if rate == judged { "≤ 12" } else { "" };
         v.row(
             &mut out,
             &format!("relay CPU µs per message, {rate} msg/s"),
-            &w,
-            target,
+            &format!("rr-{rate}"),
+            "",
             |m| Some(f(m.rr.as_ref()?.relay_cpu_us_per_msg?, 1)),
+        );
+    }
+    for &rate in &p.rr_rates {
+        let target = if matches!(rate, 5_000 | 20_000) {
+            "≤ 0.75× HAProxy"
+        } else {
+            ""
+        };
+        v.row(
+            &mut out,
+            &format!("machine CPU added µs per message, {rate} msg/s"),
+            &format!("rr-{rate}"),
+            target,
+            |m| Some(f(v.added_us_per_msg(m)?, 1)),
         );
     }
     v.row(
         &mut out,
         &format!("new conns/s ({} concurrent)", p.conn_concurrency),
         "connrate",
-        "≥ 1.5× HAProxy",
+        "≥ 1.25× HAProxy",
         |m| {
             let c = m.connrate.as_ref()?;
             let errs = if c.errors > 0 {
@@ -221,6 +296,59 @@ pub fn markdown(r: &Report, command: &str) -> String {
         "",
         |m| Some(f(m.connrate.as_ref()?.relay_cpu_us_per_conn?, 1)),
     );
+    v.row(
+        &mut out,
+        "machine CPU added µs per connection",
+        "connrate",
+        "",
+        |m| Some(f(v.added_us_per_conn(m)?, 1)),
+    );
+    if p.media_conns > 0 {
+        v.row(
+            &mut out,
+            &format!(
+                "mixed: {} conns chatting at {} msg/s beside {} media at {} Mbit/s each way: chat \
+                 p50 / p99 / p99.9, ms",
+                p.rr_conns, p.mixed_rate, p.media_conns, p.media_mbps
+            ),
+            "mixed",
+            "",
+            |m| {
+                let l = &m.rr.as_ref()?.latency;
+                Some(format!(
+                    "{} / {} / {}",
+                    ms(l.p50_us),
+                    ms(l.p99_us),
+                    ms(l.p999_us)
+                ))
+            },
+        );
+        v.row(
+            &mut out,
+            "mixed: media echoed, Gbit/s (errors)",
+            "mixed",
+            "",
+            |m| {
+                let md = m.media.as_ref()?;
+                let errs = if md.errors > 0 {
+                    format!(" ({} errors)", md.errors)
+                } else {
+                    String::new()
+                };
+                Some(format!(
+                    "{:.2} of {:.2}{errs}",
+                    md.echoed_gbps, md.offered_gbps
+                ))
+            },
+        );
+        v.row(
+            &mut out,
+            "mixed: machine busy added, % of both cores",
+            "mixed",
+            "",
+            |m| Some(f(v.added_busy_pct(m)?, 1)),
+        );
+    }
     v.row(
         &mut out,
         &format!(
@@ -289,73 +417,68 @@ fn targets(out: &mut String, v: &View) {
     }
     let _ = writeln!(out);
     let _ = writeln!(out, "|---|---|{}", "---|".repeat(sluices.len()));
-    // (label, target text, value of a measurement, workload, higher is better, target check)
-    type Get = fn(&Measurement) -> Option<f64>;
+    // (label, target text, value of a measurement, workload); the targets are DESIGN.md's.
+    type Get<'v> = Box<dyn Fn(&Measurement) -> Option<f64> + 'v>;
     let judged = v.judged_rate();
-    let rr_w = format!("rr-{judged}");
-    let rows: Vec<(String, &str, Get, String, bool)> = vec![
+    let mut rows: Vec<(String, &str, Get, String)> = vec![
         (
             "bulk 1 stream".into(),
             "≥ 0.9× direct",
-            |m| Some(m.bulk.as_ref()?.gbps),
+            Box::new(|m| Some(m.bulk.as_ref()?.gbps)),
             "bulk-1".into(),
-            true,
         ),
         (
             "bulk 8 streams".into(),
             "≥ 0.9× direct",
-            |m| Some(m.bulk.as_ref()?.gbps),
+            Box::new(|m| Some(m.bulk.as_ref()?.gbps)),
             "bulk-8".into(),
-            true,
         ),
         (
-            "CPU-s per GB, 8 streams".into(),
-            "≤ 0.15",
-            |m| m.bulk.as_ref()?.relay_cpu_s_per_gb,
+            "relay CPU per GB, 8 streams".into(),
+            "≤ 0.5× HAProxy",
+            Box::new(|m| m.bulk.as_ref()?.relay_cpu_s_per_gb),
             "bulk-8".into(),
-            false,
         ),
+    ];
+    for rate in [5_000, 20_000] {
+        rows.push((
+            format!("machine CPU added per message at {rate} msg/s"),
+            "≤ 0.75× HAProxy",
+            Box::new(|m| v.added_us_per_msg(m)),
+            format!("rr-{rate}"),
+        ));
+    }
+    rows.extend([
         (
             format!("p99 at {judged} msg/s"),
-            "≤ 2× direct",
-            |m| Some(m.rr.as_ref()?.latency.p99_us),
-            rr_w.clone(),
-            false,
-        ),
-        (
-            format!("CPU µs per message at {judged} msg/s"),
-            "≤ 12",
-            |m| m.rr.as_ref()?.relay_cpu_us_per_msg,
-            rr_w,
-            false,
+            "≤ HAProxy's",
+            Box::new(|m: &Measurement| Some(m.rr.as_ref()?.latency.p99_us)) as Get,
+            format!("rr-{judged}"),
         ),
         (
             "new conns/s".into(),
-            "≥ 1.5× HAProxy",
-            |m| Some(m.connrate.as_ref()?.conns_per_s),
+            "≥ 1.25× HAProxy",
+            Box::new(|m| Some(m.connrate.as_ref()?.conns_per_s)),
             "connrate".into(),
-            true,
         ),
         (
             "idle conns held".into(),
             "100 000",
-            |m| Some(m.idle.as_ref()?.held as f64),
+            Box::new(|m| Some(m.idle.as_ref()?.held as f64)),
             "idle".into(),
-            true,
         ),
         (
             "memory per idle conn (PSS)".into(),
             "≤ 1 KB",
-            |m| m.idle.as_ref()?.pss_kb_per_conn,
+            Box::new(|m| m.idle.as_ref()?.pss_kb_per_conn),
             "idle".into(),
-            false,
         ),
-    ];
-    for (label, target, get, w, higher) in rows {
+    ]);
+    for (label, target, get, w) in rows {
         let _ = write!(out, "| {label} | {target} |");
-        let peer = |name: &str| v.get(name, &w).and_then(get);
+        let peer = |name: &str| v.get(name, &w).and_then(&get);
         for s in &sluices {
-            let Some(val) = v.get(s, &w).and_then(get) else {
+            let Some(val) = v.get(s, &w).and_then(&get) else {
                 let _ = write!(out, " – |");
                 continue;
             };
@@ -371,10 +494,10 @@ fn targets(out: &mut String, v: &View) {
             }
             let met = match target {
                 "≥ 0.9× direct" => peer("direct").map(|d| val >= 0.9 * d),
-                "≤ 2× direct" => peer("direct").map(|d| val <= 2.0 * d),
-                "≥ 1.5× HAProxy" => peer("haproxy").map(|h| val >= 1.5 * h),
-                "≤ 0.15" => Some(val <= 0.15),
-                "≤ 12" => Some(val <= 12.0),
+                "≤ 0.5× HAProxy" => peer("haproxy").map(|h| val <= 0.5 * h),
+                "≤ 0.75× HAProxy" => peer("haproxy").map(|h| val <= 0.75 * h),
+                "≤ HAProxy's" => peer("haproxy").map(|h| val <= h),
+                "≥ 1.25× HAProxy" => peer("haproxy").map(|h| val >= 1.25 * h),
                 "≤ 1 KB" => Some(val <= 1.0),
                 "100 000" => Some(val >= 100_000.0),
                 _ => None,
@@ -384,7 +507,6 @@ fn targets(out: &mut String, v: &View) {
                 Some(false) => "✗ ",
                 None => "",
             };
-            let _ = higher;
             let _ = write!(
                 out,
                 " {mark}{}|",
@@ -651,9 +773,14 @@ fn cpu_table(out: &mut String, v: &View) {
     let _ = writeln!(
         out,
         "Per measurement window: relay = the candidate's process tree (every process and \
-         thread, reaped children included); machine = `/proc/stat`; other = machine \
-         busy time not explained by the relay, the upstream servers, the load generators and the \
-         orchestrator. Capacity = wall × {} cores. CPU time is the scheduler's runtime of every \
+         thread, reaped children included); machine busy = capacity minus the idle time of \
+         `/proc/stat` (the kernel measures idle exactly, but user and system time only by \
+         sampling at the tick, which a load in step with the tick escapes); kernel threads = the \
+         runtime of kthreadd's children (kworkers, where the sockmap path forwards bytes; \
+         ksoftirqd); other = machine busy time not explained by the relay, the upstream servers, \
+         the load generators, the orchestrator and kernel threads (interrupts, outside \
+         processes). \"Machine CPU added\" in the tables above is a relay's machine busy time \
+         minus the direct run's in the same workload. Capacity = wall × {} cores. CPU time is the scheduler's runtime of every \
          live thread (`/proc/PID/task/TID/schedstat`) plus reaped children, split into user and \
          system in the proportion of the `stat` ticks; `stat` alone counts 10 ms ticks truncated \
          per process, which loses socat's short-lived forks entirely. Accepted per worker \
@@ -663,18 +790,18 @@ fn cpu_table(out: &mut String, v: &View) {
     );
     let _ = writeln!(
         out,
-        "| candidate | workload | wall s | relay user s | relay sys s | relay threads | accepted per worker | upstream s | load gen s | machine busy s | irq+softirq s | other % | disturbed |"
+        "| candidate | workload | wall s | relay user s | relay sys s | relay threads | accepted per worker | upstream s | load gen s | machine busy s | kernel threads s | irq+softirq s | other % | disturbed |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"
     );
     for m in &v.r.measurements {
         let Some(c) = &m.cpu else { continue };
         let o = |x: Option<f64>| x.map_or("–".into(), |x| f(x, 2));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
             m.candidate,
             m.workload,
             f(c.wall_s, 2),
@@ -687,6 +814,7 @@ fn cpu_table(out: &mut String, v: &View) {
             f(c.upstream_s, 2),
             f(c.loadgen_s, 2),
             f(c.machine_busy_s, 2),
+            f(c.kthreads_s, 2),
             f(c.machine_irq_s, 2),
             100.0 * c.other_s / c.machine_capacity_s.max(1e-9),
             if c.disturbed { "yes" } else { "" },

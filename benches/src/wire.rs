@@ -68,6 +68,18 @@ pub enum LoadResult {
         /// Connect start to echo received.
         latency: Latency,
     },
+    /// A few connections moving paced blocks both ways beside the chat ([`crate::media`]).
+    Media {
+        conns: usize,
+        secs: f64,
+        /// What all of them offered together, one way, Mbit/s.
+        offered_mbps: f64,
+        /// Bytes written, and of those echoed back before the end.
+        sent: u64,
+        echoed: u64,
+        /// Connections that failed or did not end with the echo server's close.
+        errors: u64,
+    },
     /// Idle relayed connections opened and checked with one echoed byte each.
     Idle {
         attempted: usize,
@@ -175,5 +187,15 @@ mod tests {
             r#"RESULT {"kind":"idle","attempted":3,"held":2,"failed":1,"setup_secs":0.5}"#,
             "Result(Idle { attempted: 3, held: 2, failed: 1, setup_secs: 0.5 })",
         );
+        let media = LoadResult::Media {
+            conns: 4,
+            secs: 9.5,
+            offered_mbps: 1000.0,
+            sent: 1_187_500_000,
+            echoed: 1_187_000_000,
+            errors: 0,
+        };
+        let line = format!("RESULT {}", serde_json::to_string(&media).unwrap());
+        assert_eq!(Line::parse(&line), Line::Result(media));
     }
 }

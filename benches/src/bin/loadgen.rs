@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use sluice_benches::{connrate, echo, idle, rr, tlsflood};
+use sluice_benches::{connrate, echo, idle, media, rr, tlsflood};
 
 #[derive(Parser)]
 #[command(
@@ -88,6 +88,21 @@ enum Cmd {
         /// Resume sessions with tickets from earlier connections.
         #[arg(long)]
         resume: bool,
+    },
+    /// A few connections moving paced blocks both ways (through the echo server) until stdin
+    /// closes: the media beside the chat in the mixed workload.
+    Media {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 4)]
+        conns: usize,
+        /// Offered rate of each connection, one way, Mbit/s.
+        #[arg(long, default_value_t = 200)]
+        mbps: u32,
+        #[arg(long, default_value_t = 65536)]
+        block: usize,
+        #[arg(long, default_value_t = 120_000)]
+        max_ms: u64,
     },
     /// Open idle connections, check each with one echoed byte, hold them until stdin closes.
     Idle {
@@ -191,6 +206,19 @@ fn main() -> ExitCode {
                     resume,
                 })
             }),
+        Cmd::Media {
+            target,
+            conns,
+            mbps,
+            block,
+            max_ms,
+        } => media::run(&media::Params {
+            target,
+            conns,
+            mbps,
+            block,
+            max: ms(max_ms),
+        }),
         Cmd::Idle {
             target,
             count,
