@@ -208,6 +208,65 @@ pub fn kernel_threads_s() -> f64 {
     ns as f64 / 1e9
 }
 
+/// TCP counters of the benchmark's network namespace (`/proc/net/snmp`, `/proc/net/netstat`):
+/// every socket of the run (clients, relay, upstream) counts in them, so a window's difference
+/// tells what a workload cost in segments, and how many of them were sent again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Tcp {
+    pub out_segs: u64,
+    pub retrans_segs: u64,
+    /// Segments found out of order by SACK (`TCPSACKReorder`).
+    pub sack_reorder: u64,
+    /// Retransmissions the receiver reported as already received (`TCPDSACKRecvSegs`):
+    /// spurious, sent again because of reordering rather than loss.
+    pub dsack_segs: u64,
+}
+
+impl Tcp {
+    pub fn minus(&self, earlier: &Tcp) -> Tcp {
+        Tcp {
+            out_segs: self.out_segs.saturating_sub(earlier.out_segs),
+            retrans_segs: self.retrans_segs.saturating_sub(earlier.retrans_segs),
+            sack_reorder: self.sack_reorder.saturating_sub(earlier.sack_reorder),
+            dsack_segs: self.dsack_segs.saturating_sub(earlier.dsack_segs),
+        }
+    }
+}
+
+/// The named fields of a `/proc/net/{snmp,netstat}` section: a header line and a value line,
+/// both starting with `prefix`.
+fn snmp_fields(text: &str, prefix: &str) -> Vec<(String, u64)> {
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return Vec::new();
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .filter_map(|(n, v)| Some((n.to_owned(), v.parse().ok()?)))
+        .collect()
+}
+
+pub fn tcp() -> Tcp {
+    let snmp = fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let netstat = fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut fields = snmp_fields(&snmp, "Tcp:");
+    fields.extend(snmp_fields(&netstat, "TcpExt:"));
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, v)| *v)
+    };
+    Tcp {
+        out_segs: get("OutSegs"),
+        retrans_segs: get("RetransSegs"),
+        sack_reorder: get("TCPSACKReorder"),
+        dsack_segs: get("TCPDSACKRecvSegs"),
+    }
+}
+
 /// The machine's CPU time from the first line of `/proc/stat`, in seconds over all cores.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Machine {
@@ -273,6 +332,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn snmp_sections() {
+        let text = "Tcp: RtoAlgorithm OutSegs RetransSegs\nTcp: 1 77862297 67866\n\
+                    Udp: InDatagrams\nUdp: 5\n";
+        assert_eq!(
+            snmp_fields(text, "Tcp:"),
+            vec![
+                ("RtoAlgorithm".to_owned(), 1),
+                ("OutSegs".to_owned(), 77_862_297),
+                ("RetransSegs".to_owned(), 67_866)
+            ]
+        );
+        assert!(snmp_fields(text, "TcpExt:").is_empty());
+    }
+
+    #[test]
     fn stat_with_odd_comm() {
         let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 7 3 20 0 1 0 5 0 0";
         let cpu = parse_stat(line).unwrap();
@@ -289,5 +363,8 @@ mod tests {
         assert!(machine().busy_s > 0.0);
         // ksoftirqd, rcu and kworkers have run since boot.
         assert!(kernel_threads_s() > 0.0);
+        // Whatever ran before this test sent segments (the orchestrator's own checks, apt).
+        let t = tcp();
+        assert!(t.out_segs >= t.retrans_segs);
     }
 }

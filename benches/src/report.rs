@@ -220,6 +220,28 @@ pub fn markdown(r: &Report, command: &str) -> String {
             Some(f(m.bulk.as_ref()?.relay_cpu_s_per_gb?, 3))
         });
     }
+    for streams in [1, 8] {
+        v.row(
+            &mut out,
+            &format!(
+                "TCP segments sent again per GB (spurious, by DSACK), {streams} stream{}",
+                if streams == 1 { "" } else { "s" }
+            ),
+            &format!("bulk-{streams}"),
+            "",
+            |m| {
+                let t = m.cpu.as_ref()?.tcp?;
+                let gb = m.bulk.as_ref()?.bytes / 1e9;
+                (gb > 0.0).then(|| {
+                    format!(
+                        "{:.0} ({:.0})",
+                        t.retrans_segs as f64 / gb,
+                        t.dsack_segs as f64 / gb
+                    )
+                })
+            },
+        );
+    }
     let judged = v.judged_rate();
     for &rate in &p.rr_rates {
         let w = format!("rr-{rate}");
@@ -295,6 +317,18 @@ pub fn markdown(r: &Report, command: &str) -> String {
         "connrate",
         "",
         |m| Some(f(m.connrate.as_ref()?.relay_cpu_us_per_conn?, 1)),
+    );
+    v.row(
+        &mut out,
+        "TCP segments per connection, all sockets",
+        "connrate",
+        "",
+        |m| {
+            let c = m.cpu.as_ref()?;
+            let conns = m.connrate.as_ref()?.conns_per_s * c.wall_s;
+            let segs = c.tcp?.out_segs as f64;
+            (conns > 0.0).then(|| f(segs / conns, 2))
+        },
     );
     v.row(
         &mut out,

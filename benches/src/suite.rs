@@ -162,6 +162,9 @@ pub struct Window {
     /// softirq work goes when it is deferred. Part of what a relay adds to the machine.
     #[serde(default)]
     pub kthreads_s: f64,
+    /// TCP segments sent, and sent again, by every socket of the run during the window.
+    #[serde(default)]
+    pub tcp: Option<procstat::Tcp>,
     /// Capacity: wall × cores.
     pub machine_capacity_s: f64,
     /// Machine busy time not explained by relay, upstream, load generators, this process and
@@ -332,6 +335,7 @@ struct Snap {
     me: Cpu,
     machine: Machine,
     kthreads_s: f64,
+    tcp: procstat::Tcp,
 }
 
 /// The processes whose CPU the current window accounts for.
@@ -353,6 +357,7 @@ impl Meter {
             me: procstat::self_cpu(),
             machine: procstat::machine(),
             kthreads_s: procstat::kernel_threads_s(),
+            tcp: procstat::tcp(),
         }
     }
 
@@ -395,6 +400,7 @@ impl Meter {
             machine_busy_s,
             machine_irq_s: b.machine.irq_s - a.machine.irq_s,
             kthreads_s,
+            tcp: Some(b.tcp.minus(&a.tcp)),
             machine_capacity_s,
             other_s,
             disturbed: machine_capacity_s > 0.0 && other_s / machine_capacity_s > DISTURBED_FRAC,

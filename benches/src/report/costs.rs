@@ -92,6 +92,35 @@ fn bulk_verdict(
     }
 }
 
+/// "In this run, TCP sent again …" for the one-stream bulk run, direct against each relay, from
+/// the run's own TCP counters; empty when the run has none.
+fn retrans_note(v: &View) -> String {
+    let per_gb = |n: &str| -> Option<(f64, f64)> {
+        let m = v.get(n, "bulk-1")?;
+        let t = m.cpu.as_ref()?.tcp?;
+        let gb = gb(m)?;
+        (gb > 0.0).then(|| (t.retrans_segs as f64 / gb, t.dsack_segs as f64 / gb))
+    };
+    let Some((d, d_dsack)) = per_gb("direct") else {
+        return String::new();
+    };
+    let relays: Vec<String> = relays(v)
+        .into_iter()
+        .filter_map(|n| {
+            let (r, ds) = per_gb(n)?;
+            Some(format!("{n} {r:.0} ({ds:.0})"))
+        })
+        .collect();
+    if relays.is_empty() {
+        return String::new();
+    }
+    format!(
+        "In this run's one-stream bulk, TCP sent segments again, per GB (of them reported \
+         spurious by DSACK): direct {d:.0} ({d_dsack:.0}), {}. ",
+        relays.join(", ")
+    )
+}
+
 fn verdict(cheapest: Option<f64>, budget: f64) -> &'static str {
     match cheapest {
         Some(c) if c > budget => "no relay of this run fits the budget",
@@ -281,6 +310,7 @@ pub fn section(out: &mut String, v: &View) {
         let _ = writeln!(out, "{r}");
     }
     let _ = writeln!(out);
+    let retrans = retrans_note(v);
     let _ = writeln!(
         out,
         "How to read the bulk rows: a relay adds a second loopback TCP connection, and the \
@@ -288,15 +318,20 @@ pub fn section(out: &mut String, v: &View) {
          the budget, 0.9× direct would need more than 100 % of both cores; in practice a \
          three-process pipeline (iperf3 sender, relay, iperf3 receiver) on two cores keeps them \
          less busy than that — the direct run, with one process fewer, did not fill them either \
-         (its sender is one thread). Measured apart from this run (`nstat` around a 4 s iperf3 \
-         stream, 2026-11-24): through the splice engine loopback TCP saw 804 retransmitted \
-         segments and 876 SACK reorderings, directly 18 and 11 — with three busy processes on \
-         two cores, segments queued on both CPUs' loopback backlogs arrive out of order, and \
-         every spurious fast retransmit slows a sender; pinning the relay to one core did not \
-         remove it. The `sluice-sockmap` engine adds the least: the kernel \
+         (its sender is one thread). {retrans}The loopback device queues a packet on the backlog \
+         of the CPU that sent it, with no per-flow steering: when one flow's segments leave from \
+         both CPUs (the relay's sends, and segments clocked out by ACKs processed on the other \
+         CPU), they arrive out of order and the sender retransmits, spuriously. Measured apart \
+         (2026-12-07, 4 s iperf3): with receive packet steering on `lo` (`rps_cpus` = 3, one CPU \
+         per flow) the retransmissions through the splice engine fell from 540 to 0, but \
+         throughput fell too (17.0 to 12.2 Gbit/s through the relay, 16.9 to 13.3 direct); a NIC \
+         with RSS keeps a flow on one queue, so this is loopback's cost, not a relay's on a real \
+         host (pinning the relay alone to one core did not remove it, 2026-11-24). Such a \
+         retransmission, when it overlaps bytes already received, is also what the sockmap path \
+         forwards twice (docs/OPERATIONS.md). The `sluice-sockmap` engine adds the least: the kernel \
          moves the bytes without a user-space relay. What bounds it instead is how the kernel \
          forwards a redirected skb: from a per-socket kernel worker (its time is the \
-         \"other\" share in the CPU accounting), which, whenever the destination's send buffer is \
+         \"kernel threads\" column of the CPU accounting), which, whenever the destination's send buffer is \
          full, tries again only after a scheduler tick (`sk_psock_backlog` in \
          net/core/skmsg.c); and the flow-control allowance (`sockmap_queue_limit_mib`, \
          default 16 per direction, within `sockmap_queue_total_mib`, default 256 for the \
