@@ -209,6 +209,33 @@ pub struct Media {
     pub errors: u64,
 }
 
+impl Rr {
+    /// The request/response result of a load generator's line (relay CPU not yet known).
+    fn of(r: LoadResult) -> Option<Rr> {
+        let LoadResult::Rr {
+            rate,
+            sent,
+            received,
+            blocked_writes,
+            latency,
+            conns,
+            ..
+        } = r
+        else {
+            return None;
+        };
+        Some(Rr {
+            rate,
+            conns,
+            sent,
+            received,
+            blocked_writes,
+            latency,
+            relay_cpu_us_per_msg: None,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Connrate {
     pub concurrency: usize,
@@ -754,13 +781,11 @@ impl Suite {
         LineChild::spawn(cmd, name, &self.log_path(&format!("loadgen-{name}")))
     }
 
-    fn rr(&mut self, cand: &Candidate) -> Result<()> {
-        let relay = self.start_relay(cand, upstream(ECHO_PORT), "rr")?;
-        let first = self.measurements.len();
-        let p = self.params.clone();
-        let target = cand.target(upstream(ECHO_PORT));
-        let rates: Vec<String> = p.rr_rates.iter().map(u32::to_string).collect();
-        let lg = self.loadgen(
+    /// The request/response load generator on `rr_conns` connections to `target`, one phase
+    /// (warm-up and measured) per rate of `rates` (comma-separated).
+    fn rr_loadgen(&self, target: SocketAddr, rates: &str, name: &str) -> Result<LineChild> {
+        let p = &self.params;
+        self.loadgen(
             &[
                 "rr".into(),
                 "--target".into(),
@@ -768,14 +793,23 @@ impl Suite {
                 "--conns".into(),
                 p.rr_conns.to_string(),
                 "--rates".into(),
-                rates.join(","),
+                rates.into(),
                 "--warmup-ms".into(),
                 p.rr_warmup_ms.to_string(),
                 "--measure-ms".into(),
                 p.rr_measure_ms.to_string(),
             ],
-            "rr",
-        )?;
+            name,
+        )
+    }
+
+    fn rr(&mut self, cand: &Candidate) -> Result<()> {
+        let relay = self.start_relay(cand, upstream(ECHO_PORT), "rr")?;
+        let first = self.measurements.len();
+        let p = self.params.clone();
+        let target = cand.target(upstream(ECHO_PORT));
+        let rates: Vec<String> = p.rr_rates.iter().map(u32::to_string).collect();
+        let lg = self.rr_loadgen(target, &rates.join(","), "rr")?;
         self.meter.loadgen = vec![lg.guard.pid()];
         let total_ms = (p.rr_warmup_ms + p.rr_measure_ms) * p.rr_rates.len() as u64;
         let deadline = Instant::now() + Duration::from_millis(total_ms) + Duration::from_secs(40);
@@ -787,50 +821,32 @@ impl Suite {
                 self.log_path("loadgen-rr").display()
             );
         }
-        for r in results {
-            let LoadResult::Rr {
-                rate,
-                sent,
-                received,
-                blocked_writes,
-                latency,
-                conns,
-                ..
-            } = r
-            else {
-                continue;
-            };
+        for mut rr in results.into_iter().filter_map(Rr::of) {
+            let rate = rr.rate;
             let cpu = windows.get(&rate.to_string()).cloned();
             // Per message offered during the sampled window (which may be a few ms off the
             // load generator's own: the schedule is fixed, so rate × wall is what was sent).
-            let relay_cpu_us_per_msg = cpu.as_ref().and_then(|w| {
+            rr.relay_cpu_us_per_msg = cpu.as_ref().and_then(|w| {
                 let msgs = f64::from(rate) * w.wall_s;
                 Some(w.relay_s()? * 1e6 / msgs).filter(|_| msgs > 0.0)
             });
+            let l = &rr.latency;
             self.progress(&format!(
                 "{}: rr {rate} msg/s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, {}/{} answered, relay {}{}",
                 cand.name,
-                latency.p50_us / 1e3,
-                latency.p99_us / 1e3,
-                latency.p999_us / 1e3,
-                received,
-                sent,
-                fmt_opt(relay_cpu_us_per_msg, "µs/msg", 1),
+                l.p50_us / 1e3,
+                l.p99_us / 1e3,
+                l.p999_us / 1e3,
+                rr.received,
+                rr.sent,
+                fmt_opt(rr.relay_cpu_us_per_msg, "µs/msg", 1),
                 cpu.as_ref().map_or(String::new(), disturbed_note),
             ));
             self.push(Measurement {
                 candidate: cand.name.to_owned(),
                 workload: format!("rr-{rate}"),
                 cpu,
-                rr: Some(Rr {
-                    rate,
-                    conns,
-                    sent,
-                    received,
-                    blocked_writes,
-                    latency,
-                    relay_cpu_us_per_msg,
-                }),
+                rr: Some(rr),
                 ..Measurement::default()
             });
         }
@@ -859,22 +875,7 @@ impl Suite {
             ],
             "media",
         )?;
-        let chat = self.loadgen(
-            &[
-                "rr".into(),
-                "--target".into(),
-                target.to_string(),
-                "--conns".into(),
-                p.rr_conns.to_string(),
-                "--rates".into(),
-                p.mixed_rate.to_string(),
-                "--warmup-ms".into(),
-                p.rr_warmup_ms.to_string(),
-                "--measure-ms".into(),
-                p.rr_measure_ms.to_string(),
-            ],
-            "mixed-rr",
-        )?;
+        let chat = self.rr_loadgen(target, &p.mixed_rate.to_string(), "mixed-rr")?;
         self.meter.loadgen = vec![media.guard.pid(), chat.guard.pid()];
         let deadline = Instant::now()
             + Duration::from_millis(p.rr_warmup_ms + p.rr_measure_ms)
@@ -885,16 +886,7 @@ impl Suite {
         drop(media.stdin.take());
         let (_, media_results) = self.collect(&media, Instant::now() + Duration::from_secs(15), 1);
         media.finish(Instant::now() + Duration::from_secs(3));
-        let Some(LoadResult::Rr {
-            rate,
-            sent,
-            received,
-            blocked_writes,
-            latency,
-            conns,
-            ..
-        }) = chat_results.into_iter().next()
-        else {
+        let Some(rr) = chat_results.into_iter().find_map(Rr::of) else {
             bail!(
                 "the chat's load generator gave no result (see {})",
                 self.log_path("loadgen-mixed-rr").display()
@@ -914,7 +906,7 @@ impl Suite {
                 self.log_path("loadgen-media").display()
             );
         };
-        let cpu = windows.get(&rate.to_string()).cloned();
+        let cpu = windows.get(&rr.rate.to_string()).cloned();
         let media = Media {
             conns: media_conns,
             offered_gbps: offered_mbps / 1e3,
@@ -922,12 +914,15 @@ impl Suite {
             errors,
         };
         self.progress(&format!(
-            "{}: mixed: chat {rate} msg/s p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, {received}/{sent} \
+            "{}: mixed: chat {} msg/s p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, {}/{} \
              answered; media {:.2} of {:.2} Gbit/s echoed ({errors} errors){}",
             cand.name,
-            latency.p50_us / 1e3,
-            latency.p99_us / 1e3,
-            latency.p999_us / 1e3,
+            rr.rate,
+            rr.latency.p50_us / 1e3,
+            rr.latency.p99_us / 1e3,
+            rr.latency.p999_us / 1e3,
+            rr.received,
+            rr.sent,
             media.echoed_gbps,
             media.offered_gbps,
             cpu.as_ref().map_or(String::new(), disturbed_note),
@@ -936,15 +931,7 @@ impl Suite {
             candidate: cand.name.to_owned(),
             workload: "mixed".into(),
             cpu,
-            rr: Some(Rr {
-                rate,
-                conns,
-                sent,
-                received,
-                blocked_writes,
-                latency,
-                relay_cpu_us_per_msg: None,
-            }),
+            rr: Some(rr),
             media: Some(media),
             ..Measurement::default()
         });

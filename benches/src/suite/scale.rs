@@ -161,22 +161,7 @@ impl Suite {
         ));
 
         // The active connections, while the idle ones are held.
-        let lg = self.loadgen(
-            &[
-                "rr".into(),
-                "--target".into(),
-                target.to_string(),
-                "--conns".into(),
-                p.rr_conns.to_string(),
-                "--rates".into(),
-                ACTIVE_RATE.to_string(),
-                "--warmup-ms".into(),
-                p.rr_warmup_ms.to_string(),
-                "--measure-ms".into(),
-                p.rr_measure_ms.to_string(),
-            ],
-            "scale-rr",
-        )?;
+        let lg = self.rr_loadgen(target, &ACTIVE_RATE.to_string(), "scale-rr")?;
         let deadline = Instant::now()
             + Duration::from_millis(p.rr_warmup_ms + p.rr_measure_ms)
             + Duration::from_secs(60);

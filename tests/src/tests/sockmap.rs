@@ -772,14 +772,7 @@ fn holds_the_full_event_ring_could_not_announce_are_found_and_forwarded() {
         .workers(1)
         .env("SLUICE_HELD_RING_BYTES", "4096")
         .start();
-    relay.wait_workers(1, HUNG);
-    assert_engine(&relay, "sockmap");
-    let conns = client::open_many(relay.addr(), None, CONNS).unwrap();
-    assert!(
-        relay.wait_counter("fast_path_pairs", CONNS as u64, HUNG) >= CONNS as u64,
-        "not every connection took the fast path: {}",
-        relay.status()
-    );
+    let conns = open_on_the_fast_path(&relay, CONNS);
     assert!(sluice_tests::sys::kill(relay.pid(), libc::SIGSTOP));
     let echoed = client::echo_many(&conns, seed(), LEN, false, HUNG);
     assert!(sluice_tests::sys::kill(relay.pid(), libc::SIGCONT));
@@ -813,6 +806,19 @@ fn holds_the_full_event_ring_could_not_announce_are_found_and_forwarded() {
     client::echo_many(&conns, seed(), LEN, true, HUNG).unwrap();
 }
 
+/// `n` connections to a one-worker sockmap relay, each on the fast path.
+fn open_on_the_fast_path(relay: &Sluice, n: usize) -> Vec<std::net::TcpStream> {
+    relay.wait_workers(1, HUNG);
+    assert_engine(relay, "sockmap");
+    let conns = client::open_many(relay.addr(), None, n).unwrap();
+    assert!(
+        relay.wait_counter("fast_path_pairs", n as u64, HUNG) >= n as u64,
+        "not every connection took the fast path: {}",
+        relay.status()
+    );
+    conns
+}
+
 /// A thousand chatting connections under the default budget (`sockmap_queue_total_mib` 256):
 /// every message goes through the kernel, none through the worker. Each direction reserves its
 /// first allowance from the budget; at 128 KiB a thousand connections took over half of it, so
@@ -831,14 +837,7 @@ fn a_thousand_chatting_connections_stay_in_the_kernel_under_the_default_budget()
         .engine("sockmap")
         .workers(1)
         .start();
-    relay.wait_workers(1, HUNG);
-    assert_engine(&relay, "sockmap");
-    let conns = client::open_many(relay.addr(), None, CONNS).unwrap();
-    assert!(
-        relay.wait_counter("fast_path_pairs", CONNS as u64, HUNG) >= CONNS as u64,
-        "not every connection took the fast path: {}",
-        relay.status()
-    );
+    let conns = open_on_the_fast_path(&relay, CONNS);
     // Messages on every connection, with pauses longer than it takes the worker's tick to look
     // at every connection (256 a tick, 250 ms apart): that look is when a direction idle since
     // the last one gives its allowance back, if the budget is pressed.

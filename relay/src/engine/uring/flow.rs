@@ -635,7 +635,7 @@ mod tests {
         let mut a = FastConn::new(4 * MIB);
         // A fresh direction starts small: too small to be warned of half-way (it runs out, and
         // the worker forwards and grows it).
-        assert!(K < 2 * MIN_WARN);
+        const { assert!(K < 2 * MIN_WARN) };
         let (allow, warn) = grant(&mut a, 0, 0, 0, false, &pool);
         assert_eq!((allow, warn), (K, u64::MAX));
         assert_eq!(used(), K);
