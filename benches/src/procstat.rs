@@ -215,8 +215,6 @@ pub fn kernel_threads_s() -> f64 {
 pub struct Tcp {
     pub out_segs: u64,
     pub retrans_segs: u64,
-    /// Segments found out of order by SACK (`TCPSACKReorder`).
-    pub sack_reorder: u64,
     /// Retransmissions the receiver reported as already received (`TCPDSACKRecvSegs`):
     /// spurious, sent again because of reordering rather than loss.
     pub dsack_segs: u64,
@@ -227,7 +225,6 @@ impl Tcp {
         Tcp {
             out_segs: self.out_segs.saturating_sub(earlier.out_segs),
             retrans_segs: self.retrans_segs.saturating_sub(earlier.retrans_segs),
-            sack_reorder: self.sack_reorder.saturating_sub(earlier.sack_reorder),
             dsack_segs: self.dsack_segs.saturating_sub(earlier.dsack_segs),
         }
     }
@@ -262,7 +259,6 @@ pub fn tcp() -> Tcp {
     Tcp {
         out_segs: get("OutSegs"),
         retrans_segs: get("RetransSegs"),
-        sack_reorder: get("TCPSACKReorder"),
         dsack_segs: get("TCPDSACKRecvSegs"),
     }
 }

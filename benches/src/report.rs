@@ -18,10 +18,7 @@ struct View<'a> {
 
 impl<'a> View<'a> {
     fn get(&self, cand: &str, workload: &str) -> Option<&'a Measurement> {
-        self.r
-            .measurements
-            .iter()
-            .find(|m| m.candidate == cand && m.workload == workload && m.error.is_none())
+        measurement(self.r, cand, workload)
     }
 
     fn error(&self, cand: &str, workload: &str) -> Option<&'a str> {
@@ -64,18 +61,6 @@ impl<'a> View<'a> {
         let _ = writeln!(out, " {target} |");
     }
 
-    fn added_us_per_msg(&self, m: &Measurement) -> Option<f64> {
-        added_us_per_msg(self.r, m)
-    }
-
-    fn added_us_per_conn(&self, m: &Measurement) -> Option<f64> {
-        added_us_per_conn(self.r, m)
-    }
-
-    fn added_busy_pct(&self, m: &Measurement) -> Option<f64> {
-        added_busy_pct(self.r, m)
-    }
-
     /// The request/response rate the latency target is judged at: 20k msg/s, else the highest.
     fn judged_rate(&self) -> u32 {
         let rates = &self.r.params.rr_rates;
@@ -87,11 +72,11 @@ impl<'a> View<'a> {
     }
 }
 
-/// The direct run's measurement of a workload.
-fn direct<'a>(r: &'a Report, workload: &str) -> Option<&'a Measurement> {
+/// A candidate's measurement of a workload, if it did not fail.
+fn measurement<'a>(r: &'a Report, cand: &str, workload: &str) -> Option<&'a Measurement> {
     r.measurements
         .iter()
-        .find(|m| m.candidate == "direct" && m.workload == workload && m.error.is_none())
+        .find(|m| m.candidate == cand && m.workload == workload && m.error.is_none())
 }
 
 /// Machine CPU (µs) a relay added per message of a request/response (or mixed) window: its
@@ -103,7 +88,10 @@ pub fn added_us_per_msg(r: &Report, m: &Measurement) -> Option<f64> {
         return None;
     }
     let rate = f64::from(m.rr.as_ref()?.rate);
-    let (c, d) = (m.cpu.as_ref()?, direct(r, &m.workload)?.cpu.as_ref()?);
+    let (c, d) = (
+        m.cpu.as_ref()?,
+        measurement(r, "direct", &m.workload)?.cpu.as_ref()?,
+    );
     Some((c.machine_busy_s / c.wall_s - d.machine_busy_s / d.wall_s) * 1e6 / rate)
         .filter(|_| rate > 0.0)
 }
@@ -119,7 +107,7 @@ pub fn added_us_per_conn(r: &Report, m: &Measurement) -> Option<f64> {
         let conns = m.connrate.as_ref()?.conns_per_s * c.wall_s;
         Some(c.machine_busy_s * 1e6 / conns).filter(|_| conns > 0.0)
     };
-    Some(per(m)? - per(direct(r, "connrate")?)?)
+    Some(per(m)? - per(measurement(r, "direct", "connrate")?)?)
 }
 
 /// Share of the machine (%) a relay kept busy beyond the direct run of the same workload.
@@ -127,7 +115,10 @@ pub fn added_busy_pct(r: &Report, m: &Measurement) -> Option<f64> {
     if m.candidate == "direct" {
         return None;
     }
-    let (c, d) = (m.cpu.as_ref()?, direct(r, &m.workload)?.cpu.as_ref()?);
+    let (c, d) = (
+        m.cpu.as_ref()?,
+        measurement(r, "direct", &m.workload)?.cpu.as_ref()?,
+    );
     Some(
         (c.machine_busy_s / c.machine_capacity_s - d.machine_busy_s / d.machine_capacity_s) * 100.0,
     )
@@ -293,7 +284,7 @@ pub fn markdown(r: &Report, command: &str) -> String {
             &format!("machine CPU added µs per message, {rate} msg/s"),
             &format!("rr-{rate}"),
             target,
-            |m| Some(f(v.added_us_per_msg(m)?, 1)),
+            |m| Some(f(added_us_per_msg(v.r, m)?, 1)),
         );
     }
     v.row(
@@ -335,7 +326,7 @@ pub fn markdown(r: &Report, command: &str) -> String {
         "machine CPU added µs per connection",
         "connrate",
         "",
-        |m| Some(f(v.added_us_per_conn(m)?, 1)),
+        |m| Some(f(added_us_per_conn(v.r, m)?, 1)),
     );
     if p.media_conns > 0 {
         v.row(
@@ -380,7 +371,7 @@ pub fn markdown(r: &Report, command: &str) -> String {
             "mixed: machine busy added, % of both cores",
             "mixed",
             "",
-            |m| Some(f(v.added_busy_pct(m)?, 1)),
+            |m| Some(f(added_busy_pct(v.r, m)?, 1)),
         );
     }
     v.row(
@@ -478,7 +469,7 @@ fn targets(out: &mut String, v: &View) {
         rows.push((
             format!("machine CPU added per message at {rate} msg/s"),
             "≤ 0.75× HAProxy",
-            Box::new(|m| v.added_us_per_msg(m)),
+            Box::new(|m| added_us_per_msg(v.r, m)),
             format!("rr-{rate}"),
         ));
     }

@@ -211,7 +211,7 @@ pub fn section(out: &mut String, v: &View) {
             .collect();
         let added: Vec<(&str, f64)> = relays(v)
             .into_iter()
-            .filter_map(|n| Some((n, v.added_us_per_msg(v.get(n, &rr_w)?)?)))
+            .filter_map(|n| Some((n, super::added_us_per_msg(v.r, v.get(n, &rr_w)?)?)))
             .collect();
         let budget = added
             .iter()
